@@ -1,0 +1,1 @@
+"""Wire schemas: commands, events and their envelope, registered by stable name + version."""

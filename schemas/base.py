@@ -1,0 +1,44 @@
+"""Base record, identifiers and the e-mail address rule shared by commands and events."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+
+# Tenants and aggregates are named by callers; a tight alphabet keeps them safe as Kafka
+# keys, SQL values and log fields.
+TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+EntityId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+
+# Deliberately plain: one @, no whitespace or control characters, a dotted domain.
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f<>,;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z0-9-]{2,63}$")
+
+
+class InvalidEmail(ValueError):
+    """An address that cannot be mailed."""
+
+
+def normalise_email(raw: str) -> str:
+    """Trim and lower-case the domain; the local part is case-sensitive by RFC 5321."""
+    candidate = raw.strip()
+    if len(candidate) > 254 or not _EMAIL.match(candidate):
+        raise InvalidEmail(f"not a valid e-mail address: {raw!r}")
+    local, _, domain = candidate.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def _checked_email(raw: str) -> str:
+    return normalise_email(raw)
+
+
+Email = Annotated[str, AfterValidator(_checked_email)]
+# A header value must never carry CR/LF: that is how header injection starts.
+HeaderText = Annotated[str, StringConstraints(min_length=1, max_length=998, pattern=r"^[^\r\n]*$")]
+
+
+class Record(BaseModel):
+    """Frozen, closed record: unknown fields are an error, never silently dropped."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")

@@ -1,0 +1,132 @@
+"""Events: facts, on campaign.events, the hydration topics, campaign.recipients and
+campaign.deliveries. An event is never rejected; consumers apply it."""
+
+from __future__ import annotations
+
+import uuid
+
+from pydantic import Field
+
+from schemas.base import Email, EntityId, HeaderText, Record
+from schemas.registry import message
+
+
+class MessageTemplate(Record):
+    """The content of a campaign, rendered per recipient by the sender."""
+
+    subject: HeaderText
+    from_address: Email
+    body_text: str | None = None
+    body_html: str | None = None
+
+
+class Audience(Record):
+    """Who a send targets, before resolution."""
+
+    contact_ids: list[EntityId] = Field(default_factory=list)
+    list_ids: list[EntityId] = Field(default_factory=list)
+
+
+# --- campaign.events -------------------------------------------------------------------
+
+
+@message("CampaignCreated", 1)
+class CampaignCreated(Record):
+    name: str
+    template: MessageTemplate
+
+
+@message("CampaignSendRequested", 1)
+class CampaignSendRequested(Record):
+    """Sending starts. `contacts_snapshot` holds contacts.events end offsets per partition at
+    that moment: the audience is the contacts known up to there, not those added later."""
+
+    template: MessageTemplate
+    audience: Audience
+    contacts_snapshot: dict[int, int]
+
+
+@message("CampaignCancelled", 1)
+class CampaignCancelled(Record):
+    reason: str | None = None
+
+
+@message("CommandRejected", 1)
+class CommandRejected(Record):
+    """A command that was refused, and why. Nothing else changed."""
+
+    command_id: uuid.UUID | None
+    command_type: str | None
+    reason: str = Field(min_length=1)
+
+
+@message("CampaignHydrated", 1)
+class CampaignHydrated(Record):
+    """The audience is resolved: `total` distinct recipients were queued."""
+
+    total: int = Field(ge=0)
+
+
+# --- hydration (internal scatter/gather) -----------------------------------------------
+
+
+@message("HydrationRequested", 1)
+class HydrationRequested(Record):
+    """One copy per contacts partition: resolve the audience among that partition's contacts."""
+
+    campaign_id: EntityId
+    partition: int = Field(ge=0)
+    partitions: int = Field(ge=1)
+    snapshot_offset: int = Field(ge=0)
+    template: MessageTemplate
+    audience: Audience
+
+
+@message("HydrationPartitionReported", 1)
+class HydrationPartitionReported(Record):
+    """A partition's share of the audience has been queued."""
+
+    campaign_id: EntityId
+    partition: int = Field(ge=0)
+    partitions: int = Field(ge=1)
+    queued: int = Field(ge=0)
+
+
+# --- campaign.recipients -----------------------------------------------------------------
+
+
+@message("RecipientQueued", 1)
+class RecipientQueued(Record):
+    """Everything a sender needs to mail one recipient, so senders never query a database."""
+
+    campaign_id: EntityId
+    contact_id: EntityId
+    email: Email
+    first_name: str = ""
+    last_name: str = ""
+    attributes: dict[str, str] = Field(default_factory=dict)
+    template: MessageTemplate
+
+
+# --- campaign.deliveries -----------------------------------------------------------------
+
+
+@message("EmailSent", 1)
+class EmailSent(Record):
+    campaign_id: EntityId
+    contact_id: EntityId
+    email: Email
+    message_id: str
+    attempt: int = Field(ge=1)
+    smtp_reply: str = ""
+
+
+@message("EmailFailed", 1)
+class EmailFailed(Record):
+    campaign_id: EntityId
+    contact_id: EntityId
+    email: Email
+    attempt: int = Field(ge=1)
+    reason: str
+    permanent: bool
+    smtp_code: int | None = None

@@ -1,0 +1,1 @@
+"""Command handler: campaign.commands -> campaign.events."""

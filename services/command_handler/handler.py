@@ -1,0 +1,300 @@
+"""Command handler service: campaign.commands -> campaign.events, exactly once.
+
+Guarantee: exactly-once — each command's events (or its CommandRejected) and the consumed
+offset are committed in one Kafka transaction; a command id seen before is ignored, so a
+command published twice causes its events once. Bad records never stop the loop: malformed
+JSON and schema violations go to campaign.commands.dlq with the reason and are answered with
+CommandRejected.
+
+State: campaign aggregates live in memory, rebuilt on partition assignment by replaying the
+same-numbered partition of campaign.events (both topics are keyed by campaign id with the
+murmur2 partitioner, so a campaign's commands and events share a partition number).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from schemas.base import Record
+from schemas.commands import SendCampaign
+from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap
+from schemas.events import CommandRejected
+from services.command_handler.campaign import Campaign, Rejected, decide, evolve
+from services.common.kafka import make_consumer, make_producer
+from services.common.logs import configure_logging
+from services.common.settings import Settings
+from services.common.topics import COMMANDS, COMMANDS_DLQ, CONTACTS, EVENTS, topic_name
+
+log = configure_logging("command-handler")
+
+# Commands per transaction: larger batches amortise the commit round trip.
+BATCH_SIZE = 500
+# How long one poll waits for commands before checking the stop flag.
+POLL_SECONDS = 0.5
+# Bounds a replay read that sees no record: guards against a stuck partition at start-up.
+REPLAY_IDLE_SECONDS = 10.0
+# Tenant and aggregate used when a record is too broken to name its own.
+UNKNOWN = "unknown"
+
+
+@dataclass
+class PartitionState:
+    """Aggregates and seen command ids of one campaign.events partition."""
+
+    campaigns: dict[str, Campaign] = field(default_factory=dict)
+    seen_commands: set[uuid.UUID] = field(default_factory=set)
+
+
+class CommandHandler:
+    """Consumes commands, decides, and produces events transactionally."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.commands_topic = topic_name(COMMANDS, settings)
+        self.events_topic = topic_name(EVENTS, settings)
+        self.dlq_topic = topic_name(COMMANDS_DLQ, settings)
+        self.contacts_topic = topic_name(CONTACTS, settings)
+        self.partitions: dict[int, PartitionState] = {}
+        self.consumer: Consumer = make_consumer(settings, "command-handler")
+        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        self.producer: Producer = make_producer(
+            settings,
+            **{"transactional.id": f"{settings.group('command-handler')}-{uuid.uuid4()}"},
+        )
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions[tp.partition] = self._replay(tp.partition)
+        log.info("partitions assigned", partitions=[tp.partition for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions.pop(tp.partition, None)
+
+    def _replay(self, partition: int) -> PartitionState:
+        """Rebuild a partition's aggregates from campaign.events (committed records only)."""
+        state = PartitionState()
+        reader = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": f"{self.settings.group('command-handler')}-replay",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            reader.assign([TopicPartition(self.events_topic, partition, OFFSET_BEGINNING)])
+            idle = 0.0
+            while idle < REPLAY_IDLE_SECONDS:
+                msg = reader.poll(0.5)
+                if msg is None:
+                    idle += 0.5
+                    continue
+                idle = 0.0
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        break
+                    raise KafkaException(msg.error())
+                self._apply_stored(state, msg.value())
+        finally:
+            reader.close()
+        return state
+
+    @staticmethod
+    def _apply_stored(state: PartitionState, raw: bytes | None) -> None:
+        try:
+            message = decode(raw)
+        except SchemaViolation:
+            return  # not ours to judge: the events topic has other writers
+        env = message.envelope
+        if env.causation_id is not None:
+            state.seen_commands.add(env.causation_id)
+        if isinstance(message.payload, CommandRejected) and message.payload.command_id:
+            state.seen_commands.add(message.payload.command_id)
+        current = state.campaigns.get(env.aggregate_id)
+        after = evolve(current, message.payload, campaign_id=env.aggregate_id, tenant_id=env.tenant_id)
+        if after is not None:
+            state.campaigns[env.aggregate_id] = after
+
+    # --- handling -------------------------------------------------------------------------
+
+    def _contacts_snapshot(self) -> dict[int, int]:
+        """contacts.events end offsets now: the audience of a send starting now."""
+        meta = self.admin.list_topics(self.contacts_topic, timeout=10)
+        request = {
+            TopicPartition(self.contacts_topic, p): OffsetSpec.latest()
+            for p in meta.topics[self.contacts_topic].partitions
+        }
+        futures = self.admin.list_offsets(request, request_timeout=10)
+        return {tp.partition: future.result().offset for tp, future in futures.items()}
+
+    def handle(self, msg: Message) -> None:
+        """Produce (inside the open transaction) what one command record causes."""
+        state = self.partitions.setdefault(msg.partition(), PartitionState())
+        try:
+            command = decode(msg.value())
+        except SchemaViolation as exc:
+            self._dead_letter(msg, str(exc))
+            return
+        env = command.envelope
+        if env.id in state.seen_commands:
+            log.info("duplicate command ignored", command_id=str(env.id), campaign=env.aggregate_id)
+            return
+        state.seen_commands.add(env.id)
+        bound = log.bind(
+            tenant=env.tenant_id, campaign=env.aggregate_id, correlation_id=str(env.correlation_id)
+        )
+        snapshot = self._contacts_snapshot() if isinstance(command.payload, SendCampaign) else None
+        current = state.campaigns.get(env.aggregate_id)
+        try:
+            events = decide(
+                current,
+                command.payload,
+                campaign_id=env.aggregate_id,
+                tenant_id=env.tenant_id,
+                contacts_snapshot=snapshot,
+            )
+        except Rejected as exc:
+            bound.info("command rejected", command=env.type, reason=str(exc))
+            self._reject(env, str(exc))
+            return
+        for event in events:
+            self._emit(env, event)
+            current = evolve(current, event, campaign_id=env.aggregate_id, tenant_id=env.tenant_id)
+        if current is not None:
+            state.campaigns[env.aggregate_id] = current
+        bound.info("command accepted", command=env.type, events=[type(e).__name__ for e in events])
+
+    def _emit(self, cause: Envelope, event: Record) -> None:
+        out = wrap(
+            event,
+            tenant_id=cause.tenant_id,
+            aggregate_id=cause.aggregate_id,
+            correlation_id=cause.correlation_id,
+            causation_id=cause.id,
+        )
+        self.producer.produce(self.events_topic, key=cause.aggregate_id.encode(), value=encode(out))
+
+    def _reject(self, cause: Envelope, reason: str) -> None:
+        self._emit(cause, CommandRejected(command_id=cause.id, command_type=cause.type, reason=reason))
+
+    def _dead_letter(self, msg: Message, reason: str) -> None:
+        """Park an unreadable record with its reason and answer it with CommandRejected."""
+        log.warning("command dead-lettered", partition=msg.partition(), offset=msg.offset(), reason=reason)
+        headers = [("reason", reason.encode()), ("source.offset", str(msg.offset()).encode())]
+        self.producer.produce(self.dlq_topic, key=msg.key(), value=msg.value(), headers=headers)
+        tenant, aggregate, command_id, command_type = _salvage(msg)
+        rejected = wrap(
+            CommandRejected(command_id=command_id, command_type=command_type, reason=reason),
+            tenant_id=tenant,
+            aggregate_id=aggregate,
+        )
+        self.producer.produce(self.events_topic, key=aggregate.encode(), value=encode(rejected))
+
+    # --- loop -----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until `stop` is set; each batch is one transaction."""
+        self.producer.init_transactions()
+        self.consumer.subscribe([self.commands_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info("command handler started", topic=self.commands_topic)
+        try:
+            while not stop.is_set():
+                batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
+                records = [m for m in batch if not m.error()]
+                for m in batch:
+                    if m.error():
+                        log.warning("consumer error", error=str(m.error()))
+                if records:
+                    self._transact(records)
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+            log.info("command handler stopped")
+
+    def _transact(self, records: list[Message]) -> None:
+        self.producer.begin_transaction()
+        try:
+            for msg in records:
+                self.handle(msg)
+            self.producer.send_offsets_to_transaction(
+                _next_offsets(records), self.consumer.consumer_group_metadata()
+            )
+            self.producer.commit_transaction()
+        except KafkaException as exc:
+            log.error("transaction failed; rewinding", error=str(exc))
+            self.producer.abort_transaction()
+            self._rewind(records)
+
+    def _rewind(self, records: list[Message]) -> None:
+        """After an abort: forget in-memory effects and re-read from the committed offsets."""
+        touched = sorted({m.partition() for m in records})
+        committed = self.consumer.committed(
+            [TopicPartition(self.commands_topic, p) for p in touched], timeout=10
+        )
+        for tp in committed:
+            self.partitions[tp.partition] = self._replay(tp.partition)
+            self.consumer.seek(
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            )
+
+
+def _next_offsets(records: list[Message]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for m in records:
+        last[(m.topic(), m.partition())] = max(last.get((m.topic(), m.partition()), -1), m.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def _salvage(msg: Message) -> tuple[str, str, uuid.UUID | None, str | None]:
+    """Best-effort tenant, aggregate, command id and type of a record that failed validation."""
+    import json
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from schemas.base import EntityId, TenantId
+
+    tenant, aggregate, command_id, command_type = UNKNOWN, UNKNOWN, None, None
+    key = (msg.key() or b"").decode(errors="replace")
+    try:
+        aggregate = TypeAdapter(EntityId).validate_python(key)
+    except ValidationError:
+        pass
+    try:
+        data = json.loads(msg.value() or b"")
+    except ValueError:
+        return tenant, aggregate, command_id, command_type
+    if not isinstance(data, dict):
+        return tenant, aggregate, command_id, command_type
+    for name, adapter in (("tenant_id", TypeAdapter(TenantId)), ("aggregate_id", TypeAdapter(EntityId))):
+        try:
+            value = adapter.validate_python(data.get(name))
+        except ValidationError:
+            continue
+        if name == "tenant_id":
+            tenant = value
+        else:
+            aggregate = value
+    try:
+        command_id = uuid.UUID(str(data.get("id")))
+    except ValueError:
+        pass
+    if isinstance(data.get("type"), str):
+        command_type = data["type"][:100]
+    return tenant, aggregate, command_id, command_type

@@ -1,0 +1,75 @@
+"""The topic catalogue: every topic's name, key, partition count and config in one place.
+
+Services, the platform bootstrap and the tests all create and address topics through this
+module, so a topic cannot drift between producers and consumers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from services.common.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as the system expects it to exist."""
+
+    name: str
+    key: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+INFINITE = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+# Recipient fan-out and contacts are spread over many partitions: sender and hydrator
+# parallelism is bounded by these counts.
+RECIPIENT_PARTITIONS = 12
+CONTACT_PARTITIONS = 12
+
+COMMANDS = TopicSpec("campaign.commands", "campaign id", 6)
+COMMANDS_DLQ = TopicSpec("campaign.commands.dlq", "campaign id", 1, INFINITE)
+EVENTS = TopicSpec("campaign.events", "campaign id", 6, INFINITE)
+CONTACTS = TopicSpec("contacts.events", "tenant + contact", CONTACT_PARTITIONS, INFINITE)
+HYDRATION_REQUESTS = TopicSpec(
+    "campaign.hydration.requests", "campaign id (one copy per contacts partition)",
+    CONTACT_PARTITIONS, INFINITE,
+)
+HYDRATION_REPORTS = TopicSpec("campaign.hydration.reports", "campaign id", 6, INFINITE)
+RECIPIENTS = TopicSpec("campaign.recipients", "tenant + contact", RECIPIENT_PARTITIONS, INFINITE)
+DELIVERIES = TopicSpec("campaign.deliveries", "campaign id", 6, INFINITE)
+
+CATALOGUE: tuple[TopicSpec, ...] = (
+    COMMANDS, COMMANDS_DLQ, EVENTS, CONTACTS, HYDRATION_REQUESTS, HYDRATION_REPORTS,
+    RECIPIENTS, DELIVERIES,
+)
+
+
+def topic_name(spec: TopicSpec, settings: Settings) -> str:
+    """The physical name of a catalogue topic under the configured prefix."""
+    return f"{settings.topic_prefix}{spec.name}"
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create every catalogue topic that is missing; returns the names it created."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(topic_name(spec, settings), spec.partitions, 1, config=dict(spec.config))
+        for spec in CATALOGUE
+        if topic_name(spec, settings) not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+            created.append(name)
+        except Exception as exc:  # an existing topic is fine: another process raced us
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    return created

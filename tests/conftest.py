@@ -1,0 +1,86 @@
+"""Fixtures for tests that touch the real platform.
+
+Addresses come from KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL / SMTP_HOST+SMTP_PORT when set;
+otherwise, when a Docker engine answers, testcontainers could provide them; on these machines
+(no Docker engine) the fixtures start the local platform themselves on ports that do not
+collide with a running `make up`, and stop it at the end if they started it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from projections.migrate import apply_migrations
+from services.common.settings import Settings
+from services.common.topics import ensure_topics
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_STATE = REPO_ROOT / ".state" / "test-platform"
+TEST_KAFKA_PORT = 39092
+TEST_POSTGRES_PORT = 35432
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def platform_settings() -> Iterator[Settings]:
+    """Kafka + PostgreSQL for the whole session, with migrations applied."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("DATABASE_URL"):
+        settings = Settings()
+        apply_migrations(settings.database_url)
+        yield settings
+        return
+    if _docker_answers():  # pragma: no cover - no Docker engine on the project's machines
+        from testcontainers.kafka import KafkaContainer
+        from testcontainers.postgres import PostgresContainer
+
+        with KafkaContainer() as kafka, PostgresContainer("postgres:15") as pg:
+            url = pg.get_connection_url().replace("postgresql+psycopg2", "postgresql")
+            apply_migrations(url)
+            yield Settings(kafka_bootstrap_servers=kafka.get_bootstrap_server(), database_url=url)
+        return
+
+    from services.platform.kafka import KafkaNode
+    from services.platform.postgres import PostgresServer
+
+    kafka = KafkaNode(TEST_STATE, TEST_KAFKA_PORT, TEST_KAFKA_PORT + 1, REPO_ROOT / ".state" / "kafka-libs")
+    postgres = PostgresServer(TEST_STATE, TEST_POSTGRES_PORT, durable=False)
+    started_kafka = kafka.process.pid() is None
+    started_pg = not postgres.running()
+    kafka.start()
+    postgres.start()
+    url = postgres.create_database("campaigns_test")
+    apply_migrations(url)
+    yield Settings(
+        kafka_bootstrap_servers=kafka.bootstrap,
+        database_url=url,
+        state_dir=TEST_STATE,
+    )
+    # Stopped only under CI: on a developer's machine several pytest runs may share it.
+    if os.environ.get("CI"):
+        if started_kafka:
+            kafka.stop()
+        if started_pg:
+            postgres.stop()
+
+
+@pytest.fixture
+def settings(platform_settings: Settings) -> Settings:
+    """Settings with a fresh topic prefix: every test gets its own topics and groups."""
+    isolated = replace(platform_settings, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    ensure_topics(isolated)
+    return isolated
