@@ -33,7 +33,7 @@ def apply_migrations(database_url: str) -> list[str]:
         try:
             for path in pending(conn):
                 with conn.transaction():
-                    conn.execute(path.read_text())  # type: ignore[call-overload]
+                    conn.execute(path.read_text())
                     conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (path.stem,))
                 applied.append(path.stem)
         finally:

@@ -1,0 +1,88 @@
+"""Consumer positions of the projector, stored in PostgreSQL next to the read models.
+
+Guarantee: a position moves only from the value its owner last loaded or wrote (compare-and-set
+inside the batch's transaction). Of two instances that both believe they own a partition (one
+not yet told of a rebalance), only one can commit a batch for it; the other's whole transaction
+is rolled back by `PositionConflict`, so no batch is ever applied twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+PartitionKey = tuple[str, int]  # (topic, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class PositionMove:
+    """Advance one partition from `expected` (None: never stored) to `next_offset`."""
+
+    expected: int | None
+    next_offset: int
+
+
+class PositionConflict(RuntimeError):
+    """Another instance moved these partitions since we loaded them: roll back and reload."""
+
+    def __init__(self, partitions: Iterable[PartitionKey]) -> None:
+        self.partitions = sorted(partitions)
+        super().__init__(f"positions moved by another instance: {self.partitions}")
+
+
+_LOAD = """
+SELECT topic, partition, next_offset FROM projector_positions
+WHERE consumer_group = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))
+"""
+
+# Insert a first position, or update one whose stored value is still the expected one; the
+# rows returned are the partitions that moved. Taking these row locks first in the batch also
+# makes a competing instance wait here, then see the new value and fail its comparison.
+_ADVANCE = """
+WITH move(topic, partition, expected, next_offset) AS (
+    SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])
+)
+INSERT INTO projector_positions AS p (consumer_group, topic, partition, next_offset)
+SELECT %s, m.topic, m.partition, m.next_offset FROM move m ORDER BY m.topic, m.partition
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+SET next_offset = EXCLUDED.next_offset, updated_at = now()
+WHERE p.next_offset = (SELECT m.expected FROM move m
+                       WHERE m.topic = p.topic AND m.partition = p.partition)
+RETURNING p.topic, p.partition
+"""
+
+
+def load_positions(
+    conn: psycopg.Connection[Any], group: str, partitions: Iterable[PartitionKey]
+) -> dict[PartitionKey, int]:
+    """Stored next offsets of the given partitions; partitions never stored are absent."""
+    keys = list(partitions)
+    if not keys:
+        return {}
+    rows = conn.execute(_LOAD, (group, [t for t, _ in keys], [p for _, p in keys])).fetchall()
+    return {(topic, partition): offset for topic, partition, offset in rows}
+
+
+def advance_positions(
+    conn: psycopg.Connection[Any], group: str, moves: Mapping[PartitionKey, PositionMove]
+) -> None:
+    """Compare-and-set every move inside the caller's transaction, or raise PositionConflict."""
+    if not moves:
+        return
+    keys = sorted(moves)
+    rows = conn.execute(
+        _ADVANCE,
+        (
+            [t for t, _ in keys],
+            [p for _, p in keys],
+            [moves[k].expected for k in keys],
+            [moves[k].next_offset for k in keys],
+            group,
+        ),
+    ).fetchall()
+    moved = {(topic, partition) for topic, partition in rows}
+    if len(moved) != len(keys):
+        raise PositionConflict(set(keys) - moved)

@@ -1,0 +1,375 @@
+"""The projector: campaign.events, campaign.recipients and campaign.deliveries -> read models.
+
+Guarantee: exactly-once into PostgreSQL: each batch's read-model changes and the consumer
+positions after it commit in one transaction, a position only moves by compare-and-set from the
+value this instance loaded, and every (re)assignment resumes from the stored positions, never
+from Kafka's committed offsets (committed afterwards only as a lag gauge). Rebuildable from
+offset zero into empty tables. A record that does not decode is logged and skipped; its offset
+still advances.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from projections import read_models
+from projections.positions import (
+    PartitionKey,
+    PositionConflict,
+    PositionMove,
+    advance_positions,
+    load_positions,
+)
+from schemas.base import Record
+from schemas.envelope import Message, SchemaViolation, decode
+from services.common.settings import Settings
+from services.common.topics import DELIVERIES, EVENTS, RECIPIENTS, topic_name
+
+# Records per transaction: bounds memory, the row locks one transaction holds and the work a
+# failed commit has to redo; large enough that per-batch round trips stay negligible.
+BATCH_MAX_RECORDS = 5_000
+# How long one consume() waits on quiet topics: bounds how late a stop request is noticed.
+POLL_TIMEOUT_SECONDS = 0.5
+# Pause after a database failure before consuming again: a restarting PostgreSQL is not
+# hammered, and a failing batch is not retried in a hot loop.
+DB_RETRY_BACKOFF_SECONDS = 1.0
+# A PostgreSQL that does not answer a connect within this is treated as down (retried after
+# the backoff) instead of stalling the consumer until the group evicts it.
+DB_CONNECT_TIMEOUT_SECONDS = 10
+# End-offset look-ups in `drain`: a broker that does not answer within this fails the drain.
+WATERMARK_TIMEOUT_SECONDS = 5.0
+
+PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES)
+
+
+@dataclass
+class ConsumedBatch:
+    """Records of one consume() that belong to this instance, decoded, with their moves."""
+
+    messages: list[Message[Record]] = field(default_factory=list)
+    moves: dict[PartitionKey, PositionMove] = field(default_factory=dict)
+    skipped: int = 0
+
+
+class Projector:
+    """Consumes the campaign topics and keeps the read models; one instance per process.
+
+    Drive it with `run(stop_event)` (until the event is set), or step by step with
+    `poll_once()` / `drain()` in tests. Not thread-safe: one thread drives one instance.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        batch_size: int = BATCH_MAX_RECORDS,
+        poll_timeout: float = POLL_TIMEOUT_SECONDS,
+        logger: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.group = settings.group("projector")
+        self.topics = [topic_name(spec, settings) for spec in PROJECTED_TOPICS]
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self._log = logger or structlog.get_logger().bind(component="projector")
+        # Assigned partitions -> the stored next offset this instance expects (None: never
+        # stored). Only partitions in here are projected.
+        self._positions: dict[PartitionKey, int | None] = {}
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._admin: AdminClient | None = None  # only for `drain`
+        self.records_applied = 0
+        self._consumer = self._subscribe()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Project until `stop_event` is set; the batch in flight finishes, then it closes."""
+        self._stop = stop_event
+        self._log.info("projector started", group=self.group, topics=self.topics)
+        try:
+            while not stop_event.is_set():
+                self.poll_once()
+        finally:
+            self.close()
+        self._log.info("projector stopped", records_applied=self.records_applied)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._consumer.close()
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    def __enter__(self) -> Projector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- one batch ---------------------------------------------------------------------
+
+    def poll_once(self) -> int:
+        """Consume one batch and apply it in one transaction; returns the records it covered."""
+        records = self._consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout)
+        if not records:
+            return 0
+        batch = self._collect(records)
+        if not batch.moves:
+            return 0
+        try:
+            completed, changes = self._commit(batch)
+        except PositionConflict as exc:
+            self._log.warning("positions moved by another instance; reloading", error=str(exc))
+            self._reload_and_seek()
+            return 0
+        except psycopg.Error as exc:
+            # Rolled back (or, if COMMIT itself was lost, maybe not: then the compare-and-set
+            # of the retry raises PositionConflict and we reload, so nothing applies twice).
+            self._log.error("batch failed; rewinding", error=str(exc), type=type(exc).__name__)
+            self._drop_broken_connection()
+            self._seek(dict(self._positions))
+            self._stop.wait(DB_RETRY_BACKOFF_SECONDS)
+            return 0
+        for key, move in batch.moves.items():
+            self._positions[key] = move.next_offset
+        self._commit_lag_gauge(batch.moves)
+        covered = len(batch.messages) + batch.skipped
+        self.records_applied += covered
+        for dropped in changes.dropped:
+            self._log.warning(
+                "event dropped", event_id=str(dropped.event_id), type=dropped.type,
+                reason=dropped.reason,
+            )
+        for tenant_id, campaign_id in completed:
+            self._log.info("campaign completed", tenant_id=tenant_id, campaign_id=campaign_id)
+        self._log.debug(
+            "batch applied", records=covered, skipped=batch.skipped, ignored=changes.ignored,
+        )
+        return covered
+
+    def drain(self, timeout: float = 60.0) -> int:
+        """Poll until every assigned partition is projected up to its end; for tests and tools.
+
+        Raises TimeoutError if that does not happen within `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        total = 0
+        while True:
+            total += self.poll_once()
+            if self.caught_up():
+                return total
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"projector not caught up after {timeout}s")
+
+    def caught_up(self) -> bool:
+        """True when partitions are assigned and each one is projected up to its end offset."""
+        assignment = self._consumer.assignment()
+        if not assignment or len(assignment) != len(self._positions):
+            return False
+        positions = {
+            (tp.topic, tp.partition): tp.offset for tp in self._consumer.position(assignment)
+        }
+        for tp, end in self._end_offsets(assignment).items():
+            key = (tp.topic, tp.partition)
+            stored = self._positions.get(key)
+            # A transaction marker at the end of a partition is never delivered as a record,
+            # so the consumer's own position can be past our last stored offset.
+            if max(stored or 0, positions.get(key, -1)) < end:
+                return False
+        return True
+
+    def _end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        # One ListOffsets round trip for all partitions (the consumer's per-partition
+        # watermark query waits out a fetch cycle each).
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+        futures = self._admin.list_offsets(
+            {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in partitions},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=WATERMARK_TIMEOUT_SECONDS,
+        )
+        return {tp: future.result().offset for tp, future in futures.items()}
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _subscribe(self) -> Consumer:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": self.group,
+                "client.id": f"{self.group}-projector",
+                # Positions live in PostgreSQL; Kafka's offsets are written only as a gauge.
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                # Never project events of a transaction that may still abort.
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        consumer.subscribe(
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        return consumer
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        stored = self._load_positions_retrying(keys)
+        if stored is None:  # stopping while PostgreSQL is down: take nothing
+            consumer.assign([])
+            return
+        for tp in partitions:
+            tp.offset = stored.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+        for key in keys:
+            self._positions[key] = stored.get(key)
+        consumer.assign(partitions)
+        self._log.info(
+            "partitions assigned", count=len(partitions),
+            resumed={f"{t}[{p}]": o for (t, p), o in sorted(stored.items())},
+        )
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Called from inside consume(), between batches: nothing is in flight.
+        for tp in partitions:
+            self._positions.pop((tp.topic, tp.partition), None)
+        self._log.info("partitions revoked", count=len(partitions))
+
+    def _load_positions_retrying(
+        self, keys: Sequence[PartitionKey]
+    ) -> dict[PartitionKey, int] | None:
+        # Assigning without the stored positions would project from the wrong offsets, so an
+        # assignment waits for PostgreSQL (the group evicts us if that exceeds
+        # max.poll.interval.ms, which hands the partitions to a healthier instance).
+        while True:
+            try:
+                return load_positions(self._connection(), self.group, keys)
+            except psycopg.Error as exc:
+                self._log.error("cannot load positions; retrying", error=str(exc))
+                self._drop_broken_connection()
+                if self._stop.wait(DB_RETRY_BACKOFF_SECONDS):
+                    return None
+
+    def _collect(self, records: list[Any]) -> ConsumedBatch:
+        batch = ConsumedBatch()
+        for record in records:
+            error = record.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                self._log.warning("consumer error", error=str(error))
+                continue
+            key = (record.topic(), record.partition())
+            if key not in self._positions:
+                continue  # revoked during this consume(): the new owner projects it
+            expected = self._positions[key]
+            offset = record.offset()
+            if expected is not None and offset < expected:
+                continue  # fetched before a seek: already applied
+            previous = batch.moves.get(key)
+            batch.moves[key] = PositionMove(
+                previous.expected if previous else expected, offset + 1
+            )
+            try:
+                batch.messages.append(decode(record.value()))
+            except SchemaViolation as exc:
+                batch.skipped += 1
+                self._log.warning(
+                    "undecodable record skipped", topic=key[0], partition=key[1],
+                    offset=offset, reason=str(exc),
+                )
+        return batch
+
+    def _commit(
+        self, batch: ConsumedBatch
+    ) -> tuple[list[tuple[str, str]], read_models.BatchChanges]:
+        changes = read_models.plan(batch.messages)
+        conn = self._connection()
+        with conn.transaction():
+            # Positions first: the compare-and-set fences a stale owner before any work, and
+            # its row locks make a competing instance wait and then fail its comparison.
+            advance_positions(conn, self.group, batch.moves)
+            completed = read_models.apply(conn, changes)
+        return completed, changes
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            # autocommit: every transaction is an explicit `conn.transaction()` block, so a
+            # position look-up never leaves one open.
+            self._conn = psycopg.connect(
+                self.settings.database_url,
+                autocommit=True,
+                connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
+                application_name=f"{self.group}-projector",
+            )
+        return self._conn
+
+    def _drop_broken_connection(self) -> None:
+        if self._conn is not None and (self._conn.broken or self._conn.closed):
+            self._conn.close()
+            self._conn = None
+
+    def _reload_and_seek(self) -> None:
+        """After a conflict the stored positions are the truth: take them, then seek."""
+        try:
+            keys = list(self._positions)
+            stored = load_positions(self._connection(), self.group, keys)
+        except psycopg.Error as exc:
+            self._log.error("cannot reload positions", error=str(exc))
+            self._drop_broken_connection()
+            self._seek(dict(self._positions))
+            self._stop.wait(DB_RETRY_BACKOFF_SECONDS)
+            return
+        targets = {key: stored.get(key) for key in keys}
+        self._positions.update(targets)
+        self._seek(targets)
+
+    def _seek(self, targets: dict[PartitionKey, int | None]) -> None:
+        """Move the consumer back to where the stored positions say (the batch was undone)."""
+        for (topic, partition), offset in targets.items():
+            where = OFFSET_BEGINNING if offset is None else offset
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, where))
+            except KafkaException as exc:
+                # Without a working seek the consumer would run ahead of the stored
+                # position; rejoining makes on_assign load the stored positions again.
+                self._log.warning("seek failed; resubscribing", error=str(exc))
+                self._resubscribe()
+                return
+
+    def _resubscribe(self) -> None:
+        try:
+            self._consumer.close()
+        except KafkaException as exc:
+            self._log.warning("consumer close failed", error=str(exc))
+        self._positions.clear()
+        self._consumer = self._subscribe()
+
+    def _commit_lag_gauge(self, moves: dict[PartitionKey, PositionMove]) -> None:
+        # Only for `kafka-consumer-groups --describe` lag; correctness never reads it.
+        offsets = [TopicPartition(t, p, m.next_offset) for (t, p), m in moves.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            self._log.debug("lag gauge commit failed", error=str(exc))

@@ -1,0 +1,72 @@
+"""Read functions over the projector's read models, for the CLI and the read API.
+
+Guarantee: read-only, and each function reads one consistent snapshot (a single statement), so
+the counters of a campaign always add up as they stood after some committed batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+RECIPIENT_STATUSES = ("queued", "sent", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignProgress:
+    """A campaign's live progress; `total` and `pending` are None until it is hydrated."""
+
+    tenant_id: str
+    campaign_id: str
+    name: str | None
+    status: str
+    total: int | None
+    queued: int
+    sent: int
+    failed: int
+    pending: int | None
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+_PROGRESS_COLUMNS = (
+    "tenant_id, campaign_id, name, status, total, queued, sent, failed, pending, started_at,"
+    " completed_at"
+)
+
+
+def campaign_progress(
+    conn: psycopg.Connection[Any], campaign_id: str, tenant_id: str | None = None
+) -> CampaignProgress | None:
+    """One campaign, or None if unknown (or owned by another tenant when one is given)."""
+    row = conn.execute(
+        f"SELECT {_PROGRESS_COLUMNS} FROM campaign_progress"
+        " WHERE campaign_id = %s AND (%s::text IS NULL OR tenant_id = %s)",
+        (campaign_id, tenant_id, tenant_id),
+    ).fetchone()
+    return CampaignProgress(*row) if row else None
+
+
+def list_campaigns(conn: psycopg.Connection[Any], tenant_id: str) -> list[CampaignProgress]:
+    """A tenant's campaigns, newest first."""
+    rows = conn.execute(
+        f"SELECT {_PROGRESS_COLUMNS} FROM campaign_progress WHERE tenant_id = %s"
+        " ORDER BY created_at DESC NULLS LAST, campaign_id",
+        (tenant_id,),
+    ).fetchall()
+    return [CampaignProgress(*row) for row in rows]
+
+
+def recipient_status_counts(conn: psycopg.Connection[Any], campaign_id: str) -> dict[str, int]:
+    """Recipients per status ('queued', 'sent', 'failed'; zero when none)."""
+    counts = dict.fromkeys(RECIPIENT_STATUSES, 0)
+    rows = conn.execute(
+        "SELECT status, count(*) FROM campaign_recipients WHERE campaign_id = %s GROUP BY status",
+        (campaign_id,),
+    ).fetchall()
+    for status, count in rows:
+        counts[status] = count
+    return counts

@@ -1,0 +1,180 @@
+"""Hydration stream processor (faust-streaming): scatter a send request to every contacts
+partition, resolve the audience where the contacts live, gather the counts.
+
+Guarantee: exactly-once (faust's Kafka transactions): each recipient of a campaign is
+queued once on campaign.recipients, also after a crash, and CampaignHydrated(total) is emitted
+once, after every partition has reported. Dedup by normalised e-mail is structural: a contact
+id is derived from tenant + normalised e-mail, and each contact lives in one partition.
+
+Flow:
+  contacts.events  --apply_contacts-->  contacts table (+ position per partition)
+  campaign.events  --scatter-->  campaign.hydration.requests (one copy per partition)
+  hydration.requests --hydrate_partition--> campaign.recipients + hydration.reports
+  hydration.reports  --gather_reports-->  campaign.events (CampaignHydrated)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import faust
+
+from schemas.contacts import ContactUpserted
+from schemas.envelope import SchemaViolation, decode, encode, wrap
+from schemas.events import (
+    CampaignHydrated,
+    CampaignSendRequested,
+    HydrationPartitionReported,
+    HydrationRequested,
+    RecipientQueued,
+)
+from services.common.logs import configure_logging
+from services.common.settings import Settings
+from services.common.topics import (
+    CONTACTS,
+    EVENTS,
+    HYDRATION_REPORTS,
+    HYDRATION_REQUESTS,
+    RECIPIENTS,
+    topic_name,
+)
+from services.hydrator.audience import gather, merge_contact, select_recipients
+
+log = configure_logging("hydrator")
+
+# How often a partition's hydration re-checks whether its contacts caught up to the snapshot.
+CATCH_UP_POLL_SECONDS = 0.05
+
+
+def create_app(settings: Settings) -> faust.App:
+    datadir = settings.state_dir / "hydrator" / (settings.topic_prefix or "default")
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.group("hydrator"),
+        broker=f"kafka://{settings.kafka_bootstrap_servers}",
+        store="memory://",
+        processing_guarantee="exactly_once",
+        web_enabled=False,
+        datadir=str(datadir),
+        topic_disable_leader=True,
+        stream_wait_empty=False,
+    )
+
+    def raw_topic(spec: Any) -> faust.TopicT:
+        return app.topic(
+            topic_name(spec, settings), key_serializer="raw", value_serializer="raw",
+            partitions=spec.partitions,
+        )
+
+    contacts_topic = raw_topic(CONTACTS)
+    events_topic = raw_topic(EVENTS)
+    requests_topic = raw_topic(HYDRATION_REQUESTS)
+    reports_topic = raw_topic(HYDRATION_REPORTS)
+    recipients_topic = raw_topic(RECIPIENTS)
+
+    contacts = app.Table("contacts", partitions=CONTACTS.partitions, key_type=str)
+    # Last contacts.events offset applied per partition: hydration waits until its snapshot.
+    positions = app.Table("contact-positions", partitions=CONTACTS.partitions, key_type=str)
+    progress = app.Table("hydration-progress", partitions=HYDRATION_REPORTS.partitions, key_type=str)
+
+    @app.agent(contacts_topic)
+    async def apply_contacts(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            partition, offset = event.message.partition, event.message.offset
+            try:
+                message = decode(event.value)
+            except SchemaViolation as exc:
+                log.warning("contact record skipped", partition=partition, offset=offset, reason=str(exc))
+            else:
+                if isinstance(message.payload, ContactUpserted):
+                    key = event.key.decode()
+                    contacts[key] = merge_contact(
+                        contacts.get(key), message.payload, offset=offset, partition=partition
+                    )
+            positions[str(partition)] = offset
+
+    @app.agent(events_topic)
+    async def scatter(stream: faust.StreamT) -> None:
+        async for raw in stream:
+            try:
+                message = decode(raw)
+            except SchemaViolation:
+                continue  # the command handler dead-letters bad input; events are trusted
+            if not isinstance(message.payload, CampaignSendRequested):
+                continue
+            env, send = message.envelope, message.payload
+            for partition in range(CONTACTS.partitions):
+                request = HydrationRequested(
+                    campaign_id=env.aggregate_id,
+                    partition=partition,
+                    partitions=CONTACTS.partitions,
+                    snapshot_offset=send.contacts_snapshot.get(partition, 0),
+                    template=send.template,
+                    audience=send.audience,
+                )
+                out = wrap(request, tenant_id=env.tenant_id, aggregate_id=env.aggregate_id,
+                           correlation_id=env.correlation_id, causation_id=env.id)
+                await requests_topic.send(key=env.aggregate_id.encode(), value=encode(out),
+                                          partition=partition)
+            log.info("hydration scattered", tenant=env.tenant_id, campaign=env.aggregate_id,
+                     correlation_id=str(env.correlation_id), partitions=CONTACTS.partitions)
+
+    @app.agent(requests_topic)
+    async def hydrate_partition(stream: faust.StreamT) -> None:
+        async for raw in stream:
+            message = decode(raw)
+            env, request = message.envelope, message.payload
+            assert isinstance(request, HydrationRequested)
+            # The contacts of this partition must be applied up to the snapshot first.
+            while positions.get(str(request.partition), -1) < request.snapshot_offset - 1:
+                await asyncio.sleep(CATCH_UP_POLL_SECONDS)
+            queued = 0
+            selected = list(select_recipients(
+                contacts.items(), tenant_id=env.tenant_id, partition=request.partition,
+                audience=request.audience, snapshot_offset=request.snapshot_offset,
+            ))
+            for key, contact in selected:
+                recipient = RecipientQueued(
+                    campaign_id=request.campaign_id,
+                    contact_id=contact["id"],
+                    email=contact["email"],
+                    first_name=contact["first_name"],
+                    last_name=contact["last_name"],
+                    attributes=contact["attributes"],
+                    template=request.template,
+                )
+                out = wrap(recipient, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
+                           correlation_id=env.correlation_id, causation_id=env.id)
+                await recipients_topic.send(key=key.encode(), value=encode(out))
+                queued += 1
+            report = HydrationPartitionReported(
+                campaign_id=request.campaign_id, partition=request.partition,
+                partitions=request.partitions, queued=queued,
+            )
+            out = wrap(report, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
+                       correlation_id=env.correlation_id, causation_id=env.id)
+            await reports_topic.send(key=request.campaign_id.encode(), value=encode(out))
+
+    @app.agent(reports_topic)
+    async def gather_reports(stream: faust.StreamT) -> None:
+        async for raw in stream:
+            message = decode(raw)
+            env, report = message.envelope, message.payload
+            assert isinstance(report, HydrationPartitionReported)
+            state = progress.get(report.campaign_id) or {"reported": {}, "done": False}
+            if state["done"]:
+                continue
+            reported = {**state["reported"], str(report.partition): report.queued}
+            total = gather(reported, report.partitions)
+            progress[report.campaign_id] = {"reported": reported, "done": total is not None}
+            if total is None:
+                continue
+            out = wrap(CampaignHydrated(total=total), tenant_id=env.tenant_id,
+                       aggregate_id=report.campaign_id, correlation_id=env.correlation_id,
+                       causation_id=env.id)
+            await events_topic.send(key=report.campaign_id.encode(), value=encode(out))
+            log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
+                     correlation_id=str(env.correlation_id), total=total)
+
+    return app

@@ -1,0 +1,4 @@
+"""The projector service: `python -m services.projector` keeps the PostgreSQL read models.
+
+Guarantee: exactly-once into PostgreSQL (see projections.projector).
+"""

@@ -1,0 +1,84 @@
+"""Hydrator (faust worker process) against the real broker: exact, deduplicated fan-out."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import TopicPartition
+
+from schemas.base import normalise_email
+from schemas.contacts import ContactUpserted, contact_id_for, contact_key
+from schemas.envelope import wrap
+from schemas.events import (
+    Audience,
+    CampaignHydrated,
+    CampaignSendRequested,
+    MessageTemplate,
+    RecipientQueued,
+)
+from services.common.topics import CONTACTS, EVENTS, RECIPIENTS, topic_name
+from tests.kafka_io import publish, read_topic
+from tests.service_process import ServiceProcess
+
+pytestmark = pytest.mark.integration
+TEMPLATE = MessageTemplate(subject="Hi {{ first_name }}", from_address="news@example.com", body_text="b")
+
+
+def contact(tenant, email, lists):
+    email = normalise_email(email)
+    cid = contact_id_for(tenant, email)
+    payload = ContactUpserted(contact_id=cid, email=email, first_name="F", lists=lists)
+    return contact_key(tenant, cid), wrap(payload, tenant_id=tenant, aggregate_id=cid)
+
+
+def snapshot(settings):
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    topic = topic_name(CONTACTS, settings)
+    req = {TopicPartition(topic, p): OffsetSpec.latest() for p in range(CONTACTS.partitions)}
+    return {tp.partition: f.result().offset for tp, f in admin.list_offsets(req).items()}
+
+
+def send_requested(settings, tenant, campaign, audience):
+    event = CampaignSendRequested(template=TEMPLATE, audience=audience, contacts_snapshot=snapshot(settings))
+    publish(settings, EVENTS, [(campaign.encode(), wrap(event, tenant_id=tenant, aggregate_id=campaign))])
+
+
+def test_fan_out_is_exact_across_overlapping_lists_ids_and_tenants(settings):
+    tenant, other = "acme", "globex"
+    records = [contact(tenant, f"user{i}@Example.COM", ["a"] if i < 60 else ["b"]) for i in range(100)]
+    records += [contact(tenant, f"user{i}@example.com", ["b"]) for i in range(40, 60)]   # same people, in b too
+    records += [contact(tenant, f"  User{i}@EXAMPLE.com ", ["c"]) for i in range(100, 110)]  # list c: not targeted
+    records += [contact(other, f"user{i}@example.com", ["a", "b"]) for i in range(50)]      # other tenant
+    publish(settings, CONTACTS, records)
+    picked = contact_id_for(tenant, normalise_email("User105@example.com"))
+    campaign = f"c-{uuid.uuid4().hex[:8]}"
+    with ServiceProcess("hydrator", settings) as hydrator:
+        send_requested(settings, tenant, campaign, Audience(list_ids=["a", "b"], contact_ids=[picked, "ghost"]))
+        # 100 contacts in a or b, plus one hand-picked contact from list c.
+        recipients = read_topic(settings, RECIPIENTS, until=101, timeout=90)
+        events = read_topic(settings, EVENTS, until=2, timeout=60)
+        assert hydrator.proc.poll() is None, hydrator.log_tail()
+    queued = [m.payload for m in recipients]
+    assert all(isinstance(q, RecipientQueued) for q in queued)
+    emails = [q.email for q in queued]
+    assert len(emails) == 101 and len(set(emails)) == 101
+    assert {m.envelope.tenant_id for m in recipients} == {tenant}
+    assert "User105@example.com" in emails
+    hydrated = [m.payload for m in events if isinstance(m.payload, CampaignHydrated)]
+    assert hydrated == [CampaignHydrated(total=101)]
+
+
+def test_contacts_added_after_the_send_are_not_mailed(settings):
+    tenant = "acme"
+    publish(settings, CONTACTS, [contact(tenant, f"early{i}@example.com", ["a"]) for i in range(10)])
+    campaign = f"c-{uuid.uuid4().hex[:8]}"
+    send_requested(settings, tenant, campaign, Audience(list_ids=["a"]))
+    publish(settings, CONTACTS, [contact(tenant, f"late{i}@example.com", ["a"]) for i in range(10)])
+    with ServiceProcess("hydrator", settings) as hydrator:
+        events = read_topic(settings, EVENTS, until=2, timeout=90)
+        recipients = read_topic(settings, RECIPIENTS, until=10, timeout=30)
+        assert hydrator.proc.poll() is None, hydrator.log_tail()
+    assert sorted(m.payload.email for m in recipients) == sorted(f"early{i}@example.com" for i in range(10))
+    assert [m.payload for m in events if isinstance(m.payload, CampaignHydrated)] == [CampaignHydrated(total=10)]

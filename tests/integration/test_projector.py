@@ -1,0 +1,411 @@
+"""The projector against the real broker and database: exact counts, restarts, bad records.
+
+Every test has its own topics and consumer group (the `settings` fixture) and random campaign
+ids, so tests share the database without seeing each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from projections import read_models
+from projections.projector import Projector
+from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
+from schemas.base import Record
+from schemas.envelope import encode, wrap
+from schemas.events import (
+    Audience,
+    CampaignCancelled,
+    CampaignCreated,
+    CampaignHydrated,
+    CampaignSendRequested,
+    CommandRejected,
+    EmailFailed,
+    EmailSent,
+    MessageTemplate,
+    RecipientQueued,
+)
+from services.common.settings import Settings
+from services.common.topics import DELIVERIES, EVENTS, RECIPIENTS, TopicSpec, topic_name
+
+pytestmark = pytest.mark.integration
+
+TEMPLATE = MessageTemplate(subject="Spring sale", from_address="news@example.com", body_text="Hi")
+T0 = datetime(2030, 3, 1, 9, 0, tzinfo=UTC)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# A drain that takes longer than this is stuck, not slow.
+DRAIN_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass
+class Campaign:
+    """One campaign's facts, produced onto the real topics."""
+
+    tenant: str = field(default_factory=lambda: f"tenant-{uuid.uuid4().hex[:8]}")
+    id: str = field(default_factory=lambda: f"camp-{uuid.uuid4()}")
+
+    def event(self, payload: Record, at: datetime = T0) -> tuple[TopicSpec, str, bytes]:
+        value = encode(wrap(payload, tenant_id=self.tenant, aggregate_id=self.id, occurred_at=at))
+        return EVENTS, self.id, value
+
+    def created(self) -> tuple[TopicSpec, str, bytes]:
+        return self.event(CampaignCreated(name="Spring sale", template=TEMPLATE), T0)
+
+    def send_requested(self) -> tuple[TopicSpec, str, bytes]:
+        payload = CampaignSendRequested(
+            template=TEMPLATE, audience=Audience(list_ids=["all"]), contacts_snapshot={0: 0}
+        )
+        return self.event(payload, T0 + timedelta(seconds=1))
+
+    def hydrated(self, total: int) -> tuple[TopicSpec, str, bytes]:
+        return self.event(CampaignHydrated(total=total), T0 + timedelta(seconds=2))
+
+    def queued(self, contact: str) -> tuple[TopicSpec, str, bytes]:
+        payload = RecipientQueued(
+            campaign_id=self.id, contact_id=contact, email=f"{contact}@example.com",
+            template=TEMPLATE,
+        )
+        value = encode(wrap(payload, tenant_id=self.tenant, aggregate_id=contact,
+                            occurred_at=T0 + timedelta(seconds=3)))
+        return RECIPIENTS, f"{self.tenant}:{contact}", value
+
+    def delivered(self, contact: str, at: datetime, *, ok: bool) -> tuple[TopicSpec, str, bytes]:
+        payload: Record
+        if ok:
+            payload = EmailSent(campaign_id=self.id, contact_id=contact,
+                                email=f"{contact}@example.com", message_id=f"<{contact}@mx>",
+                                attempt=1, smtp_reply="250 ok")
+        else:
+            payload = EmailFailed(campaign_id=self.id, contact_id=contact,
+                                  email=f"{contact}@example.com", attempt=2,
+                                  reason="550 no such user", permanent=True, smtp_code=550)
+        value = encode(wrap(payload, tenant_id=self.tenant, aggregate_id=self.id, occurred_at=at))
+        return DELIVERIES, self.id, value
+
+
+def produce(settings: Settings, records: list[tuple[TopicSpec, str, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "enable.idempotence": True, "linger.ms": 5})
+    for spec, key, value in records:
+        producer.produce(topic_name(spec, settings), key=key.encode(), value=value)
+    assert producer.flush(30) == 0, "records not acknowledged"
+
+
+def end_offsets(settings: Settings) -> dict[tuple[str, int], int]:
+    """High watermark of every non-empty partition of the projected topics."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "group.id": f"probe-{uuid.uuid4().hex}"})
+    try:
+        ends = {}
+        for spec in (EVENTS, RECIPIENTS, DELIVERIES):
+            name = topic_name(spec, settings)
+            for partition in range(spec.partitions):
+                _, high = consumer.get_watermark_offsets(TopicPartition(name, partition),
+                                                         timeout=10)
+                if high:
+                    ends[(name, partition)] = high
+        return ends
+    finally:
+        consumer.close()
+
+
+def stored_positions(db: psycopg.Connection, settings: Settings) -> dict[tuple[str, int], int]:
+    rows = db.execute(
+        "SELECT topic, partition, next_offset FROM projector_positions WHERE consumer_group = %s",
+        (settings.group("projector"),),
+    ).fetchall()
+    return {(topic, partition): offset for topic, partition, offset in rows}
+
+
+def drain(settings: Settings, **kwargs: int) -> int:
+    with Projector(settings, **kwargs) as projector:
+        return projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+
+
+@pytest.fixture
+def db(platform_settings: Settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(platform_settings.database_url, autocommit=True) as conn:
+        yield conn
+
+
+def full_scenario(campaign: Campaign, total: int) -> tuple[list, list, int, int, datetime]:
+    """Facts of a campaign whose every 5th recipient fails, with duplicated deliveries.
+
+    Returns (deliveries-first part, rest, sent, failed, last counted delivery time).
+    """
+    contacts = [f"contact-{i:03d}" for i in range(total)]
+    first, rest = [], []
+    sent = failed = 0
+    last = T0
+    for i, contact in enumerate(contacts):
+        ok = i % 5 != 0
+        sent, failed = sent + ok, failed + (not ok)
+        at = T0 + timedelta(minutes=1, seconds=i)
+        last = max(last, at)
+        delivery = campaign.delivered(contact, at, ok=ok)
+        # The sender re-publishes after a crash: same facts, a new envelope, a later time.
+        redelivery = campaign.delivered(contact, at + timedelta(hours=1), ok=ok)
+        if i < total // 2:
+            # Delivery overtakes its RecipientQueued, and both copies come first.
+            first += [delivery, delivery, redelivery]
+            rest += [campaign.queued(contact)]
+        else:
+            rest += [campaign.queued(contact), campaign.queued(contact), delivery, redelivery]
+    head = [campaign.created(), campaign.send_requested(), campaign.hydrated(total)]
+    return head + first, rest, sent, failed, last
+
+
+def test_counts_are_exact_under_duplicates_and_deliveries_before_queued(settings, db) -> None:
+    campaign = Campaign()
+    first, rest, sent, failed, last = full_scenario(campaign, 40)
+
+    produce(settings, first)
+    drain(settings)
+    half = campaign_progress(db, campaign.id, campaign.tenant)
+    assert half is not None
+    # Each delivery that overtook its RecipientQueued created its recipient once.
+    assert (half.status, half.total, half.queued) == ("sending", 40, 20)
+    assert half.sent + half.failed == 20
+    assert half.pending == 20
+
+    produce(settings, rest)
+    drain(settings)
+    progress = campaign_progress(db, campaign.id, campaign.tenant)
+    assert progress is not None
+    assert (progress.status, progress.total, progress.queued, progress.sent, progress.failed,
+            progress.pending) == ("completed", 40, 40, sent, failed, 0)
+    assert progress.name == "Spring sale"
+    assert progress.started_at == T0 + timedelta(seconds=1)
+    # From the counted deliveries' event times, not from the later duplicates or the clock.
+    assert progress.completed_at == last
+    assert recipient_status_counts(db, campaign.id) == {"queued": 0, "sent": sent,
+                                                         "failed": failed}
+    failure = db.execute(
+        "SELECT status, attempts, last_error FROM campaign_recipients"
+        " WHERE campaign_id = %s AND contact_id = 'contact-005'", (campaign.id,)
+    ).fetchone()
+    assert failure == ("failed", 2, "550 no such user")
+    assert stored_positions(db, settings) == end_offsets(settings)
+    assert campaign_progress(db, campaign.id, "another-tenant") is None
+    assert [c.campaign_id for c in list_campaigns(db, campaign.tenant)] == [campaign.id]
+
+
+def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
+    campaign = Campaign()
+    first, rest, sent, failed, _ = full_scenario(campaign, 60)
+    produce(settings, first + rest)
+    total_records = len(first) + len(rest)
+
+    # The first instance stops after a few small batches, mid-stream.
+    first_instance = Projector(settings, batch_size=10)
+    try:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        while first_instance.records_applied < 40:
+            assert time.monotonic() < deadline, "first instance made no progress"
+            first_instance.poll_once()
+    finally:
+        first_instance.close()
+    applied_before = first_instance.records_applied
+    assert applied_before < total_records
+    assert sum(stored_positions(db, settings).values()) == applied_before
+
+    # The second one runs like the service (a thread, stopped by an event) and must start
+    # exactly where the first one's transactions left off.
+    second_instance = Projector(settings)
+    stop = threading.Event()
+    runner = threading.Thread(target=second_instance.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        while stored_positions(db, settings) != end_offsets(settings):
+            assert time.monotonic() < deadline, "second instance did not catch up"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive(), "run() did not return after the stop event"
+    assert second_instance.records_applied == total_records - applied_before
+
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.queued, progress.sent, progress.failed) == (
+        "completed", 60, sent, failed
+    )
+
+
+def test_malformed_records_are_skipped_and_projection_goes_on(settings, db) -> None:
+    campaign = Campaign()
+    bogus_envelope = encode(wrap(CampaignHydrated(total=1), tenant_id=campaign.tenant,
+                                 aggregate_id=campaign.id)).replace(b'"total":1', b'"total":-1')
+    # Same key as the campaign: the bad records sit in front of its events in one partition.
+    produce(settings, [
+        (EVENTS, campaign.id, b"not json"),
+        (EVENTS, campaign.id, bogus_envelope),
+        campaign.created(),
+        campaign.send_requested(),
+        campaign.hydrated(1),
+        (RECIPIENTS, campaign.id, b"{}"),
+        campaign.queued("only"),
+        campaign.delivered("only", T0 + timedelta(minutes=1), ok=True),
+    ])
+    assert drain(settings) == 8
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.total, progress.sent) == ("completed", 1, 1)
+    assert stored_positions(db, settings) == end_offsets(settings)
+
+
+def test_command_rejected_lands_in_command_rejections(settings, db) -> None:
+    campaign = Campaign()
+    command_id = uuid.uuid4()
+    rejection = campaign.event(CommandRejected(command_id=command_id,
+                                               command_type="SendCampaign",
+                                               reason="campaign does not exist"))
+    produce(settings, [rejection, rejection])  # a duplicate is stored once
+    drain(settings)
+    rows = db.execute(
+        "SELECT tenant_id, command_id, command_type, reason, occurred_at FROM command_rejections"
+        " WHERE campaign_id = %s", (campaign.id,)
+    ).fetchall()
+    assert rows == [(campaign.tenant, command_id, "SendCampaign", "campaign does not exist", T0)]
+    # A rejection creates no campaign.
+    assert campaign_progress(db, campaign.id) is None
+
+
+def test_campaign_with_no_recipients_completes_at_hydration(settings, db) -> None:
+    campaign = Campaign()
+    produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(0)])
+    drain(settings)
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.total, progress.pending) == ("completed", 0, 0)
+    assert progress.completed_at == T0 + timedelta(seconds=2)
+
+
+def test_cancelled_campaign_stays_cancelled_when_deliveries_finish(settings, db) -> None:
+    campaign = Campaign()
+    cancelled_at = T0 + timedelta(seconds=30)
+    produce(settings, [
+        campaign.created(), campaign.send_requested(), campaign.hydrated(1),
+        campaign.event(CampaignCancelled(reason="typo in subject"), cancelled_at),
+        campaign.queued("late"),
+        campaign.delivered("late", T0 + timedelta(minutes=1), ok=True),
+    ])
+    drain(settings)
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.sent, progress.completed_at) == (
+        "cancelled", 1, cancelled_at
+    )
+
+
+def test_failed_transaction_is_rolled_back_and_retried(settings, db, monkeypatch) -> None:
+    campaign = Campaign()
+    first, rest, sent, failed, _ = full_scenario(campaign, 10)
+    produce(settings, first + rest)
+    real_apply = read_models.apply
+    calls = []
+
+    def apply_then_lose_connection(conn, changes):
+        calls.append(changes)
+        result = real_apply(conn, changes)
+        if len(calls) == 1:
+            # After the positions and rows were written: all of it must roll back.
+            raise psycopg.OperationalError("simulated connection loss")
+        return result
+
+    monkeypatch.setattr(read_models, "apply", apply_then_lose_connection)
+    drain(settings)
+    assert len(calls) >= 2
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.queued, progress.sent, progress.failed) == (
+        "completed", 10, sent, failed
+    )
+    assert stored_positions(db, settings) == end_offsets(settings)
+
+
+def test_a_stale_owner_cannot_commit_over_a_newer_position(settings, db) -> None:
+    campaign = Campaign()
+    produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(3)]
+            + [campaign.queued(c) for c in ("a", "b", "c")])
+    with Projector(settings) as projector:
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+        produce(settings, [campaign.delivered(c, T0 + timedelta(minutes=1), ok=True)
+                           for c in ("a", "b", "c")])
+        # Another instance (after a rebalance this one has not seen yet) already projected
+        # the deliveries partition: its position is newer than the one we hold.
+        deliveries = {k: v for k, v in end_offsets(settings).items()
+                      if k[0] == topic_name(DELIVERIES, settings)}
+        for (topic, partition), end in deliveries.items():
+            db.execute(
+                "INSERT INTO projector_positions (consumer_group, topic, partition, next_offset)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition)"
+                " DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                (settings.group("projector"), topic, partition, end),
+            )
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    # This instance's batch was refused, so it did not count what the other one owns.
+    assert (progress.status, progress.sent) == ("sending", 0)
+    assert stored_positions(db, settings) == end_offsets(settings)
+
+
+def test_projector_reconnects_after_losing_its_database_connection(settings, db) -> None:
+    campaign = Campaign()
+    first, rest, sent, failed, _ = full_scenario(campaign, 20)
+    with Projector(settings) as projector:
+        produce(settings, first)
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+        killed = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"{settings.group('projector')}-projector",),
+        ).fetchall()
+        assert killed == [(True,)]
+        produce(settings, rest)
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.queued, progress.sent, progress.failed) == (
+        "completed", 20, sent, failed
+    )
+
+
+def test_service_projects_until_sigterm_then_exits_zero(settings, db, tmp_path) -> None:
+    campaign = Campaign()
+    produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(0)])
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+           "DATABASE_URL": settings.database_url, "TOPIC_PREFIX": settings.topic_prefix}
+    log_path = tmp_path / "projector.log"
+    with open(log_path, "wb") as log:
+        service = subprocess.Popen([sys.executable, "-m", "services.projector"], env=env,
+                                   cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        while (progress := campaign_progress(db, campaign.id)) is None or (
+            progress.status != "completed"
+        ):
+            assert service.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "service did not project the campaign"
+            time.sleep(0.2)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if service.poll() is None:
+            service.kill()
+    assert '"projector stopped"' in log_path.read_text()
