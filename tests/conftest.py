@@ -36,6 +36,16 @@ def _docker_answers() -> bool:
         return False
 
 
+def _containers() -> Iterator[Settings]:  # pragma: no cover - needs a Docker engine
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+
+    with KafkaContainer() as kafka, PostgresContainer("postgres:15") as pg:
+        url = pg.get_connection_url().replace("postgresql+psycopg2", "postgresql")
+        apply_migrations(url)
+        yield Settings(kafka_bootstrap_servers=kafka.get_bootstrap_server(), database_url=url)
+
+
 @pytest.fixture(scope="session")
 def platform_settings() -> Iterator[Settings]:
     """Kafka + PostgreSQL for the whole session, with migrations applied."""
@@ -45,13 +55,7 @@ def platform_settings() -> Iterator[Settings]:
         yield settings
         return
     if _docker_answers():  # pragma: no cover - no Docker engine on the project's machines
-        from testcontainers.kafka import KafkaContainer
-        from testcontainers.postgres import PostgresContainer
-
-        with KafkaContainer() as kafka, PostgresContainer("postgres:15") as pg:
-            url = pg.get_connection_url().replace("postgresql+psycopg2", "postgresql")
-            apply_migrations(url)
-            yield Settings(kafka_bootstrap_servers=kafka.get_bootstrap_server(), database_url=url)
+        yield from _containers()
         return
 
     from services.platform.kafka import KafkaNode

@@ -44,9 +44,10 @@ def read_topic(settings: Settings, spec: TopicSpec, *, until: int | None = None,
         while time.monotonic() < deadline:
             msgs = consumer.consume(1000, 0.5)
             for m in msgs:
-                if m.error():
-                    if m.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(m.error())
+                error = m.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise RuntimeError(error)
                     continue
                 out.append(decode(m.value()))
                 last = time.monotonic()

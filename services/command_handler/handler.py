@@ -107,10 +107,11 @@ class CommandHandler:
                     idle += 0.5
                     continue
                 idle = 0.0
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
                         break
-                    raise KafkaException(msg.error())
+                    raise KafkaException(error)
                 self._apply_stored(state, msg.value())
         finally:
             reader.close()
@@ -146,7 +147,7 @@ class CommandHandler:
 
     def handle(self, msg: Message) -> None:
         """Produce (inside the open transaction) what one command record causes."""
-        state = self.partitions.setdefault(msg.partition(), PartitionState())
+        state = self.partitions.setdefault(msg.partition() or 0, PartitionState())
         try:
             command = decode(msg.value())
         except SchemaViolation as exc:
@@ -197,7 +198,10 @@ class CommandHandler:
     def _dead_letter(self, msg: Message, reason: str) -> None:
         """Park an unreadable record with its reason and answer it with CommandRejected."""
         log.warning("command dead-lettered", partition=msg.partition(), offset=msg.offset(), reason=reason)
-        headers = [("reason", reason.encode()), ("source.offset", str(msg.offset()).encode())]
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("reason", reason.encode()),
+            ("source.offset", str(msg.offset()).encode()),
+        ]
         self.producer.produce(self.dlq_topic, key=msg.key(), value=msg.value(), headers=headers)
         tenant, aggregate, command_id, command_type = _salvage(msg)
         rejected = wrap(
@@ -244,7 +248,7 @@ class CommandHandler:
 
     def _rewind(self, records: list[Message]) -> None:
         """After an abort: forget in-memory effects and re-read from the committed offsets."""
-        touched = sorted({m.partition() for m in records})
+        touched = sorted({m.partition() or 0 for m in records})
         committed = self.consumer.committed(
             [TopicPartition(self.commands_topic, p) for p in touched], timeout=10
         )
@@ -258,7 +262,8 @@ class CommandHandler:
 def _next_offsets(records: list[Message]) -> list[TopicPartition]:
     last: dict[tuple[str, int], int] = {}
     for m in records:
-        last[(m.topic(), m.partition())] = max(last.get((m.topic(), m.partition()), -1), m.offset())
+        where = (m.topic() or "", m.partition() or 0)
+        last[where] = max(last.get(where, -1), m.offset() or 0)
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import faust
 
 from services.common.settings import Settings
@@ -10,7 +12,7 @@ from services.hydrator.app import create_app
 
 def main() -> None:
     app = create_app(Settings())
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+    worker = faust.Worker(app, loglevel=os.environ.get("HYDRATOR_LOGLEVEL", "WARNING"), quiet=True)
     worker.execute_from_commandline()
 
 

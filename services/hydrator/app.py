@@ -16,6 +16,7 @@ Flow:
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import faust
@@ -54,7 +55,7 @@ def create_app(settings: Settings) -> faust.App:
         settings.group("hydrator"),
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         store="memory://",
-        processing_guarantee="exactly_once",
+        processing_guarantee=os.environ.get("HYDRATOR_PROCESSING_GUARANTEE", "at_least_once"),
         web_enabled=False,
         datadir=str(datadir),
         topic_disable_leader=True,

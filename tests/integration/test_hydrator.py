@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from confluent_kafka.admin import AdminClient, OffsetSpec
 from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from schemas.base import normalise_email
 from schemas.contacts import ContactUpserted, contact_id_for, contact_key
