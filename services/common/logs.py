@@ -25,3 +25,19 @@ def configure_logging(service: str, level: str = "INFO") -> structlog.stdlib.Bou
     )
     logger: structlog.stdlib.BoundLogger = structlog.get_logger().bind(service=service)
     return logger
+
+
+def json_log_handler() -> logging.Handler:
+    """A stdlib handler that renders foreign log records (faust, aiokafka) as JSON lines too."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.JSONRenderer(),
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    return handler
