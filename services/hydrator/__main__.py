@@ -20,6 +20,9 @@ class HydratorWorker(faust.Worker):
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.addHandler(json_log_handler())
+        # faust's spinner set-up lowered the root logger to DEBUG (relying on the handler it
+        # levelled, removed above): restore the requested level, or aiokafka logs every fetch.
+        logger.setLevel(level)
 
 
 def main() -> None:

@@ -1,0 +1,243 @@
+"""`campaignctl`: import contacts, create, send, cancel, watch and show campaigns.
+
+Thin by design: each command parses its options, calls contacts_import, publishing or progress,
+and maps the outcome to an exit code. Exit codes: 0 done (an import with bad rows is done),
+1 a fatal error (missing file, unusable CSV, Kafka or PostgreSQL unreachable, campaign not
+found, command rejected, timeout), 2 invalid input (pydantic validation, usage). Errors are one
+red line on stderr, never a traceback. Settings come from the environment (`Settings()`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import psycopg
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
+
+from projections.queries import campaign_progress
+from schemas.base import Record
+from schemas.commands import CancelCampaign, CreateCampaign, SendCampaign
+from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
+from services.cli.progress import (
+    CommandWasRejected,
+    elapsed_seconds,
+    render_campaign,
+    render_summary,
+    watch_campaign,
+)
+from services.cli.publishing import PublishError, publish_command
+from services.common.settings import Settings
+
+# Rejected rows listed after an import; the rest are counted.
+SHOWN_REJECTIONS = 20
+EXIT_FATAL = 1
+EXIT_INVALID = 2
+
+app = typer.Typer(help="Event-sourced e-mail campaigns: contacts and campaigns.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+contacts_app = typer.Typer(help="Contacts: import from CSV.", no_args_is_help=True)
+campaign_app = typer.Typer(help="Campaigns: create, send, cancel, watch, show.", no_args_is_help=True)
+app.add_typer(contacts_app, name="contacts")
+app.add_typer(campaign_app, name="campaign")
+
+# soft_wrap: ids and reasons stay on one line, whatever the terminal width, so they can be copied.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id.")]
+CampaignId = Annotated[str, typer.Argument(help="Campaign id.")]
+OptionalFile = Path | None
+WatchTimeout = Annotated[float | None, typer.Option("--timeout", help="Give up watching after S seconds.")]
+
+
+def _fail(message: str, code: int = EXIT_FATAL) -> NoReturn:
+    err.print(f"[red]error: {escape(message)}[/red]", highlight=False)
+    raise typer.Exit(code)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "input"
+        shown = repr(error.get("input"))
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" + ("" if shown in message else f" (got {shown})"))
+    return "invalid input: " + "; ".join(parts)
+
+
+@contextmanager
+def _fatal_errors() -> Iterator[None]:
+    """Turn the failures a user can act on into a red message and an exit code."""
+    try:
+        yield
+    except ValidationError as exc:
+        _fail(_validation_message(exc), EXIT_INVALID)
+    except CommandWasRejected:
+        raise typer.Exit(EXIT_FATAL) from None  # watch_campaign already printed it in red
+    except (CsvImportError, PublishError, TimeoutError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except psycopg.Error as exc:
+        _fail(f"PostgreSQL: {str(exc).strip()}")
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+# --- contacts --------------------------------------------------------------------------------
+
+
+@contacts_app.command("import")
+def contacts_import(
+    file: Annotated[Path, typer.Argument(help="CSV file with a header; an 'email' column is required.")],
+    tenant: Tenant,
+    list_id: Annotated[str | None, typer.Option("--list", help="List every contact joins.")] = None,
+) -> None:
+    """Import contacts from a CSV file; bad rows are reported and skipped."""
+    with _fatal_errors():
+        settings = Settings()
+        bar = Progress(
+            "[bold]importing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+            console=err, transient=True,
+        )
+        with bar:
+            task = bar.add_task("import", total=None)
+
+            def on_progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = import_contacts(file, tenant_id=tenant, list_id=list_id, settings=settings,
+                                     on_progress=on_progress)
+    _print_import_report(report)
+
+
+def _print_import_report(report: ImportReport) -> None:
+    out.print(
+        f"[green]imported {report.imported:,} contacts[/green] in {report.seconds:.2f} s"
+        f" ({report.rows_per_second:,.0f} rows/s)",
+        highlight=False,
+    )
+    if not report.rejected_count:
+        return
+    out.print(f"[yellow]rejected {report.rejected_count:,} rows:[/yellow]", highlight=False)
+    for row in report.rejected[:SHOWN_REJECTIONS]:
+        out.print(f"  line {row.line}: {escape(row.reason)}", highlight=False)
+    if report.rejected_count > SHOWN_REJECTIONS:
+        out.print(f"  ... and {report.rejected_count - SHOWN_REJECTIONS:,} more", highlight=False)
+
+
+# --- campaigns -------------------------------------------------------------------------------
+
+
+def _publish(payload: Record, tenant: str, campaign_id: str) -> uuid.UUID:
+    return publish_command(Settings(), payload, tenant_id=tenant, campaign_id=campaign_id)
+
+
+def _read_text(path: Path | None) -> str | None:
+    return None if path is None else path.read_text(encoding="utf-8")
+
+
+@campaign_app.command("create")
+def campaign_create(
+    tenant: Tenant,
+    name: Annotated[str, typer.Option("--name", help="Campaign name.")],
+    subject: Annotated[str, typer.Option("--subject", help="Subject line.")],
+    from_address: Annotated[str, typer.Option("--from", help="Sender address.")],
+    text: Annotated[str | None, typer.Option("--text", help="Plain-text body.")] = None,
+    text_file: Annotated[OptionalFile, typer.Option("--text-file", help="Plain-text body file.")] = None,
+    html_file: Annotated[OptionalFile, typer.Option("--html-file", help="HTML body from a file.")] = None,
+    campaign_id: Annotated[str | None, typer.Option("--id", help="Campaign id (default cmp-<hex12>).")] = (
+        None
+    ),
+) -> None:
+    """Create a draft campaign; prints its id."""
+    if text is not None and text_file is not None:
+        _fail("give --text or --text-file, not both", EXIT_INVALID)
+    campaign_id = campaign_id or f"cmp-{uuid.uuid4().hex[:12]}"
+    with _fatal_errors():
+        command = CreateCampaign(
+            name=name,
+            subject=subject,
+            from_address=from_address,
+            body_text=text if text is not None else _read_text(text_file),
+            body_html=_read_text(html_file),
+        )
+        _publish(command, tenant, campaign_id)
+    out.print(campaign_id, highlight=False)
+
+
+@campaign_app.command("send")
+def campaign_send(
+    campaign_id: CampaignId,
+    tenant: Tenant,
+    lists: Annotated[list[str] | None, typer.Option("--list", help="List to send to (repeatable).")] = None,
+    contacts: Annotated[
+        list[str] | None, typer.Option("--contact", help="Contact id to send to (repeatable).")
+    ] = None,
+    watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow progress until done.")] = True,
+    timeout: WatchTimeout = None,
+) -> None:
+    """Start sending a draft campaign to lists and/or contacts."""
+    if not lists and not contacts:
+        _fail("give at least one --list or --contact", EXIT_INVALID)
+    with _fatal_errors():
+        command = SendCampaign(list_ids=lists or [], contact_ids=contacts or [])
+        command_id = _publish(command, tenant, campaign_id)
+        out.print(f"send requested for {campaign_id} (command {command_id})", highlight=False)
+        if watch:
+            _watch(campaign_id, tenant, timeout, command_id)
+
+
+@campaign_app.command("cancel")
+def campaign_cancel(
+    campaign_id: CampaignId,
+    tenant: Tenant,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why, for the record.")] = None,
+) -> None:
+    """Cancel a campaign: recipients not yet mailed are not mailed."""
+    with _fatal_errors():
+        command_id = _publish(CancelCampaign(reason=reason), tenant, campaign_id)
+    out.print(f"cancel requested for {campaign_id} (command {command_id})", highlight=False)
+
+
+@campaign_app.command("watch")
+def campaign_watch(
+    campaign_id: CampaignId,
+    tenant: Tenant,
+    timeout: WatchTimeout = None,
+) -> None:
+    """Follow a campaign's progress until it completes or is cancelled."""
+    with _fatal_errors():
+        _watch(campaign_id, tenant, timeout, None)
+
+
+def _watch(campaign_id: str, tenant: str, timeout: float | None, command_id: uuid.UUID | None) -> None:
+    started = time.monotonic()
+    final = watch_campaign(
+        Settings(), campaign_id, tenant, timeout=timeout, console=err, command_id=command_id
+    )
+    out.print(render_summary(final, elapsed_seconds(final, time.monotonic() - started)))
+
+
+@campaign_app.command("show")
+def campaign_show(campaign_id: CampaignId, tenant: Tenant) -> None:
+    """Show a campaign's read model."""
+    with _fatal_errors():
+        with psycopg.connect(Settings().database_url, autocommit=True) as conn:
+            progress = campaign_progress(conn, campaign_id, tenant)
+        if progress is None:
+            _fail(f"campaign {campaign_id!r} not found for tenant {tenant!r}")
+        out.print(render_campaign(progress))
+
+
+if __name__ == "__main__":
+    app()
