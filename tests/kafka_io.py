@@ -46,7 +46,8 @@ def read_topic(settings: Settings, spec: TopicSpec, *, until: int | None = None,
             for m in msgs:
                 error = m.error()
                 if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
+                    # A topic created a moment ago may not be in this client's metadata yet.
+                    if error.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                         raise RuntimeError(error)
                     continue
                 out.append(decode(m.value()))

@@ -6,6 +6,7 @@ module, so a topic cannot drift between producers and consumers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -72,4 +73,23 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         except Exception as exc:  # an existing topic is fine: another process raced us
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    _wait_visible(admin, [t.topic for t in wanted], timeout)
     return created
+
+
+def _wait_visible(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """Block until the broker's metadata lists every new topic with its leaders: a client
+    that asks earlier gets UNKNOWN_TOPIC_OR_PART."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        missing = [
+            n for n in names
+            if n not in topics or topics[n].error is not None
+            or any(p.leader < 0 for p in topics[n].partitions.values())
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not visible after {timeout}s: {missing}")
+        time.sleep(0.1)

@@ -43,6 +43,9 @@ class SinkConfig:
     latency_ms: float = 0.0
     # Seed of the fault draws; None draws from the OS entropy (different every run).
     seed: int | None = None
+    # Keep accepted messages in memory for in-process readers (tests). A long-running sink
+    # process records to its file only, so its memory does not grow with every message.
+    keep_in_memory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.record_path, str):
@@ -104,4 +107,5 @@ class SinkConfig:
             drop_before_data_rate=number("SINK_DROP_BEFORE_DATA_RATE", 0.0),
             latency_ms=number("SINK_LATENCY_MS", 0.0),
             seed=integer("SINK_SEED"),
+            keep_in_memory=not record_path,
         )

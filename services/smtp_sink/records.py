@@ -112,8 +112,10 @@ class RecordLog:
     Thread-safe: the server thread appends while tests read `snapshot()` / `wait_for()`.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, keep_in_memory: bool = True) -> None:
         self.path = path
+        self.keep_in_memory = keep_in_memory
+        self._count = 0
         self._records: list[Record] = []
         self._cond = threading.Condition()
         self._file: IO[str] | None = None
@@ -132,7 +134,9 @@ class RecordLog:
                 # Flush (not fsync): makes the line visible to readers in other processes now,
                 # at the cost of one write syscall per message, which is cheap enough.
                 self._file.flush()
-            self._records.append(record)
+            if self.keep_in_memory:
+                self._records.append(record)
+            self._count += 1
             self._cond.notify_all()
 
     def snapshot(self) -> list[Record]:
@@ -140,18 +144,20 @@ class RecordLog:
             return list(self._records)
 
     def __len__(self) -> int:
+        """Messages accepted since start (or the last clear), kept in memory or not."""
         with self._cond:
-            return len(self._records)
+            return self._count
 
     def clear(self) -> None:
         """Forget the in-memory records (the file keeps them)."""
         with self._cond:
             self._records.clear()
+            self._count = 0
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Block until at least `count` records exist; False if `timeout` seconds pass first."""
         with self._cond:
-            return self._cond.wait_for(lambda: len(self._records) >= count, timeout)
+            return self._cond.wait_for(lambda: self._count >= count, timeout)
 
     def close(self) -> None:
         with self._cond:

@@ -271,7 +271,7 @@ class SmtpSink:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
         sock = _bind(self.config.host, self.config.port)
         self._port = sock.getsockname()[1]
-        self._records = RecordLog(self.config.record_path)
+        self._records = RecordLog(self.config.record_path, self.config.keep_in_memory)
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(sock, ready), name=f"smtp-sink:{self._port}", daemon=True

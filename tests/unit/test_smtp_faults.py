@@ -125,6 +125,7 @@ def test_from_env_reads_every_variable() -> None:
         drop_before_data_rate=0.01,
         latency_ms=15.0,
         seed=123,
+        keep_in_memory=False,  # a sink with a record file keeps nothing in memory
     )
 
 
@@ -158,3 +159,14 @@ def test_default_port_comes_from_smtp_port(monkeypatch: pytest.MonkeyPatch) -> N
 def test_from_env_reports_bad_values(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SinkConfig.from_env(env)
+
+
+def test_a_sink_recording_to_a_file_keeps_no_copies_in_memory(tmp_path):
+    from services.smtp_sink.records import RecordLog
+
+    log = RecordLog(tmp_path / "m.jsonl", keep_in_memory=False)
+    for i in range(3):
+        log.append({"message_id": f"<{i}@x>"})
+    assert len(log) == 3 and log.snapshot() == []
+    assert log.wait_for(3, timeout=0.1)
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3

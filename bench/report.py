@@ -1,0 +1,108 @@
+"""The bench's output: a rich table on the terminal, JSON files under bench/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from services.platform.kafka import kafka_version
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Guards against a git that hangs (e.g. waiting on a lock): the commit is only a label.
+GIT_TIMEOUT_SECONDS = 5.0
+
+
+def machine_info(started: datetime) -> dict[str, Any]:
+    """Where and when the figures were taken: they mean little without it."""
+    return {
+        "timestamp": started.isoformat(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "kafka_version": kafka_version(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=GIT_TIMEOUT_SECONDS,
+                              cwd=Path(__file__).resolve().parent, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def write_results(results: dict[str, Any], started: datetime) -> tuple[Path, Path]:
+    """bench/results/latest.json and a copy named by the run's UTC start time."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, sort_keys=False, default=str) + "\n"
+    latest = RESULTS_DIR / "latest.json"
+    stamped = RESULTS_DIR / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    latest.write_text(text)
+    stamped.write_text(text)
+    return latest, stamped
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
+    if value is None:
+        return "[red]n/a[/]"
+    if isinstance(value, bool):
+        return "yes" if value else "[red]no[/]"
+    if isinstance(value, int):
+        return f"{value:,}{unit}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def render_table(r: dict[str, Any]) -> Table:
+    """Every figure of a run, grouped as measured."""
+    table = Table(title=f"bench: {r['recipients']:,} recipients ({r['ids']['campaign_id']})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("how", style="dim")
+    rows: list[tuple[str, str, str]] = [
+        ("recipients", _fmt(r["recipients"]), "distinct contacts in the list"),
+        ("csv import", _fmt(r["csv_import_rows_per_s"], " rows/s", 0),
+         f"{r['csv_import_seconds']:.2f} s, importer's own clock, broker-acked"),
+        ("end to end", _fmt(r["e2e_seconds"], " s", 2), "SendCampaign published -> read model completed"),
+        ("send rate", _fmt(r["send_rate"], " mails/s", 0), "recipients / end to end"),
+        ("raw SMTP rate", _fmt(r["raw_smtp_rate"], " mails/s", 0),
+         f"smtplib straight to the sink, {r['smtp_connections']} connections"),
+        ("send / raw", _fmt(r["send_to_raw_ratio"], "", 3), "pipeline rate over sink capacity"),
+        ("hydration", _fmt(r["hydration_seconds"], " s", 3),
+         "CampaignSendRequested -> CampaignHydrated (event times)"),
+        ("last delivery", _fmt(r["e2e_event_seconds"], " s", 2),
+         "send published -> read model completed_at (event time)"),
+        ("projection lag p50", _fmt(r["projection_lag_p50_ms"], " ms"),
+         "row updated_at (projector tx start) - delivery occurred_at"),
+        ("projection lag p99", _fmt(r["projection_lag_p99_ms"], " ms"), "same, lower bound"),
+        ("visible lag p50", _fmt(r["projection_visible_lag_p50_ms"], " ms"),
+         "first poll showing the row's batch - occurred_at"),
+        ("visible lag p99", _fmt(r["projection_visible_lag_p99_ms"], " ms"), "same, upper bound"),
+    ]
+    scope = "VmHWM, " + r["peak_rss_scope"].split(" (")[0]
+    for name, mb in r["peak_rss_mb"].items():
+        rows.append((f"peak RSS {name}", _fmt(mb, " MiB"), scope))
+    checks = r["checks"]
+    rows += [
+        ("read model sent / failed", f"{checks['read_model_sent']:,} / {checks['read_model_failed']:,}",
+         "campaign_progress at completion"),
+        ("sink: campaign mails", _fmt(checks["sink_campaign_messages"]),
+         f"X-Campaign-ID; {checks['sink_campaign_duplicates']} duplicates"),
+        ("sink: raw mails", _fmt(checks["sink_raw_messages"]), "X-Campaign-ID of the raw run"),
+        ("delivery events", _fmt(checks["delivery_events"]),
+         f"{checks['delivery_recipients']:,} distinct recipients"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table

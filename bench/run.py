@@ -1,0 +1,277 @@
+"""`make bench` (`python -m bench.run`): one campaign through the running pipeline, measured,
+then the SMTP sink's raw capacity for comparison.
+
+Size: BENCH_RECIPIENTS=N recipients (default 20,000); BENCH_SCALE=small means 2,000.
+The platform is started if it is not running (`Stack.up()` is idempotent), on the `make up`
+ports; the run uses a fresh tenant, list and campaign id, so it never touches other data.
+
+Figures (bench/results/latest.json and bench/results/<UTC start>.json):
+- recipients: N distinct contacts, one list, one campaign.
+- csv_import_rows_per_s: rows / seconds of `import_contacts` on an N-row CSV, by the
+  importer's own clock: from opening the file until every row is acknowledged by the broker.
+- e2e_seconds: monotonic clock, from just before SendCampaign is published to the first
+  read-model poll (every 0.1 s) that shows the campaign 'completed'. Late by at most one poll.
+- send_rate: N / e2e_seconds (mails per second through the whole pipeline: command handler,
+  hydrator, sender with its ledger and SMTP, projector).
+- e2e_event_seconds: the same start to the read model's completed_at, which is an event time
+  (the last delivery's occurred_at): end to end without the final projection step.
+- hydration_seconds: CampaignSendRequested.occurred_at (command handler) to
+  CampaignHydrated.occurred_at (hydrator), both read back from campaign.events by a
+  throwaway consumer keyed on the campaign id.
+- projection_lag_p50_ms / _p99_ms (+ _max_ms): per recipient, campaign_recipients.updated_at
+  minus the occurred_at of its first delivery event on campaign.deliveries. updated_at is the
+  projector's now(), i.e. the start of the transaction that applied the row: a lower bound of
+  when the row became visible (the transaction's own duration is not in it).
+- projection_visible_lag_p50_ms / _p99_ms: the matching upper bound: the first bench poll
+  whose sent + failed counter included the row's transaction, minus occurred_at (see
+  bench.figures.projection_lag). The truth lies between the two.
+- peak_rss_mb: per service (command_handler, hydrator, sender, projector, smtp_sink, and the
+  Kafka broker), VmHWM from /proc/<pid>/status. The peak is reset right before the CSV import
+  and read right after completion, so it is this campaign's peak (`peak_rss_scope` says
+  "since process start" if the kernel refused the reset).
+- raw_smtp_rate: N messages of the same shape (built by the sender's MIME builder, distinct
+  X-Campaign-ID) sent by plain smtplib clients straight to the same sink, over as many reused
+  connections as the sender uses (its SENDER_CONCURRENCY), no Kafka: accepted / seconds.
+- send_to_raw_ratio: send_rate / raw_smtp_rate: the share of the sink's capacity the pipeline
+  achieves.
+
+Checks (exit status 1 when one fails; the JSON is written either way): the sink recorded
+exactly N messages with the campaign's X-Campaign-ID, to N distinct recipients; the read model
+counts N sent; the raw run's N messages were all accepted and recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from rich.console import Console
+
+from bench import campaign, figures, raw_smtp
+from bench.event_log import read_campaign_messages
+from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
+from bench.report import machine_info, render_table, write_results
+from bench.stats import rate
+from services.common.settings import Settings
+from services.common.topics import DELIVERIES, EVENTS, topic_name
+from services.platform.stack import SERVICES, Stack
+
+# The brief's sizes: a full run and a quick one (BENCH_SCALE=small).
+DEFAULT_RECIPIENTS = 20_000
+SMALL_RECIPIENTS = 2_000
+# The sender's default pool size (services/sender/__main__.py), used when the running
+# sender's environment does not say otherwise.
+DEFAULT_SENDER_CONCURRENCY = 8
+# Overall bound on the campaign: generous (a healthy pipeline needs a fraction), it only
+# guards against a pipeline that crawls without stalling outright.
+BASE_TIMEOUT_SECONDS = 300.0
+SECONDS_PER_RECIPIENT_ALLOWED = 0.05
+# Reading the campaign's facts back from Kafka after the run: guards against a broker that
+# stops answering mid-read.
+READ_BACK_TIMEOUT_SECONDS = 120.0
+# Producer clocks and the bench's clock are the same machine's, but the broker looks records
+# up by timestamp: start a little earlier so no record of this run is missed.
+READ_BACK_MARGIN = timedelta(seconds=5)
+# Log lines shown per service when the campaign fails: enough for the last errors.
+LOG_TAIL_LINES = 8
+MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "smtp_sink")
+
+
+def recipients_wanted() -> int:
+    if "BENCH_RECIPIENTS" in os.environ:
+        return int(os.environ["BENCH_RECIPIENTS"])
+    if os.environ.get("BENCH_SCALE", "").lower() == "small":
+        return SMALL_RECIPIENTS
+    return DEFAULT_RECIPIENTS
+
+
+def service_pids(stack: Stack) -> dict[str, int]:
+    pids: dict[str, int] = {}
+    for name in MEASURED_PROCESSES:
+        pid = stack.process(name).pid()
+        if pid is not None:
+            pids[name] = pid
+    broker = stack.kafka.process.pid()
+    if broker is not None:
+        pids["kafka"] = broker
+    return pids
+
+
+def sender_concurrency(pids: dict[str, int]) -> int:
+    """The running sender's pool size: its own environment says what it was started with."""
+    env = environment_of(pids["sender"]) if "sender" in pids else {}
+    value = env.get("SENDER_CONCURRENCY") or os.environ.get("SENDER_CONCURRENCY")
+    return int(value) if value else DEFAULT_SENDER_CONCURRENCY
+
+
+def show_logs(stack: Stack, console: Console) -> None:
+    """The last lines of each service's log: where a failed run's cause usually is."""
+    for name in ("command_handler", "hydrator", "sender", "projector", "smtp_sink"):
+        path = stack.process(name).log_file
+        try:
+            with path.open(errors="replace") as fh:
+                tail = list(deque(fh, maxlen=LOG_TAIL_LINES))
+        except OSError:
+            continue
+        console.rule(f"{path}")
+        for line in tail:
+            console.print(line.rstrip(), markup=False, highlight=False)
+
+
+def main() -> int:
+    console = Console()
+    started = datetime.now(UTC)
+    count = recipients_wanted()
+    stack = Stack(Settings().state_dir)
+    console.rule(f"[bold]bench: {count:,} recipients")
+    stack.up()
+    if not all(stack.process(name).pid() for name in SERVICES):
+        console.print("[red]a service did not start; see .state/logs/[/]")
+        return 2
+    settings = stack.settings()
+    ids = campaign.BenchIds.fresh()
+    pids = service_pids(stack)
+    connections = sender_concurrency(pids)
+    people = campaign.contacts(ids, count)
+    sink_offset = figures.sink_size(stack.sink_records)
+
+    peak_reset = reset_peak_rss(pids)
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        path = Path(folder) / f"{ids.tenant_id}.csv"
+        campaign.write_csv(people, path)
+        imported = campaign.import_csv(path, ids, settings)
+    console.print(f"imported {imported.imported:,} contacts into {ids.tenant_id}/{ids.list_id}"
+                  f" in {imported.seconds:.2f} s ({imported.rows_per_second:,.0f} rows/s)")
+    if imported.imported != count:
+        console.print(f"[red]import: {imported.imported} of {count} rows imported;"
+                      f" rejected: {imported.rejected[:3]}[/]")
+        return 1
+
+    read_since = datetime.now(UTC) - READ_BACK_MARGIN
+    timeout = BASE_TIMEOUT_SECONDS + SECONDS_PER_RECIPIENT_ALLOWED * count
+    try:
+        run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
+                                    console=console)
+    except campaign.CampaignFailed as exc:
+        console.print(f"[bold red]campaign {ids.campaign_id} failed:[/] {exc}")
+        show_logs(stack, console)
+        return 2
+    peaks = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+    console.print(f"campaign {ids.campaign_id} completed in {run.e2e_seconds:.2f} s")
+
+    since_ms = int(read_since.timestamp() * 1000)
+    events = read_campaign_messages(settings, topic_name(EVENTS, settings), ids.campaign_id,
+                                    since_ms=since_ms, timeout=READ_BACK_TIMEOUT_SECONDS,
+                                    enough=figures.has_hydration_facts)
+    deliveries = figures.first_deliveries(read_campaign_messages(
+        settings, topic_name(DELIVERIES, settings), ids.campaign_id, since_ms=since_ms,
+        timeout=READ_BACK_TIMEOUT_SECONDS))
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        projected = figures.recipient_rows(conn, ids.tenant_id, ids.campaign_id)
+    lag = figures.projection_lag(deliveries.first_at, projected, run.polls)
+
+    console.print(f"raw SMTP: {count:,} messages over {connections} connections …")
+    mails = raw_smtp.build_messages(people, campaign.template(), ids.raw_campaign_id)
+    raw = raw_smtp.send_all(mails, settings.smtp_host, settings.smtp_port, connections)
+    sink_records = figures.sink_records_since(stack.sink_records, sink_offset)
+    in_sink = figures.count_in_sink(sink_records, ids.campaign_id)
+    raw_in_sink = figures.count_in_sink(sink_records, ids.raw_campaign_id)
+
+    send_rate = rate(count, run.e2e_seconds)
+    completed_at = run.final.completed_at
+    results: dict[str, Any] = {
+        "recipients": count,
+        "e2e_seconds": round(run.e2e_seconds, 3),
+        "send_rate": _round(send_rate, 1),
+        "raw_smtp_rate": round(raw.rate, 1),
+        "send_to_raw_ratio": _round(send_rate / raw.rate if send_rate and raw.rate else None, 3),
+        "hydration_seconds": _round(figures.hydration_seconds(events), 3),
+        "e2e_event_seconds": _round((completed_at - run.send_published_at).total_seconds()
+                                    if completed_at else None, 3),
+        "projection_lag_p50_ms": lag.p50_ms,
+        "projection_lag_p99_ms": lag.p99_ms,
+        "projection_lag_max_ms": lag.max_ms,
+        "projection_lag_method": "campaign_recipients.updated_at (projector now() = transaction"
+                                 " start) - first delivery event occurred_at; lower bound",
+        "projection_visible_lag_p50_ms": lag.visible_p50_ms,
+        "projection_visible_lag_p99_ms": lag.visible_p99_ms,
+        "projection_visible_lag_method": "first 0.1 s read-model poll whose sent+failed includes"
+                                         " the row's transaction - occurred_at; upper bound",
+        "peak_rss_mb": peaks,
+        "peak_rss_scope": "this campaign (VmHWM reset before import)" if peak_reset
+                          else "since process start (VmHWM reset refused)",
+        "csv_import_rows_per_s": round(imported.rows_per_second, 1),
+        "csv_import_seconds": round(imported.seconds, 3),
+        "raw_smtp_seconds": round(raw.seconds, 3),
+        "smtp_connections": connections,
+        "checks": {
+            "read_model_total": run.final.total,
+            "read_model_sent": run.final.sent,
+            "read_model_failed": run.final.failed,
+            "sink_campaign_messages": in_sink.messages,
+            "sink_campaign_recipients": in_sink.distinct_recipients,
+            "sink_campaign_duplicates": in_sink.duplicates,
+            "delivery_events": deliveries.events,
+            "delivery_recipients": len(deliveries.first_at),
+            "projected_rows_measured": lag.measured,
+            "raw_accepted": raw.accepted,
+            "raw_refused": raw.refused,
+            "raw_errors": raw.errors[:5],
+            "sink_raw_messages": raw_in_sink.messages,
+        },
+        "ids": {"tenant_id": ids.tenant_id, "list_id": ids.list_id,
+                "campaign_id": ids.campaign_id, "raw_campaign_id": ids.raw_campaign_id},
+        "machine": machine_info(started),
+    }
+    failures = _failures(results, count)
+    results["ok"] = not failures
+    results["failures"] = failures
+    console.print(render_table(results))
+    latest, stamped = write_results(results, started)
+    console.print(f"written {latest} and {stamped.name}")
+    for failure in failures:
+        console.print(f"[bold red]MISMATCH[/]: {failure}")
+    return 1 if failures else 0
+
+
+def _failures(results: dict[str, Any], count: int) -> list[str]:
+    """Every check that does not hold, in words."""
+    c = results["checks"]
+    failures = []
+    if c["sink_campaign_messages"] != count:
+        failures.append(f"the sink recorded {c['sink_campaign_messages']:,} campaign messages,"
+                        f" expected exactly {count:,}")
+    if c["sink_campaign_recipients"] != count:
+        failures.append(f"the sink saw {c['sink_campaign_recipients']:,} distinct campaign"
+                        f" recipients, expected {count:,}")
+    if c["read_model_sent"] != count or c["read_model_total"] != count:
+        failures.append(f"read model: total {c['read_model_total']}, sent"
+                        f" {c['read_model_sent']:,}, failed {c['read_model_failed']:,};"
+                        f" expected {count:,} sent")
+    if c["raw_accepted"] != count or c["sink_raw_messages"] != count:
+        failures.append(f"raw run: {c['raw_accepted']:,} accepted, {c['sink_raw_messages']:,}"
+                        f" recorded of {count:,}; errors {c['raw_errors']}")
+    if results["hydration_seconds"] is None:
+        failures.append("CampaignSendRequested or CampaignHydrated not found on campaign.events")
+    if c["delivery_recipients"] != count:
+        failures.append(f"campaign.deliveries names {c['delivery_recipients']:,} recipients,"
+                        f" expected {count:,}")
+    return failures
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+if __name__ == "__main__":
+    started_at = time.monotonic()
+    code = main()
+    print(f"bench finished in {time.monotonic() - started_at:.0f} s (exit {code})")
+    sys.exit(code)
