@@ -54,13 +54,16 @@ def topic_name(spec: TopicSpec, settings: Settings) -> str:
     return f"{settings.topic_prefix}{spec.name}"
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create every catalogue topic that is missing; returns the names it created."""
+def ensure_topics(
+    settings: Settings, timeout: float = 30.0, specs: tuple[TopicSpec, ...] = CATALOGUE
+) -> list[str]:
+    """Create every topic of `specs` (default: the catalogue) that is missing; returns the
+    names it created, once the broker's metadata shows them."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(topic_name(spec, settings), spec.partitions, 1, config=dict(spec.config))
-        for spec in CATALOGUE
+        for spec in specs
         if topic_name(spec, settings) not in existing
     ]
     if not wanted:

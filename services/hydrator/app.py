@@ -38,6 +38,8 @@ from services.common.topics import (
     HYDRATION_REPORTS,
     HYDRATION_REQUESTS,
     RECIPIENTS,
+    TopicSpec,
+    ensure_topics,
     topic_name,
 )
 from services.hydrator.audience import gather, merge_contact, select_recipients
@@ -48,11 +50,34 @@ log = configure_logging("hydrator")
 CATCH_UP_POLL_SECONDS = 0.05
 
 
+APP_NAME = "hydrator"
+# faust's table changelogs: (table name, partitions). Created before the worker starts, because
+# a worker that creates them itself can read stale metadata and crash its agents with
+# PartitionsMismatch on a fresh broker.
+TABLES = (
+    ("contacts", CONTACTS.partitions),
+    ("contact-positions", CONTACTS.partitions),
+    ("hydration-progress", HYDRATION_REPORTS.partitions),
+)
+
+
+def changelog_topics(settings: Settings) -> tuple[TopicSpec, ...]:
+    """The changelog topics faust names `<app id>-<table>-changelog`, compacted."""
+    app_id = settings.group(APP_NAME)
+    # topic_name() adds the prefix again, so name them relative to it.
+    base = app_id[len(settings.topic_prefix):]
+    return tuple(
+        TopicSpec(f"{base}-{table}-changelog", "table key", partitions, {"cleanup.policy": "compact"})
+        for table, partitions in TABLES
+    )
+
+
 def create_app(settings: Settings) -> faust.App:
+    ensure_topics(settings, specs=changelog_topics(settings))
     datadir = settings.state_dir / "hydrator" / (settings.topic_prefix or "default")
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        settings.group("hydrator"),
+        settings.group(APP_NAME),
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         store="memory://",
         processing_guarantee=os.environ.get("HYDRATOR_PROCESSING_GUARANTEE", "at_least_once"),
