@@ -1,10 +1,17 @@
-"""Contact events on contacts.events, keyed by tenant + contact id."""
+"""Contact events on contacts.events, keyed by tenant + contact id, and their pure fold.
+
+`apply_contact_event(state, event)` folds the events into a ContactState;
+`exclusion_reason(state, list_ids)` says why a contact must not be mailed (or None).
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.base import Email, EntityId, Record
 from schemas.registry import message
@@ -33,3 +40,165 @@ class ContactUpserted(Record):
     last_name: str = Field(default="", max_length=200)
     attributes: dict[str, str] = Field(default_factory=dict)
     lists: list[EntityId] = Field(default_factory=list)
+
+
+@message("ContactAttributesChanged", 1)
+class ContactAttributesChanged(Record):
+    """Attributes set to new values and attributes removed; others are left as they are."""
+
+    contact_id: EntityId
+    set: dict[str, str] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _set_and_unset_are_disjoint(self) -> ContactAttributesChanged:
+        both = sorted(k for k in self.unset if k in self.set)
+        if both:
+            raise ValueError(f"attributes both set and unset: {', '.join(both)}")
+        return self
+
+
+@message("ContactListMembershipAdded", 1)
+class ContactListMembershipAdded(Record):
+    contact_id: EntityId
+    list_id: EntityId
+
+
+@message("ContactListMembershipRemoved", 1)
+class ContactListMembershipRemoved(Record):
+    contact_id: EntityId
+    list_id: EntityId
+
+
+@message("ContactUnsubscribed", 1)
+class ContactUnsubscribed(Record):
+    """The contact asked not to be mailed: from one list, or from everything (list_id None)."""
+
+    contact_id: EntityId
+    list_id: EntityId | None = None
+    reason: str = Field(default="", max_length=1000)
+
+
+SuppressionReason = Literal["hard_bounce", "complaint", "manual_blocklist"]
+
+
+@message("ContactSuppressed", 1)
+class ContactSuppressed(Record):
+    """The address must not be mailed at all (bounced hard, complained, or blocklisted)."""
+
+    contact_id: EntityId
+    reason: SuppressionReason
+    detail: str = Field(default="", max_length=1000)
+
+
+@message("ContactDeleted", 1)
+class ContactDeleted(Record):
+    """The contact is erased: its address, names, attributes and lists are forgotten."""
+
+    contact_id: EntityId
+
+
+ContactEvent = (
+    ContactUpserted | ContactAttributesChanged | ContactListMembershipAdded
+    | ContactListMembershipRemoved | ContactUnsubscribed | ContactSuppressed | ContactDeleted
+)
+
+
+# --- state (pure fold) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContactState:
+    """A contact as its events leave it. See `apply_contact_event` for the rules."""
+
+    id: str
+    email: str
+    first_name: str = ""
+    last_name: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    lists: frozenset[str] = frozenset()
+    unsubscribed_lists: frozenset[str] = frozenset()
+    globally_unsubscribed: bool = False
+    suppressed_reason: str | None = None
+    deleted: bool = False
+
+
+def apply_contact_event(state: ContactState | None, event: ContactEvent) -> ContactState | None:
+    """The contact after `event` (pure; `state` is never modified).
+
+    Rules:
+    - ContactUpserted creates the contact, or replaces e-mail and names, adds its attributes
+      (existing ones it does not name are kept) and adds its lists (as the hydrator merges).
+      On a deleted contact it starts afresh, keeping only unsubscribes and suppression.
+    - Any other event for a contact never upserted (state None) is ignored: there is no
+      address to attach it to (on contacts.events an upsert precedes them, same key).
+    - ContactAttributesChanged removes `unset` and writes `set`.
+    - ContactListMembershipAdded / Removed add or remove one list. Adding a membership does
+      not undo an unsubscribe from that list: re-subscribing needs its own explicit fact.
+    - ContactUnsubscribed with a list id records that list; without one, a global unsubscribe.
+    - ContactSuppressed records its reason (the latest suppression wins).
+    - ContactDeleted forgets address, names, attributes and lists but keeps unsubscribes and
+      suppression, so a contact re-imported after deletion is still not mailed against them.
+    - Attribute and membership events on a deleted contact are ignored; unsubscribes and
+      suppressions are still recorded.
+    """
+    if isinstance(event, ContactUpserted):
+        if state is None or state.deleted:
+            kept = state or ContactState(event.contact_id, "")
+            return replace(
+                kept, email=event.email, first_name=event.first_name, last_name=event.last_name,
+                attributes=dict(event.attributes), lists=frozenset(event.lists), deleted=False,
+            )
+        return replace(
+            state, email=event.email, first_name=event.first_name, last_name=event.last_name,
+            attributes={**state.attributes, **event.attributes}, lists=state.lists | set(event.lists),
+        )
+    if state is None:
+        return None
+    if isinstance(event, ContactUnsubscribed):
+        if event.list_id is None:
+            return replace(state, globally_unsubscribed=True)
+        return replace(state, unsubscribed_lists=state.unsubscribed_lists | {event.list_id})
+    if isinstance(event, ContactSuppressed):
+        return replace(state, suppressed_reason=event.reason)
+    if state.deleted:
+        return state
+    if isinstance(event, ContactAttributesChanged):
+        attributes = {k: v for k, v in state.attributes.items() if k not in event.unset}
+        attributes.update(event.set)
+        return replace(state, attributes=attributes)
+    if isinstance(event, ContactListMembershipAdded):
+        return replace(state, lists=state.lists | {event.list_id})
+    if isinstance(event, ContactListMembershipRemoved):
+        return replace(state, lists=state.lists - {event.list_id})
+    return replace(state, email="", first_name="", last_name="", attributes={}, lists=frozenset(),
+                   deleted=True)
+
+
+def fold_contact(events: Iterable[ContactEvent]) -> ContactState | None:
+    """The state after every event in order, from nothing."""
+    state: ContactState | None = None
+    for event in events:
+        state = apply_contact_event(state, event)
+    return state
+
+
+def exclusion_reason(state: ContactState, list_ids: Collection[str] = ()) -> str | None:
+    """Why `state` must not be mailed by a campaign targeting `list_ids`, or None.
+
+    In order of precedence: "deleted"; "suppressed:<reason>"; "unsubscribed" when globally
+    unsubscribed, or when the contact is reached through some of `list_ids` (it is a member)
+    and has unsubscribed from every one of those. A list-scoped unsubscribe therefore never
+    excludes a contact reached through another targeted list it has not left, nor one
+    targeted only by id or segment (pass no `list_ids`): it only speaks for its own list.
+    """
+    if state.deleted:
+        return "deleted"
+    if state.suppressed_reason is not None:
+        return f"suppressed:{state.suppressed_reason}"
+    if state.globally_unsubscribed:
+        return "unsubscribed"
+    reached = state.lists.intersection(list_ids)
+    if reached and reached <= state.unsubscribed_lists:
+        return "unsubscribed"
+    return None

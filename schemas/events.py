@@ -67,6 +67,16 @@ class CampaignHydrated(Record):
     total: int = Field(ge=0)
 
 
+@message("CampaignCompleted", 1)
+class CampaignCompleted(Record):
+    """Every one of the `total` hydrated recipients reached a terminal delivery: `sent` of
+    them were sent and `failed` failed. Published once per campaign by the completion tracker."""
+
+    total: int = Field(ge=0)
+    sent: int = Field(ge=0)
+    failed: int = Field(ge=0)
+
+
 # --- hydration (internal scatter/gather) -----------------------------------------------
 
 

@@ -10,6 +10,20 @@ Guarantees:
 - Idempotent upsert: a contact's id is derived from tenant + normalised e-mail, so importing
   a file twice (or a file that names an address twice) upserts the same contacts.
 
+Modes (`mode=`):
+- "upsert" (default): one ContactUpserted per good row, joining `list_id` and the row's lists.
+- "skip-existing": as upsert, but only for contact ids not already present, determined from a
+  local set built while scanning the tenant's records on contacts.events once at the start
+  (O(contacts of the topic) time, O(tenant's contacts) memory). A contact counts as present
+  after a ContactUpserted and absent again after a ContactDeleted. The first row naming an
+  address wins: later rows of the same file for that contact are skipped too. Skipped rows are
+  counted in `ImportReport.skipped`. Not atomic: a contact created by someone else during the
+  import may still be upserted.
+- "blocklist": every good row produces a ContactUpserted without list memberships (so the
+  contact exists) followed by ContactSuppressed(reason="manual_blocklist"), same key, so in
+  order; the row counts as imported once both are acknowledged. `list_id` and the `lists`
+  column are refused / ignored: a blocklist adds no memberships.
+
 The pure part, `parse_rows`, turns lines into `ParsedRow` or `RejectedRow` without I/O.
 """
 
@@ -28,15 +42,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, Message, Producer
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.base import EntityId, InvalidEmail, TenantId, normalise_email
-from schemas.contacts import ContactUpserted, contact_id_for, contact_key
-from schemas.envelope import SchemaViolation, decode
+from schemas.contacts import ContactSuppressed, ContactUpserted, contact_id_for, contact_key
+from schemas.envelope import SchemaViolation, decode, encode, wrap
 from schemas.registry import wire_name
-from services.cli.publishing import cli_producer, require_topic
+from services.cli.publishing import TopicUnavailable, cli_producer, require_topic
+from services.common.kafka import make_consumer
 from services.common.settings import Settings
 from services.common.topics import CONTACTS, topic_name
 
@@ -63,6 +79,17 @@ DELIVERY_TIMEOUT_MS = 120_000
 FLUSH_TIMEOUT_SECONDS = DELIVERY_TIMEOUT_MS / 1000 + 15
 # Larger batches for a bulk load: a few ms of latency buy far fewer produce requests.
 BULK_PRODUCER_SETTINGS = {"linger.ms": 20, "delivery.timeout.ms": DELIVERY_TIMEOUT_MS}
+
+# How long the skip-existing scan waits for a record before deciding the broker has stalled:
+# guards against hanging on a partition that never reaches its end (e.g. an open transaction).
+SCAN_IDLE_TIMEOUT_SECONDS = 30.0
+# Consumer group named by the skip-existing scan; it assigns partitions and never commits.
+SCAN_GROUP = "campaignctl-contacts-scan"
+# Detail written on the suppressions of a blocklist import.
+BLOCKLIST_DETAIL = "csv blocklist import"
+
+ImportMode = Literal["upsert", "skip-existing", "blocklist"]
+IMPORT_MODES: tuple[str, ...] = typing.get_args(ImportMode)
 
 # Column names with a meaning of their own; every other named column is an attribute.
 EMAIL, FIRST_NAME, LAST_NAME, LISTS = "email", "first_name", "last_name", "lists"
@@ -98,16 +125,19 @@ class ParsedRow:
 @dataclass(frozen=True)
 class ImportReport:
     """Outcome of an import. `rejected` holds at most MAX_KEPT_REJECTIONS rows, sorted by line;
-    `rejected_count` counts them all. `seconds` runs from start to the last acknowledgement."""
+    `rejected_count` counts them all. `seconds` runs from start to the last acknowledgement.
+    `skipped` counts good rows left out because their contact already existed (skip-existing)."""
 
     imported: int
     rejected: list[RejectedRow]
     seconds: float
     rejected_count: int
+    skipped: int = 0
 
     @property
     def rows_per_second(self) -> float:
-        return (self.imported + self.rejected_count) / self.seconds if self.seconds > 0 else 0.0
+        rows = self.imported + self.rejected_count + self.skipped
+        return rows / self.seconds if self.seconds > 0 else 0.0
 
 
 def _pattern_of(annotated: object) -> re.Pattern[str]:
@@ -383,6 +413,83 @@ class _Acknowledgements:
 
         return delivered
 
+    def for_pair(self, line: int) -> tuple[Callable[[KafkaError | None, Message], None], ...]:
+        """Delivery callbacks for a row written as two records: the row counts as acknowledged
+        once both are, and is rejected once (with the first error) when either is refused."""
+        state = {"pending": 2, "failed": False}
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            state["pending"] -= 1
+            if err is not None and not state["failed"]:
+                state["failed"] = True
+                self.rejections.add(RejectedRow(line, f"not acknowledged by Kafka: {err.str()}"))
+            elif not state["pending"] and not state["failed"]:
+                self.acked += 1
+
+        return delivered, delivered
+
+
+# --- modes (pure parts) ----------------------------------------------------------------------
+
+
+def suppression_envelope(tenant_id: str, contact_id: str, upsert_id: uuid.UUID, moment: datetime) -> bytes:
+    """The ContactSuppressed(manual_blocklist) of a blocklist row, caused by its upsert."""
+    payload = ContactSuppressed(contact_id=contact_id, reason="manual_blocklist", detail=BLOCKLIST_DETAIL)
+    return encode(wrap(payload, tenant_id=tenant_id, aggregate_id=contact_id, correlation_id=upsert_id,
+                       causation_id=upsert_id, occurred_at=moment))
+
+
+def track_existing(existing: set[str], tenant_id: str, key: bytes | None, value: bytes | None) -> None:
+    """Update the set of a tenant's present contact ids with one contacts.events record.
+
+    Records of other tenants (told by the key, `tenant:contact`) are skipped unread; a
+    ContactUpserted adds its contact, a ContactDeleted removes it, other types change nothing.
+    """
+    prefix = f"{tenant_id}:".encode()
+    if key is None or value is None or not key.startswith(prefix):
+        return
+    try:
+        kind = json.loads(value).get("type")
+    except (ValueError, AttributeError):
+        return  # not ours to judge: consumers of the topic dead-letter it
+    contact_id = key[len(prefix):].decode(errors="replace")
+    if kind == "ContactUpserted":
+        existing.add(contact_id)
+    elif kind == "ContactDeleted":
+        existing.discard(contact_id)
+
+
+def existing_contact_ids(settings: Settings, tenant_id: str) -> set[str]:
+    """The tenant's present contact ids: every partition of contacts.events read from the
+    start until the consumer reports its end. Raises TopicUnavailable when the scan fails or
+    stalls for SCAN_IDLE_TIMEOUT_SECONDS."""
+    from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+    topic = topic_name(CONTACTS, settings)
+    consumer = make_consumer(settings, SCAN_GROUP, **{"enable.partition.eof": True})
+    existing: set[str] = set()
+    try:
+        try:
+            metadata = consumer.list_topics(topic, timeout=SCAN_IDLE_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            raise TopicUnavailable(f"reading {topic} failed: {exc}") from None
+        unread = set(metadata.topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(unread)])
+        while unread:
+            msg = consumer.poll(SCAN_IDLE_TIMEOUT_SECONDS)
+            if msg is None:
+                raise TopicUnavailable(f"reading {topic} stalled with {len(unread)} partitions unread")
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise TopicUnavailable(f"reading {topic} failed: {err.str()}")
+                unread.discard(msg.partition())
+                continue
+            track_existing(existing, tenant_id, msg.key(), msg.value())
+    finally:
+        consumer.close()
+    return existing
+
 
 def _check_list_id(list_id: str | None) -> list[str]:
     if list_id is None:
@@ -401,21 +508,28 @@ def import_contacts(
     list_id: str | None,
     settings: Settings,
     on_progress: Callable[[int, int], None] | None = None,
+    mode: ImportMode = "upsert",
 ) -> ImportReport:
     """Stream a CSV file of contacts onto contacts.events as ContactUpserted records.
 
     Columns: `email` (required), `first_name`, `last_name`, `lists` (`;`-separated list ids),
     every other named column an attribute. Each contact joins `list_id` (when given) and the
     lists of its row. `on_progress(bytes_read, total_bytes)` is called as the file is read.
-    Raises CsvImportError (file unusable, bad tenant or list id), OSError (file unreadable) and
-    TopicUnavailable (Kafka unreachable) before anything is produced.
+    `mode` is described in the module docstring.
+    Raises CsvImportError (file unusable, bad tenant, list id or mode), OSError (file
+    unreadable) and TopicUnavailable (Kafka unreachable) before anything is produced.
     """
     started = time.monotonic()
+    if mode not in IMPORT_MODES:
+        raise CsvImportError(f"unknown import mode {mode!r} (modes: {', '.join(IMPORT_MODES)})")
     try:
         encoder = ContactUpsertEncoder(tenant_id)
     except ValidationError:
         raise CsvImportError(f"invalid tenant id {tenant_id!r}") from None
     base_lists = _check_list_id(list_id)
+    blocklist = mode == "blocklist"
+    if blocklist and base_lists:
+        raise CsvImportError("a blocklist import adds no list memberships: give no list id")
     topic = topic_name(CONTACTS, settings)
     rejections = _Rejections()
     acks = _Acknowledgements(rejections)
@@ -428,6 +542,8 @@ def import_contacts(
         first = next(rows, None)  # reads the header: a bad file fails before Kafka is touched
         producer = cli_producer(settings, **BULK_PRODUCER_SETTINGS)
         require_topic(producer, topic, settings)
+        skip = existing_contact_ids(settings, tenant_id) if mode == "skip-existing" else None
+        skipped = 0
         produced = 0
         # The clock is read once per POLL_EVERY_ROWS rows: rows produced within the same few
         # milliseconds share their occurred_at.
@@ -436,18 +552,36 @@ def import_contacts(
             if isinstance(item, RejectedRow):
                 rejections.add(item)
                 continue
-            lists = base_lists + [x for x in item.lists if x not in base_lists] if base_lists else item.lists
             contact_id = contact_id_for(tenant_id, item.email)
-            value = encoder.encode(contact_id, item, lists, occurred_at=now)
-            if not produced:
-                _self_check(value)
+            if skip is not None:
+                if contact_id in skip:
+                    skipped += 1
+                    continue
+                skip.add(contact_id)
             key = contact_key(tenant_id, contact_id)
-            while True:
-                try:
-                    producer.produce(topic, value, key, on_delivery=acks.for_line(item.line))
-                    break
-                except BufferError:  # queue full: serving delivery reports frees space
-                    producer.poll(QUEUE_FULL_WAIT_SECONDS)
+            if blocklist:
+                upsert_id = uuid.uuid4()
+                value = encoder.encode(contact_id, item, [], message_id=upsert_id, occurred_at=now)
+                suppressed = suppression_envelope(tenant_id, contact_id, upsert_id, now)
+                if not produced:
+                    _self_check(value)
+                    _self_check(suppressed)
+                on_upsert, on_suppressed = acks.for_pair(item.line)
+                _produce(producer, topic, key, value, on_upsert)
+                _produce(producer, topic, key, suppressed, on_suppressed)
+            else:
+                lists = item.lists
+                if base_lists:
+                    lists = base_lists + [x for x in item.lists if x not in base_lists]
+                value = encoder.encode(contact_id, item, lists, occurred_at=now)
+                if not produced:
+                    _self_check(value)
+                while True:
+                    try:
+                        producer.produce(topic, value, key, on_delivery=acks.for_line(item.line))
+                        break
+                    except BufferError:  # queue full: serving delivery reports frees space
+                        producer.poll(QUEUE_FULL_WAIT_SECONDS)
             produced += 1
             if produced % POLL_EVERY_ROWS == 0:
                 producer.poll(0)
@@ -462,7 +596,17 @@ def import_contacts(
             producer.purge()
             producer.flush(0)
     rejected = sorted(rejections.kept, key=lambda r: r.line)
-    return ImportReport(acks.acked, rejected, time.monotonic() - started, rejections.count)
+    return ImportReport(acks.acked, rejected, time.monotonic() - started, rejections.count, skipped)
+
+
+def _produce(producer: Producer, topic: str, key: bytes, value: bytes,
+             on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key, on_delivery=on_delivery)
+            return
+        except BufferError:  # queue full: serving delivery reports frees space
+            producer.poll(QUEUE_FULL_WAIT_SECONDS)
 
 
 def _self_check(value: bytes) -> None:

@@ -101,6 +101,10 @@ def contacts_import(
     file: Annotated[Path, typer.Argument(help="CSV file with a header; an 'email' column is required.")],
     tenant: Tenant,
     list_id: Annotated[str | None, typer.Option("--list", help="List every contact joins.")] = None,
+    mode: Annotated[
+        str,
+        typer.Option(help="upsert (default) | skip-existing (only new contacts) | blocklist (suppress)"),
+    ] = "upsert",
 ) -> None:
     """Import contacts from a CSV file; bad rows are reported and skipped."""
     with _fatal_errors():
@@ -116,7 +120,7 @@ def contacts_import(
                 bar.update(task, completed=done, total=total)
 
             report = import_contacts(file, tenant_id=tenant, list_id=list_id, settings=settings,
-                                     on_progress=on_progress)
+                                     on_progress=on_progress, mode=mode)  # type: ignore[arg-type]
     _print_import_report(report)
 
 

@@ -112,6 +112,8 @@ def main() -> int:
     ok = final.status == "completed" and final.sent == len(mails) == len(per_recipient) == distinct
     console.print("[bold green]OK[/]: every contact mailed exactly once." if ok else
                   "[bold red]MISMATCH[/]: the counts above disagree.")
+    api_port = os.environ.get("API_PORT", "28080")
+    console.print(f"Live dashboard: http://127.0.0.1:{api_port}/dashboard#key={stack.api_key(TENANT)}")
     console.print("The platform keeps running: `make status`, `make down`.")
     return 0 if ok else 1
 

@@ -153,8 +153,14 @@ def create_app(settings: Settings) -> faust.App:
             env, request = message.envelope, message.payload
             assert isinstance(request, HydrationRequested)
             # The contacts of this partition must be applied up to the snapshot first.
+            waited = 0.0
             while positions.get(str(request.partition), -1) < request.snapshot_offset - 1:
                 await asyncio.sleep(CATCH_UP_POLL_SECONDS)
+                waited += CATCH_UP_POLL_SECONDS
+                if waited % 5.0 < CATCH_UP_POLL_SECONDS:
+                    log.warning("hydration waiting for contacts", campaign=request.campaign_id,
+                                partition=request.partition, snapshot_offset=request.snapshot_offset,
+                                applied=positions.get(str(request.partition), -1))
             queued = 0
             selected = list(select_recipients(
                 contacts.items(), tenant_id=env.tenant_id, partition=request.partition,

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from services.platform.postgres import PostgresServer
 from services.platform.processes import ManagedProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("command_handler", "hydrator", "sender", "projector")
+SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion", "api")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,23 @@ class Stack:
             libs_dir=self.state_dir / "kafka-libs",
         )
         self.postgres = PostgresServer(self.state_dir, self.ports.postgres)
+
+    @property
+    def api_keys_file(self) -> Path:
+        """Per-tenant API keys of the local read API; the demo tenant's key is made on first use."""
+        path = self.state_dir / "api-keys"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"demo:{secrets.token_urlsafe(24)}\n")
+            path.chmod(0o600)
+        return path
+
+    def api_key(self, tenant: str) -> str | None:
+        for line in self.api_keys_file.read_text().splitlines():
+            name, _, key = line.partition(":")
+            if name == tenant:
+                return key
+        return None
 
     @property
     def sink_records(self) -> Path:
@@ -69,6 +87,7 @@ class Stack:
             "TOPIC_PREFIX": s.topic_prefix,
             "CAMPAIGN_STATE_DIR": str(self.state_dir),
             "SINK_RECORD_PATH": str(self.sink_records),
+            "API_KEYS_FILE": str(self.api_keys_file),
             "PYTHONUNBUFFERED": "1",
         }
 

@@ -58,6 +58,9 @@ BATCH_DEADLINE_SECONDS = 120.0
 # Above the batch deadline plus one attempt's SMTP timeouts (see smtp_pool): the broker only
 # evicts a sender that is really stuck.
 MAX_POLL_INTERVAL_MS = 300_000
+# A crashed sender's partitions wait this long before another sender takes them over: short,
+# so a SIGKILLed instance stalls its recipients for seconds, not the broker's default 45 s.
+SESSION_TIMEOUT_MS = 10_000
 # Guards against a broker that cannot take the delivery events: the batch is then not
 # committed and the worker stops (a restart redelivers it; the ledger prevents re-mailing).
 FLUSH_TIMEOUT_SECONDS = 30.0
@@ -270,6 +273,8 @@ class SenderWorker:
             **{
                 "partition.assignment.strategy": "cooperative-sticky",
                 "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
+                "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 3,
             },
         )
 

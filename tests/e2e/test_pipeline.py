@@ -16,13 +16,14 @@ from schemas.base import normalise_email
 from schemas.commands import CreateCampaign, SendCampaign
 from schemas.contacts import ContactUpserted, contact_id_for, contact_key
 from schemas.envelope import wrap
-from services.common.topics import COMMANDS, CONTACTS
+from schemas.events import CampaignCompleted
+from services.common.topics import COMMANDS, CONTACTS, EVENTS
 from services.smtp_sink import SinkConfig, SmtpSink, header
-from tests.kafka_io import publish
+from tests.kafka_io import publish, read_topic
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.e2e
-SERVICES = ("command_handler", "hydrator", "sender", "projector")
+SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion")
 
 
 def wait_for(predicate, timeout, what, procs):
@@ -83,6 +84,7 @@ def test_campaign_reaches_every_distinct_recipient_exactly_once(settings):
                 statuses = dict(conn.execute(
                     "SELECT status, count(*) FROM campaign_recipients WHERE campaign_id = %s GROUP BY status",
                     (campaign,)).fetchall())
+            events = read_topic(settings, EVENTS, until=5, timeout=60)
             # The pipeline is still up after the bad commands.
             for p in procs:
                 assert p.proc.poll() is None, f"{p.service} died:\n{p.log_tail()}"
@@ -102,3 +104,6 @@ def test_campaign_reaches_every_distinct_recipient_exactly_once(settings):
     reasons = " | ".join(r for (r,) in rejections)
     assert "empty audience" in reasons and "malformed JSON" in reasons
     assert codes == dict.fromkeys(SERVICES, 0), "a service did not exit cleanly on SIGTERM"
+    completed = [m.payload for m in events
+                 if isinstance(m.payload, CampaignCompleted) and m.envelope.aggregate_id == campaign]
+    assert completed == [CampaignCompleted(total=expected, sent=expected, failed=0)]

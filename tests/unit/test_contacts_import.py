@@ -1,4 +1,5 @@
-"""CSV parsing and validation of the contact import, and its direct envelope encoder: no I/O."""
+"""CSV parsing and validation of the contact import, its direct envelope encoder and the pure
+parts of its modes (skip-existing, blocklist): no I/O."""
 
 from __future__ import annotations
 
@@ -7,17 +8,26 @@ from datetime import UTC, datetime
 
 import pytest
 
-from schemas.contacts import ContactUpserted, contact_id_for
+from schemas.contacts import ContactDeleted, ContactSuppressed, ContactUpserted, contact_id_for, contact_key
 from schemas.envelope import decode, encode, wrap
 from services.cli.contacts_import import (
+    BLOCKLIST_DETAIL,
+    IMPORT_MODES,
     MAX_FIELD_CHARS,
     ContactUpsertEncoder,
     CsvImportError,
+    ImportReport,
     ParsedRow,
     RandomIds,
     RejectedRow,
+    _Acknowledgements,
+    _Rejections,
+    import_contacts,
     parse_rows,
+    suppression_envelope,
+    track_existing,
 )
+from services.common.settings import Settings
 
 
 def lines(text: str | bytes) -> list[str]:
@@ -208,3 +218,96 @@ def test_random_ids_are_version_4_uuids():
 def test_encoder_refuses_an_invalid_tenant():
     with pytest.raises(ValueError):
         ContactUpsertEncoder("bad tenant")
+
+
+# --- modes (pure parts) -----------------------------------------------------------------------
+
+
+def test_an_unknown_mode_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(CsvImportError, match="unknown import mode 'merge'"):
+        import_contacts(tmp_path / "absent.csv", tenant_id="acme", list_id=None, settings=Settings(),
+                        mode="merge")
+    assert IMPORT_MODES == ("upsert", "skip-existing", "blocklist")
+
+
+def test_a_blocklist_import_refuses_a_list(tmp_path):
+    with pytest.raises(CsvImportError, match="adds no list memberships"):
+        import_contacts(tmp_path / "absent.csv", tenant_id="acme", list_id="news", settings=Settings(),
+                        mode="blocklist")
+
+
+def test_suppression_envelope_is_a_manual_blocklist_caused_by_the_upsert():
+    contact_id = contact_id_for("acme", "a@example.com")
+    upsert_id = uuid.uuid4()
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    message = decode(suppression_envelope("acme", contact_id, upsert_id, moment))
+    assert message.payload == ContactSuppressed(contact_id=contact_id, reason="manual_blocklist",
+                                                detail=BLOCKLIST_DETAIL)
+    env = message.envelope
+    assert (env.tenant_id, env.aggregate_id, env.occurred_at) == ("acme", contact_id, moment)
+    assert env.correlation_id == env.causation_id == upsert_id != env.id
+    # The upsert written before it has no lists and carries that id.
+    upsert = decode(ContactUpsertEncoder("acme").encode(contact_id, ParsedRow(2, "a@example.com"), [],
+                                                        message_id=upsert_id, occurred_at=moment))
+    assert upsert.envelope.id == upsert_id and upsert.payload.lists == []
+
+
+def _record(tenant: str, payload) -> tuple[bytes, bytes]:
+    cid = payload.contact_id
+    return contact_key(tenant, cid), encode(wrap(payload, tenant_id=tenant, aggregate_id=cid))
+
+
+def test_track_existing_follows_upserts_and_deletions_of_one_tenant_only():
+    a, b, c = (contact_id_for("acme", f"{x}@example.com") for x in "abc")
+    other = contact_id_for("other", "z@example.com")
+    records = [
+        _record("acme", ContactUpserted(contact_id=a, email="a@example.com")),
+        _record("acme", ContactUpserted(contact_id=b, email="b@example.com")),
+        _record("acme", ContactSuppressed(contact_id=c, reason="complaint")),  # no upsert: not present
+        _record("other", ContactUpserted(contact_id=other, email="z@example.com")),
+        _record("acme", ContactDeleted(contact_id=b)),
+        (contact_key("acme", c), b"{not json"),  # unreadable: ignored
+        (None, b"{}"),
+        (contact_key("acme", c), None),
+        # a tenant whose name starts with ours is another tenant
+        _record("acme2", ContactUpserted(contact_id=c, email="c@example.com")),
+    ]
+    existing: set[str] = set()
+    for key, value in records:
+        track_existing(existing, "acme", key, value)
+    assert existing == {a}
+    track_existing(existing, "acme", *_record("acme", ContactUpserted(contact_id=b, email="b@example.com")))
+    assert existing == {a, b}
+
+
+class _Err:
+    def str(self) -> str:
+        return "Broker: timed out"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "acked", "rejected_lines"),
+    [
+        (None, None, 1, []),
+        (_Err(), None, 0, [5]),
+        (None, _Err(), 0, [5]),
+        (_Err(), _Err(), 0, [5]),  # rejected once, not twice
+    ],
+)
+def test_a_row_of_two_records_counts_once_both_are_acknowledged(first, second, acked, rejected_lines):
+    rejections = _Rejections()
+    acks = _Acknowledgements(rejections)
+    on_upsert, on_suppressed = acks.for_pair(5)
+    on_upsert(first, None)
+    assert acks.acked == 0
+    on_suppressed(second, None)
+    assert acks.acked == acked
+    assert [r.line for r in rejections.kept] == rejected_lines == [5] * rejections.count
+    if rejected_lines:
+        assert rejections.kept[0].reason == "not acknowledged by Kafka: Broker: timed out"
+
+
+def test_report_counts_skipped_rows_in_the_rate():
+    report = ImportReport(imported=10, rejected=[], seconds=2.0, rejected_count=2, skipped=8)
+    assert report.rows_per_second == 10.0
+    assert ImportReport(1, [], 1.0, 0).skipped == 0

@@ -1,0 +1,42 @@
+"""`python -m services.api`: serve the read API and dashboard on 127.0.0.1:$API_PORT (default
+28080) until SIGTERM or SIGINT; API keys from API_KEYS / API_KEYS_FILE (see auth.py).
+
+Open streams are given GRACEFUL_SHUTDOWN_S to finish, then closed: server-sent event streams
+never end by themselves, and a browser reconnects to wherever the API comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import uvicorn
+
+from services.api.app import create_app
+from services.api.auth import load_api_keys
+from services.common.logs import configure_logging
+from services.common.settings import Settings
+
+DEFAULT_API_PORT = 28080
+# SSE streams are endless: without a bound, a SIGTERM would wait for every browser to leave.
+GRACEFUL_SHUTDOWN_S = 3
+
+
+def main() -> int:
+    log = configure_logging("api")
+    api_keys = load_api_keys()
+    if not api_keys:
+        log.warning("no API keys configured: every request will be refused (set API_KEYS)")
+    port = int(os.environ.get("API_PORT", str(DEFAULT_API_PORT)))
+    app = create_app(Settings(), api_keys)
+    # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
+    # shutdown (closing the pool) and returns.
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info"
+    )
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The read API: `create_app(settings, api_keys)` wires the routes to a PostgreSQL pool.
+
+Every route resolves the tenant from the bearer key first and reads only that tenant's rows, so
+another tenant's campaign id answers 404 exactly like an unknown one. The dashboard page itself
+holds no data and needs no key; its script sends the key as a header (see dashboard.html).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import psycopg
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool
+from pydantic import BaseModel, ConfigDict
+
+from services.api import queries
+from services.api.auth import ApiKeys
+from services.api.sse import progress_events
+from services.common.settings import Settings
+
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+# Connections shared by all requests; a request holds one only for its few statements.
+POOL_MAX_SIZE = 10
+# How long a request waits for a free connection before failing (guards a stuck database).
+POOL_TIMEOUT_S = 10.0
+MAX_PAGE = 1000
+
+Pool = ConnectionPool[psycopg.Connection[Any]]
+
+
+class Campaign(BaseModel):
+    """A campaign's progress; rates are recipients settled (sent or failed) per second."""
+
+    model_config = ConfigDict(frozen=True)
+
+    campaign_id: str
+    name: str | None
+    status: str
+    total: int | None
+    queued: int
+    sent: int
+    failed: int
+    pending: int | None
+    percent: float | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    rate_last_minute: float | None
+    average_rate: float | None
+    eta_seconds: float | None
+    eta_at: datetime | None
+    as_of: datetime
+
+
+class CampaignList(BaseModel):
+    campaigns: list[Campaign]
+
+
+class Recipient(BaseModel):
+    contact_id: str
+    email: str
+    status: str
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+
+
+class RecipientPage(BaseModel):
+    recipients: list[Recipient]
+    next_after: str | None  # pass as `after` for the next page; None on the last page
+
+
+class Rejection(BaseModel):
+    event_id: str
+    command_id: str | None
+    command_type: str | None
+    reason: str
+    occurred_at: datetime
+    correlation_id: str
+
+
+class RejectionList(BaseModel):
+    rejections: list[Rejection]
+
+
+def campaign_out(view: queries.CampaignView) -> Campaign:
+    p = view.progress
+    return Campaign(
+        campaign_id=p.campaign_id,
+        name=p.name,
+        status=p.status,
+        total=p.total,
+        queued=p.queued,
+        sent=p.sent,
+        failed=p.failed,
+        pending=p.pending,
+        percent=view.percent,
+        started_at=p.started_at,
+        completed_at=p.completed_at,
+        rate_last_minute=view.rate_last_minute,
+        average_rate=view.average_rate,
+        eta_seconds=view.eta_seconds,
+        eta_at=view.eta_at,
+        as_of=view.as_of,
+    )
+
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant's API key")
+
+
+def _tenant(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    keys: ApiKeys = request.app.state.api_keys
+    tenant = keys.tenant_for(credentials.credentials) if credentials else None
+    if tenant is None:
+        raise HTTPException(401, "missing or unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+def _pool(request: Request) -> Pool:
+    pool: Pool = request.app.state.pool
+    return pool
+
+
+Tenant = Annotated[str, Depends(_tenant)]
+DbPool = Annotated[Pool, Depends(_pool)]
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such campaign for this tenant"}}
+
+
+def _not_found() -> HTTPException:
+    return HTTPException(404, "campaign not found")
+
+
+def create_app(settings: Settings, api_keys: ApiKeys) -> FastAPI:
+    """The ASGI app; the connection pool opens and closes with the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool: Pool = ConnectionPool(
+            settings.database_url, min_size=1, max_size=POOL_MAX_SIZE, timeout=POOL_TIMEOUT_S, open=False
+        )
+        await run_in_threadpool(pool.open, True, POOL_TIMEOUT_S)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await run_in_threadpool(pool.close)
+
+    app = FastAPI(
+        title="Campaign engine read API",
+        version="1",
+        description="Tenant-scoped progress of e-mail campaigns, from the projector's read models.",
+        lifespan=lifespan,
+    )
+    app.state.api_keys = api_keys
+    dashboard_html = DASHBOARD.read_text(encoding="utf-8")
+
+    @app.get("/campaigns", response_model=CampaignList)
+    def get_campaigns(tenant: Tenant, pool: DbPool) -> CampaignList:
+        """The tenant's campaigns, newest first, with progress, rates and ETA."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            views = queries.tenant_campaigns(conn, tenant)
+        return CampaignList(campaigns=[campaign_out(v) for v in views])
+
+    @app.get("/campaigns/{campaign_id}", response_model=Campaign, responses=NOT_FOUND)
+    def get_campaign(campaign_id: str, tenant: Tenant, pool: DbPool) -> Campaign:
+        """One campaign's progress: counters, rate over the last minute, average rate, ETA."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            view = queries.tenant_campaign(conn, tenant, campaign_id)
+        if view is None:
+            raise _not_found()
+        return campaign_out(view)
+
+    @app.get("/campaigns/{campaign_id}/recipients", response_model=RecipientPage, responses=NOT_FOUND)
+    def get_recipients(
+        campaign_id: str,
+        tenant: Tenant,
+        pool: DbPool,
+        status: Annotated[Literal["queued", "sent", "failed"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        after: Annotated[str | None, Query(description="contact_id to continue after")] = None,
+    ) -> RecipientPage:
+        """Recipients ordered by contact_id (keyset paging: pass `next_after` as `after`)."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            if queries.campaign_progress(conn, campaign_id, tenant) is None:
+                raise _not_found()
+            rows, more = queries.recipients_page(
+                conn, tenant, campaign_id, status=status, after=after, limit=limit
+            )
+        recipients = [Recipient(**_fields(r)) for r in rows]
+        return RecipientPage(recipients=recipients, next_after=rows[-1].contact_id if more else None)
+
+    @app.get("/campaigns/{campaign_id}/rejections", response_model=RejectionList, responses=NOT_FOUND)
+    def get_rejections(campaign_id: str, tenant: Tenant, pool: DbPool) -> RejectionList:
+        """Commands refused for this campaign, with the reason, oldest first. A campaign that
+        was never created but had commands refused (e.g. a send for an unknown id) is found."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            rows = queries.rejections(conn, tenant, campaign_id)
+            if not rows and queries.campaign_progress(conn, campaign_id, tenant) is None:
+                raise _not_found()
+        return RejectionList(rejections=[Rejection(**_fields(r)) for r in rows])
+
+    def _one(tenant: str, pool: Pool, campaign_id: str) -> list[dict[str, Any]]:
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            view = queries.tenant_campaign(conn, tenant, campaign_id)
+        return [] if view is None else [campaign_out(view).model_dump(mode="json")]
+
+    def _all(tenant: str, pool: Pool) -> list[dict[str, Any]]:
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            views = queries.tenant_campaigns(conn, tenant)
+        return [campaign_out(v).model_dump(mode="json") for v in views]
+
+    sse_doc: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/event-stream": {}}, "description": "SSE: `progress` events"},
+    }
+
+    @app.get(
+        "/campaigns/{campaign_id}/events",
+        response_class=StreamingResponse,
+        responses={**sse_doc, **NOT_FOUND},
+    )
+    async def campaign_events(
+        campaign_id: str, request: Request, tenant: Tenant, pool: DbPool
+    ) -> StreamingResponse:
+        """Server-sent events: `progress` (a Campaign) whenever the numbers change, polled
+        every 0.5 s, and a final `completed` once the campaign is completed or cancelled."""
+        if not await run_in_threadpool(_one, tenant, pool, campaign_id):
+            raise _not_found()
+
+        async def poll() -> list[dict[str, Any]]:
+            return await run_in_threadpool(_one, tenant, pool, campaign_id)
+
+        return _sse(progress_events(poll, request.is_disconnected, end_when_terminal=True))
+
+    @app.get("/events", response_class=StreamingResponse, responses=sse_doc)
+    async def tenant_events(request: Request, tenant: Tenant, pool: DbPool) -> StreamingResponse:
+        """Server-sent `progress` events for every campaign of the tenant (new ones included);
+        never ends by itself. The dashboard uses this one stream instead of one per campaign."""
+
+        async def poll() -> list[dict[str, Any]]:
+            return await run_in_threadpool(_all, tenant, pool)
+
+        return _sse(progress_events(poll, request.is_disconnected, end_when_terminal=False))
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    def dashboard() -> HTMLResponse:
+        """The live dashboard (static; open it as /dashboard#key=<API key>)."""
+        return HTMLResponse(dashboard_html, headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _sse(frames: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        frames,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _fields(row: Any) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in row.__slots__}

@@ -1,0 +1,184 @@
+"""The read API's SQL: tenant-scoped snapshots, rates, recipients and rejections.
+
+Every function takes the tenant explicitly and filters by it, also where row-level security
+(`app.tenant_id`, set by `tenant_snapshot`) would filter already: defence in depth while the API
+still connects with a role that bypasses RLS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from projections.queries import CampaignProgress, campaign_progress, list_campaigns
+
+# Rate "over the last minute": recipients that reached sent/failed within this window.
+RATE_WINDOW = timedelta(minutes=1)
+TERMINAL_CAMPAIGN_STATUSES = ("completed", "cancelled")
+
+
+@contextmanager
+def tenant_snapshot(
+    pool: ConnectionPool[psycopg.Connection[Any]], tenant_id: str
+) -> Iterator[psycopg.Connection[Any]]:
+    """A read-only REPEATABLE READ transaction with `app.tenant_id` set for row-level security."""
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
+        yield conn
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignView:
+    """Progress plus the figures derived from it at the snapshot's time `as_of`."""
+
+    progress: CampaignProgress
+    as_of: datetime
+    settled_last_minute: int
+
+    @property
+    def settled(self) -> int:
+        return self.progress.sent + self.progress.failed
+
+    @property
+    def percent(self) -> float | None:
+        total = self.progress.total
+        if total is None:
+            return None
+        return 100.0 if total == 0 else round(min(self.settled / total, 1.0) * 100, 2)
+
+    @property
+    def rate_last_minute(self) -> float | None:
+        """Recipients settled per second over the last minute (or since the start, if later)."""
+        started = self.progress.started_at
+        if started is None:
+            return None
+        window = min(RATE_WINDOW, self.as_of - started).total_seconds()
+        return round(self.settled_last_minute / max(window, 1.0), 2)
+
+    @property
+    def average_rate(self) -> float | None:
+        """Recipients settled per second from the start to completion (or now)."""
+        started = self.progress.started_at
+        if started is None:
+            return None
+        elapsed = ((self.progress.completed_at or self.as_of) - started).total_seconds()
+        return round(self.settled / elapsed, 2) if elapsed > 0 else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until every recipient settles, at the last minute's rate (else the average)."""
+        if self.progress.pending == 0:
+            return 0.0
+        if self.progress.pending is None or self.progress.status in TERMINAL_CAMPAIGN_STATUSES:
+            return None
+        rate = self.rate_last_minute or self.average_rate
+        return round(self.progress.pending / rate, 1) if rate else None
+
+    @property
+    def eta_at(self) -> datetime | None:
+        eta = self.eta_seconds
+        return None if eta is None else self.as_of + timedelta(seconds=eta)
+
+
+def _now(conn: psycopg.Connection[Any]) -> datetime:
+    row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    value: datetime = row[0]
+    return value
+
+
+def _settled_since(
+    conn: psycopg.Connection[Any], tenant_id: str, campaign_ids: list[str]
+) -> dict[str, int]:
+    if not campaign_ids:
+        return {}
+    rows = conn.execute(
+        "SELECT campaign_id, count(*) FROM campaign_recipients"
+        " WHERE tenant_id = %s AND campaign_id = ANY(%s) AND status IN ('sent', 'failed')"
+        " AND updated_at > now() - %s::interval GROUP BY campaign_id",
+        (tenant_id, campaign_ids, RATE_WINDOW),
+    ).fetchall()
+    return {campaign_id: count for campaign_id, count in rows}
+
+
+def _recently_active(progress: CampaignProgress, as_of: datetime) -> bool:
+    if progress.status == "sending":
+        return True
+    return progress.completed_at is not None and as_of - progress.completed_at < RATE_WINDOW
+
+
+def tenant_campaigns(conn: psycopg.Connection[Any], tenant_id: str) -> list[CampaignView]:
+    """Every campaign of the tenant, newest first, with rates and ETA."""
+    as_of = _now(conn)
+    campaigns = list_campaigns(conn, tenant_id)
+    active = [p.campaign_id for p in campaigns if _recently_active(p, as_of)]
+    recent = _settled_since(conn, tenant_id, active)
+    return [CampaignView(p, as_of, recent.get(p.campaign_id, 0)) for p in campaigns]
+
+
+def tenant_campaign(conn: psycopg.Connection[Any], tenant_id: str, campaign_id: str) -> CampaignView | None:
+    """One campaign of the tenant, or None if unknown or another tenant's."""
+    progress = campaign_progress(conn, campaign_id, tenant_id)
+    if progress is None:
+        return None
+    as_of = _now(conn)
+    recent = _settled_since(conn, tenant_id, [campaign_id]) if _recently_active(progress, as_of) else {}
+    return CampaignView(progress, as_of, recent.get(campaign_id, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRow:
+    contact_id: str
+    email: str
+    status: str
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+
+
+def recipients_page(
+    conn: psycopg.Connection[Any],
+    tenant_id: str,
+    campaign_id: str,
+    *,
+    status: str | None,
+    after: str | None,
+    limit: int,
+) -> tuple[list[RecipientRow], bool]:
+    """Up to `limit` recipients ordered by contact_id after `after`, and whether more follow."""
+    rows = conn.execute(
+        "SELECT contact_id, email, status, attempts, last_error, updated_at FROM campaign_recipients"
+        " WHERE tenant_id = %s AND campaign_id = %s"
+        " AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR contact_id > %s)"
+        " ORDER BY contact_id LIMIT %s",
+        (tenant_id, campaign_id, status, status, after, after, limit + 1),
+    ).fetchall()
+    return [RecipientRow(*row) for row in rows[:limit]], len(rows) > limit
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionRow:
+    event_id: str
+    command_id: str | None
+    command_type: str | None
+    reason: str
+    occurred_at: datetime
+    correlation_id: str
+
+
+def rejections(conn: psycopg.Connection[Any], tenant_id: str, campaign_id: str) -> list[RejectionRow]:
+    """The tenant's refused commands for a campaign, oldest first."""
+    rows = conn.execute(
+        "SELECT event_id::text, command_id::text, command_type, reason, occurred_at, correlation_id::text"
+        " FROM command_rejections WHERE tenant_id = %s AND campaign_id = %s"
+        " ORDER BY occurred_at, event_id",
+        (tenant_id, campaign_id),
+    ).fetchall()
+    return [RejectionRow(*row) for row in rows]

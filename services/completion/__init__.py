@@ -1,0 +1,1 @@
+"""Completion tracker: publishes CampaignCompleted once every hydrated recipient is terminal."""

@@ -1,0 +1,356 @@
+"""Completion tracker service: campaign.events + campaign.deliveries -> CampaignCompleted.
+
+Guarantee: exactly-once — each hydrated, uncancelled campaign whose recipients all reach a
+terminal delivery gets exactly one CampaignCompleted on campaign.events, whatever duplicates,
+crashes, restarts or rebalances happen: the decision, the event it produces and the consumed
+offsets of both topics commit in one Kafka transaction (fenced by the consumer group's
+generation, so a stale owner cannot commit), and on every assignment the in-memory state is
+rebuilt by replaying both topics from the beginning up to the group's committed offsets,
+so it always matches exactly what committed transactions have already decided.
+
+Why the replay suffices: completion depends only on the set of facts read (a cancel anywhere
+before it prevents it; a CampaignCompleted already on the log marks the campaign done), and
+every fact below the committed offsets was processed by a committed transaction. If the
+replayed facts make a campaign complete, the transaction that read the last of them published
+its CampaignCompleted; if they do not, nothing was published and the live loop will decide.
+
+Co-partitioning: both topics have the same partition count and are keyed by campaign id with
+the murmur2 partitioner, so partition N of either topic holds the same campaigns. The group
+uses the range assignor, which assigns topic by topic in partition order, so one member owns
+the same partition numbers of both topics; state is kept per partition number.
+
+Limits: the replay reads both topics from offset zero (infinite retention), so a (re)assignment
+costs time proportional to the partitions' history. A transaction left open by a crashed
+instance holds back read_committed readers of campaign.events until the broker aborts it
+(TRANSACTION_TIMEOUT_MS), or at once when an instance with the same transactional id restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from schemas.envelope import SchemaViolation, decode, encode, wrap
+from services.common.kafka import make_consumer, make_producer
+from services.common.settings import Settings
+from services.common.topics import DELIVERIES, EVENTS, topic_name
+from services.completion.tracker import Completion, CompletionTracker
+
+SERVICE = "completion-tracker"
+
+# Records per transaction: larger batches amortise the commit round trip; the state a failed
+# batch forces us to rebuild does not grow with it (the rebuild replays from the log anyway).
+BATCH_SIZE = 1_000
+# How long one consume() waits on quiet topics: bounds how late a stop request is noticed.
+POLL_SECONDS = 0.5
+# A replay that receives nothing for this long is stuck (broker unreachable, partition without
+# leader): it fails the assignment instead of deciding on partial state.
+REPLAY_IDLE_SECONDS = 30.0
+# Committed-offset look-ups: a coordinator that does not answer within this fails the call.
+COMMITTED_TIMEOUT_SECONDS = 30.0
+# A transaction of a crashed instance is aborted by the broker after this; until then it holds
+# back read_committed readers of campaign.events. Far above a batch's duration (no I/O besides
+# Kafka), far below the broker's 15-minute maximum.
+TRANSACTION_TIMEOUT_MS = 30_000
+# commit_transaction() attempts after a retriable error (request timeout, coordinator moving)
+# before giving up and letting the process restart from the log.
+COMMIT_ATTEMPTS = 3
+
+TRACKED_TOPICS = (EVENTS, DELIVERIES)
+
+
+class ReplayStalled(RuntimeError):
+    """The state rebuild could not read up to the committed offsets."""
+
+
+class CompletionService:
+    """Consumes campaign facts and deliveries, publishes CampaignCompleted transactionally.
+
+    Drive it with `run(stop_event)`, or step by step with `poll_once()` in tests. One thread
+    drives one instance. `transactional_id` defaults to a fresh one per instance; give a
+    restarted instance its predecessor's id to abort the predecessor's open transaction at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transactional_id: str | None = None,
+        batch_size: int = BATCH_SIZE,
+        poll_timeout: float = POLL_SECONDS,
+        logger: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.group = settings.group(SERVICE)
+        self.events_topic = topic_name(EVENTS, settings)
+        self.deliveries_topic = topic_name(DELIVERIES, settings)
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.transactional_id = transactional_id or f"{self.group}-{uuid.uuid4()}"
+        self._log = logger or structlog.get_logger().bind(component=SERVICE)
+        # Partition number -> state of the campaigns on that partition of both topics.
+        self.trackers: dict[int, CompletionTracker] = {}
+        self.completions_published = 0
+        self._started = False
+        self._closed = False
+        self.consumer: Consumer = make_consumer(
+            settings,
+            SERVICE,
+            **{
+                "client.id": f"{self.group}-consumer",
+                # Per-topic ranges: the same partition numbers of both topics to one member.
+                "partition.assignment.strategy": "range",
+                # Offsets are committed only inside our transactions.
+                "enable.auto.offset.store": False,
+            },
+        )
+        self.producer = make_producer(
+            settings,
+            **{
+                "transactional.id": self.transactional_id,
+                "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+            },
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Fence any predecessor with our transactional id, then join the group."""
+        if self._started:
+            return
+        self._started = True
+        self.producer.init_transactions()
+        self.consumer.subscribe(
+            [self.events_topic, self.deliveries_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Track until `stop` is set; the batch in flight commits, then it closes."""
+        self.start()
+        self._log.info("completion tracker started", group=self.group,
+                       topics=[self.events_topic, self.deliveries_topic])
+        try:
+            while not stop.is_set():
+                self.poll_once()
+        finally:
+            self.close()
+        self._log.info("completion tracker stopped", published=self.completions_published)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.consumer.close()
+        finally:
+            self.producer.flush(10)
+
+    def __enter__(self) -> CompletionService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- assignment and state rebuild ------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        by_topic: dict[str, set[int]] = {}
+        for tp in partitions:
+            by_topic.setdefault(tp.topic, set()).add(tp.partition)
+        events = by_topic.get(self.events_topic, set())
+        deliveries = by_topic.get(self.deliveries_topic, set())
+        if events != deliveries:
+            # Campaigns on a partition number owned half by another member never complete
+            # here; the range assignor over equal partition counts never does this.
+            self._log.warning("assignment is not co-partitioned", events=sorted(events),
+                              deliveries=sorted(deliveries))
+        committed = consumer.committed(
+            [TopicPartition(tp.topic, tp.partition) for tp in partitions],
+            timeout=COMMITTED_TIMEOUT_SECONDS,
+        )
+        self.trackers.update(self._replay(committed))
+        self._log.info(
+            "partitions assigned", partitions=sorted(events | deliveries),
+            campaigns=sum(len(t.campaigns) for t in self.trackers.values()),
+        )
+        # Not calling assign(): the client assigns after this callback, from committed offsets.
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Called from inside consume(), between batches: no transaction is open.
+        for tp in partitions:
+            self.trackers.pop(tp.partition, None)
+        self._log.info("partitions revoked", count=len(partitions))
+
+    def _replay(self, committed: list[TopicPartition]) -> dict[int, CompletionTracker]:
+        """Fold both topics from offset zero up to the committed offsets into fresh trackers."""
+        trackers = {tp.partition: CompletionTracker() for tp in committed}
+        ends = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset > 0}
+        if not ends:
+            return trackers
+        reader = Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            # Never joins the group (assign only) and never commits.
+            "group.id": f"{self.group}-replay",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        })
+        pending = set(ends)
+        folded = 0
+        try:
+            reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(ends)])
+            deadline = time.monotonic() + REPLAY_IDLE_SECONDS
+            while pending:
+                records = reader.consume(self.batch_size, POLL_SECONDS)
+                if not records:
+                    if time.monotonic() > deadline:
+                        raise ReplayStalled(f"replay stalled before committed offsets: {pending}")
+                    continue
+                deadline = time.monotonic() + REPLAY_IDLE_SECONDS
+                for record in records:
+                    key = (record.topic() or "", record.partition() or 0)
+                    error = record.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(key)
+                            continue
+                        raise KafkaException(error)
+                    offset = record.offset() or 0
+                    if key not in pending or offset >= ends[key]:
+                        pending.discard(key)
+                        continue
+                    self._fold(trackers[key[1]], record)
+                    folded += 1
+                    if offset + 1 >= ends[key]:
+                        pending.discard(key)
+        finally:
+            reader.close()
+        self._log.info("state rebuilt", records=folded,
+                       until={f"{t}[{p}]": o for (t, p), o in sorted(ends.items())})
+        return trackers
+
+    def _fold(self, tracker: CompletionTracker, record: Message) -> None:
+        """Apply a record already processed by a committed transaction: decide nothing."""
+        try:
+            tracker.apply(decode(record.value()))
+        except SchemaViolation:
+            pass  # skipped live too
+
+    # --- one batch -------------------------------------------------------------------------
+
+    def poll_once(self) -> int:
+        """Consume one batch and commit it in one transaction; returns the records covered."""
+        self.start()
+        records: list[Message] = []
+        for record in self.consumer.consume(self.batch_size, self.poll_timeout):
+            error = record.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                self._log.warning("consumer error", error=str(error))
+                continue
+            if (record.partition() or 0) not in self.trackers:
+                continue  # revoked during this consume(): the new owner handles it
+            records.append(record)
+        if not records:
+            return 0
+        published = self._transact(records)
+        if published is None:
+            return 0
+        for completion in published:
+            self._log.info(
+                "campaign completed", tenant_id=completion.tenant_id,
+                campaign_id=completion.campaign_id, total=completion.event.total,
+                sent=completion.event.sent, failed=completion.event.failed,
+            )
+        self.completions_published += len(published)
+        return len(records)
+
+    def _transact(self, records: list[Message]) -> list[Completion] | None:
+        """Decide and publish in one transaction; None when it was aborted (state rebuilt)."""
+        published: list[Completion] = []
+        self.producer.begin_transaction()
+        try:
+            for record in records:
+                completion = self._decide(record)
+                if completion is not None:
+                    self._emit(completion)
+                    published.append(completion)
+            self.producer.send_offsets_to_transaction(
+                _next_offsets(records), self.consumer.consumer_group_metadata()
+            )
+            self._commit_transaction()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal():
+                raise  # fenced or broken producer: restart; the successor rebuilds from the log
+            self._log.error("transaction failed; aborting and rebuilding", error=str(exc))
+            self.producer.abort_transaction()
+            self._rebuild()
+            return None
+        return published
+
+    def _decide(self, record: Message) -> Completion | None:
+        try:
+            message = decode(record.value())
+        except SchemaViolation as exc:
+            self._log.warning("undecodable record skipped", topic=record.topic(),
+                              partition=record.partition(), offset=record.offset(),
+                              reason=str(exc))
+            return None
+        return self.trackers[record.partition() or 0].apply(message)
+
+    def _emit(self, completion: Completion) -> None:
+        envelope = wrap(
+            completion.event,
+            tenant_id=completion.tenant_id,
+            aggregate_id=completion.campaign_id,
+            correlation_id=completion.correlation_id,
+            causation_id=completion.causation_id,
+        )
+        self.producer.produce(
+            self.events_topic, key=completion.campaign_id.encode(), value=encode(envelope)
+        )
+
+    def _commit_transaction(self) -> None:
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                self.producer.commit_transaction()
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable() or attempt == COMMIT_ATTEMPTS:
+                    raise
+                self._log.warning("commit failed; retrying", error=str(exc), attempt=attempt)
+
+    def _rebuild(self) -> None:
+        """After an abort: the batch's in-memory effects are void; rebuild and rewind."""
+        assignment = self.consumer.assignment()
+        committed = self.consumer.committed(assignment, timeout=COMMITTED_TIMEOUT_SECONDS)
+        self.trackers = self._replay(committed)
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+
+def _next_offsets(records: list[Message]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for record in records:
+        where = (record.topic() or "", record.partition() or 0)
+        last[where] = max(last.get(where, -1), record.offset() or 0)
+    return [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
