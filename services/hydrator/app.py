@@ -46,6 +46,8 @@ from services.hydrator.audience import gather, merge_contact, select_recipients
 
 log = configure_logging("hydrator")
 
+# A SIGKILLed worker's partitions move to a live one after this long.
+SESSION_TIMEOUT_SECONDS = 10.0
 # How often a partition's hydration re-checks whether its contacts caught up to the snapshot.
 CATCH_UP_POLL_SECONDS = 0.05
 
@@ -85,6 +87,9 @@ def create_app(settings: Settings) -> faust.App:
         datadir=str(datadir),
         topic_disable_leader=True,
         stream_wait_empty=False,
+        # faust's default of 60 s would stall a campaign's hydration for a minute after a crash.
+        broker_session_timeout=SESSION_TIMEOUT_SECONDS,
+        broker_heartbeat_interval=SESSION_TIMEOUT_SECONDS / 3,
     )
 
     def raw_topic(spec: Any) -> faust.TopicT:
