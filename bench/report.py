@@ -90,6 +90,16 @@ def render_table(r: dict[str, Any]) -> Table:
          "first poll showing the row's batch - occurred_at"),
         ("visible lag p99", _fmt(r["projection_visible_lag_p99_ms"], " ms"), "same, upper bound"),
     ]
+    proj = r.get("projection") or {}
+    rows += [
+        ("projection rate", _fmt(r.get("projection_rate"), " events/s", 0),
+         f"real Projector, cold drain of {proj.get('delivery_events', 0):,} EmailSent"
+         f" ({_fmt(proj.get('drain_seconds'), ' s', 2)})"),
+        ("raw COPY rate", _fmt(r.get("raw_copy_rate"), " rows/s", 0),
+         f"psycopg COPY of the same rows ({_fmt(proj.get('copy_seconds'), ' s', 2)})"),
+        ("projection / COPY", _fmt(r.get("projection_to_copy_ratio"), "", 3),
+         "issue 5 target >= 0.5"),
+    ]
     scope = "VmHWM, " + r["peak_rss_scope"].split(" (")[0]
     for name, mb in r["peak_rss_mb"].items():
         rows.append((f"peak RSS {name}", _fmt(mb, " MiB"), scope))

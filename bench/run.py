@@ -34,10 +34,15 @@ Figures (bench/results/latest.json and bench/results/<UTC start>.json):
   connections as the sender uses (its SENDER_CONCURRENCY), no Kafka: accepted / seconds.
 - send_to_raw_ratio: send_rate / raw_smtp_rate: the share of the sink's capacity the pipeline
   achieves.
+- projection_rate, raw_copy_rate, projection_to_copy_ratio (issue 5): a separate step, see
+  bench/projection.py: the real Projector's cold drain of BENCH_PROJECTION_EVENTS delivery
+  events (default 200,000; BENCH_SCALE=small: 20,000) on fresh topics, in events/s, against a
+  psycopg COPY of the same rows, in rows/s; details under "projection".
 
 Checks (exit status 1 when one fails; the JSON is written either way): the sink recorded
 exactly N messages with the campaign's X-Campaign-ID, to N distinct recipients; the read model
-counts N sent; the raw run's N messages were all accepted and recorded.
+counts N sent; the raw run's N messages were all accepted and recorded; the projection step's
+read model counts exactly its backlog as sent.
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaException
 from rich.console import Console
 
-from bench import campaign, figures, raw_smtp
+from bench import campaign, figures, projection, raw_smtp
 from bench.event_log import read_campaign_messages
 from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
 from bench.report import machine_info, render_table, write_results
@@ -184,6 +190,19 @@ def main() -> int:
     in_sink = figures.count_in_sink(sink_records, ids.campaign_id)
     raw_in_sink = figures.count_in_sink(sink_records, ids.raw_campaign_id)
 
+    # A separate step (issue 5): the projector alone, on its own backlog and fresh topics.
+    projection_count = projection.events_wanted(dict(os.environ))
+    projection_failures: list[str] = []
+    projection_figures: dict[str, Any] = {"projection_rate": None, "raw_copy_rate": None,
+                                          "projection_to_copy_ratio": None}
+    try:
+        proj = projection.measure(settings, projection_count, say=console.print)
+        projection_figures = proj.figures()
+        projection_failures = proj.failures
+    except (projection.ProjectionBenchFailed, psycopg.Error, KafkaException) as exc:
+        console.print(f"[bold red]projection step failed:[/] {exc}")
+        projection_failures = [f"projection step failed: {exc}"]
+
     send_rate = rate(count, run.e2e_seconds)
     completed_at = run.final.completed_at
     results: dict[str, Any] = {
@@ -204,6 +223,7 @@ def main() -> int:
         "projection_visible_lag_p99_ms": lag.visible_p99_ms,
         "projection_visible_lag_method": "first 0.1 s read-model poll whose sent+failed includes"
                                          " the row's transaction - occurred_at; upper bound",
+        **projection_figures,
         "peak_rss_mb": peaks,
         "peak_rss_scope": "this campaign (VmHWM reset before import)" if peak_reset
                           else "since process start (VmHWM reset refused)",
@@ -230,7 +250,7 @@ def main() -> int:
                 "campaign_id": ids.campaign_id, "raw_campaign_id": ids.raw_campaign_id},
         "machine": machine_info(started),
     }
-    failures = _failures(results, count)
+    failures = _failures(results, count) + projection_failures
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))

@@ -4,11 +4,12 @@ campaign.deliveries. An event is never rejected; consumers apply it."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from pydantic import Field
 
 from schemas.base import Email, EntityId, HeaderText, Record
-from schemas.registry import message
+from schemas.registry import message, upcaster
 
 
 class MessageTemplate(Record):
@@ -60,11 +61,20 @@ class CommandRejected(Record):
     reason: str = Field(min_length=1)
 
 
-@message("CampaignHydrated", 1)
+@message("CampaignHydrated", 2)
 class CampaignHydrated(Record):
-    """The audience is resolved: `total` distinct recipients were queued."""
+    """The audience is resolved: `total` distinct recipients were queued, and `excluded`
+    counts, by reason, those of the audience that must not be mailed (unsubscribed,
+    suppressed:<reason>, deleted). total + sum(excluded) is the raw audience."""
 
     total: int = Field(ge=0)
+    excluded: dict[str, int] = Field(default_factory=dict)
+
+
+@upcaster("CampaignHydrated", 1)
+def upcast_campaign_hydrated_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 knew no exclusions: nobody was excluded."""
+    return {**payload, "excluded": {}}
 
 
 @message("CampaignCompleted", 1)
@@ -92,14 +102,21 @@ class HydrationRequested(Record):
     audience: Audience
 
 
-@message("HydrationPartitionReported", 1)
+@message("HydrationPartitionReported", 2)
 class HydrationPartitionReported(Record):
-    """A partition's share of the audience has been queued."""
+    """A partition's share of the audience has been queued (and its exclusions counted)."""
 
     campaign_id: EntityId
     partition: int = Field(ge=0)
     partitions: int = Field(ge=1)
     queued: int = Field(ge=0)
+    excluded: dict[str, int] = Field(default_factory=dict)
+
+
+@upcaster("HydrationPartitionReported", 1)
+def upcast_partition_reported_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 knew no exclusions: nobody was excluded."""
+    return {**payload, "excluded": {}}
 
 
 # --- campaign.recipients -----------------------------------------------------------------
@@ -116,6 +133,17 @@ class RecipientQueued(Record):
     last_name: str = ""
     attributes: dict[str, str] = Field(default_factory=dict)
     template: MessageTemplate
+
+
+@message("RecipientExcluded", 1)
+class RecipientExcluded(Record):
+    """A contact of the audience that is not mailed, and why (unsubscribed,
+    suppressed:<reason>, deleted). Senders pass over it; it is terminal for that contact."""
+
+    campaign_id: EntityId
+    contact_id: EntityId
+    email: str
+    reason: str = Field(min_length=1)
 
 
 # --- campaign.deliveries -----------------------------------------------------------------

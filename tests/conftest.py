@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from projections.migrate import apply_migrations
 from services.common.settings import Settings
@@ -83,8 +84,14 @@ def platform_settings() -> Iterator[Settings]:
 
 
 @pytest.fixture
-def settings(platform_settings: Settings) -> Settings:
-    """Settings with a fresh topic prefix: every test gets its own topics and groups."""
+def settings(platform_settings: Settings) -> Iterator[Settings]:
+    """Settings with a fresh topic prefix: every test gets its own topics and groups, deleted
+    afterwards (a broker holding every test's partitions runs out of file descriptors)."""
     isolated = replace(platform_settings, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
     ensure_topics(isolated)
-    return isolated
+    yield isolated
+    admin = AdminClient({"bootstrap.servers": isolated.kafka_bootstrap_servers})
+    mine = [t for t in admin.list_topics(timeout=10).topics if t.startswith(isolated.topic_prefix)]
+    if mine:
+        for future in admin.delete_topics(mine, operation_timeout=30).values():
+            future.result()

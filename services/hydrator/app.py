@@ -1,10 +1,14 @@
 """Hydration stream processor (faust-streaming): scatter a send request to every contacts
 partition, resolve the audience where the contacts live, gather the counts.
 
-Guarantee: exactly-once (faust's Kafka transactions): each recipient of a campaign is
-queued once on campaign.recipients, also after a crash, and CampaignHydrated(total) is emitted
-once, after every partition has reported. Dedup by normalised e-mail is structural: a contact
-id is derived from tenant + normalised e-mail, and each contact lives in one partition.
+Guarantee: at-least-once (faust's exactly-once mode stalled on this stack; see
+HYDRATOR_PROCESSING_GUARANTEE): in normal operation each contact of a campaign's audience is
+on campaign.recipients once, as RecipientQueued or as RecipientExcluded with the reason
+(unsubscribed, suppressed:<reason>, deleted); after a crash a partition's fan-out may be
+repeated, which the sender's ledger and the projector absorb. CampaignHydrated(total,
+excluded) is emitted once every partition has reported. Dedup by normalised e-mail is
+structural: a contact id is derived from tenant + normalised e-mail, and each contact lives in
+one partition.
 
 Flow:
   contacts.events  --apply_contacts-->  contacts table (+ position per partition)
@@ -21,13 +25,23 @@ from typing import Any
 
 import faust
 
-from schemas.contacts import ContactUpserted
+from schemas.base import Record
+from schemas.contacts import (
+    ContactAttributesChanged,
+    ContactDeleted,
+    ContactListMembershipAdded,
+    ContactListMembershipRemoved,
+    ContactSuppressed,
+    ContactUnsubscribed,
+    ContactUpserted,
+)
 from schemas.envelope import SchemaViolation, decode, encode, wrap
 from schemas.events import (
     CampaignHydrated,
     CampaignSendRequested,
     HydrationPartitionReported,
     HydrationRequested,
+    RecipientExcluded,
     RecipientQueued,
 )
 from services.common.logs import configure_logging
@@ -42,7 +56,7 @@ from services.common.topics import (
     ensure_topics,
     topic_name,
 )
-from services.hydrator.audience import gather, merge_contact, select_recipients
+from services.hydrator.audience import apply_to_stored, gather, resolve_audience, sum_exclusions
 
 log = configure_logging("hydrator")
 
@@ -53,6 +67,10 @@ CATCH_UP_POLL_SECONDS = 0.05
 
 
 APP_NAME = "hydrator"
+CONTACT_EVENTS = (
+    ContactUpserted, ContactAttributesChanged, ContactListMembershipAdded,
+    ContactListMembershipRemoved, ContactUnsubscribed, ContactSuppressed, ContactDeleted,
+)
 # faust's table changelogs: (table name, partitions). Created before the worker starts, because
 # a worker that creates them itself can read stale metadata and crash its agents with
 # PartitionsMismatch on a fresh broker.
@@ -118,11 +136,12 @@ def create_app(settings: Settings) -> faust.App:
             except SchemaViolation as exc:
                 log.warning("contact record skipped", partition=partition, offset=offset, reason=str(exc))
             else:
-                if isinstance(message.payload, ContactUpserted):
+                if isinstance(message.payload, CONTACT_EVENTS):
                     key = event.key.decode()
-                    contacts[key] = merge_contact(
-                        contacts.get(key), message.payload, offset=offset, partition=partition
-                    )
+                    stored = apply_to_stored(contacts.get(key), message.payload, offset=offset,
+                                             partition=partition)
+                    if stored is not None:
+                        contacts[key] = stored
             positions[str(partition)] = offset
 
     @app.agent(events_topic)
@@ -167,27 +186,34 @@ def create_app(settings: Settings) -> faust.App:
                                 partition=request.partition, snapshot_offset=request.snapshot_offset,
                                 applied=positions.get(str(request.partition), -1))
             queued = 0
-            selected = list(select_recipients(
+            excluded: dict[str, int] = {}
+            resolved = list(resolve_audience(
                 contacts.items(), tenant_id=env.tenant_id, partition=request.partition,
                 audience=request.audience, snapshot_offset=request.snapshot_offset,
             ))
-            for key, contact in selected:
-                recipient = RecipientQueued(
-                    campaign_id=request.campaign_id,
-                    contact_id=contact["id"],
-                    email=contact["email"],
-                    first_name=contact["first_name"],
-                    last_name=contact["last_name"],
-                    attributes=contact["attributes"],
-                    template=request.template,
-                )
-                out = wrap(recipient, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
+            for key, contact, reason in resolved:
+                fact: Record
+                if reason is None:
+                    fact = RecipientQueued(
+                        campaign_id=request.campaign_id,
+                        contact_id=contact["id"],
+                        email=contact["email"],
+                        first_name=contact["first_name"],
+                        last_name=contact["last_name"],
+                        attributes=contact["attributes"],
+                        template=request.template,
+                    )
+                    queued += 1
+                else:
+                    fact = RecipientExcluded(campaign_id=request.campaign_id, contact_id=contact["id"],
+                                             email=contact["email"], reason=reason)
+                    excluded[reason] = excluded.get(reason, 0) + 1
+                out = wrap(fact, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
                            correlation_id=env.correlation_id, causation_id=env.id)
                 await recipients_topic.send(key=key.encode(), value=encode(out))
-                queued += 1
             report = HydrationPartitionReported(
                 campaign_id=request.campaign_id, partition=request.partition,
-                partitions=request.partitions, queued=queued,
+                partitions=request.partitions, queued=queued, excluded=excluded,
             )
             out = wrap(report, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
                        correlation_id=env.correlation_id, causation_id=env.id)
@@ -199,19 +225,22 @@ def create_app(settings: Settings) -> faust.App:
             message = decode(raw)
             env, report = message.envelope, message.payload
             assert isinstance(report, HydrationPartitionReported)
-            state = progress.get(report.campaign_id) or {"reported": {}, "done": False}
+            state = progress.get(report.campaign_id) or {"reported": {}, "excluded": {}, "done": False}
             if state["done"]:
                 continue
             reported = {**state["reported"], str(report.partition): report.queued}
+            excluded = {**state.get("excluded", {}), str(report.partition): report.excluded}
             total = gather(reported, report.partitions)
-            progress[report.campaign_id] = {"reported": reported, "done": total is not None}
+            progress[report.campaign_id] = {"reported": reported, "excluded": excluded,
+                                            "done": total is not None}
             if total is None:
                 continue
-            out = wrap(CampaignHydrated(total=total), tenant_id=env.tenant_id,
+            hydrated = CampaignHydrated(total=total, excluded=sum_exclusions(excluded.values()))
+            out = wrap(hydrated, tenant_id=env.tenant_id,
                        aggregate_id=report.campaign_id, correlation_id=env.correlation_id,
                        causation_id=env.id)
             await events_topic.send(key=report.campaign_id.encode(), value=encode(out))
             log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
-                     correlation_id=str(env.correlation_id), total=total)
+                     correlation_id=str(env.correlation_id), total=total, excluded=hydrated.excluded)
 
     return app

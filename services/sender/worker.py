@@ -33,7 +33,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas.envelope import Envelope, Message, SchemaViolation, decode, encode, wrap
-from schemas.events import RecipientQueued
+from schemas.events import RecipientExcluded, RecipientQueued
 from services.common.kafka import consumer_config, producer_config
 from services.common.settings import Settings
 from services.common.topics import DELIVERIES, RECIPIENTS, topic_name
@@ -187,6 +187,8 @@ class SenderWorker:
                 log.warning("skipping invalid record", reason=str(exc), topic=record.topic(),
                             partition=record.partition(), offset=record.offset())
                 continue
+            if isinstance(message.payload, RecipientExcluded):
+                continue  # an audience member the hydrator excluded: nothing to send, by design
             if not isinstance(message.payload, RecipientQueued):
                 self.stats.skipped += 1
                 log.warning("skipping unexpected message type", type=message.envelope.type,

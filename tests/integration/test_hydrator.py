@@ -82,3 +82,36 @@ def test_contacts_added_after_the_send_are_not_mailed(settings):
         assert hydrator.proc.poll() is None, hydrator.log_tail()
     assert sorted(m.payload.email for m in recipients) == sorted(f"early{i}@example.com" for i in range(10))
     assert [m.payload for m in events if isinstance(m.payload, CampaignHydrated)] == [CampaignHydrated(total=10)]
+
+
+def test_unsubscribed_suppressed_and_deleted_contacts_are_excluded_with_reasons(settings):
+    from schemas.contacts import ContactDeleted, ContactSuppressed, ContactUnsubscribed
+    from schemas.events import RecipientExcluded
+
+    tenant = "acme"
+    records = [contact(tenant, f"member{i}@example.com", ["news"]) for i in range(30)]
+    ids = [contact_id_for(tenant, f"member{i}@example.com") for i in range(30)]
+
+    def fact(payload, cid):
+        return contact_key(tenant, cid), wrap(payload, tenant_id=tenant, aggregate_id=cid)
+
+    records += [fact(ContactUnsubscribed(contact_id=ids[0]), ids[0]),
+                fact(ContactUnsubscribed(contact_id=ids[1], list_id="news"), ids[1]),
+                fact(ContactSuppressed(contact_id=ids[2], reason="hard_bounce"), ids[2]),
+                fact(ContactSuppressed(contact_id=ids[3], reason="manual_blocklist"), ids[3]),
+                fact(ContactDeleted(contact_id=ids[4]), ids[4])]
+    publish(settings, CONTACTS, records)
+    campaign = f"c-{uuid.uuid4().hex[:8]}"
+    with ServiceProcess("hydrator", settings) as hydrator:
+        send_requested(settings, tenant, campaign, Audience(list_ids=["news"], contact_ids=[ids[4]]))
+        events = read_topic(settings, EVENTS, until=2, timeout=90)
+        facts = read_topic(settings, RECIPIENTS, until=30, timeout=30)
+        assert hydrator.proc.poll() is None, hydrator.log_tail()
+    hydrated = [m.payload for m in events if isinstance(m.payload, CampaignHydrated)]
+    assert hydrated == [CampaignHydrated(total=25, excluded={
+        "deleted": 1, "suppressed:hard_bounce": 1, "suppressed:manual_blocklist": 1, "unsubscribed": 2})]
+    excluded = {m.payload.contact_id: m.payload.reason for m in facts if isinstance(m.payload, RecipientExcluded)}
+    assert excluded == {ids[0]: "unsubscribed", ids[1]: "unsubscribed", ids[2]: "suppressed:hard_bounce",
+                        ids[3]: "suppressed:manual_blocklist", ids[4]: "deleted"}
+    queued = {m.payload.contact_id for m in facts if isinstance(m.payload, RecipientQueued)}
+    assert queued == set(ids[5:])
