@@ -6,6 +6,8 @@ The version lives in deploy/kafka/pom.xml (property kafka.version); KAFKA_VERSIO
 from __future__ import annotations
 
 import base64
+import os
+import re
 import subprocess
 import time
 import uuid
@@ -23,9 +25,7 @@ STARTUP_TIMEOUT_SECONDS = 90.0
 
 
 def kafka_version() -> str:
-    import os
-    import re
-
+    """The broker version: KAFKA_VERSION, else the pom's kafka.version property."""
     override = os.environ.get("KAFKA_VERSION")
     if override:
         return override
