@@ -78,6 +78,18 @@ def wrap(
     )
 
 
+def wrap_caused_by(payload: Record, cause: Envelope, *, aggregate_id: str | None = None) -> Envelope:
+    """Wrap a payload caused by `cause`: same tenant and flow (correlation id), causation id
+    = the cause's id; the aggregate is the cause's unless named."""
+    return wrap(
+        payload,
+        tenant_id=cause.tenant_id,
+        aggregate_id=aggregate_id or cause.aggregate_id,
+        correlation_id=cause.correlation_id,
+        causation_id=cause.id,
+    )
+
+
 def encode(envelope: Envelope) -> bytes:
     """Serialise an envelope to compact JSON bytes."""
     return envelope.model_dump_json().encode()

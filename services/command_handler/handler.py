@@ -30,7 +30,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from schemas.base import Record
 from schemas.commands import SendCampaign
-from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap
+from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap, wrap_caused_by
 from schemas.events import CommandRejected
 from services.command_handler.campaign import Campaign, Rejected, decide, evolve
 from services.common.kafka import make_consumer, make_producer
@@ -183,13 +183,7 @@ class CommandHandler:
         bound.info("command accepted", command=env.type, events=[type(e).__name__ for e in events])
 
     def _emit(self, cause: Envelope, event: Record) -> None:
-        out = wrap(
-            event,
-            tenant_id=cause.tenant_id,
-            aggregate_id=cause.aggregate_id,
-            correlation_id=cause.correlation_id,
-            causation_id=cause.id,
-        )
+        out = wrap_caused_by(event, cause)
         self.producer.produce(self.events_topic, key=cause.aggregate_id.encode(), value=encode(out))
 
     def _reject(self, cause: Envelope, reason: str) -> None:

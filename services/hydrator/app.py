@@ -35,7 +35,7 @@ from schemas.contacts import (
     ContactUnsubscribed,
     ContactUpserted,
 )
-from schemas.envelope import SchemaViolation, decode, encode, wrap
+from schemas.envelope import SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import (
     CampaignHydrated,
     CampaignSendRequested,
@@ -163,8 +163,7 @@ def create_app(settings: Settings) -> faust.App:
                     template=send.template,
                     audience=send.audience,
                 )
-                out = wrap(request, tenant_id=env.tenant_id, aggregate_id=env.aggregate_id,
-                           correlation_id=env.correlation_id, causation_id=env.id)
+                out = wrap_caused_by(request, env)
                 await requests_topic.send(key=env.aggregate_id.encode(), value=encode(out),
                                           partition=partition)
             log.info("hydration scattered", tenant=env.tenant_id, campaign=env.aggregate_id,
@@ -208,15 +207,13 @@ def create_app(settings: Settings) -> faust.App:
                     fact = RecipientExcluded(campaign_id=request.campaign_id, contact_id=contact["id"],
                                              email=contact["email"], reason=reason)
                     excluded[reason] = excluded.get(reason, 0) + 1
-                out = wrap(fact, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
-                           correlation_id=env.correlation_id, causation_id=env.id)
+                out = wrap_caused_by(fact, env, aggregate_id=request.campaign_id)
                 await recipients_topic.send(key=key.encode(), value=encode(out))
             report = HydrationPartitionReported(
                 campaign_id=request.campaign_id, partition=request.partition,
                 partitions=request.partitions, queued=queued, excluded=excluded,
             )
-            out = wrap(report, tenant_id=env.tenant_id, aggregate_id=request.campaign_id,
-                       correlation_id=env.correlation_id, causation_id=env.id)
+            out = wrap_caused_by(report, env, aggregate_id=request.campaign_id)
             await reports_topic.send(key=request.campaign_id.encode(), value=encode(out))
 
     @app.agent(reports_topic)
@@ -236,9 +233,7 @@ def create_app(settings: Settings) -> faust.App:
             if total is None:
                 continue
             hydrated = CampaignHydrated(total=total, excluded=sum_exclusions(excluded.values()))
-            out = wrap(hydrated, tenant_id=env.tenant_id,
-                       aggregate_id=report.campaign_id, correlation_id=env.correlation_id,
-                       causation_id=env.id)
+            out = wrap_caused_by(hydrated, env, aggregate_id=report.campaign_id)
             await events_topic.send(key=report.campaign_id.encode(), value=encode(out))
             log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
                      correlation_id=str(env.correlation_id), total=total, excluded=hydrated.excluded)

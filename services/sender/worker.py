@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from schemas.envelope import Envelope, Message, SchemaViolation, decode, encode, wrap
+from schemas.envelope import Envelope, Message, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import RecipientExcluded, RecipientQueued
 from services.common.kafka import consumer_config, producer_config
 from services.common.settings import Settings
@@ -214,13 +214,7 @@ class SenderWorker:
     def _publish(self, producer: Producer, message: Message[RecipientQueued], outcome: Outcome) -> None:
         recipient = message.payload
         event = delivery_event(recipient, outcome, _message_id(recipient))
-        envelope: Envelope = wrap(
-            event,
-            tenant_id=message.envelope.tenant_id,
-            aggregate_id=recipient.campaign_id,
-            correlation_id=message.envelope.correlation_id,
-            causation_id=message.envelope.id,
-        )
+        envelope: Envelope = wrap_caused_by(event, message.envelope, aggregate_id=recipient.campaign_id)
         value = encode(envelope)
         key = recipient.campaign_id.encode()
         while True:

@@ -94,3 +94,13 @@ def test_committed_json_schemas_are_current():
     committed = {p.name: p.read_text() for p in OUT.glob("*.json")}
     current = {name: text for name, text in rendered().items() if not name.startswith("TestThing")}
     assert committed == current, "schemas/json is stale: run `make schemas`"
+
+
+def test_an_event_caused_by_a_message_keeps_its_tenant_and_flow():
+    from schemas.envelope import wrap_caused_by
+
+    cause = wrap(SendCampaign(list_ids=["l"]), tenant_id="acme", aggregate_id="c1")
+    effect = wrap_caused_by(SendCampaign(list_ids=["m"]), cause, aggregate_id="c2")
+    assert (effect.tenant_id, effect.aggregate_id) == ("acme", "c2")
+    assert effect.correlation_id == cause.correlation_id and effect.causation_id == cause.id
+    assert wrap_caused_by(SendCampaign(list_ids=["m"]), cause).aggregate_id == "c1"
