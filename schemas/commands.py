@@ -41,3 +41,15 @@ class CancelCampaign(Record):
     """Stop a campaign; recipients not yet mailed are not mailed."""
 
     reason: str | None = Field(default=None, max_length=1_000)
+
+
+@message("PauseCampaign", 1)
+class PauseCampaign(Record):
+    """Hold a sending campaign: nothing more is mailed until ResumeCampaign."""
+
+    reason: str | None = Field(default=None, max_length=1_000)
+
+
+@message("ResumeCampaign", 1)
+class ResumeCampaign(Record):
+    """Continue a paused campaign where it stopped."""

@@ -4,6 +4,7 @@ campaign.deliveries. An event is never rejected; consumers apply it."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from pydantic import Field
@@ -50,6 +51,20 @@ class CampaignSendRequested(Record):
 @message("CampaignCancelled", 1)
 class CampaignCancelled(Record):
     reason: str | None = None
+
+
+@message("CampaignPaused", 1)
+class CampaignPaused(Record):
+    """Sending stops until CampaignResumed: senders hold the campaign's recipients durably
+    (none is mailed, none is lost). `automatic` when the failure-rate guard paused it."""
+
+    reason: str | None = None
+    automatic: bool = False
+
+
+@message("CampaignResumed", 1)
+class CampaignResumed(Record):
+    """Sending continues where it stopped: held recipients are mailed, none twice."""
 
 
 @message("CommandRejected", 1)
@@ -149,18 +164,31 @@ class RecipientExcluded(Record):
 # --- campaign.deliveries -----------------------------------------------------------------
 
 
-@message("EmailSent", 1)
+@message("EmailSent", 2)
 class EmailSent(Record):
+    """Terminal: the relay accepted the mail. `ambiguous` counts earlier attempts for this
+    recipient whose outcome was unknown (a crash between claim and settle, or a connection
+    lost after the final "."): each is a possible duplicate in the recipient's inbox."""
+
     campaign_id: EntityId
     contact_id: EntityId
     email: Email
     message_id: str
     attempt: int = Field(ge=1)
     smtp_reply: str = ""
+    ambiguous: int = Field(default=0, ge=0)
 
 
-@message("EmailFailed", 1)
+@upcaster("EmailSent", 1)
+def upcast_email_sent_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 did not count ambiguous attempts."""
+    return {**payload, "ambiguous": 0}
+
+
+@message("EmailFailed", 2)
 class EmailFailed(Record):
+    """Terminal: permanent reply (5xx), or transient failures past the attempt/age limit."""
+
     campaign_id: EntityId
     contact_id: EntityId
     email: Email
@@ -168,3 +196,35 @@ class EmailFailed(Record):
     reason: str
     permanent: bool
     smtp_code: int | None = None
+    ambiguous: int = Field(default=0, ge=0)
+
+
+@upcaster("EmailFailed", 1)
+def upcast_email_failed_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 did not count ambiguous attempts."""
+    return {**payload, "ambiguous": 0}
+
+
+@message("EmailDeferred", 1)
+class EmailDeferred(Record):
+    """Not terminal: a transient failure (4xx, timeout, connection lost before the end of
+    DATA); the recipient is retried through the delay topics at `retry_at`."""
+
+    campaign_id: EntityId
+    contact_id: EntityId
+    email: Email
+    attempt: int = Field(ge=1)
+    reason: str
+    smtp_code: int | None = None
+    retry_at: datetime
+
+
+@message("RecipientSkipped", 1)
+class RecipientSkipped(Record):
+    """Terminal: the recipient was not mailed and will not be, and why ("cancelled",
+    "suppressed:<reason>", "unsubscribed" when that became known after hydration)."""
+
+    campaign_id: EntityId
+    contact_id: EntityId
+    email: str
+    reason: str = Field(min_length=1)
