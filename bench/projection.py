@@ -13,9 +13,19 @@ against a plain COPY of the same rows.
   `LIKE campaign_recipients INCLUDING ALL` (same columns, defaults, checks and primary key),
   one transaction, commit included; rows per second.
 - projection_to_copy_ratio: projection_rate / raw_copy_rate (issue 5 target: >= 0.5).
+- projection.time_split_seconds: where the drain's time went inside the Projector: consume
+  (Kafka fetch), decode (JSON + checks; the fast path for EmailSent/EmailFailed v2), plan
+  (row changes), write (the PostgreSQL transaction: positions, COPY into the staging table,
+  the upsert with its counters, commit). The rest of drain_seconds is the group join and
+  the end-offset checks.
 
-Afterwards the bench's campaigns and recipient rows (by campaign id), the group's stored
-positions and Kafka consumer group, the scratch table and the bench topics are deleted.
+Run alone against a running platform (migrations applied on the way):
+`KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 DATABASE_URL=postgresql://campaigns@127.0.0.1:35432/campaigns_test
+.venv/bin/python -m bench.projection 200000`.
+
+Afterwards the bench's campaigns, recipient rows and throughput rows (by campaign id), its
+daily sends (by its tenant), the group's stored positions and Kafka consumer group, the scratch
+table and the bench topics are deleted.
 """
 
 from __future__ import annotations
@@ -85,6 +95,8 @@ class ProjectionRun:
     projected_rows_sent: int
     completed_campaigns: int
     topic_prefix: str
+    # Where the drain's time went (Projector.time_split): consume, decode, plan, write.
+    time_split: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -117,6 +129,7 @@ class ProjectionRun:
                 "recipient_rows_sent": self.projected_rows_sent,
                 "completed_campaigns": self.completed_campaigns,
                 "topic_prefix": self.topic_prefix,
+                "time_split_seconds": {k: round(v, 3) for k, v in self.time_split.items()},
                 "method": "cold drain of a fresh group by projections.projector.Projector, "
                           "Projector() -> caught_up(), vs psycopg COPY of the same rows into an "
                           "UNLOGGED table LIKE campaign_recipients INCLUDING ALL",
@@ -208,9 +221,9 @@ def produce_backlog(settings: Settings, backlog: Backlog) -> float:
     return seconds
 
 
-def drain(settings: Settings, count: int) -> tuple[float, float | None, int]:
+def drain(settings: Settings, count: int) -> tuple[float, float | None, int, dict[str, float]]:
     """Cold drain by a fresh Projector: (seconds to caught up, seconds to the first committed
-    batch, records applied)."""
+    batch, records applied, the projector's time split)."""
     timeout = DRAIN_BASE_TIMEOUT_SECONDS + DRAIN_SECONDS_PER_EVENT * count
     started = time.monotonic()
     first: float | None = None
@@ -226,7 +239,7 @@ def drain(settings: Settings, count: int) -> tuple[float, float | None, int]:
                     f"projector not caught up after {timeout:g} s"
                     f" ({projector.records_applied:,} records applied)")
         seconds = time.monotonic() - started
-        return seconds, first, projector.records_applied
+        return seconds, first, projector.records_applied, dict(projector.time_split)
 
 
 def raw_copy(conn: psycopg.Connection[Any], backlog: Backlog, table: str) -> float:
@@ -273,6 +286,10 @@ def cleanup(settings: Settings, backlog: Backlog, table: str) -> list[str]:
                          (backlog.campaign_ids,))
             conn.execute("DELETE FROM campaigns WHERE campaign_id = ANY(%s)",
                          (backlog.campaign_ids,))
+            conn.execute("DELETE FROM campaign_throughput WHERE campaign_id = ANY(%s)",
+                         (backlog.campaign_ids,))
+            conn.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s",
+                         (backlog.tenant_id,))
             conn.execute("DELETE FROM projector_positions WHERE consumer_group = %s", (group,))
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
     except psycopg.Error as exc:
@@ -312,7 +329,7 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
             f" {settings.topic_prefix}* …")
         produced = produce_backlog(settings, backlog)
         say(f"projection: produced in {produced:.2f} s; cold drain by a fresh Projector …")
-        drain_seconds, first_batch, applied = drain(settings, count)
+        drain_seconds, first_batch, applied, split = drain(settings, count)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             sent, failed, rows_sent, completed = read_model_counts(conn, backlog)
             say(f"projection: drained in {drain_seconds:.2f} s; COPY of {count:,} rows …")
@@ -323,6 +340,7 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
             records_applied=applied, copy_seconds=copy_seconds, copy_rows=count,
             projected_sent=sent, projected_failed=failed, projected_rows_sent=rows_sent,
             completed_campaigns=completed, topic_prefix=settings.topic_prefix,
+            time_split=split,
         )
         if sent != count or rows_sent != count or failed != 0:
             run.failures.append(
@@ -338,3 +356,23 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
     finally:
         for problem in cleanup(settings, backlog, table):
             say(f"projection cleanup: {problem}")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m bench.projection [EVENTS]`: this step alone, against the platform that
+    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name (migrations applied); prints the figures."""
+    import json
+    import os
+
+    from projections.migrate import apply_migrations
+
+    count = int(argv[1]) if len(argv) > 1 else events_wanted(dict(os.environ))
+    settings = Settings()
+    apply_migrations(settings.database_url)
+    run = measure(settings, count)
+    print(json.dumps({**run.figures(), "failures": run.failures}, indent=2))
+    return 1 if run.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

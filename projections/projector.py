@@ -1,4 +1,5 @@
-"""The projector: campaign.events, campaign.recipients and campaign.deliveries -> read models.
+"""The projector: campaign.events, campaign.recipients, campaign.deliveries and contacts.events
+-> read models.
 
 Guarantee: exactly-once into PostgreSQL: each batch's read-model changes and the consumer
 positions after it commit in one transaction, a position only moves by compare-and-set from the
@@ -22,12 +23,16 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
     IsolationLevel,
+    KafkaError,
     KafkaException,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
+from psycopg.conninfo import make_conninfo
 
-from projections import read_models
+from projections import batch_writer, read_models
+from projections.facts import RecipientFact
+from projections.fast_decode import decode_record
 from projections.positions import (
     PartitionKey,
     PositionConflict,
@@ -36,9 +41,9 @@ from projections.positions import (
     load_positions,
 )
 from schemas.base import Record
-from schemas.envelope import Message, SchemaViolation, decode
+from schemas.envelope import Message, SchemaViolation
 from services.common.settings import Settings
-from services.common.topics import DELIVERIES, EVENTS, RECIPIENTS, topic_name
+from services.common.topics import CONTACTS, DELIVERIES, EVENTS, RECIPIENTS, topic_name
 
 # Records per transaction: bounds memory, the row locks one transaction holds and the work a
 # failed commit has to redo; large enough that per-batch round trips stay negligible.
@@ -54,14 +59,14 @@ DB_CONNECT_TIMEOUT_SECONDS = 10
 # End-offset look-ups in `drain`: a broker that does not answer within this fails the drain.
 WATERMARK_TIMEOUT_SECONDS = 5.0
 
-PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES)
+PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES, CONTACTS)
 
 
 @dataclass
 class ConsumedBatch:
     """Records of one consume() that belong to this instance, decoded, with their moves."""
 
-    messages: list[Message[Record]] = field(default_factory=list)
+    messages: list[Message[Record] | RecipientFact] = field(default_factory=list)
     moves: dict[PartitionKey, PositionMove] = field(default_factory=dict)
     skipped: int = 0
 
@@ -80,9 +85,14 @@ class Projector:
         batch_size: int = BATCH_MAX_RECORDS,
         poll_timeout: float = POLL_TIMEOUT_SECONDS,
         logger: Any = None,
+        group: str | None = None,
+        schema: str | None = None,
     ) -> None:
+        """`group` and `schema` default to the live projector's consumer group and the
+        connection's own search_path; `projections.rebuild` projects into a fresh schema."""
         self.settings = settings
-        self.group = settings.group("projector")
+        self.group = group or settings.group("projector")
+        self.schema = schema
         self.topics = [topic_name(spec, settings) for spec in PROJECTED_TOPICS]
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
@@ -95,6 +105,9 @@ class Projector:
         self._closed = False
         self._admin: AdminClient | None = None  # only for `drain`
         self.records_applied = 0
+        # Wall-clock seconds per step of poll_once, summed (the projection bench reports
+        # where the time goes): consume (Kafka), decode, plan, write (PostgreSQL transaction).
+        self.time_split = dict.fromkeys(("consume", "decode", "plan", "write"), 0.0)
         self._consumer = self._subscribe()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -130,10 +143,14 @@ class Projector:
 
     def poll_once(self) -> int:
         """Consume one batch and apply it in one transaction; returns the records it covered."""
+        started = time.perf_counter()
         records = self._consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout)
+        consumed = time.perf_counter()
+        self.time_split["consume"] += consumed - started
         if not records:
             return 0
         batch = self._collect(records)
+        self.time_split["decode"] += time.perf_counter() - consumed
         if not batch.moves:
             return 0
         try:
@@ -189,7 +206,15 @@ class Projector:
         positions = {
             (tp.topic, tp.partition): tp.offset for tp in self._consumer.position(assignment)
         }
-        for tp, end in self._end_offsets(assignment).items():
+        try:
+            ends = self._end_offsets(assignment)
+        except KafkaException as exc:
+            # A leader moving (or a topic created a moment ago) answers with a retriable
+            # error: not known to be caught up yet, ask again on the next call.
+            if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].retriable():
+                return False
+            raise
+        for tp, end in ends.items():
             key = (tp.topic, tp.partition)
             stored = self._positions.get(key)
             # A transaction marker at the end of a partition is never delivered as a record,
@@ -273,6 +298,9 @@ class Projector:
 
     def _collect(self, records: list[Any]) -> ConsumedBatch:
         batch = ConsumedBatch()
+        positions = self._positions
+        ends: dict[PartitionKey, int] = {}  # next offset after this batch, per partition
+        append = batch.messages.append
         for record in records:
             error = record.error()
             if error is not None:
@@ -281,47 +309,52 @@ class Projector:
                 self._log.warning("consumer error", error=str(error))
                 continue
             key = (record.topic(), record.partition())
-            if key not in self._positions:
+            if key not in positions:
                 continue  # revoked during this consume(): the new owner projects it
-            expected = self._positions[key]
+            expected = positions[key]
             offset = record.offset()
             if expected is not None and offset < expected:
                 continue  # fetched before a seek: already applied
-            previous = batch.moves.get(key)
-            batch.moves[key] = PositionMove(
-                previous.expected if previous else expected, offset + 1
-            )
+            ends[key] = offset + 1
             try:
-                batch.messages.append(decode(record.value()))
+                append(decode_record(record.value()))
             except SchemaViolation as exc:
                 batch.skipped += 1
                 self._log.warning(
                     "undecodable record skipped", topic=key[0], partition=key[1],
                     offset=offset, reason=str(exc),
                 )
+        batch.moves = {key: PositionMove(positions[key], end) for key, end in ends.items()}
         return batch
 
     def _commit(
         self, batch: ConsumedBatch
     ) -> tuple[list[tuple[str, str]], read_models.BatchChanges]:
+        started = time.perf_counter()
         changes = read_models.plan(batch.messages)
+        planned = time.perf_counter()
+        self.time_split["plan"] += planned - started
         conn = self._connection()
         with conn.transaction():
             # Positions first: the compare-and-set fences a stale owner before any work, and
             # its row locks make a competing instance wait and then fail its comparison.
             advance_positions(conn, self.group, batch.moves)
-            completed = read_models.apply(conn, changes)
+            completed = batch_writer.apply(conn, changes)
+        self.time_split["write"] += time.perf_counter() - planned
         return completed, changes
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             # autocommit: every transaction is an explicit `conn.transaction()` block, so a
             # position look-up never leaves one open.
+            # A rebuild projects into its own schema (unqualified names resolve there).
+            conninfo = self.settings.database_url if self.schema is None else make_conninfo(
+                self.settings.database_url, options=f"-c search_path={self.schema}")
             self._conn = psycopg.connect(
-                self.settings.database_url,
+                conninfo,
                 autocommit=True,
                 connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
-                application_name=f"{self.group}-projector",
+                application_name=f"{self.group}-projector"[:63],
             )
         return self._conn
 

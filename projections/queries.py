@@ -12,12 +12,17 @@ from typing import Any
 
 import psycopg
 
-RECIPIENT_STATUSES = ("queued", "sent", "failed")
+RECIPIENT_STATUSES = ("excluded", "queued", "retrying", "sent", "failed", "skipped")
 
 
 @dataclass(frozen=True, slots=True)
 class CampaignProgress:
-    """A campaign's live progress; `total` and `pending` are None until it is hydrated."""
+    """A campaign's live progress; `total` and `pending` are None until it is hydrated.
+
+    `total` counts the queued audience; `excluded` recipients are outside it. `pending` is
+    what is not terminal yet (neither sent, failed nor skipped); `retrying` is the part of it
+    waiting for a retry; `ambiguous` counts possible duplicate mailings.
+    """
 
     tenant_id: str
     campaign_id: str
@@ -30,11 +35,21 @@ class CampaignProgress:
     pending: int | None
     started_at: datetime | None
     completed_at: datetime | None
+    skipped: int = 0
+    excluded: int = 0
+    retrying: int = 0
+    ambiguous: int = 0
+    paused_at: datetime | None = None
+    resumed_at: datetime | None = None
+    pause_reason: str | None = None
+    paused_automatically: bool | None = None
+    cancelled_at: datetime | None = None
 
 
 _PROGRESS_COLUMNS = (
     "tenant_id, campaign_id, name, status, total, queued, sent, failed, pending, started_at,"
-    " completed_at"
+    " completed_at, skipped, excluded, retrying, ambiguous, paused_at, resumed_at,"
+    " pause_reason, paused_automatically, cancelled_at"
 )
 
 
@@ -61,8 +76,9 @@ def list_campaigns(conn: psycopg.Connection[Any], tenant_id: str) -> list[Campai
 
 
 def recipient_status_counts(conn: psycopg.Connection[Any], campaign_id: str) -> dict[str, int]:
-    """Recipients per status ('queued', 'sent', 'failed'; zero when none)."""
-    counts = dict.fromkeys(RECIPIENT_STATUSES, 0)
+    """Recipients per status: 'queued', 'sent' and 'failed' always (zero when none), the
+    other RECIPIENT_STATUSES ('excluded', 'retrying', 'skipped') only when some are."""
+    counts = dict.fromkeys(("queued", "sent", "failed"), 0)
     rows = conn.execute(
         "SELECT status, count(*) FROM campaign_recipients WHERE campaign_id = %s GROUP BY status",
         (campaign_id,),

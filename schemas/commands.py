@@ -5,10 +5,12 @@ A command may be rejected; its handler answers with events, or with CommandRejec
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
+
+from pydantic import AwareDatetime, Field, model_validator
 
 from schemas.base import Email, EntityId, HeaderText, Record
-from schemas.registry import message
+from schemas.registry import message, upcaster
 
 
 @message("CreateCampaign", 1)
@@ -28,12 +30,24 @@ class CreateCampaign(Record):
         return self
 
 
-@message("SendCampaign", 1)
+@message("SendCampaign", 2)
 class SendCampaign(Record):
-    """Start sending to an audience: any mix of hand-picked contacts and lists."""
+    """Start sending to an audience: any mix of hand-picked contacts, lists and segments,
+    minus the members of exclusion lists and the matches of exclusion segments. Segments
+    are named by id; the handler snapshots their criteria into CampaignSendRequested and
+    rejects the command when one does not exist."""
 
     contact_ids: list[EntityId] = Field(default_factory=list, max_length=100_000)
     list_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
+    segment_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
+    exclude_list_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
+    exclude_segment_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
+
+
+@upcaster("SendCampaign", 1)
+def upcast_send_campaign_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 named contacts and lists only; segments and exclusions default to none."""
+    return payload
 
 
 @message("CancelCampaign", 1)
@@ -53,3 +67,28 @@ class PauseCampaign(Record):
 @message("ResumeCampaign", 1)
 class ResumeCampaign(Record):
     """Continue a paused campaign where it stopped."""
+
+
+@message("AutoPauseCampaign", 1)
+class AutoPauseCampaign(Record):
+    """Hold a sending campaign because its failure rate crossed the configured threshold
+    (sent by the completion tracker's failure-rate guard, not by people)."""
+
+    reason: str = Field(min_length=1, max_length=1_000)
+
+
+@message("ScheduleCampaign", 1)
+class ScheduleCampaign(Record):
+    """Send a draft campaign at `send_at` to the audience of `send`. A schedule found more
+    than `grace_seconds` late (the handler was down) is not fired but reported
+    (CampaignScheduleMissed); ForceScheduledSend fires it anyway."""
+
+    send_at: AwareDatetime
+    send: SendCampaign
+    # Default: a quarter of an hour late is still "on time" for a newsletter.
+    grace_seconds: int = Field(default=900, ge=0, le=7 * 24 * 3600)
+
+
+@message("ForceScheduledSend", 1)
+class ForceScheduledSend(Record):
+    """Fire a scheduled campaign now, whether its schedule is pending or was missed."""

@@ -7,10 +7,12 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import AwareDatetime, Field
 
 from schemas.base import Email, EntityId, HeaderText, Record
+from schemas.commands import SendCampaign
 from schemas.registry import message, upcaster
+from schemas.segments import Criteria
 
 
 class MessageTemplate(Record):
@@ -22,11 +24,24 @@ class MessageTemplate(Record):
     body_html: str | None = None
 
 
+class AudienceSegment(Record):
+    """A segment as it was defined when sending started (its criteria are snapshotted, so a
+    later change of the segment does not change a send in flight)."""
+
+    segment_id: EntityId
+    criteria: Criteria
+
+
 class Audience(Record):
-    """Who a send targets, before resolution."""
+    """Who a send targets, before resolution: contacts picked by id, members of lists and
+    matches of segments (each contact once, however many of them name it), minus members of
+    the exclusion lists and matches of the exclusion segments."""
 
     contact_ids: list[EntityId] = Field(default_factory=list)
     list_ids: list[EntityId] = Field(default_factory=list)
+    segments: list[AudienceSegment] = Field(default_factory=list)
+    exclude_list_ids: list[EntityId] = Field(default_factory=list)
+    exclude_segments: list[AudienceSegment] = Field(default_factory=list)
 
 
 # --- campaign.events -------------------------------------------------------------------
@@ -38,7 +53,7 @@ class CampaignCreated(Record):
     template: MessageTemplate
 
 
-@message("CampaignSendRequested", 1)
+@message("CampaignSendRequested", 2)
 class CampaignSendRequested(Record):
     """Sending starts. `contacts_snapshot` holds contacts.events end offsets per partition at
     that moment: the audience is the contacts known up to there, not those added later."""
@@ -46,6 +61,12 @@ class CampaignSendRequested(Record):
     template: MessageTemplate
     audience: Audience
     contacts_snapshot: dict[int, int]
+
+
+@upcaster("CampaignSendRequested", 1)
+def upcast_send_requested_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 audiences had ids and lists only; the new audience fields default to empty."""
+    return payload
 
 
 @message("CampaignCancelled", 1)
@@ -92,20 +113,29 @@ def upcast_campaign_hydrated_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "excluded": {}}
 
 
-@message("CampaignCompleted", 1)
+@message("CampaignCompleted", 2)
 class CampaignCompleted(Record):
     """Every one of the `total` hydrated recipients reached a terminal delivery: `sent` of
-    them were sent and `failed` failed. Published once per campaign by the completion tracker."""
+    them were sent, `failed` failed and `skipped` were skipped (suppressed or unsubscribed
+    after hydration); sent + failed + skipped == total. Published once per campaign by the
+    completion tracker."""
 
     total: int = Field(ge=0)
     sent: int = Field(ge=0)
     failed: int = Field(ge=0)
+    skipped: int = Field(default=0, ge=0)
+
+
+@upcaster("CampaignCompleted", 1)
+def upcast_campaign_completed_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 knew no skipped recipients."""
+    return {**payload, "skipped": 0}
 
 
 # --- hydration (internal scatter/gather) -----------------------------------------------
 
 
-@message("HydrationRequested", 1)
+@message("HydrationRequested", 2)
 class HydrationRequested(Record):
     """One copy per contacts partition: resolve the audience among that partition's contacts."""
 
@@ -115,6 +145,15 @@ class HydrationRequested(Record):
     snapshot_offset: int = Field(ge=0)
     template: MessageTemplate
     audience: Audience
+    # When sending was requested: segments' relative dates are read against it, the same
+    # in every partition and in a redone fan-out.
+    requested_at: datetime | None = None
+
+
+@upcaster("HydrationRequested", 1)
+def upcast_hydration_requested_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 audiences had ids and lists only; the new audience fields default to empty."""
+    return payload
 
 
 @message("HydrationPartitionReported", 2)
@@ -227,4 +266,45 @@ class RecipientSkipped(Record):
     campaign_id: EntityId
     contact_id: EntityId
     email: str
+    reason: str = Field(min_length=1)
+
+
+# --- campaign.recipients.retry.* ---------------------------------------------------------
+
+
+@message("RecipientRetryScheduled", 1)
+class RecipientRetryScheduled(Record):
+    """A recipient queued on a delay topic: the sender makes attempt `attempt` once `retry_at`
+    has come. Either attempt `attempt - 1` failed transiently, or (`throttled`) a rate limit
+    booked this recipient's slot at `retry_at`, which is then already paid for.
+    `first_attempt_at` bounds the total age of the delivery."""
+
+    recipient: RecipientQueued
+    attempt: int = Field(ge=1)
+    retry_at: AwareDatetime
+    first_attempt_at: AwareDatetime
+    throttled: bool = False
+
+
+# --- scheduling (campaign.events) ----------------------------------------------------------
+
+
+@message("CampaignScheduled", 1)
+class CampaignScheduled(Record):
+    """The campaign will be sent at `send_at` to the audience of `send` (decided then, with
+    the contacts and segments of that moment), unless it is found more than `grace_seconds`
+    late."""
+
+    send_at: AwareDatetime
+    grace_seconds: int = Field(ge=0)
+    send: SendCampaign
+
+
+@message("CampaignScheduleMissed", 1)
+class CampaignScheduleMissed(Record):
+    """The schedule did not fire, and why (found too late, or its audience no longer valid):
+    reported instead of sending silently late. ForceScheduledSend still fires it."""
+
+    send_at: AwareDatetime
+    noticed_at: AwareDatetime
     reason: str = Field(min_length=1)

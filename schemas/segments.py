@@ -21,8 +21,9 @@ message names the path of each fault without the union tags (`conditions.1.value
 
 Segment commands (DefineSegment, ChangeSegment, DeleteSegment) and events (SegmentDefined,
 SegmentChanged, SegmentDeleted) are registered wire types; `decide_segment` and
-`evolve_segment` are the pure aggregate. Topic placement and the wiring of `AudienceSpec`
-into SendCampaign / the hydrator are left for the hydrator work (SendCampaign is unchanged).
+`evolve_segment` are the pure aggregate. A send names segments by id (SendCampaign); the
+command handler snapshots their criteria into the audience (events.AudienceSegment), which
+the hydrator evaluates against each contact.
 """
 
 from __future__ import annotations
@@ -310,23 +311,6 @@ def _evaluate(expr: Criteria, contact: ContactState, now: datetime) -> bool:
         return False
     bound = resolve_date(expr.value, now)
     return moment < bound if isinstance(expr, Before) else moment > bound
-
-
-# --- audience (for the hydrator wiring step) ---------------------------------------------------
-
-
-class AudienceSpec(Record):
-    """Who a send targets: contacts, lists and segments, minus excluded lists and segments.
-
-    A superset of events.Audience (contact_ids, list_ids). Not yet carried by SendCampaign or
-    CampaignSendRequested: wiring it in is left for the hydrator work.
-    """
-
-    contact_ids: list[EntityId] = Field(default_factory=list, max_length=100_000)
-    list_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
-    segment_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
-    exclude_list_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
-    exclude_segment_ids: list[EntityId] = Field(default_factory=list, max_length=1_000)
 
 
 # --- commands ---------------------------------------------------------------------------------

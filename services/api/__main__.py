@@ -1,5 +1,6 @@
-"""`python -m services.api`: serve the read API and dashboard on 127.0.0.1:$API_PORT (default
-28080) until SIGTERM or SIGINT; API keys from API_KEYS / API_KEYS_FILE (see auth.py).
+"""`python -m services.api`: serve the read API, command gateway, one-click unsubscribe and
+dashboard on 127.0.0.1:$API_PORT (default 28080) until SIGTERM or SIGINT; API keys from
+API_KEYS / API_KEYS_FILE (see auth.py), the unsubscribe secret from UNSUBSCRIBE_SECRET.
 
 Open streams are given GRACEFUL_SHUTDOWN_S to finish, then closed: server-sent event streams
 never end by themselves, and a browser reconnects to wherever the API comes back.
@@ -28,7 +29,11 @@ def main() -> int:
     if not api_keys:
         log.warning("no API keys configured: every request will be refused (set API_KEYS)")
     port = int(os.environ.get("API_PORT", str(DEFAULT_API_PORT)))
-    app = create_app(Settings(), api_keys)
+    # Signs and checks one-click unsubscribe links; the sender must use the same secret.
+    secret = os.environ.get("UNSUBSCRIBE_SECRET", "").encode() or None
+    if secret is None:
+        log.warning("UNSUBSCRIBE_SECRET not set: /unsubscribe answers 503")
+    app = create_app(Settings(), api_keys, unsubscribe_secret=secret)
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
     # shutdown (closing the pool) and returns.
     uvicorn.run(

@@ -1,4 +1,5 @@
-"""The read API: `create_app(settings, api_keys)` wires the routes to a PostgreSQL pool.
+"""The read API and command gateway: `create_app(settings, api_keys)` wires the routes to a
+PostgreSQL pool (and, for the gateway, to the command outbox and its relay).
 
 Every route resolves the tenant from the bearer key first and reads only that tenant's rows, so
 another tenant's campaign id answers 404 exactly like an unknown one. The dashboard page itself
@@ -9,21 +10,23 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import psycopg
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict
 
 from services.api import queries
 from services.api.auth import ApiKeys
+from services.api.deps import DbPool, Pool, Tenant
+from services.api.gateway import gateway_router
+from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
+from services.api.unsubscribe import unsubscribe_router
 from services.common.settings import Settings
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -33,17 +36,22 @@ POOL_MAX_SIZE = 10
 POOL_TIMEOUT_S = 10.0
 MAX_PAGE = 1000
 
-Pool = ConnectionPool[psycopg.Connection[Any]]
+
+CampaignStatus = Literal["draft", "sending", "paused", "completed", "cancelled"]
+RecipientStatus = Literal["excluded", "queued", "retrying", "sent", "failed", "skipped"]
 
 
 class Campaign(BaseModel):
-    """A campaign's progress; rates are recipients settled (sent or failed) per second."""
+    """A campaign's progress; rates are recipients settled (sent, failed or skipped) per
+    second. `total` is the queued audience (None until hydrated); `excluded` recipients were
+    never part of it; `pending` = total - sent - failed - skipped, of which `retrying` wait for
+    a retry; `ambiguous` counts possible duplicate mailings (connection lost after DATA)."""
 
     model_config = ConfigDict(frozen=True)
 
     campaign_id: str
     name: str | None
-    status: str
+    status: CampaignStatus
     total: int | None
     queued: int
     sent: int
@@ -57,6 +65,15 @@ class Campaign(BaseModel):
     eta_seconds: float | None
     eta_at: datetime | None
     as_of: datetime
+    skipped: int
+    excluded: int
+    retrying: int
+    ambiguous: int
+    paused_at: datetime | None
+    resumed_at: datetime | None
+    pause_reason: str | None
+    paused_automatically: bool | None
+    cancelled_at: datetime | None
 
 
 class CampaignList(BaseModel):
@@ -64,12 +81,59 @@ class CampaignList(BaseModel):
 
 
 class Recipient(BaseModel):
+    """A recipient's current status; `last_event_at` is the event time of that status."""
+
     contact_id: str
     email: str
-    status: str
+    status: RecipientStatus
     attempts: int
     last_error: str | None
     updated_at: datetime
+    ambiguous: int
+    smtp_code: int | None
+    reason: str | None
+    last_event_at: datetime | None
+
+
+class Attempt(BaseModel):
+    attempt: int
+    outcome: Literal["deferred", "sent", "failed"]
+    smtp_code: int | None
+    detail: str | None
+    retry_at: datetime | None
+    occurred_at: datetime | None
+
+
+class RecipientDetail(BaseModel):
+    """A recipient with every attempt: the deferred ones, then the terminal one."""
+
+    recipient: Recipient
+    attempts: list[Attempt]
+
+
+class DailySends(BaseModel):
+    day: date
+    sent: int
+    failed: int
+    skipped: int
+
+
+class DailySendsList(BaseModel):
+    days: list[DailySends]
+
+
+class ListCounts(BaseModel):
+    """Members of a contact list; `mailable` are neither unsubscribed, suppressed nor deleted."""
+
+    list_id: str
+    members: int
+    mailable: int
+    unsubscribed: int
+    suppressed: int
+
+
+class ListCountsList(BaseModel):
+    lists: list[ListCounts]
 
 
 class RecipientPage(BaseModel):
@@ -109,29 +173,18 @@ def campaign_out(view: queries.CampaignView) -> Campaign:
         eta_seconds=view.eta_seconds,
         eta_at=view.eta_at,
         as_of=view.as_of,
+        skipped=p.skipped,
+        excluded=p.excluded,
+        retrying=p.retrying,
+        ambiguous=p.ambiguous,
+        paused_at=p.paused_at,
+        resumed_at=p.resumed_at,
+        pause_reason=p.pause_reason,
+        paused_automatically=p.paused_automatically,
+        cancelled_at=p.cancelled_at,
     )
 
 
-_bearer = HTTPBearer(auto_error=False, description="A tenant's API key")
-
-
-def _tenant(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> str:
-    keys: ApiKeys = request.app.state.api_keys
-    tenant = keys.tenant_for(credentials.credentials) if credentials else None
-    if tenant is None:
-        raise HTTPException(401, "missing or unknown API key", headers={"WWW-Authenticate": "Bearer"})
-    return tenant
-
-
-def _pool(request: Request) -> Pool:
-    pool: Pool = request.app.state.pool
-    return pool
-
-
-Tenant = Annotated[str, Depends(_tenant)]
-DbPool = Annotated[Pool, Depends(_pool)]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such campaign for this tenant"}}
 
 
@@ -139,8 +192,16 @@ def _not_found() -> HTTPException:
     return HTTPException(404, "campaign not found")
 
 
-def create_app(settings: Settings, api_keys: ApiKeys) -> FastAPI:
-    """The ASGI app; the connection pool opens and closes with the app's lifespan."""
+def create_app(
+    settings: Settings,
+    api_keys: ApiKeys,
+    *,
+    relay: bool = True,
+    unsubscribe_secret: bytes | None = None,
+) -> FastAPI:
+    """The ASGI app; the connection pool and the command outbox relay (unless `relay` is
+    False: another process publishes the outbox) start and stop with the app's lifespan.
+    Without `unsubscribe_secret`, /unsubscribe answers 503."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,9 +210,14 @@ def create_app(settings: Settings, api_keys: ApiKeys) -> FastAPI:
         )
         await run_in_threadpool(pool.open, True, POOL_TIMEOUT_S)
         app.state.pool = pool
+        app.state.relay = OutboxRelay(settings) if relay else None
+        if app.state.relay is not None:
+            app.state.relay.start()
         try:
             yield
         finally:
+            if app.state.relay is not None:
+                await run_in_threadpool(app.state.relay.stop)
             await run_in_threadpool(pool.close)
 
     app = FastAPI(
@@ -161,6 +227,10 @@ def create_app(settings: Settings, api_keys: ApiKeys) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.api_keys = api_keys
+    app.state.settings = settings
+    app.state.unsubscribe_secret = unsubscribe_secret
+    app.include_router(gateway_router)
+    app.include_router(unsubscribe_router)
     dashboard_html = DASHBOARD.read_text(encoding="utf-8")
 
     @app.get("/campaigns", response_model=CampaignList)
@@ -184,7 +254,7 @@ def create_app(settings: Settings, api_keys: ApiKeys) -> FastAPI:
         campaign_id: str,
         tenant: Tenant,
         pool: DbPool,
-        status: Annotated[Literal["queued", "sent", "failed"] | None, Query()] = None,
+        status: Annotated[RecipientStatus | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         after: Annotated[str | None, Query(description="contact_id to continue after")] = None,
     ) -> RecipientPage:
@@ -197,6 +267,41 @@ def create_app(settings: Settings, api_keys: ApiKeys) -> FastAPI:
             )
         recipients = [Recipient(**_fields(r)) for r in rows]
         return RecipientPage(recipients=recipients, next_after=rows[-1].contact_id if more else None)
+
+    @app.get(
+        "/campaigns/{campaign_id}/recipients/{contact_id}",
+        response_model=RecipientDetail,
+        responses={404: {"description": "No such recipient of this tenant's campaign"}},
+    )
+    def get_recipient(campaign_id: str, contact_id: str, tenant: Tenant, pool: DbPool) -> RecipientDetail:
+        """One recipient's status with the history of its attempts."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            row = queries.recipient(conn, tenant, campaign_id, contact_id)
+            history = queries.attempts(conn, tenant, campaign_id, contact_id) if row else []
+        if row is None:
+            raise HTTPException(404, "recipient not found")
+        return RecipientDetail(
+            recipient=Recipient(**_fields(row)), attempts=[Attempt(**_fields(a)) for a in history]
+        )
+
+    @app.get("/daily-sends", response_model=DailySendsList)
+    def get_daily_sends(
+        tenant: Tenant,
+        pool: DbPool,
+        since: Annotated[date | None, Query(description="first UTC day, inclusive")] = None,
+        until: Annotated[date | None, Query(description="last UTC day, inclusive")] = None,
+    ) -> DailySendsList:
+        """The tenant's sent, failed and skipped recipients per UTC day of the event."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            rows = queries.daily_sends(conn, tenant, since, until)
+        return DailySendsList(days=[DailySends(**_fields(r)) for r in rows])
+
+    @app.get("/lists", response_model=ListCountsList)
+    def get_lists(tenant: Tenant, pool: DbPool) -> ListCountsList:
+        """Per contact list of the tenant: members, mailable, unsubscribed, suppressed."""
+        with queries.tenant_snapshot(pool, tenant) as conn:
+            rows = queries.list_counts(conn, tenant)
+        return ListCountsList(lists=[ListCounts(**_fields(r)) for r in rows])
 
     @app.get("/campaigns/{campaign_id}/rejections", response_model=RejectionList, responses=NOT_FOUND)
     def get_rejections(campaign_id: str, tenant: Tenant, pool: DbPool) -> RejectionList:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -18,7 +18,8 @@ from psycopg_pool import ConnectionPool
 
 from projections.queries import CampaignProgress, campaign_progress, list_campaigns
 
-# Rate "over the last minute": recipients that reached sent/failed within this window.
+# Rate "over the last minute": recipients that reached a terminal status (sent, failed,
+# skipped) within this window, by event time (campaign_throughput's per-second buckets).
 RATE_WINDOW = timedelta(minutes=1)
 TERMINAL_CAMPAIGN_STATUSES = ("completed", "cancelled")
 
@@ -44,7 +45,7 @@ class CampaignView:
 
     @property
     def settled(self) -> int:
-        return self.progress.sent + self.progress.failed
+        return self.progress.sent + self.progress.failed + self.progress.skipped
 
     @property
     def percent(self) -> float | None:
@@ -73,10 +74,12 @@ class CampaignView:
 
     @property
     def eta_seconds(self) -> float | None:
-        """Seconds until every recipient settles, at the last minute's rate (else the average)."""
+        """Seconds until every recipient settles, at the last minute's rate (else the average);
+        None while paused (nothing moves until it is resumed)."""
         if self.progress.pending == 0:
             return 0.0
-        if self.progress.pending is None or self.progress.status in TERMINAL_CAMPAIGN_STATUSES:
+        if (self.progress.pending is None or self.progress.status in TERMINAL_CAMPAIGN_STATUSES
+                or self.progress.status == "paused"):
             return None
         rate = self.rate_last_minute or self.average_rate
         return round(self.progress.pending / rate, 1) if rate else None
@@ -99,17 +102,18 @@ def _settled_since(
 ) -> dict[str, int]:
     if not campaign_ids:
         return {}
+    # Buckets are whole seconds: the window is the last 60 complete-or-current seconds.
     rows = conn.execute(
-        "SELECT campaign_id, count(*) FROM campaign_recipients"
-        " WHERE tenant_id = %s AND campaign_id = ANY(%s) AND status IN ('sent', 'failed')"
-        " AND updated_at > now() - %s::interval GROUP BY campaign_id",
+        "SELECT campaign_id, sum(settled) FROM campaign_throughput"
+        " WHERE tenant_id = %s AND campaign_id = ANY(%s)"
+        " AND second > date_trunc('second', now()) - %s::interval GROUP BY campaign_id",
         (tenant_id, campaign_ids, RATE_WINDOW),
     ).fetchall()
-    return {campaign_id: count for campaign_id, count in rows}
+    return {campaign_id: int(count) for campaign_id, count in rows}
 
 
 def _recently_active(progress: CampaignProgress, as_of: datetime) -> bool:
-    if progress.status == "sending":
+    if progress.status in ("sending", "paused"):
         return True
     return progress.completed_at is not None and as_of - progress.completed_at < RATE_WINDOW
 
@@ -141,6 +145,16 @@ class RecipientRow:
     attempts: int
     last_error: str | None
     updated_at: datetime
+    ambiguous: int
+    smtp_code: int | None
+    reason: str | None
+    last_event_at: datetime | None
+
+
+_RECIPIENT_COLUMNS = (
+    "contact_id, email, status, attempts, last_error, updated_at, ambiguous, smtp_code, reason,"
+    " last_event_at"
+)
 
 
 def recipients_page(
@@ -154,7 +168,7 @@ def recipients_page(
 ) -> tuple[list[RecipientRow], bool]:
     """Up to `limit` recipients ordered by contact_id after `after`, and whether more follow."""
     rows = conn.execute(
-        "SELECT contact_id, email, status, attempts, last_error, updated_at FROM campaign_recipients"
+        f"SELECT {_RECIPIENT_COLUMNS} FROM campaign_recipients"  # noqa: S608
         " WHERE tenant_id = %s AND campaign_id = %s"
         " AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR contact_id > %s)"
         " ORDER BY contact_id LIMIT %s",
@@ -182,3 +196,97 @@ def rejections(conn: psycopg.Connection[Any], tenant_id: str, campaign_id: str) 
         (tenant_id, campaign_id),
     ).fetchall()
     return [RejectionRow(*row) for row in rows]
+
+
+def recipient(
+    conn: psycopg.Connection[Any], tenant_id: str, campaign_id: str, contact_id: str
+) -> RecipientRow | None:
+    row = conn.execute(
+        f"SELECT {_RECIPIENT_COLUMNS} FROM campaign_recipients"  # noqa: S608
+        " WHERE tenant_id = %s AND campaign_id = %s AND contact_id = %s",
+        (tenant_id, campaign_id, contact_id),
+    ).fetchone()
+    return RecipientRow(*row) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    attempt: int
+    outcome: str  # deferred, sent or failed
+    smtp_code: int | None
+    detail: str | None
+    retry_at: datetime | None
+    occurred_at: datetime | None
+
+
+def attempts(
+    conn: psycopg.Connection[Any], tenant_id: str, campaign_id: str, contact_id: str
+) -> list[AttemptRow]:
+    """A recipient's attempts in order: the deferred ones, then the terminal one."""
+    rows = conn.execute(
+        "SELECT attempt, outcome, smtp_code, detail, retry_at, occurred_at"
+        " FROM analyst_recipient_attempts WHERE tenant_id = %s AND campaign_id = %s"
+        " AND contact_id = %s ORDER BY attempt, outcome = 'deferred' DESC, occurred_at",
+        (tenant_id, campaign_id, contact_id),
+    ).fetchall()
+    return [AttemptRow(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class DailySendsRow:
+    day: date
+    sent: int
+    failed: int
+    skipped: int
+
+
+def daily_sends(
+    conn: psycopg.Connection[Any], tenant_id: str, since: date | None, until: date | None
+) -> list[DailySendsRow]:
+    """The tenant's terminal outcomes per UTC day of the event, oldest first."""
+    rows = conn.execute(
+        "SELECT day, sent, failed, skipped FROM tenant_daily_sends WHERE tenant_id = %s"
+        " AND (%s::date IS NULL OR day >= %s) AND (%s::date IS NULL OR day <= %s) ORDER BY day",
+        (tenant_id, since, since, until, until),
+    ).fetchall()
+    return [DailySendsRow(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ListCountsRow:
+    list_id: str
+    members: int
+    mailable: int
+    unsubscribed: int
+    suppressed: int
+
+
+def list_counts(conn: psycopg.Connection[Any], tenant_id: str) -> list[ListCountsRow]:
+    """Members per list of the tenant (from contacts.events), by list id."""
+    rows = conn.execute(
+        "SELECT list_id, members, mailable, unsubscribed, suppressed FROM analyst_list_counts"
+        " WHERE tenant_id = %s ORDER BY list_id",
+        (tenant_id,),
+    ).fetchall()
+    return [ListCountsRow(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class CausedEvent:
+    event_id: str
+    type: str
+    occurred_at: datetime
+
+
+def command_outcome(
+    conn: psycopg.Connection[Any], tenant_id: str, command_id: str
+) -> tuple[list[CausedEvent], str | None]:
+    """The events a command caused on campaign.events, and its rejection reason (if any)."""
+    events = [CausedEvent(*row) for row in conn.execute(
+        "SELECT event_id::text, event_type, occurred_at FROM command_outcomes"
+        " WHERE tenant_id = %s AND causation_id = %s ORDER BY occurred_at, event_id",
+        (tenant_id, command_id)).fetchall()]
+    row = conn.execute(
+        "SELECT reason FROM command_rejections WHERE tenant_id = %s AND command_id = %s"
+        " ORDER BY occurred_at LIMIT 1", (tenant_id, command_id)).fetchone()
+    return events, (row[0] if row else None)

@@ -1,10 +1,11 @@
 """Server-sent events of campaign progress, fed by polling the read models.
 
 A `progress` event goes out whenever a campaign's numbers change (status, total, queued, sent,
-failed, start or completion), and at least every REFRESH_INTERVAL otherwise so that rates and
-ETA stay current; a per-campaign stream ends with one `completed` event once the campaign is
-completed or cancelled. Delivery: best effort and latest-state: a client that reconnects gets
-the current numbers first, so nothing is lost that matters.
+failed, skipped, excluded, retrying, ambiguous, start, pause or completion), and at least every
+REFRESH_INTERVAL otherwise so that rates and ETA stay current; a per-campaign stream ends with
+one `completed` event once the campaign is completed or cancelled. Delivery: best effort and
+latest-state: a client that reconnects gets the current numbers first, so nothing is lost that
+matters.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ REFRESH_INTERVAL = 5.0
 RECONNECT_MS = 2000
 
 TERMINAL_STATUSES = frozenset({"completed", "cancelled"})
-_CHANGE_FIELDS = ("status", "total", "queued", "sent", "failed", "started_at", "completed_at")
+_CHANGE_FIELDS = ("status", "total", "queued", "sent", "failed", "skipped", "excluded", "retrying",
+                  "ambiguous", "started_at", "paused_at", "completed_at")
 
 Poll = Callable[[], Awaitable[list[dict[str, Any]]]]
 

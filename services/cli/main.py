@@ -26,6 +26,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from projections.queries import campaign_progress
 from schemas.base import Record
 from schemas.commands import CancelCampaign, CreateCampaign, SendCampaign
+from services.cli.contact_csv import column_mapping
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
 from services.cli.progress import (
     CommandWasRejected,
@@ -34,7 +35,9 @@ from services.cli.progress import (
     render_summary,
     watch_campaign,
 )
+from services.cli.projections_cmd import projections_app
 from services.cli.publishing import PublishError, publish_command
+from services.cli.segments_cmd import segment_app
 from services.common.settings import Settings
 
 # Rejected rows listed after an import; the rest are counted.
@@ -48,6 +51,8 @@ contacts_app = typer.Typer(help="Contacts: import from CSV.", no_args_is_help=Tr
 campaign_app = typer.Typer(help="Campaigns: create, send, cancel, watch, show.", no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(segment_app, name="segment")
+app.add_typer(projections_app, name="projections")
 
 # soft_wrap: ids and reasons stay on one line, whatever the terminal width, so they can be copied.
 out = Console(soft_wrap=True)
@@ -105,6 +110,9 @@ def contacts_import(
         str,
         typer.Option(help="upsert (default) | skip-existing (only new contacts) | blocklist (suppress)"),
     ] = "upsert",
+    column: Annotated[list[str] | None, typer.Option(
+        "--column", help="Header mapping NAME=TARGET, TARGET one of email, first_name, last_name, lists,"
+        " attr.<name> or - (ignore); repeatable.")] = None,
 ) -> None:
     """Import contacts from a CSV file; bad rows are reported and skipped."""
     with _fatal_errors():
@@ -120,7 +128,8 @@ def contacts_import(
                 bar.update(task, completed=done, total=total)
 
             report = import_contacts(file, tenant_id=tenant, list_id=list_id, settings=settings,
-                                     on_progress=on_progress, mode=mode)  # type: ignore[arg-type]
+                                     on_progress=on_progress, mode=mode,  # type: ignore[arg-type]
+                                     columns=column_mapping(column or []))
     _print_import_report(report)
 
 
@@ -187,14 +196,28 @@ def campaign_send(
     contacts: Annotated[
         list[str] | None, typer.Option("--contact", help="Contact id to send to (repeatable).")
     ] = None,
+    segments: Annotated[
+        list[str] | None, typer.Option("--segment", help="Segment to send to (repeatable).")
+    ] = None,
+    exclude_lists: Annotated[
+        list[str] | None, typer.Option("--exclude-list", help="Leave out this list's members (repeatable).")
+    ] = None,
+    exclude_segments: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-segment", help="Leave out this segment's matches (repeatable)."),
+    ] = None,
     watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow progress until done.")] = True,
     timeout: WatchTimeout = None,
 ) -> None:
-    """Start sending a draft campaign to lists and/or contacts."""
-    if not lists and not contacts:
-        _fail("give at least one --list or --contact", EXIT_INVALID)
+    """Start sending a draft campaign to any mix of lists, segments and contacts, minus
+    exclusion lists and segments."""
+    if not lists and not contacts and not segments:
+        _fail("give at least one --list, --segment or --contact", EXIT_INVALID)
     with _fatal_errors():
-        command = SendCampaign(list_ids=lists or [], contact_ids=contacts or [])
+        command = SendCampaign(
+            list_ids=lists or [], contact_ids=contacts or [], segment_ids=segments or [],
+            exclude_list_ids=exclude_lists or [], exclude_segment_ids=exclude_segments or [],
+        )
         command_id = _publish(command, tenant, campaign_id)
         out.print(f"send requested for {campaign_id} (command {command_id})", highlight=False)
         if watch:

@@ -3,19 +3,42 @@
 `decide(state, command)` returns the events a command causes or raises `Rejected` with the
 reason; `evolve(state, event)` folds one event into the state. Replaying a campaign's events
 through `evolve` always rebuilds the same state.
+
+Life cycle: draft -> (scheduled ->) sending <-> paused; any of them -> cancelled (final).
+A pause is refused unless the campaign is sending, a resume unless it is paused; an automatic
+pause (the failure-rate guard) is refused the same way, so it never overrides a person's.
+A schedule fires on the first `ScheduleDue` tick at or after its time, within its grace;
+found later, it is reported missed (never fired silently late) and waits for
+ForceScheduledSend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 
 from schemas.base import Record
-from schemas.commands import CancelCampaign, CreateCampaign, SendCampaign
+from schemas.commands import (
+    AutoPauseCampaign,
+    CancelCampaign,
+    CreateCampaign,
+    ForceScheduledSend,
+    PauseCampaign,
+    ResumeCampaign,
+    ScheduleCampaign,
+    SendCampaign,
+)
 from schemas.events import (
     Audience,
+    AudienceSegment,
     CampaignCancelled,
     CampaignCreated,
+    CampaignPaused,
+    CampaignResumed,
+    CampaignScheduled,
+    CampaignScheduleMissed,
     CampaignSendRequested,
     MessageTemplate,
 )
@@ -23,7 +46,9 @@ from schemas.events import (
 
 class Status(StrEnum):
     DRAFT = "draft"
+    SCHEDULED = "scheduled"
     SENDING = "sending"
+    PAUSED = "paused"
     CANCELLED = "cancelled"
 
 
@@ -38,20 +63,52 @@ class Campaign:
     name: str
     status: Status
     template: MessageTemplate
+    schedule: Schedule | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A pending (or missed) scheduled send."""
+
+    send_at: datetime
+    grace_seconds: int
+    send: SendCampaign
+    missed: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleDue:
+    """Not a wire command: the handler's clock reading, offered to every scheduled campaign."""
+
+    now: datetime
+
+
+def send_order(state: Campaign | None, command: object) -> SendCampaign | None:
+    """The send a command asks for (now or later), so the caller can look up its segments."""
+    if isinstance(command, SendCampaign):
+        return command
+    if isinstance(command, ScheduleCampaign):
+        return command.send
+    if isinstance(command, ForceScheduledSend | ScheduleDue) and state and state.schedule:
+        return state.schedule.send
+    return None
 
 
 def decide(
     state: Campaign | None,
-    command: Record,
+    command: Record | ScheduleDue,
     *,
     campaign_id: str,
     tenant_id: str,
     contacts_snapshot: dict[int, int] | None = None,
+    segments: Mapping[str, AudienceSegment] | None = None,
 ) -> list[Record]:
     """The events `command` causes on `state`; raises Rejected when it must not happen.
 
     `contacts_snapshot` (contacts.events end offsets) is taken by the caller when a send
-    starts: it fixes the audience to the contacts known at that moment.
+    starts: it fixes the audience to the contacts known at that moment. `segments` holds the
+    current criteria of the segments a send names (the caller looks them up): they are
+    snapshotted into the audience, so later changes of a segment do not change this send.
     """
     if state is not None and state.tenant_id != tenant_id:
         # Same answer as for a missing campaign: a tenant must not learn another's ids.
@@ -71,23 +128,37 @@ def decide(
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
                 raise Rejected(f"campaign {campaign_id!r} is {current.status}, not draft")
-            if not (command.contact_ids or command.list_ids):
-                raise Rejected("empty audience: give contact_ids, list_ids or both")
-            audience = Audience(
-                contact_ids=sorted(set(command.contact_ids)), list_ids=sorted(set(command.list_ids))
-            )
-            return [
-                CampaignSendRequested(
-                    template=current.template,
-                    audience=audience,
-                    contacts_snapshot=dict(contacts_snapshot or {}),
-                )
-            ]
+            return [_send_requested(current, command, contacts_snapshot, segments)]
+        case ScheduleCampaign():
+            current = _existing(state, campaign_id, tenant_id)
+            if current.status is not Status.DRAFT:
+                raise Rejected(f"campaign {campaign_id!r} is {current.status}, not draft")
+            _send_requested(current, command.send, contacts_snapshot, segments)  # valid now?
+            return [CampaignScheduled(send_at=command.send_at, grace_seconds=command.grace_seconds,
+                                      send=command.send)]
+        case ForceScheduledSend():
+            current = _existing(state, campaign_id, tenant_id)
+            if current.status is not Status.SCHEDULED or current.schedule is None:
+                raise Rejected(f"campaign {campaign_id!r} is {current.status}, not scheduled")
+            return [_send_requested(current, current.schedule.send, contacts_snapshot, segments)]
+        case ScheduleDue():
+            return _due(state, command.now, contacts_snapshot, segments)
         case CancelCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is Status.CANCELLED:
                 raise Rejected(f"campaign {campaign_id!r} is already cancelled")
             return [CampaignCancelled(reason=command.reason)]
+        case PauseCampaign() | AutoPauseCampaign():
+            current = _existing(state, campaign_id, tenant_id)
+            if current.status is not Status.SENDING:
+                raise Rejected(f"campaign {campaign_id!r} is {current.status}, not sending")
+            automatic = isinstance(command, AutoPauseCampaign)
+            return [CampaignPaused(reason=command.reason, automatic=automatic)]
+        case ResumeCampaign():
+            current = _existing(state, campaign_id, tenant_id)
+            if current.status is not Status.PAUSED:
+                raise Rejected(f"campaign {campaign_id!r} is {current.status}, not paused")
+            return [CampaignResumed()]
     raise Rejected(f"{type(command).__name__} is not a campaign command")
 
 
@@ -97,9 +168,18 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
         case CampaignCreated():
             return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, event.template)
         case CampaignSendRequested() if state is not None:
-            return replace(state, status=Status.SENDING)
+            return replace(state, status=Status.SENDING, schedule=None)
+        case CampaignScheduled() if state is not None and state.status is Status.DRAFT:
+            schedule = Schedule(event.send_at, event.grace_seconds, event.send)
+            return replace(state, status=Status.SCHEDULED, schedule=schedule)
+        case CampaignScheduleMissed() if state is not None and state.schedule is not None:
+            return replace(state, schedule=replace(state.schedule, missed=True))
         case CampaignCancelled() if state is not None:
             return replace(state, status=Status.CANCELLED)
+        case CampaignPaused() if state is not None and state.status is Status.SENDING:
+            return replace(state, status=Status.PAUSED)
+        case CampaignResumed() if state is not None and state.status is Status.PAUSED:
+            return replace(state, status=Status.SENDING)
     return state
 
 
@@ -107,3 +187,52 @@ def _existing(state: Campaign | None, campaign_id: str, tenant_id: str) -> Campa
     if state is None:
         raise Rejected(f"unknown campaign {campaign_id!r} for tenant {tenant_id!r}")
     return state
+
+
+def _send_requested(
+    current: Campaign,
+    command: SendCampaign,
+    contacts_snapshot: dict[int, int] | None,
+    segments: Mapping[str, AudienceSegment] | None,
+) -> CampaignSendRequested:
+    """The send `command` asks for, with its audience fixed now; Rejected when invalid."""
+    if not (command.contact_ids or command.list_ids or command.segment_ids):
+        raise Rejected("empty audience: give contact_ids, list_ids, segment_ids or a mix")
+    known = segments or {}
+    missing = sorted({*command.segment_ids, *command.exclude_segment_ids} - set(known))
+    if missing:
+        raise Rejected(f"unknown segment(s): {', '.join(missing)}")
+    audience = Audience(
+        contact_ids=sorted(set(command.contact_ids)),
+        list_ids=sorted(set(command.list_ids)),
+        segments=[known[s] for s in sorted(set(command.segment_ids))],
+        exclude_list_ids=sorted(set(command.exclude_list_ids)),
+        exclude_segments=[known[s] for s in sorted(set(command.exclude_segment_ids))],
+    )
+    return CampaignSendRequested(
+        template=current.template,
+        audience=audience,
+        contacts_snapshot=dict(contacts_snapshot or {}),
+    )
+
+
+def _due(
+    state: Campaign | None,
+    now: datetime,
+    contacts_snapshot: dict[int, int] | None,
+    segments: Mapping[str, AudienceSegment] | None,
+) -> list[Record]:
+    """A clock tick: fire a due schedule within its grace, report it missed beyond."""
+    if state is None or state.status is not Status.SCHEDULED or state.schedule is None:
+        return []
+    schedule = state.schedule
+    if schedule.missed or now < schedule.send_at:
+        return []
+    late = (now - schedule.send_at).total_seconds()
+    if late > schedule.grace_seconds:
+        reason = f"found {late:.0f} s late, grace {schedule.grace_seconds} s"
+        return [CampaignScheduleMissed(send_at=schedule.send_at, noticed_at=now, reason=reason)]
+    try:
+        return [_send_requested(state, schedule.send, contacts_snapshot, segments)]
+    except Rejected as exc:
+        return [CampaignScheduleMissed(send_at=schedule.send_at, noticed_at=now, reason=str(exc))]

@@ -30,6 +30,9 @@ INFINITE = {"retention.ms": "-1", "retention.bytes": "-1"}
 # parallelism is bounded by these counts.
 RECIPIENT_PARTITIONS = 12
 CONTACT_PARTITIONS = 12
+# Retries and held recipients are a small share of the traffic: fewer partitions, still
+# enough for a sender group of six.
+RETRY_PARTITIONS = 6
 
 COMMANDS = TopicSpec("campaign.commands", "campaign id", 6)
 COMMANDS_DLQ = TopicSpec("campaign.commands.dlq", "campaign id", 1, INFINITE)
@@ -42,10 +45,34 @@ HYDRATION_REQUESTS = TopicSpec(
 HYDRATION_REPORTS = TopicSpec("campaign.hydration.reports", "campaign id", 6, INFINITE)
 RECIPIENTS = TopicSpec("campaign.recipients", "tenant + contact", RECIPIENT_PARTITIONS, INFINITE)
 DELIVERIES = TopicSpec("campaign.deliveries", "campaign id", 6, INFINITE)
+# Delay topics of transient SMTP failures (RecipientRetryScheduled): tier n holds attempt n+1
+# (the last tier every later attempt), so the delays within one tier are alike and a
+# partition's head is about the first record due. A week of retention outlives any retry
+# window; consumed records are committed, so nothing depends on the log beyond that.
+RETRY_TIERS: tuple[TopicSpec, ...] = tuple(
+    TopicSpec(f"campaign.recipients.retry.{tier}", "tenant + contact", RETRY_PARTITIONS,
+              {"retention.ms": str(7 * 24 * 3600 * 1000)})
+    for tier in range(1, 4)
+)
+# Recipients of paused campaigns, parked as they were (RecipientQueued or
+# RecipientRetryScheduled) until the campaign resumes or is cancelled: held durably, without
+# blocking other campaigns' partitions. Infinite: a pause may last as long as people want.
+HELD = TopicSpec("campaign.recipients.held", "tenant + contact", RETRY_PARTITIONS, INFINITE)
+# Records of the recipient topics that are not valid recipients, with the reason in a header.
+RECIPIENTS_DLQ = TopicSpec("campaign.recipients.dlq", "as read", 1, INFINITE)
+
+# Segment definitions of every tenant: small, read whole by every command handler instance
+# (a send snapshots the criteria of the segments it names), so one partition.
+SEGMENTS = TopicSpec("segments.events", "segment id", 1, INFINITE)
+# Committed "partition fanned out" markers of the hydrator (see services/hydrator/fanout.py).
+HYDRATION_FANOUTS = TopicSpec(
+    "campaign.hydration.fanouts", "campaign id:contacts partition", CONTACT_PARTITIONS,
+    {"cleanup.policy": "compact"},
+)
 
 CATALOGUE: tuple[TopicSpec, ...] = (
     COMMANDS, COMMANDS_DLQ, EVENTS, CONTACTS, HYDRATION_REQUESTS, HYDRATION_REPORTS,
-    RECIPIENTS, DELIVERIES,
+    RECIPIENTS, DELIVERIES, *RETRY_TIERS, HELD, RECIPIENTS_DLQ, SEGMENTS, HYDRATION_FANOUTS,
 )
 
 

@@ -1,4 +1,5 @@
-"""Completion tracker service: campaign.events + campaign.deliveries -> CampaignCompleted.
+"""Completion tracker service: campaign.events + campaign.deliveries -> CampaignCompleted
+(and, from its failure-rate guard, AutoPauseCampaign commands on campaign.commands).
 
 Guarantee: exactly-once — each hydrated, uncancelled campaign whose recipients all reach a
 terminal delivery gets exactly one CampaignCompleted on campaign.events, whatever duplicates,
@@ -42,11 +43,18 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from schemas.commands import AutoPauseCampaign
 from schemas.envelope import SchemaViolation, decode, encode, wrap
 from services.common.kafka import make_consumer, make_producer
 from services.common.settings import Settings
-from services.common.topics import DELIVERIES, EVENTS, topic_name
-from services.completion.tracker import Completion, CompletionTracker
+from services.common.topics import COMMANDS, DELIVERIES, EVENTS, topic_name
+from services.completion.tracker import (
+    AutoPause,
+    Completion,
+    CompletionTracker,
+    Decision,
+    FailureGuard,
+)
 
 SERVICE = "completion-tracker"
 
@@ -91,8 +99,12 @@ class CompletionService:
         batch_size: int = BATCH_SIZE,
         poll_timeout: float = POLL_SECONDS,
         logger: Any = None,
+        guard: FailureGuard | None = None,
     ) -> None:
         self.settings = settings
+        self.guard = guard or FailureGuard()
+        self.commands_topic = topic_name(COMMANDS, settings)
+        self.pauses_requested = 0
         self.group = settings.group(SERVICE)
         self.events_topic = topic_name(EVENTS, settings)
         self.deliveries_topic = topic_name(DELIVERIES, settings)
@@ -198,7 +210,7 @@ class CompletionService:
 
     def _replay(self, committed: list[TopicPartition]) -> dict[int, CompletionTracker]:
         """Fold both topics from offset zero up to the committed offsets into fresh trackers."""
-        trackers = {tp.partition: CompletionTracker() for tp in committed}
+        trackers = {tp.partition: CompletionTracker(self.guard) for tp in committed}
         ends = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset > 0}
         if not ends:
             return trackers
@@ -269,28 +281,39 @@ class CompletionService:
             records.append(record)
         if not records:
             return 0
-        published = self._transact(records)
-        if published is None:
+        decided = self._transact(records)
+        if decided is None:
             return 0
+        for pause in decided:
+            if isinstance(pause, AutoPause):
+                self.pauses_requested += 1
+                self._log.warning("failure rate too high: pause requested",
+                                  tenant_id=pause.tenant_id, campaign_id=pause.campaign_id,
+                                  reason=pause.reason)
+        published = [c for c in decided if isinstance(c, Completion)]
         for completion in published:
             self._log.info(
                 "campaign completed", tenant_id=completion.tenant_id,
                 campaign_id=completion.campaign_id, total=completion.event.total,
                 sent=completion.event.sent, failed=completion.event.failed,
+                skipped=completion.event.skipped,
             )
         self.completions_published += len(published)
         return len(records)
 
-    def _transact(self, records: list[Message]) -> list[Completion] | None:
+    def _transact(self, records: list[Message]) -> list[Decision] | None:
         """Decide and publish in one transaction; None when it was aborted (state rebuilt)."""
-        published: list[Completion] = []
+        published: list[Decision] = []
         self.producer.begin_transaction()
         try:
             for record in records:
-                completion = self._decide(record)
-                if completion is not None:
-                    self._emit(completion)
-                    published.append(completion)
+                decision = self._decide(record)
+                if isinstance(decision, Completion):
+                    self._emit(decision)
+                elif isinstance(decision, AutoPause):
+                    self._request_pause(decision)
+                if decision is not None:
+                    published.append(decision)
             self.producer.send_offsets_to_transaction(
                 _next_offsets(records), self.consumer.consumer_group_metadata()
             )
@@ -305,7 +328,7 @@ class CompletionService:
             return None
         return published
 
-    def _decide(self, record: Message) -> Completion | None:
+    def _decide(self, record: Message) -> Decision | None:
         try:
             message = decode(record.value())
         except SchemaViolation as exc:
@@ -325,6 +348,19 @@ class CompletionService:
         )
         self.producer.produce(
             self.events_topic, key=completion.campaign_id.encode(), value=encode(envelope)
+        )
+
+    def _request_pause(self, pause: AutoPause) -> None:
+        """A command, not an event: the campaign aggregate decides (it may be paused already)."""
+        envelope = wrap(
+            AutoPauseCampaign(reason=pause.reason),
+            tenant_id=pause.tenant_id,
+            aggregate_id=pause.campaign_id,
+            correlation_id=pause.correlation_id,
+            causation_id=pause.causation_id,
+        )
+        self.producer.produce(
+            self.commands_topic, key=pause.campaign_id.encode(), value=encode(envelope)
         )
 
     def _commit_transaction(self) -> None:

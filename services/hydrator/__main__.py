@@ -1,4 +1,5 @@
-"""`python -m services.hydrator`: run the faust worker until SIGTERM (faust stops cleanly)."""
+"""`python -m services.hydrator`: run the faust worker (and the gather loop in a thread)
+until SIGTERM (faust stops cleanly)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import faust
 
 from services.common.logs import json_log_handler
 from services.common.settings import Settings
-from services.hydrator.app import create_app
+from services.hydrator.app import APP_NAME, create_app, instance_name
+from services.hydrator.gather import start_gather
 
 
 class HydratorWorker(faust.Worker):
@@ -26,9 +28,14 @@ class HydratorWorker(faust.Worker):
 
 
 def main() -> None:
-    app = create_app(Settings())
+    settings = Settings()
+    app = create_app(settings)
+    gather, _ = start_gather(settings, settings.group(APP_NAME), instance_name())
     worker = HydratorWorker(app, loglevel=os.environ.get("HYDRATOR_LOGLEVEL", "WARNING"), quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        gather.stop()
 
 
 if __name__ == "__main__":

@@ -1,21 +1,28 @@
 """Audience resolution over one partition's contacts: pure functions, no I/O.
 
 A contact is stored once per tenant + normalised e-mail (its id is derived from both), so
-resolving lists and hand-picked ids over the contacts of a partition yields each contact at
-most once, however many of the campaign's lists it is in. Each contact of the audience is
-either queued or excluded with a reason (unsubscribed, suppressed:<reason>, deleted), never
-both, so queued + excluded is the raw audience.
+resolving hand-picked ids, lists and segments over the contacts of a partition yields each
+contact at most once, however many of them name it. Each contact of the audience is either
+queued or excluded with one reason, never both, so queued + excluded is the raw audience.
+Reasons, by precedence: deleted, suppressed:<reason>, unsubscribed (the contact's own state),
+then excluded_list, excluded_segment (the campaign's exclusions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from schemas.contacts import ContactEvent, ContactState, apply_contact_event, exclusion_reason
 from schemas.events import Audience
+from schemas.segments import evaluate
 
 StoredContact = dict[str, Any]
+# Reasons for contacts the campaign itself leaves out (its exclusion lists and segments).
+EXCLUDED_BY_LIST = "excluded_list"
+EXCLUDED_BY_SEGMENT = "excluded_segment"
+Key = TypeVar("Key", str, bytes)
 
 
 def to_stored(state: ContactState, *, partition: int, first_offset: int) -> StoredContact:
@@ -63,32 +70,56 @@ def apply_to_stored(existing: Mapping[str, Any] | None, event: ContactEvent, *, 
 
 
 def resolve_audience(
-    contacts: Iterable[tuple[str, StoredContact]],
+    contacts: Iterable[tuple[Key, StoredContact]],
     *,
     tenant_id: str,
     partition: int,
     audience: Audience,
     snapshot_offset: int,
-) -> Iterator[tuple[str, StoredContact, str | None]]:
+    now: datetime | None = None,
+) -> Iterator[tuple[Key, StoredContact, str | None]]:
     """Contacts of `tenant_id` in `partition`, known before the snapshot, that the audience
-    names (by list or id), each with the reason it must not be mailed, or None."""
+    names (by id, list or segment), each with the reason it must not be mailed, or None.
+    Keys are the contacts' record keys (`tenant:contact`, str or bytes). `now` is the moment
+    relative dates in segments are read against (the send request's time, so that a
+    redone fan-out decides the same)."""
     prefix = f"{tenant_id}:"
+    byte_prefix = prefix.encode()
     lists = set(audience.list_ids)
     ids = set(audience.contact_ids)
+    segments = [s.criteria for s in audience.segments]
+    excluded_lists = set(audience.exclude_list_ids)
+    excluded_segments = [s.criteria for s in audience.exclude_segments]
+    moment = now or datetime.now(UTC)
     for key, contact in contacts:
-        if contact["partition"] != partition or not key.startswith(prefix):
+        own = key.startswith(byte_prefix) if isinstance(key, bytes) else key.startswith(prefix)
+        if contact["partition"] != partition or not own:
             continue
         if contact["first_offset"] >= snapshot_offset:
             continue  # joined after sending started: not part of this campaign
-        if contact["id"] in ids or not lists.isdisjoint(contact["lists"]):
-            yield key, contact, exclusion_reason(from_stored(contact), audience.list_ids)
+        state: ContactState | None = None
+        if not (contact["id"] in ids or not lists.isdisjoint(contact["lists"])):
+            if not segments:
+                continue
+            state = from_stored(contact)
+            if not any(evaluate(criteria, state, moment) for criteria in segments):
+                continue
+        reason = _exclusion(contact, audience.list_ids)
+        if reason is None and excluded_lists and not excluded_lists.isdisjoint(contact["lists"]):
+            reason = EXCLUDED_BY_LIST
+        if reason is None and excluded_segments:
+            state = state or from_stored(contact)
+            if any(evaluate(criteria, state, moment) for criteria in excluded_segments):
+                reason = EXCLUDED_BY_SEGMENT
+        yield key, contact, reason
 
 
-def gather(reported: Mapping[str, int], partitions: int) -> int | None:
-    """Total recipients once every partition has reported, else None."""
-    if len(reported) < partitions:
+def _exclusion(contact: StoredContact, list_ids: list[str]) -> str | None:
+    # Most contacts carry no flag at all: skip building their ContactState.
+    if not (contact.get("deleted") or contact.get("suppressed_reason")
+            or contact.get("globally_unsubscribed") or contact.get("unsubscribed_lists")):
         return None
-    return sum(reported.values())
+    return exclusion_reason(from_stored(contact), list_ids)
 
 
 def sum_exclusions(per_partition: Iterable[Mapping[str, int]]) -> dict[str, int]:

@@ -1,11 +1,16 @@
 """The sender service: mails every queued recipient once and reports each delivery.
 
-Guarantee: every RecipientQueued ends in exactly one terminal delivery event (published at
-least once); a recipient is mailed at most once, except when an SMTP outcome is unknown
-(connection lost after DATA, or a crash between the ledger's claim and settle), which may
-mail it twice and is counted in the send ledger's `ambiguous` column.
+Guarantee: every RecipientQueued ends in exactly one terminal delivery event (EmailSent,
+EmailFailed or RecipientSkipped; published at least once, copies alike), after any number of
+EmailDeferred; each attempt mails a recipient at most once, except when an SMTP outcome is
+unknown (connection lost after the final ".", or a crash between the ledger's claim and
+settle), which may mail it twice and is counted (`ambiguous` in the send ledger and in
+EmailSent / EmailFailed).
 
 Modules: render (template placeholders, pure), mime (the message bytes, pure), replies (SMTP
-reply classes, pure), delivery (retries and outcomes), smtp_pool (SMTP connections), ledger
-(the send ledger in PostgreSQL), worker (the Kafka consume/send/publish loop).
+reply classes and hard bounces, pure), retries (backoff schedule and limits, pure), delivery
+(what one attempt comes to, and its event, pure), ledger (the send ledger in PostgreSQL, with
+its pure claim rules), control (pause / resume / cancel as every sender sees them),
+smtp_pool (SMTP connections), worker (the Kafka consume/send/publish loop, delay and held
+topics).
 """

@@ -1,7 +1,9 @@
 """`python -m services.sender`: run one sender until SIGTERM or SIGINT.
 
 A stop signal ends fetching; the batch in flight is still mailed, settled, published and
-committed, then the process exits 0. SENDER_CONCURRENCY sets the number of SMTP connections.
+committed, then the process exits 0. SENDER_CONCURRENCY sets the number of SMTP connections;
+SENDER_RETRY_BASE_SECONDS, SENDER_RETRY_MAX_DELAY_SECONDS, SENDER_MAX_ATTEMPTS and
+SENDER_MAX_AGE_SECONDS the retry policy of transient failures (see services/sender/retries.py).
 """
 
 from __future__ import annotations

@@ -1,101 +1,145 @@
-"""One recipient's delivery: SMTP attempts with short in-process retries, its final outcome,
-and the delivery event that reports it.
+"""One SMTP attempt for one recipient, what it comes to, and the delivery event reporting it.
 
 Guarantees:
-- At most MAX_ATTEMPTS SMTP transactions per delivery; a permanent refusal (5xx) is never
-  retried; a sent message is never sent again by this loop.
-- Every delivery ends in exactly one `Outcome`, sent or failed, that records how many
-  attempts it took and how many of them had an unknown result (ambiguous).
-- No attempt starts after the caller's deadline, so a hanging relay cannot hold a batch
-  (and the consumer's group membership) for longer than the deadline plus one attempt.
+- One SMTP transaction per attempt: a transient failure is never retried here (no sleeping
+  while a batch and its partitions wait); it becomes DEFERRED with the time of the next
+  attempt, carried through the delay topics, or FAILED once the retry policy gives up.
+- A permanent refusal (5xx) is FAILED at once and never retried; `hard_bounce` says whether
+  the address itself was refused (the contact is then suppressed).
+- No attempt starts after the caller's deadline: a hanging relay cannot hold a batch (and the
+  consumer's group membership) longer than the deadline plus one attempt; the untried
+  recipient is deferred like any transient failure.
 - `delivery_event` is pure: the same recipient and outcome give the same payload, so an
   outcome re-published from the send ledger matches what was published the first time.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, replace
+from datetime import datetime
 
-from schemas.events import EmailFailed, EmailSent, RecipientQueued
-from services.sender.mime import OutgoingMail
-from services.sender.replies import Attempt, Verdict
+from schemas.events import EmailDeferred, EmailFailed, EmailSent, RecipientQueued
+from services.sender.replies import Attempt, Verdict, is_hard_bounce
+from services.sender.retries import RetryPolicy
 
-# Three attempts: a 4xx, a dropped connection or a timeout on a healthy relay (restart,
-# connection limit, momentary overload) is usually over within a second; longer outages are
-# for the delay topics of a later issue, not for holding a whole batch here.
-MAX_ATTEMPTS = 3
-# Pause before the 2nd and 3rd attempt: gives a restarting relay or a freed connection slot
-# a moment, while a batch with many transient failures is held up by a fraction of a second.
-BACKOFF_SECONDS = (0.05, 0.25)
+
+class Status(enum.StrEnum):
+    """How an attempt ended for the recipient. SENT and FAILED are terminal; DEFERRED waits on
+    a delay topic; HELD, SKIPPED and THROTTLED were never tried (paused / cancelled meanwhile,
+    or a rate limit booked a later slot: the attempt waits on a delay topic until then)."""
+
+    SENT = "sent"
+    FAILED = "failed"
+    DEFERRED = "deferred"
+    HELD = "held"
+    SKIPPED = "skipped"
+    THROTTLED = "throttled"
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a delivery ended. `detail` is the SMTP reply when sent, the reason when failed."""
+    """The result of attempt number `attempt`. `detail` is the SMTP reply when sent, the reason
+    otherwise; `ambiguous` counts possible duplicates (connection lost after the final ".")."""
 
-    sent: bool
-    attempts: int
-    smtp_code: int | None
-    detail: str
+    status: Status
+    attempt: int
+    smtp_code: int | None = None
+    detail: str = ""
     permanent: bool = False
     ambiguous: int = 0
+    hard_bounce: bool = False
+    retry_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in (Status.SENT, Status.FAILED)
 
     @classmethod
-    def unbuildable(cls, error: Exception) -> Outcome:
+    def unbuildable(cls, attempt: int, error: Exception) -> Outcome:
         """A recipient whose message could not be built: retrying cannot help."""
-        return cls(False, 1, None, f"message not built: {type(error).__name__}: {error}", True)
+        return cls(Status.FAILED, attempt, None,
+                   f"message not built: {type(error).__name__}: {error}", permanent=True)
+
+    def with_ambiguous(self, earlier: int) -> Outcome:
+        """This outcome, counting also `earlier` possible duplicates from the send ledger."""
+        return replace(self, ambiguous=self.ambiguous + earlier)
 
 
-def deliver(
-    mail: OutgoingMail,
-    transmit: Callable[[OutgoingMail], Attempt],
+def judge_attempt(
+    result: Attempt,
+    attempt: int,
     *,
-    deadline: float | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    first_attempt_at: datetime,
+    now: datetime,
+    policy: RetryPolicy,
+    draw: float,
 ) -> Outcome:
-    """Transmit until sent, refused for good, or out of attempts. No attempt starts after
-    `deadline` (a `clock` reading): the delivery then fails as transient, untried."""
-    ambiguous = 0
-    attempt: Attempt | None = None
-    for number in range(1, MAX_ATTEMPTS + 1):
-        if deadline is not None and clock() >= deadline:
-            reason = "batch deadline passed before this attempt (relay too slow)"
-            last = f"; last attempt: {attempt.reply}" if attempt is not None else ""
-            return Outcome(False, number - 1, None, reason + last, False, ambiguous)
-        attempt = transmit(mail)
-        ambiguous += attempt.ambiguous
-        if attempt.verdict is Verdict.SENT:
-            return Outcome(True, number, attempt.code, attempt.reply, ambiguous=ambiguous)
-        if attempt.verdict is Verdict.PERMANENT:
-            return Outcome(False, number, attempt.code, attempt.reply, True, ambiguous)
-        if number < MAX_ATTEMPTS:
-            sleep(BACKOFF_SECONDS[number - 1])
-    assert attempt is not None
-    return Outcome(False, MAX_ATTEMPTS, attempt.code, attempt.reply, False, ambiguous)
+    """What one SMTP attempt means for the recipient (`draw` in [0, 1) jitters the backoff)."""
+    ambiguous = int(result.ambiguous)
+    if result.verdict is Verdict.SENT:
+        return Outcome(Status.SENT, attempt, result.code, result.reply, ambiguous=ambiguous)
+    if result.verdict is Verdict.PERMANENT:
+        return Outcome(Status.FAILED, attempt, result.code, result.reply, permanent=True,
+                       ambiguous=ambiguous, hard_bounce=is_hard_bounce(result))
+    return transient(attempt, result.code, result.reply, first_attempt_at=first_attempt_at,
+                     now=now, policy=policy, draw=draw, ambiguous=ambiguous)
+
+
+def transient(
+    attempt: int,
+    smtp_code: int | None,
+    reason: str,
+    *,
+    first_attempt_at: datetime,
+    now: datetime,
+    policy: RetryPolicy,
+    draw: float,
+    ambiguous: int = 0,
+) -> Outcome:
+    """A transient failure of `attempt`: DEFERRED to the next attempt, or FAILED when the
+    policy gives up (attempts or age exhausted)."""
+    retry_at = policy.next_attempt_at(attempt, first_attempt_at, now, draw)
+    if retry_at is None:
+        return Outcome(Status.FAILED, attempt, smtp_code,
+                       f"gave up after {attempt} attempts: {reason}", ambiguous=ambiguous)
+    return Outcome(Status.DEFERRED, attempt, smtp_code, reason, ambiguous=ambiguous,
+                   retry_at=retry_at)
 
 
 def delivery_event(
     recipient: RecipientQueued, outcome: Outcome, message_id: str
-) -> EmailSent | EmailFailed:
-    """The campaign.deliveries payload for a recipient's outcome."""
-    if outcome.sent:
+) -> EmailSent | EmailFailed | EmailDeferred:
+    """The campaign.deliveries payload for a recipient's sent, failed or deferred outcome."""
+    if outcome.status is Status.SENT:
         return EmailSent(
             campaign_id=recipient.campaign_id,
             contact_id=recipient.contact_id,
             email=recipient.email,
             message_id=message_id,
-            attempt=max(outcome.attempts, 1),
+            attempt=max(outcome.attempt, 1),
             smtp_reply=outcome.detail,
+            ambiguous=outcome.ambiguous,
         )
-    return EmailFailed(
-        campaign_id=recipient.campaign_id,
-        contact_id=recipient.contact_id,
-        email=recipient.email,
-        attempt=max(outcome.attempts, 1),
-        reason=outcome.detail or "unknown",
-        permanent=outcome.permanent,
-        smtp_code=outcome.smtp_code,
-    )
+    if outcome.status is Status.FAILED:
+        return EmailFailed(
+            campaign_id=recipient.campaign_id,
+            contact_id=recipient.contact_id,
+            email=recipient.email,
+            attempt=max(outcome.attempt, 1),
+            reason=outcome.detail or "unknown",
+            permanent=outcome.permanent,
+            smtp_code=outcome.smtp_code,
+            ambiguous=outcome.ambiguous,
+        )
+    if outcome.status is Status.DEFERRED and outcome.retry_at is not None:
+        return EmailDeferred(
+            campaign_id=recipient.campaign_id,
+            contact_id=recipient.contact_id,
+            email=recipient.email,
+            attempt=max(outcome.attempt, 1),
+            reason=outcome.detail or "unknown",
+            smtp_code=outcome.smtp_code,
+            retry_at=outcome.retry_at,
+        )
+    raise ValueError(f"no delivery event for a {outcome.status} outcome")

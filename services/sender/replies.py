@@ -12,6 +12,7 @@ accepted the message before the reply was lost.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -63,3 +64,24 @@ def classify_failure(stage: Stage, error: BaseException) -> Attempt:
     """The attempt a lost connection, timeout or protocol error stands for."""
     reason = f"{stage.value}: {type(error).__name__}: {error}".strip()
     return Attempt(Verdict.TRANSIENT, None, reason, ambiguous=stage is Stage.FINAL_REPLY)
+
+
+# Enhanced status codes of RFC 3463 that say the address itself is bad (5.1.x: no such user,
+# bad domain, bad syntax, moved) or the mailbox is gone for good (5.2.1: disabled).
+_HARD_BOUNCE_STATUS = re.compile(r"(?:^|\s)5\.(?:1\.\d{1,3}|2\.1)(?:\s|$)")
+# Relays that answer without enhanced codes still say so in words.
+_HARD_BOUNCE_WORDS = re.compile(
+    r"user unknown|unknown user|no such (?:user|mailbox|recipient)|does not exist|"
+    r"mailbox (?:not found|unavailable)|invalid (?:recipient|mailbox)",
+    re.IGNORECASE,
+)
+
+
+def is_hard_bounce(attempt: Attempt) -> bool:
+    """A permanent refusal of the address itself: mailing it again can never succeed, so the
+    contact is suppressed. Other permanent refusals (policy, content, size) are not."""
+    if attempt.verdict is not Verdict.PERMANENT or attempt.code is None:
+        return False
+    if _HARD_BOUNCE_STATUS.search(attempt.text):
+        return True
+    return attempt.code in (550, 551, 553) and bool(_HARD_BOUNCE_WORDS.search(attempt.text))

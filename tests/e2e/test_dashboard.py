@@ -1,5 +1,6 @@
 """The live dashboard in headless Chromium: a campaign advanced from 0 to 100 % sent in
-PostgreSQL shows up in the page live, ending at 100 % and completed.
+PostgreSQL shows up in the page live, ending at 100 % and completed; a paused campaign shows
+as paused with its skipped and retrying recipients.
 
 Driven by selenium + Debian's chromedriver (no browser download). Not `--dump-dom` with a
 virtual-time budget: virtual time waits for pending network fetches, and the dashboard's event
@@ -57,6 +58,9 @@ def test_dashboard_follows_a_campaign_to_completion(platform_settings, browser):
                               completed_at=datetime.now(UTC) - timedelta(seconds=20))
     campaign_id = world.campaign(world.a, name="Spring newsletter", total=total, queued=total,
                                  started_at=datetime.now(UTC))
+    paused = world.campaign(world.a, name="Held back", status="paused", total=10, queued=10, sent=4,
+                            retrying=2, skipped=1, started_at=datetime.now(UTC) - timedelta(seconds=60),
+                            paused_at=datetime.now(UTC) - timedelta(seconds=10))
     world.campaign(world.b, name="Someone else's")
     card = f"[data-campaign-id='{campaign_id}']"
 
@@ -91,11 +95,15 @@ def test_dashboard_follows_a_campaign_to_completion(platform_settings, browser):
         writer.join()
         browser.save_screenshot(str(shots / "dashboard.png"))
         text = browser.find_element("css selector", card).text
+        held = browser.find_element("css selector", f"[data-campaign-id='{paused}']")
+        held_status, held_text = held.get_attribute("data-status"), held.text
         ids = [e.get_attribute("data-campaign-id") for e in browser.find_elements("css selector", ".campaign")]
         url = browser.current_url
 
     assert status == "completed", f"dashboard never showed completion; saw {sorted(seen)}"
     assert "100.0%" in text and "200 sent" in text and "Spring newsletter" in text
     assert {"0", "100"} <= seen and len(seen - {"", "0", "100"}) >= 2, f"no live updates: {sorted(seen)}"
-    assert sorted(ids) == sorted([campaign_id, finished])  # tenant B's campaign never shown
+    assert sorted(ids) == sorted([campaign_id, finished, paused])  # tenant B's never shown
+    assert held_status == "paused"
+    assert "1 skipped" in held_text and "2 retrying" in held_text and "50.0%" in held_text
     assert "key=" not in url, "the page must drop the key from the address bar"

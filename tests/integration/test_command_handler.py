@@ -101,3 +101,72 @@ def test_state_survives_restart(settings):
     kinds = [type(e.payload).__name__ for e in events]
     assert kinds == ["CampaignCreated", "CommandRejected", "CampaignSendRequested"]
     assert "already exists" in events[1].payload.reason
+
+
+def test_pause_resume_and_automatic_pause(settings, handler):
+    from schemas.commands import AutoPauseCampaign, PauseCampaign, ResumeCampaign
+    from schemas.events import CampaignPaused, CampaignResumed
+
+    c1 = f"c-{uuid.uuid4().hex[:8]}"
+    create = CreateCampaign(name="n", subject="s", from_address="a@example.com", body_text="b")
+    publish(settings, COMMANDS, [
+        command(create, c1),
+        command(PauseCampaign(), c1),                                  # draft: refused
+        command(SendCampaign(list_ids=["l1"]), c1),
+        command(PauseCampaign(reason="check the link"), c1),
+        command(AutoPauseCampaign(reason="failure rate 60%"), c1),     # paused already: refused
+        command(ResumeCampaign(), c1),
+        command(AutoPauseCampaign(reason="failure rate 60%"), c1),
+        command(ResumeCampaign(), c1),
+        command(ResumeCampaign(), c1),                                 # sending: refused
+    ])
+    events = [e.payload for e in read_topic(settings, EVENTS, until=9)]
+    assert [type(e).__name__ for e in events] == [
+        "CampaignCreated", "CommandRejected", "CampaignSendRequested", "CampaignPaused",
+        "CommandRejected", "CampaignResumed", "CampaignPaused", "CampaignResumed",
+        "CommandRejected",
+    ]
+    assert events[3] == CampaignPaused(reason="check the link", automatic=False)
+    assert events[6] == CampaignPaused(reason="failure rate 60%", automatic=True)
+    assert events[5] == CampaignResumed()
+    assert "is draft, not sending" in events[1].reason
+    assert "is paused, not sending" in events[4].reason
+    assert "is sending, not paused" in events[8].reason
+
+
+def test_schedules_fire_on_time_and_missed_ones_are_reported_then_forced(settings, handler):
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.commands import ForceScheduledSend, ScheduleCampaign
+    from schemas.events import CampaignScheduled, CampaignScheduleMissed
+
+    soon, missed = f"c-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+    create = CreateCampaign(name="n", subject="s", from_address="a@example.com", body_text="b")
+    now = datetime.now(UTC)
+    publish(settings, COMMANDS, [
+        command(create, soon), command(create, missed),
+        command(ScheduleCampaign(send_at=now + timedelta(seconds=2),
+                                 send=SendCampaign(list_ids=["l1"])), soon),
+        # As if the handler had been down for an hour: found far beyond its 60 s grace.
+        command(ScheduleCampaign(send_at=now - timedelta(hours=1), grace_seconds=60,
+                                 send=SendCampaign(list_ids=["l2"])), missed),
+        command(SendCampaign(list_ids=["l1"]), soon),  # scheduled: refused
+    ])
+    events = read_topic(settings, EVENTS, until=8, timeout=60)
+    by_campaign = {c: [e for e in events if e.envelope.aggregate_id == c] for c in (soon, missed)}
+    assert [type(e.payload).__name__ for e in by_campaign[soon]] == [
+        "CampaignCreated", "CampaignScheduled", "CommandRejected", "CampaignSendRequested"]
+    scheduled, fired = by_campaign[soon][1], by_campaign[soon][3]
+    assert isinstance(scheduled.payload, CampaignScheduled)
+    assert fired.payload.audience.list_ids == ["l1"]
+    assert fired.envelope.causation_id == scheduled.envelope.id  # the schedule caused it
+    assert fired.envelope.occurred_at >= scheduled.payload.send_at
+    assert [type(e.payload).__name__ for e in by_campaign[missed]] == [
+        "CampaignCreated", "CampaignScheduled", "CampaignScheduleMissed"]
+    report = by_campaign[missed][2].payload
+    assert isinstance(report, CampaignScheduleMissed) and "grace 60 s" in report.reason
+
+    publish(settings, COMMANDS, [command(ForceScheduledSend(), missed)])
+    events = read_topic(settings, EVENTS, until=9, timeout=60)
+    forced = [e.payload for e in events if e.envelope.aggregate_id == missed][-1]
+    assert isinstance(forced, CampaignSendRequested) and forced.audience.list_ids == ["l2"]

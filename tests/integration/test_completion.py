@@ -187,3 +187,45 @@ def test_total_zero_completes_and_the_service_exits_cleanly_on_sigterm(settings)
         assert proc.stop() == 0, proc.log_tail()
     assert [m.payload for m in found] == [CampaignCompleted(total=0, sent=0, failed=0)]
     assert '"completion tracker stopped"' in proc.log_path.read_text()
+
+
+def test_failure_rate_guard_requests_one_automatic_pause(settings) -> None:
+    from schemas.commands import AutoPauseCampaign
+    from schemas.events import EmailFailed, RecipientSkipped
+    from services.common.topics import COMMANDS
+    from services.completion.tracker import FailureGuard
+
+    campaign = Campaign()
+
+    def failed(contact: str) -> tuple[bytes, Envelope]:
+        return campaign.event(EmailFailed(campaign_id=campaign.id, contact_id=contact,
+                                          email=f"{contact}@example.com", attempt=1,
+                                          reason="550 no", permanent=True, smtp_code=550))
+
+    publish(settings, EVENTS, [campaign.event(CampaignHydrated(total=40))])
+    # 3 sent, 9 failed (75%), 2 skipped (not deliveries, not counted), then more failures.
+    skipped = [campaign.event(RecipientSkipped(campaign_id=campaign.id, contact_id=f"s{i}",
+                                               email=f"s{i}@example.com", reason="cancelled"))
+               for i in range(2)]
+    publish(settings, DELIVERIES, [campaign.sent(f"ok{i}") for i in range(3)] + skipped
+            + [failed(f"bad{i}") for i in range(15)])
+    guard = FailureGuard(min_deliveries=10, failure_rate=0.5)
+    with CompletionService(settings, guard=guard) as service:
+        drain(service, settings)
+        assert service.pauses_requested == 1 and service.completions_published == 0
+    [command] = read_topic(settings, COMMANDS, until=1)
+    assert isinstance(command.payload, AutoPauseCampaign)
+    assert "70%" in command.payload.reason  # 7 of the first 10 deliveries failed
+    env = command.envelope
+    assert (env.tenant_id, env.aggregate_id, env.correlation_id) == (
+        campaign.tenant, campaign.id, campaign.flow
+    )
+    # The handler's answer, then more failures: a restarted tracker replays the facts and
+    # asks nothing again.
+    from schemas.events import CampaignPaused
+
+    publish(settings, EVENTS, [campaign.event(CampaignPaused(reason="r", automatic=True))])
+    publish(settings, DELIVERIES, [failed(f"worse{i}") for i in range(3)])
+    with CompletionService(settings, guard=guard) as restarted:
+        drain(restarted, settings)
+        assert restarted.pauses_requested == 0

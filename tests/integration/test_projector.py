@@ -22,25 +22,45 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from projections import read_models
+from projections import batch_writer
 from projections.projector import Projector
 from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
 from schemas.base import Record
+from schemas.contacts import (
+    ContactDeleted,
+    ContactListMembershipRemoved,
+    ContactSuppressed,
+    ContactUnsubscribed,
+    ContactUpserted,
+    contact_key,
+)
 from schemas.envelope import encode, wrap
 from schemas.events import (
     Audience,
     CampaignCancelled,
     CampaignCreated,
     CampaignHydrated,
+    CampaignPaused,
+    CampaignResumed,
     CampaignSendRequested,
     CommandRejected,
+    EmailDeferred,
     EmailFailed,
     EmailSent,
     MessageTemplate,
+    RecipientExcluded,
     RecipientQueued,
+    RecipientSkipped,
 )
 from services.common.settings import Settings
-from services.common.topics import DELIVERIES, EVENTS, RECIPIENTS, TopicSpec, topic_name
+from services.common.topics import (
+    CONTACTS,
+    DELIVERIES,
+    EVENTS,
+    RECIPIENTS,
+    TopicSpec,
+    topic_name,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +102,34 @@ class Campaign:
         value = encode(wrap(payload, tenant_id=self.tenant, aggregate_id=contact,
                             occurred_at=T0 + timedelta(seconds=3)))
         return RECIPIENTS, f"{self.tenant}:{contact}", value
+
+    def excluded(self, contact: str, reason: str) -> tuple[TopicSpec, str, bytes]:
+        payload = RecipientExcluded(campaign_id=self.id, contact_id=contact,
+                                    email=f"{contact}@example.com", reason=reason)
+        value = encode(wrap(payload, tenant_id=self.tenant, aggregate_id=contact,
+                            occurred_at=T0 + timedelta(seconds=3)))
+        return RECIPIENTS, f"{self.tenant}:{contact}", value
+
+    def delivery(self, payload: Record, at: datetime) -> tuple[TopicSpec, str, bytes]:
+        value = encode(wrap(payload, tenant_id=self.tenant, aggregate_id=self.id, occurred_at=at))
+        return DELIVERIES, self.id, value
+
+    def deferred(self, contact: str, attempt: int, at: datetime) -> tuple[TopicSpec, str, bytes]:
+        return self.delivery(EmailDeferred(
+            campaign_id=self.id, contact_id=contact, email=f"{contact}@example.com",
+            attempt=attempt, reason="451 greylisted", smtp_code=451,
+            retry_at=at + timedelta(minutes=1)), at)
+
+    def sent(self, contact: str, attempt: int, at: datetime, ambiguous: int = 0
+             ) -> tuple[TopicSpec, str, bytes]:
+        return self.delivery(EmailSent(
+            campaign_id=self.id, contact_id=contact, email=f"{contact}@example.com",
+            message_id=f"<{contact}@mx>", attempt=attempt, ambiguous=ambiguous), at)
+
+    def skipped(self, contact: str, at: datetime) -> tuple[TopicSpec, str, bytes]:
+        return self.delivery(RecipientSkipped(
+            campaign_id=self.id, contact_id=contact, email=f"{contact}@example.com",
+            reason="unsubscribed"), at)
 
     def delivered(self, contact: str, at: datetime, *, ok: bool) -> tuple[TopicSpec, str, bytes]:
         payload: Record
@@ -317,7 +365,7 @@ def test_failed_transaction_is_rolled_back_and_retried(settings, db, monkeypatch
     campaign = Campaign()
     first, rest, sent, failed, _ = full_scenario(campaign, 10)
     produce(settings, first + rest)
-    real_apply = read_models.apply
+    real_apply = batch_writer.apply
     calls = []
 
     def apply_then_lose_connection(conn, changes):
@@ -328,7 +376,7 @@ def test_failed_transaction_is_rolled_back_and_retried(settings, db, monkeypatch
             raise psycopg.OperationalError("simulated connection loss")
         return result
 
-    monkeypatch.setattr(read_models, "apply", apply_then_lose_connection)
+    monkeypatch.setattr(batch_writer, "apply", apply_then_lose_connection)
     drain(settings)
     assert len(calls) >= 2
     progress = campaign_progress(db, campaign.id)
@@ -409,3 +457,79 @@ def test_service_projects_until_sigterm_then_exits_zero(settings, db, tmp_path) 
         if service.poll() is None:
             service.kill()
     assert '"projector stopped"' in log_path.read_text()
+
+
+def test_pause_resume_retries_skips_exclusions_and_ambiguous_sends(settings, db) -> None:
+    c = Campaign()
+    t1 = T0 + timedelta(minutes=1)
+    paused_at = T0 + timedelta(seconds=10)
+    produce(settings, [
+        c.created(), c.send_requested(), c.hydrated(5),
+        *[c.queued(k) for k in ("k1", "k2", "k3", "k4", "k5")], c.excluded("x1", "unsubscribed"),
+        c.event(CampaignPaused(reason="failure rate 30%", automatic=True), paused_at),
+        c.deferred("k1", 1, t1), c.deferred("k1", 2, t1 + timedelta(seconds=1)),
+        c.sent("k1", 3, t1 + timedelta(seconds=2), ambiguous=1),
+        c.delivered("k2", t1, ok=False), c.skipped("k3", t1), c.deferred("k4", 1, t1),
+    ])
+    drain(settings)
+    p = campaign_progress(db, c.id)
+    assert p is not None
+    assert (p.status, p.total, p.queued, p.sent, p.failed, p.skipped, p.excluded, p.retrying,
+            p.ambiguous, p.pending) == ("paused", 5, 5, 1, 1, 1, 1, 1, 1, 2)
+    assert (p.paused_at, p.pause_reason, p.paused_automatically) == (
+        paused_at, "failure rate 30%", True)
+    history = db.execute(
+        "SELECT attempt, outcome, smtp_code FROM analyst_recipient_attempts"
+        " WHERE campaign_id = %s AND contact_id = 'k1' ORDER BY attempt", (c.id,)).fetchall()
+    assert history == [(1, "deferred", 451), (2, "deferred", 451), (3, "sent", None)]
+    k4 = db.execute("SELECT status, attempts, last_error FROM campaign_recipients"
+                    " WHERE campaign_id = %s AND contact_id = 'k4'", (c.id,)).fetchone()
+    assert k4 == ("retrying", 1, "451 greylisted")
+
+    resumed_at = T0 + timedelta(minutes=2)
+    end = T0 + timedelta(minutes=3)
+    produce(settings, [c.event(CampaignResumed(), resumed_at),
+                       c.deferred("k1", 1, t1),  # a late duplicate: no step back
+                       c.sent("k4", 2, end), c.sent("k5", 1, end - timedelta(seconds=5))])
+    drain(settings)
+    p = campaign_progress(db, c.id)
+    assert p is not None
+    assert (p.status, p.sent, p.retrying, p.pending, p.resumed_at, p.completed_at) == (
+        "completed", 3, 0, 0, resumed_at, end)
+    assert recipient_status_counts(db, c.id) == {
+        "excluded": 1, "queued": 0, "sent": 3, "failed": 1, "skipped": 1}
+    daily = db.execute("SELECT day, sent, failed, skipped FROM tenant_daily_sends"
+                       " WHERE tenant_id = %s", (c.tenant,)).fetchall()
+    assert daily == [(T0.date(), 3, 1, 1)]
+    settled = db.execute("SELECT sum(settled) FROM campaign_throughput WHERE campaign_id = %s",
+                         (c.id,)).fetchone()
+    assert settled == (5,)
+
+
+def test_list_counts_follow_contact_events(settings, db) -> None:
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    l1, l2 = f"list-{uuid.uuid4().hex[:6]}", f"list-{uuid.uuid4().hex[:6]}"
+
+    def contact(payload: Record) -> tuple[TopicSpec, str, bytes]:
+        cid = payload.contact_id  # type: ignore[attr-defined]
+        value = encode(wrap(payload, tenant_id=tenant, aggregate_id=cid, occurred_at=T0))
+        return CONTACTS, contact_key(tenant, cid).decode(), value
+
+    produce(settings, [
+        contact(ContactUpserted(contact_id="p1", email="p1@example.com", lists=[l1, l2])),
+        contact(ContactUpserted(contact_id="p2", email="p2@example.com", lists=[l1])),
+        contact(ContactUpserted(contact_id="p3", email="p3@example.com", lists=[l1])),
+        contact(ContactUpserted(contact_id="p4", email="p4@example.com", lists=[l1, l2])),
+        contact(ContactUnsubscribed(contact_id="p2", list_id=l1)),
+        contact(ContactDeleted(contact_id="p3")),
+        contact(ContactSuppressed(contact_id="p4", reason="hard_bounce")),
+        contact(ContactListMembershipRemoved(contact_id="p1", list_id=l2)),
+        contact(ContactUnsubscribed(contact_id="nobody")),  # never upserted: ignored
+    ])
+    drain(settings)
+    counts = db.execute(
+        "SELECT list_id, members, mailable, unsubscribed, suppressed FROM analyst_list_counts"
+        " WHERE tenant_id = %s ORDER BY list_id = %s DESC", (tenant, l1)).fetchall()
+    assert counts == [(l1, 3, 1, 1, 1), (l2, 1, 0, 0, 1)]
+    assert db.execute("SELECT count(*) FROM contacts WHERE tenant_id = %s",
+                      (tenant,)).fetchone() == (4,)

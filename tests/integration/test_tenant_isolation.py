@@ -19,7 +19,7 @@ import pytest
 from psycopg import errors
 from psycopg.conninfo import make_conninfo
 
-from projections import read_models
+from projections import batch_writer, read_models
 from projections.tenancy import (
     ANY_TENANT,
     WRITER_GROUP,
@@ -29,12 +29,18 @@ from projections.tenancy import (
     drop_analyst_login,
     tenant_transaction,
 )
+from schemas.contacts import ContactUpserted
 from services.common.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 VIEWS = ("analyst_campaign_progress", "analyst_recipients", "analyst_rejections",
-         "analyst_daily_sends")
+         "analyst_daily_sends", "analyst_recipient_attempts", "analyst_campaign_throughput",
+         "analyst_list_counts", "analyst_command_outcomes")
+# Every read-model table that carries a tenant (all must have forced row-level security).
+TENANT_TABLES = ("campaigns", "campaign_recipients", "command_rejections", "send_ledger",
+                 "recipient_attempts", "tenant_daily_sends", "campaign_throughput", "contacts",
+                 "contact_list_members", "command_outcomes", "command_outbox")
 DAY1 = datetime(2030, 5, 1, 10, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
 
@@ -47,6 +53,8 @@ class TenantRows:
     campaigns: list[str] = field(default_factory=list)
     recipients: list[tuple[str, str, str]] = field(default_factory=list)  # campaign, contact, status
     rejections: list[uuid.UUID] = field(default_factory=list)
+    attempts: list[uuid.UUID] = field(default_factory=list)
+    lists: dict[str, int] = field(default_factory=dict)  # list id -> members
 
     @property
     def sent(self) -> int:
@@ -84,21 +92,60 @@ def _insert(admin: psycopg.Connection[Any], rows: TenantRows, n_campaigns: int, 
             rejection = uuid.uuid4()
             rows.rejections.append(rejection)
             admin.execute(
+                "INSERT INTO command_outcomes (event_id, tenant_id, causation_id, aggregate_id,"
+                " event_type, occurred_at) VALUES (%s, %s, %s, %s, 'CommandRejected', %s)",
+                (rejection, rows.tenant, uuid.uuid4(), campaign, DAY1))
+            admin.execute(
+                "INSERT INTO command_outbox (command_id, topic, tenant_id, aggregate_id,"
+                " command_type, envelope) VALUES (%s, 'isolation.test', %s, %s, 'X', '')",
+                (uuid.uuid4(), rows.tenant, campaign))
+            admin.execute(
                 "INSERT INTO command_rejections (event_id, tenant_id, campaign_id, reason,"
                 " occurred_at, correlation_id) VALUES (%s, %s, %s, %s, %s, %s)",
                 (rejection, rows.tenant, campaign, f"refused for {rows.tenant}", DAY1,
                  uuid.uuid4()),
+            )
+            attempt = uuid.uuid4()
+            rows.attempts.append(attempt)
+            admin.execute(
+                "INSERT INTO recipient_attempts (event_id, tenant_id, campaign_id, contact_id,"
+                " attempt, smtp_code, detail, occurred_at) VALUES (%s, %s, %s, %s, 1, 451, %s, %s)",
+                (attempt, rows.tenant, campaign, rows.recipients[-1][1], "451 later", DAY1),
+            )
+            admin.execute(
+                "INSERT INTO campaign_throughput (tenant_id, campaign_id, second, settled)"
+                " VALUES (%s, %s, %s, %s)",
+                (rows.tenant, campaign, DAY1, picked.count("sent") + picked.count("failed")),
             )
         admin.execute(
             "INSERT INTO send_ledger (campaign_id, contact_id, tenant_id, message_id)"
             " VALUES (%s, %s, %s, %s)",
             (rows.campaigns[0], rows.recipients[0][1], rows.tenant, f"<{uuid.uuid4()}@test>"),
         )
+        # Daily sends as the projector keeps them: per tenant and day of the outcome.
+        for day in (DAY1, DAY2):
+            outcomes = [status for i, (*_, status) in enumerate(rows.recipients)
+                        if (day == DAY1) == bool(i % per % 2)]
+            admin.execute(
+                "INSERT INTO tenant_daily_sends (tenant_id, day, sent, failed) VALUES (%s, %s, %s, %s)",
+                (rows.tenant, day.date(), outcomes.count("sent"), outcomes.count("failed")),
+            )
+        # Lists: a shared list id in both tenants must still count per tenant.
+        for list_id, members in (("newsletter", n_campaigns + 1), (f"own-{rows.tenant}", 2)):
+            rows.lists[list_id] = members
+            for m in range(members):
+                contact = f"{list_id}-{m}"
+                admin.execute(
+                    "INSERT INTO contacts (tenant_id, contact_id) VALUES (%s, %s)"
+                    " ON CONFLICT DO NOTHING", (rows.tenant, contact))
+                admin.execute(
+                    "INSERT INTO contact_list_members (tenant_id, list_id, contact_id)"
+                    " VALUES (%s, %s, %s)", (rows.tenant, list_id, contact))
 
 
 def _delete(admin: psycopg.Connection[Any], rows: TenantRows) -> None:
     with admin.transaction():
-        for table in ("campaigns", "campaign_recipients", "command_rejections", "send_ledger"):
+        for table in TENANT_TABLES:
             admin.execute(
                 psycopg.sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(
                     psycopg.sql.Identifier(table)
@@ -208,6 +255,15 @@ def test_each_view_shows_exactly_the_tenant_set_for_the_transaction(
         assert recipients == set(a.recipients)
         rejections = {r[0] for r in analyst_a.execute("SELECT event_id FROM analyst_rejections")}
         assert rejections == set(a.rejections)
+        outcomes = {r[0] for r in analyst_a.execute(
+            "SELECT event_id FROM analyst_command_outcomes")}
+        assert outcomes == set(a.rejections)
+        attempts = {r[0] for r in analyst_a.execute(
+            "SELECT event_id FROM recipient_attempts")}
+        assert attempts == set(a.attempts)
+        lists = dict(analyst_a.execute(
+            "SELECT list_id, members FROM analyst_list_counts").fetchall())
+        assert lists == a.lists
         # Base tables granted for the security_invoker views are filtered the same way.
         assert _one(analyst_a, "SELECT count(*) FROM campaigns") == len(a.campaigns)
 
@@ -228,6 +284,15 @@ def test_aggregates_count_only_the_tenant(
         days = {r[0] for r in analyst_a.execute("SELECT day FROM analyst_daily_sends")}
         assert days == {DAY1.date(), DAY2.date()}
         assert _one(analyst_a, "SELECT count(DISTINCT tenant_id) FROM analyst_recipients") == 1
+        settled = _one(analyst_a, "SELECT sum(settled) FROM analyst_campaign_throughput")
+        assert settled == a.sent + a.failed
+        # Only the tenant's own members of the list id both tenants use.
+        assert _one(analyst_a, "SELECT members FROM analyst_list_counts"
+                               " WHERE list_id = 'newsletter'") == a.lists["newsletter"]
+        assert _one(analyst_a, "SELECT count(*) FROM contact_list_members") == sum(
+            a.lists.values())
+        assert _one(analyst_a, "SELECT count(*) FROM analyst_recipient_attempts"
+                               " WHERE outcome = 'deferred'") == len(a.attempts)
 
 
 def test_joins_between_views_stay_in_the_tenant(
@@ -257,7 +322,9 @@ def test_the_other_tenant_cannot_be_guessed_by_id(
     with tenant_transaction(analyst_a, a.tenant):
         for campaign in b.campaigns:
             for view in ("analyst_campaign_progress", "analyst_recipients", "analyst_rejections",
-                         "campaigns", "campaign_recipients", "command_rejections"):
+                         "campaigns", "campaign_recipients", "command_rejections",
+                         "analyst_recipient_attempts", "analyst_campaign_throughput",
+                         "recipient_attempts", "campaign_throughput"):
                 assert analyst_a.execute(
                     f"SELECT 1 FROM {view} WHERE campaign_id = %s", (campaign,)  # noqa: S608
                 ).fetchall() == [], view
@@ -268,6 +335,16 @@ def test_the_other_tenant_cannot_be_guessed_by_id(
             analyst_a, "SELECT count(*) FROM analyst_rejections WHERE event_id = ANY(%s)",
             (b.rejections,),
         ) == 0
+        assert _one(
+            analyst_a, "SELECT count(*) FROM recipient_attempts WHERE event_id = ANY(%s)",
+            (b.attempts,),
+        ) == 0
+        for table in ("contacts", "contact_list_members", "tenant_daily_sends",
+                      "analyst_daily_sends", "analyst_list_counts"):
+            assert _one(
+                analyst_a, f"SELECT count(*) FROM {table} WHERE tenant_id = %s",  # noqa: S608
+                (b.tenant,),
+            ) == 0, table
         # No predicate trick widens the view: OR true still goes through the policy.
         assert _one(
             analyst_a, "SELECT count(*) FROM analyst_recipients WHERE tenant_id = %s OR true",
@@ -345,6 +422,10 @@ def test_a_service_login_for_any_tenant_still_sees_one_tenant_per_transaction(
     "statement",
     [
         "SELECT * FROM send_ledger",
+        "SELECT * FROM command_outbox",
+        "INSERT INTO command_outcomes (event_id, tenant_id, causation_id, aggregate_id,"
+        " event_type, occurred_at) VALUES (gen_random_uuid(), '{a}', gen_random_uuid(), 'c',"
+        " 'CampaignCreated', now())",
         "SELECT * FROM projector_positions",
         "SELECT * FROM schema_migrations",
         "SELECT * FROM campaign_progress",
@@ -356,6 +437,15 @@ def test_a_service_login_for_any_tenant_still_sees_one_tenant_per_transaction(
         "INSERT INTO projector_positions (consumer_group, topic, partition, next_offset)"
         " VALUES ('g', 't', 0, 0)",
         "TRUNCATE campaigns",
+        "INSERT INTO tenant_daily_sends (tenant_id, day) VALUES ('{a}', current_date)",
+        "UPDATE campaign_throughput SET settled = 0",
+        "DELETE FROM contact_list_members",
+        "UPDATE contacts SET deleted = true",
+        "INSERT INTO recipient_attempts (event_id, tenant_id, campaign_id, contact_id, attempt,"
+        " detail, occurred_at) VALUES (gen_random_uuid(), '{a}', 'c', 'k', 1, 'x', now())",
+        "ALTER TABLE contacts DISABLE ROW LEVEL SECURITY",
+        "DROP POLICY analyst_tenant ON contact_list_members",
+        "ALTER VIEW analyst_list_counts SET (security_invoker = false)",
         "SET ROLE campaigns",
         "SET SESSION AUTHORIZATION campaigns",
         "ALTER TABLE campaigns DISABLE ROW LEVEL SECURITY",
@@ -423,19 +513,18 @@ def test_a_writer_login_projects_under_forced_row_security(
     tenant, campaign = f"tenant-{uuid.uuid4().hex[:8]}", f"camp-{uuid.uuid4()}"
     changes = read_models.BatchChanges()
     changes.owners[campaign] = tenant
-    changes.created[campaign] = read_models.CampaignCreatedRow(
-        tenant, campaign, "Writer test", "Hello", DAY1
+    changes.campaigns[campaign] = read_models.CampaignChange(
+        tenant, campaign, name="Writer test", subject="Hello", created_at=DAY1, total=1,
+        hydrated_at=DAY1,
     )
-    changes.hydrated[campaign] = read_models.CampaignHydratedRow(tenant, campaign, 1, DAY1)
     changes.recipients[(campaign, "c1")] = read_models.RecipientRow(
-        tenant, campaign, "c1", "c1@example.com"
+        tenant, campaign, "c1", "c1@example.com", "sent", 1, None, None, 250, 0, DAY2
     )
-    changes.deliveries[(campaign, "c1")] = read_models.DeliveryRow(
-        tenant, campaign, "c1", "sent", 1, None, DAY2
-    )
+    changes.contacts[(tenant, "c1")] = [
+        ContactUpserted(contact_id="c1", email="c1@example.com", lists=["l1"])]
     try:
         with writer.transaction():
-            completed = read_models.apply(writer, changes)
+            completed = batch_writer.apply(writer, changes)
             writer.execute(
                 "INSERT INTO send_ledger (campaign_id, contact_id, tenant_id, message_id)"
                 " VALUES (%s, 'c1', %s, '<m@test>')", (campaign, tenant))
@@ -446,9 +535,30 @@ def test_a_writer_login_projects_under_forced_row_security(
         assert row == ("completed", 1, 1)
     finally:
         with admin.transaction():
-            for table in ("campaigns", "campaign_recipients", "send_ledger"):
+            for table in TENANT_TABLES:
                 admin.execute(
                     psycopg.sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(
                         psycopg.sql.Identifier(table)),
                     (tenant,),
                 )
+
+
+def test_every_table_with_a_tenant_has_forced_row_security(
+    admin: psycopg.Connection[Any],
+) -> None:
+    """A table added later without its policy would show every tenant to analysts."""
+    rows = admin.execute(
+        "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = current_schema() AND c.relkind = 'r' AND EXISTS ("
+        "   SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'tenant_id'"
+        "   AND NOT a.attisdropped)").fetchall()
+    tables = {name: (enabled, forced) for name, enabled, forced in rows}
+    assert set(TENANT_TABLES) <= set(tables)
+    assert {name for name, flags in tables.items() if flags != (True, True)} == set()
+    views = {r[0]: r[1] for r in admin.execute(
+        "SELECT c.relname, c.reloptions FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relkind = 'v'"
+        " AND c.relname LIKE 'analyst%'").fetchall()}
+    assert set(VIEWS) <= set(views)
+    assert all("security_invoker=true" in (options or []) for options in views.values()), views

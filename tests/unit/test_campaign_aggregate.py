@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.commands import CancelCampaign, CreateCampaign, SendCampaign
-from schemas.events import CampaignCancelled, CampaignCreated, CampaignSendRequested
+from schemas.commands import (
+    AutoPauseCampaign,
+    CancelCampaign,
+    CreateCampaign,
+    PauseCampaign,
+    ResumeCampaign,
+    SendCampaign,
+)
+from schemas.events import (
+    CampaignCancelled,
+    CampaignCreated,
+    CampaignPaused,
+    CampaignResumed,
+    CampaignSendRequested,
+)
 from services.command_handler.campaign import Campaign, Rejected, Status, decide, evolve
 
 CREATE = CreateCampaign(name="Spring", subject="Hello {{ first_name }}", from_address="news@example.com",
@@ -78,3 +91,122 @@ def test_cancel_then_cancel_again():
 
 def test_evolve_ignores_foreign_events_before_creation():
     assert evolve(None, CampaignCancelled(), **IDS) is None
+
+
+SENDING = (CREATE, SendCampaign(list_ids=["l"]))
+
+
+def test_pause_and_resume_a_sending_campaign():
+    state = fold(*SENDING)
+    [paused] = decide(state, PauseCampaign(reason="check the link"), **IDS)
+    assert paused == CampaignPaused(reason="check the link", automatic=False)
+    state = evolve(state, paused, **IDS)
+    assert state.status is Status.PAUSED
+    [resumed] = decide(state, ResumeCampaign(), **IDS)
+    assert resumed == CampaignResumed()
+    assert evolve(state, resumed, **IDS).status is Status.SENDING
+
+
+def test_automatic_pause_says_so():
+    [paused] = decide(fold(*SENDING), AutoPauseCampaign(reason="failure rate 60%"), **IDS)
+    assert paused == CampaignPaused(reason="failure rate 60%", automatic=True)
+
+
+@pytest.mark.parametrize(
+    ("history", "command", "reason"),
+    [
+        ((CREATE,), PauseCampaign(), "is draft, not sending"),
+        ((*SENDING, PauseCampaign()), PauseCampaign(), "is paused, not sending"),
+        ((*SENDING, PauseCampaign()), AutoPauseCampaign(reason="r"), "is paused, not sending"),
+        ((*SENDING,), ResumeCampaign(), "is sending, not paused"),
+        ((*SENDING, CancelCampaign()), ResumeCampaign(), "is cancelled, not paused"),
+        ((*SENDING, CancelCampaign()), PauseCampaign(), "is cancelled, not sending"),
+        ((), PauseCampaign(), "unknown campaign"),
+    ],
+)
+def test_pause_and_resume_are_refused_out_of_turn(history, command, reason):
+    with pytest.raises(Rejected, match=reason):
+        decide(fold(*history), command, **IDS)
+
+
+def test_a_paused_campaign_can_be_cancelled_and_stays_cancelled():
+    state = fold(*SENDING, PauseCampaign(), CancelCampaign(reason="wrong list"))
+    assert state.status is Status.CANCELLED
+    # A stray resume event on the log does not revive it.
+    assert evolve(state, CampaignResumed(), **IDS).status is Status.CANCELLED
+
+
+def test_schedule_fires_when_due_within_its_grace():
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.commands import ScheduleCampaign
+    from schemas.events import CampaignScheduled
+    from services.command_handler.campaign import ScheduleDue, send_order
+
+    at = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    send = SendCampaign(list_ids=["l1"])
+    state = fold(CREATE)
+    [scheduled] = decide(state, ScheduleCampaign(send_at=at, send=send, grace_seconds=600), **IDS)
+    assert scheduled == CampaignScheduled(send_at=at, grace_seconds=600, send=send)
+    state = evolve(state, scheduled, **IDS)
+    assert state.status is Status.SCHEDULED and send_order(state, ScheduleDue(at)) == send
+    assert decide(state, ScheduleDue(at - timedelta(seconds=1)), **IDS) == []
+    [fired] = decide(state, ScheduleDue(at + timedelta(seconds=600)), contacts_snapshot={0: 9}, **IDS)
+    assert isinstance(fired, CampaignSendRequested) and fired.audience.list_ids == ["l1"]
+    assert fired.contacts_snapshot == {0: 9}
+    state = evolve(state, fired, **IDS)
+    assert state.status is Status.SENDING and state.schedule is None
+    assert decide(state, ScheduleDue(at + timedelta(seconds=5)), **IDS) == []  # fires once
+
+
+def test_a_schedule_found_late_is_reported_missed_and_can_be_forced():
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.commands import ForceScheduledSend, ScheduleCampaign
+    from schemas.events import CampaignScheduleMissed
+    from services.command_handler.campaign import ScheduleDue
+
+    at = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    state = fold(CREATE, ScheduleCampaign(send_at=at, send=SendCampaign(list_ids=["l"]),
+                                          grace_seconds=60))
+    late = at + timedelta(hours=2)
+    [missed] = decide(state, ScheduleDue(late), **IDS)
+    assert missed == CampaignScheduleMissed(send_at=at, noticed_at=late,
+                                            reason="found 7200 s late, grace 60 s")
+    state = evolve(state, missed, **IDS)
+    assert decide(state, ScheduleDue(late + timedelta(seconds=1)), **IDS) == []  # reported once
+    with pytest.raises(Rejected, match="is scheduled, not draft"):
+        decide(state, SendCampaign(list_ids=["l"]), **IDS)
+    [forced] = decide(state, ForceScheduledSend(), **IDS)
+    assert isinstance(forced, CampaignSendRequested)
+    with pytest.raises(Rejected, match="is draft, not scheduled"):
+        decide(fold(CREATE), ForceScheduledSend(), **IDS)
+
+
+def test_a_schedule_with_an_invalid_audience_is_refused_or_reported():
+    from datetime import UTC, datetime
+
+    from schemas.commands import ScheduleCampaign
+    from services.command_handler.campaign import ScheduleDue
+
+    at = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    with pytest.raises(Rejected, match="unknown segment"):
+        decide(fold(CREATE), ScheduleCampaign(send_at=at, send=SendCampaign(segment_ids=["gone"])),
+               **IDS)
+    # Valid when scheduled, invalid when due (the segment was deleted): reported, not sent.
+    state = fold(CREATE)
+    state = evolve(state, decide(state, ScheduleCampaign(send_at=at, send=SendCampaign(
+        list_ids=["l"], exclude_segment_ids=["s1"])), segments={"s1": _segment("s1")}, **IDS)[0],
+        **IDS)
+    [missed] = decide(state, ScheduleDue(at), segments={}, **IDS)
+    assert "unknown segment" in missed.reason
+    state = fold(CREATE, CancelCampaign())
+    assert decide(state, ScheduleDue(at), **IDS) == []
+
+
+def _segment(segment_id):
+    from schemas.events import AudienceSegment
+    from schemas.segments import parse_criteria
+
+    return AudienceSegment(segment_id=segment_id,
+                           criteria=parse_criteria({"op": "eq", "field": "attr.plan", "value": "pro"}))

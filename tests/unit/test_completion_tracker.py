@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from schemas.base import Record
 from schemas.envelope import Message, decode, encode, wrap
@@ -11,11 +12,13 @@ from schemas.events import (
     CampaignCompleted,
     CampaignCreated,
     CampaignHydrated,
+    EmailDeferred,
     EmailFailed,
     EmailSent,
     MessageTemplate,
+    RecipientSkipped,
 )
-from services.completion.tracker import CompletionTracker
+from services.completion.tracker import AutoPause, CompletionTracker, FailureGuard
 
 CAMPAIGN = "camp-1"
 TEMPLATE = MessageTemplate(subject="Hello", from_address="news@example.com", body_text="Hi")
@@ -127,3 +130,47 @@ def test_facts_of_another_tenant_are_ignored() -> None:
     assert tracker.dropped == 1
     [completion] = run(tracker, [sent("a")])
     assert completion.tenant_id == "acme"
+
+
+def deferred(contact: str) -> Message[Record]:
+    return msg(EmailDeferred(campaign_id=CAMPAIGN, contact_id=contact,
+                             email=f"{contact}@example.com", attempt=1, reason="451 later",
+                             smtp_code=451, retry_at=datetime(2026, 1, 1, tzinfo=UTC)))
+
+
+def skipped(contact: str, reason: str = "suppressed:hard_bounce") -> Message[Record]:
+    return msg(RecipientSkipped(campaign_id=CAMPAIGN, contact_id=contact,
+                                email=f"{contact}@example.com", reason=reason))
+
+
+def test_skipped_is_terminal_and_deferred_is_not() -> None:
+    tracker = CompletionTracker()
+    assert run(tracker, [hydrated(3), deferred("a"), deferred("b"), sent("a"), skipped("c")]) == []
+    assert tracker.campaigns[CAMPAIGN].outcomes == {"a": "sent", "c": "skipped"}
+    [completion] = run(tracker, [deferred("b"), failed("b")])
+    assert completion.event == CampaignCompleted(total=3, sent=1, failed=1, skipped=1)
+
+
+def test_completed_v1_reads_as_nothing_skipped() -> None:
+    from schemas.registry import load
+
+    assert load("CampaignCompleted", 1, {"total": 2, "sent": 1, "failed": 1}) == CampaignCompleted(
+        total=2, sent=1, failed=1, skipped=0)
+
+
+def test_failure_rate_guard_asks_for_one_pause() -> None:
+    tracker = CompletionTracker(FailureGuard(min_deliveries=4, failure_rate=0.5))
+    flow = uuid.uuid4()
+    # Two of three failed: above half, but too few deliveries to judge.
+    assert run(tracker, [hydrated(10, correlation=flow), failed("a"), sent("b"), failed("c")]) == []
+    trigger = failed("d")
+    [pause] = run(tracker, [trigger])
+    assert isinstance(pause, AutoPause) and pause.campaign_id == CAMPAIGN
+    assert pause.correlation_id == flow and pause.causation_id == trigger.envelope.id
+    assert "75%" in pause.reason
+    assert run(tracker, [failed("e"), failed("f")]) == []  # asked once, never again
+
+
+def test_failure_rate_guard_can_be_off() -> None:
+    tracker = CompletionTracker(FailureGuard(min_deliveries=1, failure_rate=None))
+    assert run(tracker, [hydrated(3), failed("a"), failed("b")]) == []

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from schemas.contacts import (
     ContactDeleted,
     ContactSuppressed,
     ContactUnsubscribed,
     ContactUpserted,
 )
-from schemas.events import Audience
-from services.hydrator.audience import apply_to_stored, gather, resolve_audience, sum_exclusions
+from schemas.events import Audience, AudienceSegment
+from schemas.segments import parse_criteria
+from services.hydrator.audience import apply_to_stored, resolve_audience, sum_exclusions
 
 
 def stored(events, offset=0, partition=0):
@@ -70,8 +73,54 @@ def test_events_before_any_upsert_store_nothing():
                            partition=0) is None
 
 
-def test_gather_waits_for_every_partition_and_sums_exclusions():
-    assert gather({"0": 3}, partitions=2) is None
-    assert gather({"0": 3, "1": 4}, partitions=2) == 7
+def test_exclusions_are_summed_by_reason():
     assert sum_exclusions([{"unsubscribed": 1}, {"unsubscribed": 2, "deleted": 1}]) == {
         "deleted": 1, "unsubscribed": 3}
+
+
+def attrs(cid, lists=(), **attributes):
+    return ContactUpserted(contact_id=cid, email=f"{cid}@example.com", lists=list(lists), attributes=attributes)
+
+
+def segment(segment_id, criteria):
+    return AudienceSegment(segment_id=segment_id, criteria=parse_criteria(criteria))
+
+
+def test_ids_lists_and_segments_overlap_into_one_recipient_each_minus_exclusions():
+    now = datetime(2026, 11, 29, tzinfo=UTC)
+    table = {
+        "t:a": stored([attrs("a", ["l1"], plan="pro")]),           # list and segment
+        "t:b": stored([attrs("b", [], plan="pro")]),               # segment only
+        "t:c": stored([attrs("c", [], plan="free")]),              # picked only
+        "t:d": stored([attrs("d", ["l1", "vip"], plan="pro")]),    # in an exclusion list
+        "t:e": stored([attrs("e", [], plan="pro", signup="2026-11-20")]),  # matches the exclusion segment
+        "t:f": stored([attrs("f", ["l1"], plan="pro"), ContactSuppressed(contact_id="f", reason="complaint")]),
+        "t:g": stored([attrs("g", [], plan="free")]),              # named by nothing
+        "t:h": stored([attrs("h", ["vip"], plan="team")]),         # only in the exclusion list
+    }
+    audience = Audience(
+        contact_ids=["c", "a"], list_ids=["l1"],
+        segments=[segment("pro", {"op": "in", "field": "attr.plan", "values": ["pro", "team"]})],
+        exclude_list_ids=["vip"],
+        exclude_segments=[segment("new", {"op": "after", "field": "attr.signup", "value": "30 days ago"})],
+    )
+    got = {key: reason for key, _, reason in resolve_audience(
+        table.items(), tenant_id="t", partition=0, audience=audience, snapshot_offset=100, now=now)}
+    assert got == {
+        "t:a": None, "t:b": None, "t:c": None,
+        "t:d": "excluded_list",
+        "t:e": "excluded_segment",
+        "t:f": "suppressed:complaint",   # the contact's own state comes first
+        "t:h": "excluded_list",
+    }
+
+
+def test_relative_dates_are_read_against_the_send_time():
+    table = {"t:e": stored([attrs("e", [], signup="2026-11-20")])}
+    audience = Audience(segments=[segment("new", {"op": "after", "field": "attr.signup", "value": "30 days ago"})])
+
+    def resolve_at(now):
+        return [key for key, _, _ in resolve_audience(
+            table.items(), tenant_id="t", partition=0, audience=audience, snapshot_offset=100, now=now)]
+    assert resolve_at(datetime(2026, 11, 29, tzinfo=UTC)) == ["t:e"]
+    assert resolve_at(datetime(2027, 1, 29, tzinfo=UTC)) == []

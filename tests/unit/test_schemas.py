@@ -22,7 +22,7 @@ def test_round_trip_keeps_ids_and_payload():
     msg = decode(encode(env))
     assert msg.payload == cmd
     assert msg.envelope.id == env.id == msg.envelope.correlation_id
-    assert msg.envelope.type == "SendCampaign" and msg.envelope.version == 1
+    assert msg.envelope.type == "SendCampaign" and msg.envelope.version == 2
     assert msg.envelope.occurred_at.tzinfo is not None
 
 

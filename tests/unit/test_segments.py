@@ -8,12 +8,12 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import registry
+from schemas.commands import SendCampaign
 from schemas.contacts import ContactState
 from schemas.envelope import SchemaViolation, decode, encode, wrap
-from schemas.events import Audience
+from schemas.registry import load
 from schemas.segments import (
     MAX_DEPTH,
-    AudienceSpec,
     ChangeSegment,
     DefineSegment,
     DeleteSegment,
@@ -300,10 +300,9 @@ def test_segment_aggregate_define_change_delete():
     assert decide_segment(gone, define) == [defined]
 
 
-def test_audience_spec_is_a_superset_of_audience():
-    spec = AudienceSpec(list_ids=["news"], segment_ids=["s1"], exclude_list_ids=["vip"], exclude_segment_ids=["s2"])
-    assert set(Audience.model_fields) <= set(AudienceSpec.model_fields)
-    assert AudienceSpec.model_validate(spec.model_dump()) == spec
-    assert AudienceSpec().contact_ids == []
+def test_send_campaign_v1_is_upcast_with_no_segments_or_exclusions():
+    cmd = load("SendCampaign", 1, {"contact_ids": ["a"], "list_ids": ["news"]})
+    assert cmd == SendCampaign(contact_ids=["a"], list_ids=["news"])
+    assert cmd.segment_ids == cmd.exclude_list_ids == cmd.exclude_segment_ids == []
     with pytest.raises(ValidationError):
-        AudienceSpec(segment_ids=["bad id"])
+        SendCampaign(segment_ids=["bad id"])

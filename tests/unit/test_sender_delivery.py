@@ -1,78 +1,62 @@
-"""Retries, outcomes and delivery events of one recipient's delivery."""
+"""One attempt's outcome, and the delivery event that reports it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
-from schemas.events import EmailFailed, EmailSent, MessageTemplate, RecipientQueued
-from services.sender.delivery import BACKOFF_SECONDS, MAX_ATTEMPTS, Outcome, deliver, delivery_event
-from services.sender.mime import OutgoingMail
+import pytest
+
+from schemas.events import EmailDeferred, EmailFailed, EmailSent, MessageTemplate, RecipientQueued
+from services.sender.delivery import Outcome, Status, delivery_event, judge_attempt
 from services.sender.replies import Attempt, Verdict
+from services.sender.retries import RetryPolicy
 
-MAIL = OutgoingMail("<c.k@example.com>", "news@example.com", "jane@example.org", b"x\r\n")
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+POLICY = RetryPolicy(base_seconds=10, max_delay_seconds=100, max_attempts=4, max_age_seconds=3600)
 SENT = Attempt(Verdict.SENT, 250, "2.0.0 OK")
 TEMP = Attempt(Verdict.TRANSIENT, 451, "4.3.0 try later")
 PERM = Attempt(Verdict.PERMANENT, 550, "5.1.1 no such user")
+POLICY_REFUSAL = Attempt(Verdict.PERMANENT, 554, "5.7.1 spam")
 DROPPED = Attempt(Verdict.TRANSIENT, None, "final reply: SMTPServerDisconnected", ambiguous=True)
 
 
-class Relay:
-    """Answers transmit() with a scripted sequence of attempts."""
-
-    def __init__(self, *attempts: Attempt) -> None:
-        self._attempts: Iterator[Attempt] = iter(attempts)
-        self.calls = 0
-        self.sleeps: list[float] = []
-
-    def transmit(self, mail: OutgoingMail) -> Attempt:
-        self.calls += 1
-        return next(self._attempts)
+def judge(result: Attempt, attempt: int = 1, first: datetime = NOW, draw: float = 0.0) -> Outcome:
+    return judge_attempt(result, attempt, first_attempt_at=first, now=NOW, policy=POLICY, draw=draw)
 
 
-def run(relay: Relay, **kwargs: object) -> Outcome:
-    return deliver(MAIL, relay.transmit, sleep=relay.sleeps.append, **kwargs)  # type: ignore[arg-type]
+def test_sent() -> None:
+    assert judge(SENT) == Outcome(Status.SENT, 1, 250, "250 2.0.0 OK")
 
 
-def test_sent_first_time() -> None:
-    relay = Relay(SENT)
-    assert run(relay) == Outcome(True, 1, 250, "250 2.0.0 OK")
-    assert relay.sleeps == []
+def test_permanent_fails_at_once_and_hard_bounces_are_marked() -> None:
+    assert judge(PERM) == Outcome(Status.FAILED, 1, 550, "550 5.1.1 no such user",
+                                  permanent=True, hard_bounce=True)
+    refused = judge(POLICY_REFUSAL)
+    assert refused.status is Status.FAILED and refused.permanent and not refused.hard_bounce
 
 
-def test_transient_is_retried_with_backoff_until_sent() -> None:
-    relay = Relay(TEMP, TEMP, SENT)
-    outcome = run(relay)
-    assert outcome.sent and outcome.attempts == 3
-    assert relay.sleeps == list(BACKOFF_SECONDS)
+def test_transient_is_deferred_with_backoff() -> None:
+    outcome = judge(TEMP, attempt=2, draw=0.5)
+    # base 10 * 2**(2-1) = 20, equal jitter with draw 0.5: 10 + 5
+    assert outcome == Outcome(Status.DEFERRED, 2, 451, "451 4.3.0 try later",
+                              retry_at=NOW + timedelta(seconds=15))
 
 
-def test_permanent_is_never_retried() -> None:
-    relay = Relay(PERM)
-    outcome = run(relay)
-    assert outcome == Outcome(False, 1, 550, "550 5.1.1 no such user", permanent=True)
-    assert relay.calls == 1
+def test_transient_fails_once_attempts_are_exhausted() -> None:
+    outcome = judge(TEMP, attempt=POLICY.max_attempts)
+    assert outcome.status is Status.FAILED and not outcome.permanent
+    assert outcome.smtp_code == 451 and "gave up after 4 attempts" in outcome.detail
 
 
-def test_transient_gives_up_after_max_attempts() -> None:
-    relay = Relay(*[TEMP] * MAX_ATTEMPTS)
-    outcome = run(relay)
-    assert not outcome.sent and not outcome.permanent
-    assert outcome.attempts == MAX_ATTEMPTS == relay.calls
-    assert outcome.smtp_code == 451
+def test_transient_fails_once_too_old() -> None:
+    outcome = judge(TEMP, attempt=1, first=NOW - timedelta(seconds=3599))
+    assert outcome.status is Status.FAILED and not outcome.permanent
 
 
-def test_ambiguous_attempts_are_counted_even_when_a_retry_succeeds() -> None:
-    outcome = run(Relay(DROPPED, SENT))
-    assert outcome.sent and outcome.ambiguous == 1 and outcome.attempts == 2
-
-
-def test_no_attempt_starts_after_the_deadline() -> None:
-    ticks = iter([0.0, 5.0, 11.0])
-    relay = Relay(TEMP, TEMP, SENT)
-    outcome = run(relay, deadline=10.0, clock=lambda: next(ticks))
-    assert relay.calls == 2
-    assert not outcome.sent and not outcome.permanent and outcome.attempts == 2
-    assert "deadline" in outcome.detail and "451" in outcome.detail
+def test_lost_final_reply_is_deferred_and_counted_ambiguous() -> None:
+    outcome = judge(DROPPED)
+    assert outcome.status is Status.DEFERRED and outcome.ambiguous == 1
+    assert outcome.with_ambiguous(2).ambiguous == 3
 
 
 def recipient() -> RecipientQueued:
@@ -84,22 +68,33 @@ def recipient() -> RecipientQueued:
     )
 
 
-def test_sent_event() -> None:
-    event = delivery_event(recipient(), Outcome(True, 2, 250, "250 OK"), "<c.k@example.com>")
+def test_sent_event_carries_ambiguous() -> None:
+    outcome = Outcome(Status.SENT, 2, 250, "250 OK", ambiguous=1)
+    event = delivery_event(recipient(), outcome, "<c.k@example.com>")
     assert event == EmailSent(
         campaign_id="c", contact_id="k", email="jane@example.org",
-        message_id="<c.k@example.com>", attempt=2, smtp_reply="250 OK",
+        message_id="<c.k@example.com>", attempt=2, smtp_reply="250 OK", ambiguous=1,
     )
 
 
 def test_failed_event() -> None:
-    event = delivery_event(recipient(), Outcome(False, 1, 550, "550 no", True), "<c.k@example.com>")
+    outcome = Outcome(Status.FAILED, 1, 550, "550 no", permanent=True)
+    event = delivery_event(recipient(), outcome, "<c.k@example.com>")
     assert event == EmailFailed(
         campaign_id="c", contact_id="k", email="jane@example.org",
         attempt=1, reason="550 no", permanent=True, smtp_code=550,
     )
 
 
-def test_untried_failure_still_reports_attempt_one() -> None:
-    event = delivery_event(recipient(), Outcome(False, 0, None, "deadline"), "<c.k@example.com>")
-    assert isinstance(event, EmailFailed) and event.attempt == 1 and not event.permanent
+def test_deferred_event() -> None:
+    outcome = Outcome(Status.DEFERRED, 1, 451, "451 later", retry_at=NOW)
+    event = delivery_event(recipient(), outcome, "<c.k@example.com>")
+    assert event == EmailDeferred(
+        campaign_id="c", contact_id="k", email="jane@example.org",
+        attempt=1, reason="451 later", smtp_code=451, retry_at=NOW,
+    )
+
+
+def test_held_has_no_delivery_event() -> None:
+    with pytest.raises(ValueError, match="no delivery event"):
+        delivery_event(recipient(), Outcome(Status.HELD, 1), "<c.k@example.com>")

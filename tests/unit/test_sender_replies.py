@@ -58,3 +58,21 @@ def test_lost_reply_to_the_final_dot_is_ambiguous(error: Exception) -> None:
     assert attempt.ambiguous
     assert attempt.code is None
     assert type(error).__name__ in attempt.text
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "hard"),
+    [
+        (550, "5.1.1 Mailbox unavailable", True),
+        (550, "5.1.10 Recipient address rejected", True),
+        (552, "5.2.1 mailbox disabled", True),
+        (550, "User unknown", True),
+        (554, "5.7.1 Message rejected as spam", False),
+        (552, "5.3.4 Message too big", False),
+        (451, "4.1.1 try later", False),
+    ],
+)
+def test_hard_bounces(code: int, text: str, hard: bool) -> None:
+    from services.sender.replies import is_hard_bounce
+
+    assert is_hard_bounce(classify_reply(code, text)) is hard

@@ -1,0 +1,340 @@
+"""Writes a planned batch (projections.read_models.BatchChanges) in set-based SQL.
+
+Guarantee: inside the caller's transaction, a fixed number of statements per batch whatever its
+size; recipients go through a COPY into a temporary staging table and one upsert whose
+returned transitions (previous status -> new status) move the campaign counters, the per-tenant
+daily sends and the per-second throughput in the same statement, so a counter moves exactly
+when a row does. Campaign rows are locked in campaign-id order, so two projector transactions
+touching the same campaigns cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+
+from projections.read_models import BatchChanges, ContactKey, RecipientRow
+from schemas.contacts import ContactState, apply_contact_event
+
+# Ensure a row per campaign of the batch, then name those another tenant owned before it.
+_OWNERS = """
+WITH batch(tenant_id, campaign_id) AS (SELECT * FROM unnest(%s::text[], %s::text[])),
+ensured AS (
+    INSERT INTO campaigns (tenant_id, campaign_id)
+    SELECT tenant_id, campaign_id FROM batch ORDER BY campaign_id
+    ON CONFLICT (campaign_id) DO NOTHING
+)
+SELECT c.campaign_id FROM campaigns c JOIN batch b USING (campaign_id)
+WHERE c.tenant_id <> b.tenant_id
+"""
+
+# Facts that happen once keep their first value (COALESCE); pause state takes the batch's.
+_CAMPAIGN_FACTS = """
+UPDATE campaigns AS c
+SET name = COALESCE(c.name, u.name),
+    subject = COALESCE(c.subject, u.subject),
+    created_at = COALESCE(c.created_at, u.created_at),
+    started_at = COALESCE(c.started_at, u.started_at),
+    total = COALESCE(c.total, u.total),
+    hydrated_at = COALESCE(c.hydrated_at, u.hydrated_at),
+    cancelled_at = COALESCE(c.cancelled_at, u.cancelled_at),
+    paused = COALESCE(u.paused, c.paused),
+    paused_at = COALESCE(u.paused_at, c.paused_at),
+    resumed_at = COALESCE(u.resumed_at, c.resumed_at),
+    pause_reason = CASE WHEN u.paused_at IS NULL THEN c.pause_reason ELSE u.pause_reason END,
+    paused_automatically = COALESCE(u.paused_automatically, c.paused_automatically),
+    updated_at = now()
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
+            %s::timestamptz[], %s::bigint[], %s::timestamptz[], %s::timestamptz[],
+            %s::boolean[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::boolean[])
+     AS u(tenant_id, campaign_id, name, subject, created_at, started_at, total, hydrated_at,
+          cancelled_at, paused, paused_at, resumed_at, pause_reason, paused_automatically)
+WHERE c.campaign_id = u.campaign_id AND c.tenant_id = u.tenant_id
+"""
+
+_CAMPAIGN_FACT_FIELDS = (
+    "tenant_id", "campaign_id", "name", "subject", "created_at", "started_at", "total",
+    "hydrated_at", "cancelled_at", "paused", "paused_at", "resumed_at", "pause_reason",
+    "paused_automatically",
+)
+
+_REJECTIONS = """
+INSERT INTO command_rejections
+    (event_id, tenant_id, campaign_id, command_id, command_type, reason, occurred_at,
+     correlation_id)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::text[], %s::text[],
+                     %s::timestamptz[], %s::uuid[])
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+_OUTCOMES = """
+INSERT INTO command_outcomes
+    (event_id, tenant_id, causation_id, aggregate_id, event_type, occurred_at)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::uuid[], %s::text[], %s::text[],
+                     %s::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+_ATTEMPTS = """
+INSERT INTO recipient_attempts
+    (event_id, tenant_id, campaign_id, contact_id, attempt, smtp_code, detail, retry_at,
+     occurred_at)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[],
+                     %s::text[], %s::timestamptz[], %s::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+_STAGE_COLUMNS = RecipientRow._fields
+
+# ON COMMIT DELETE ROWS: the staging table is empty at the start of every batch.
+_STAGE_TABLE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS recipient_stage (
+    tenant_id text NOT NULL, campaign_id text NOT NULL, contact_id text NOT NULL,
+    email text NOT NULL, status text NOT NULL, attempts integer NOT NULL, last_error text,
+    reason text, smtp_code integer, ambiguous integer NOT NULL, event_at timestamptz NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+_RANK_NEW = ("CASE EXCLUDED.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1"
+             " WHEN 'retrying' THEN 2 ELSE 3 END")
+_RANK_OLD = "CASE r.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1 WHEN 'retrying' THEN 2 END"
+
+# `src` reads each staged recipient's status before this statement (a correlated look-up:
+# always one index probe per row, never a scan); `up` moves only rows whose status climbs;
+# the transitions `moved` (previous -> new) are all the counters add.
+_RECIPIENTS = f"""
+WITH src AS MATERIALIZED (
+    SELECT s.*, (SELECT r.status FROM campaign_recipients r
+                 WHERE r.campaign_id = s.campaign_id AND r.contact_id = s.contact_id) AS prev
+    FROM recipient_stage s
+), up AS (
+    INSERT INTO campaign_recipients AS r
+        (tenant_id, campaign_id, contact_id, email, status, attempts, last_error, reason,
+         smtp_code, ambiguous, last_event_at)
+    SELECT tenant_id, campaign_id, contact_id, email, status, attempts, last_error, reason,
+           smtp_code, ambiguous, event_at
+    FROM src ORDER BY campaign_id, contact_id
+    ON CONFLICT (campaign_id, contact_id) DO UPDATE
+    SET status = EXCLUDED.status, attempts = EXCLUDED.attempts,
+        last_error = EXCLUDED.last_error, reason = EXCLUDED.reason,
+        smtp_code = EXCLUDED.smtp_code, ambiguous = EXCLUDED.ambiguous,
+        last_event_at = EXCLUDED.last_event_at, updated_at = now(),
+        email = CASE WHEN EXCLUDED.email = '' THEN r.email ELSE EXCLUDED.email END
+    WHERE r.tenant_id = EXCLUDED.tenant_id
+      AND r.status IN ('excluded', 'queued', 'retrying')
+      AND ({_RANK_NEW} > {_RANK_OLD}
+           OR (r.status = 'retrying' AND EXCLUDED.status = 'retrying'
+               AND EXCLUDED.attempts > r.attempts))
+    RETURNING r.tenant_id, r.campaign_id, r.contact_id, r.status, r.ambiguous, r.last_event_at
+), moved AS (
+    SELECT up.*, src.prev FROM up JOIN src USING (campaign_id, contact_id)
+), per_second AS (
+    -- One pass over the transitions; everything below works on these few rows.
+    SELECT tenant_id, campaign_id,
+           CASE WHEN status IN ('sent', 'failed', 'skipped')
+                THEN date_trunc('second', last_event_at) END AS second,
+           count(*) FILTER (WHERE status <> 'excluded'
+                              AND (prev IS NULL OR prev = 'excluded')) AS queued,
+           count(*) FILTER (WHERE prev IS NULL AND status = 'excluded')
+             - count(*) FILTER (WHERE prev = 'excluded') AS excluded,
+           count(*) FILTER (WHERE status = 'retrying' AND prev IS DISTINCT FROM 'retrying')
+             - count(*) FILTER (WHERE prev = 'retrying' AND status <> 'retrying') AS retrying,
+           count(*) FILTER (WHERE status = 'sent') AS sent,
+           count(*) FILTER (WHERE status = 'failed') AS failed,
+           count(*) FILTER (WHERE status = 'skipped') AS skipped,
+           coalesce(sum(ambiguous) FILTER (WHERE status IN ('sent', 'failed')), 0) AS ambiguous,
+           max(last_event_at) FILTER (WHERE status IN ('sent', 'failed', 'skipped'))
+             AS last_delivery_at
+    FROM moved GROUP BY 1, 2, 3
+), per_campaign AS (
+    SELECT campaign_id, sum(queued) AS queued, sum(excluded) AS excluded,
+           sum(retrying) AS retrying, sum(sent) AS sent, sum(failed) AS failed,
+           sum(skipped) AS skipped, sum(ambiguous) AS ambiguous,
+           max(last_delivery_at) AS last_delivery_at
+    FROM per_second GROUP BY campaign_id
+), counted AS (
+    UPDATE campaigns AS c
+    SET queued = c.queued + p.queued, excluded = c.excluded + p.excluded,
+        retrying = c.retrying + p.retrying, sent = c.sent + p.sent,
+        failed = c.failed + p.failed, skipped = c.skipped + p.skipped,
+        ambiguous = c.ambiguous + p.ambiguous,
+        last_delivery_at = GREATEST(c.last_delivery_at, p.last_delivery_at),
+        updated_at = now()
+    FROM per_campaign p WHERE c.campaign_id = p.campaign_id
+    RETURNING 1
+), daily AS (
+    INSERT INTO tenant_daily_sends AS d (tenant_id, day, sent, failed, skipped)
+    SELECT tenant_id, (second AT TIME ZONE 'UTC')::date, sum(sent), sum(failed), sum(skipped)
+    FROM per_second WHERE second IS NOT NULL
+    GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (tenant_id, day) DO UPDATE
+    SET sent = d.sent + EXCLUDED.sent, failed = d.failed + EXCLUDED.failed,
+        skipped = d.skipped + EXCLUDED.skipped
+    RETURNING 1
+), throughput AS (
+    INSERT INTO campaign_throughput AS t (tenant_id, campaign_id, second, settled)
+    SELECT tenant_id, campaign_id, second, sent + failed + skipped
+    FROM per_second WHERE second IS NOT NULL
+    ORDER BY campaign_id, second
+    ON CONFLICT (campaign_id, second) DO UPDATE SET settled = t.settled + EXCLUDED.settled
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM counted)
+"""
+
+# The status follows from the facts kept on the row; returns the campaigns this batch
+# completed (`o` is the row as it was before this statement). completed_at comes from event
+# times only, so replaying the topics in another interleaving gives the same row.
+_STATUS = """
+UPDATE campaigns AS c
+SET status = s.status,
+    completed_at = CASE s.status WHEN 'cancelled' THEN c.cancelled_at
+                                 WHEN 'completed' THEN GREATEST(c.hydrated_at, c.last_delivery_at)
+                   END,
+    updated_at = now()
+FROM campaigns o, LATERAL (SELECT CASE
+        WHEN o.cancelled_at IS NOT NULL THEN 'cancelled'
+        WHEN o.total IS NOT NULL AND o.sent + o.failed + o.skipped >= o.total THEN 'completed'
+        WHEN o.paused THEN 'paused'
+        WHEN o.started_at IS NOT NULL OR o.hydrated_at IS NOT NULL THEN 'sending'
+        ELSE 'draft' END AS status) s
+WHERE c.campaign_id = ANY(%s::text[]) AND o.campaign_id = c.campaign_id
+  AND c.status <> s.status
+RETURNING c.tenant_id, c.campaign_id, o.status, c.status
+"""
+
+_LOAD_CONTACTS = """
+SELECT c.tenant_id, c.contact_id, c.deleted, c.globally_unsubscribed, c.suppressed_reason,
+       c.unsubscribed_lists,
+       ARRAY(SELECT m.list_id FROM contact_list_members m
+             WHERE m.tenant_id = c.tenant_id AND m.contact_id = c.contact_id)
+FROM contacts c
+JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, contact_id) USING (tenant_id, contact_id)
+"""
+
+_UPSERT_CONTACTS = """
+INSERT INTO contacts AS c
+    (tenant_id, contact_id, deleted, globally_unsubscribed, suppressed_reason,
+     unsubscribed_lists)
+SELECT u.tenant_id, u.contact_id, u.deleted, u.unsub, u.suppressed,
+       COALESCE(string_to_array(NULLIF(u.lists, ''), chr(31)), '{}')
+FROM unnest(%s::text[], %s::text[], %s::boolean[], %s::boolean[], %s::text[], %s::text[])
+     AS u(tenant_id, contact_id, deleted, unsub, suppressed, lists)
+ORDER BY 1, 2
+ON CONFLICT (tenant_id, contact_id) DO UPDATE
+SET deleted = EXCLUDED.deleted, globally_unsubscribed = EXCLUDED.globally_unsubscribed,
+    suppressed_reason = EXCLUDED.suppressed_reason,
+    unsubscribed_lists = EXCLUDED.unsubscribed_lists
+"""
+
+_CLEAR_MEMBERSHIPS = """
+DELETE FROM contact_list_members m
+USING unnest(%s::text[], %s::text[]) AS k(tenant_id, contact_id)
+WHERE m.tenant_id = k.tenant_id AND m.contact_id = k.contact_id
+"""
+
+_ADD_MEMBERSHIPS = """
+INSERT INTO contact_list_members (tenant_id, list_id, contact_id)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]) ORDER BY 1, 2, 3
+ON CONFLICT DO NOTHING
+"""
+
+# Separates list ids inside one array element (list ids never hold control characters).
+_LIST_SEPARATOR = "\x1f"
+
+
+def _columns(rows: Iterable[Any], *names: str) -> list[list[Any]]:
+    materialised = list(rows)
+    return [[getattr(row, name) for row in materialised] for name in names]
+
+
+def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[str, str]]:
+    """Apply a planned batch inside the caller's transaction.
+
+    Returns the (tenant_id, campaign_id) of campaigns this batch completed.
+    """
+    if changes.is_empty():
+        return []
+    with conn.cursor() as cur:
+        ids = changes.campaign_ids()
+        if ids:
+            cur.execute(_OWNERS, ([changes.owners[c] for c in ids], ids))
+            changes.drop_campaigns(row[0] for row in cur.fetchall())
+        if changes.campaigns:
+            cur.execute(_CAMPAIGN_FACTS, _columns(
+                sorted(changes.campaigns.values(), key=lambda c: c.campaign_id),
+                *_CAMPAIGN_FACT_FIELDS,
+            ))
+        if changes.rejections:
+            cur.execute(_REJECTIONS, _columns(
+                changes.rejections.values(),
+                "event_id", "tenant_id", "campaign_id", "command_id", "command_type", "reason",
+                "occurred_at", "correlation_id",
+            ))
+        if changes.outcomes:
+            cur.execute(_OUTCOMES, _columns(
+                changes.outcomes.values(),
+                "event_id", "tenant_id", "causation_id", "aggregate_id", "event_type",
+                "occurred_at",
+            ))
+        if changes.attempts:
+            cur.execute(_ATTEMPTS, _columns(
+                changes.attempts.values(),
+                "event_id", "tenant_id", "campaign_id", "contact_id", "attempt", "smtp_code",
+                "detail", "retry_at", "occurred_at",
+            ))
+        if changes.recipients:
+            _write_recipients(cur, changes)
+        if changes.contacts:
+            _write_contacts(cur, changes)
+        completed: list[tuple[str, str]] = []
+        ids = changes.campaign_ids()
+        if ids:
+            cur.execute(_STATUS, (ids,))
+            completed = [(tenant, campaign) for tenant, campaign, old, new in cur.fetchall()
+                         if new == "completed" and old != "completed"]
+        return completed
+
+
+def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
+    cur.execute(_STAGE_TABLE)
+    columns = ", ".join(_STAGE_COLUMNS)
+    with cur.copy(f"COPY recipient_stage ({columns}) FROM STDIN") as copy:  # noqa: S608
+        write = copy.write_row
+        for row in changes.recipients.values():
+            write(row)  # RecipientRow's fields are _STAGE_COLUMNS, in order
+    cur.execute(_RECIPIENTS)
+
+
+def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
+    """Fold each touched contact's events over its stored state, then store the result."""
+    keys = sorted(changes.contacts)
+    cur.execute(_LOAD_CONTACTS, ([t for t, _ in keys], [c for _, c in keys]))
+    states: dict[ContactKey, ContactState | None] = {}
+    for tenant, contact, deleted, unsub, suppressed, unsub_lists, lists in cur.fetchall():
+        states[(tenant, contact)] = ContactState(
+            contact, "", lists=frozenset(lists), unsubscribed_lists=frozenset(unsub_lists),
+            globally_unsubscribed=unsub, suppressed_reason=suppressed, deleted=deleted,
+        )
+    for key in keys:
+        state = states.get(key)
+        for event in changes.contacts[key]:
+            state = apply_contact_event(state, event)
+        states[key] = None if state is None else replace(state, attributes={})
+    kept = [(key, s) for key, s in sorted(states.items()) if s is not None]
+    if not kept:
+        return
+    cur.execute(_UPSERT_CONTACTS, (
+        [t for (t, _), _ in kept], [c for (_, c), _ in kept],
+        [s.deleted for _, s in kept], [s.globally_unsubscribed for _, s in kept],
+        [s.suppressed_reason for _, s in kept],
+        [_LIST_SEPARATOR.join(sorted(s.unsubscribed_lists)) for _, s in kept],
+    ))
+    cur.execute(_CLEAR_MEMBERSHIPS, ([t for (t, _), _ in kept], [c for (_, c), _ in kept]))
+    members = [(t, list_id, c) for (t, c), s in kept for list_id in sorted(s.lists)]
+    if members:
+        cur.execute(_ADD_MEMBERSHIPS, ([m[0] for m in members], [m[1] for m in members],
+                                       [m[2] for m in members]))

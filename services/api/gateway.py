@@ -1,0 +1,191 @@
+"""The command gateway: upstream services POST commands over HTTP and follow their outcome.
+
+Guarantee: a 202 means the command is stored in the PostgreSQL outbox (services/api/outbox.py)
+and will reach campaign.commands, in order, whatever Kafka is doing; a 4xx means nothing was
+stored. A command id sent again with the same command is accepted again without a second copy
+(idempotent retries); with a different command it is a 409. The outcome is read from the read
+models: the events the command caused (accepted) or its CommandRejected reason (rejected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from services.api import outbox, queries
+from services.api.commands import CommandInvalid, CommandRequest, build_envelope
+from services.api.deps import DbPool, Pool, Tenant
+from services.api.sse import RECONNECT_MS, format_event
+from services.common.settings import Settings
+from services.common.topics import COMMANDS, topic_name
+
+# How long a POST waits for the relay to publish before answering "pending": long enough for
+# a healthy broker's acknowledgement, short enough that an outage does not hold callers.
+PUBLISH_WAIT_S = 2.0
+PUBLISH_POLL_S = 0.05
+# How often the outcome stream looks at the read models.
+OUTCOME_POLL_S = 0.5
+
+CommandState = Literal["pending", "published", "accepted", "rejected"]
+FINAL_STATES = frozenset({"accepted", "rejected"})
+
+gateway_router = APIRouter(tags=["commands"])
+
+
+class CommandAccepted(BaseModel):
+    """`pending`: stored, not yet on Kafka (it is unreachable); `published`: on the topic."""
+
+    command_id: uuid.UUID
+    status: Literal["pending", "published"]
+    status_url: str
+
+
+class CausedEvent(BaseModel):
+    event_id: str
+    type: str
+    occurred_at: datetime
+
+
+class CommandStatus(BaseModel):
+    """Where a command stands: pending (in the outbox) -> published (on campaign.commands) ->
+    accepted (it caused `events`) or rejected (with `reason`)."""
+
+    command_id: uuid.UUID
+    status: CommandState
+    type: str | None
+    aggregate_id: str | None
+    accepted_at: datetime | None
+    published_at: datetime | None
+    events: list[CausedEvent]
+    reason: str | None
+
+
+def _status(pool: Pool, tenant: str, command_id: uuid.UUID) -> CommandStatus | None:
+    with queries.tenant_snapshot(pool, tenant) as conn:
+        entry = outbox.entry_of(conn, tenant, command_id)
+        events, reason = queries.command_outcome(conn, tenant, str(command_id))
+    if entry is None and not events and reason is None:
+        return None
+    state: CommandState
+    if reason is not None:
+        state = "rejected"
+    elif any(e.type != "CommandRejected" for e in events):
+        state = "accepted"
+    elif entry is None or entry.published_at is not None:
+        state = "published"
+    else:
+        state = "pending"
+    return CommandStatus(
+        command_id=command_id, status=state,
+        type=entry.command_type if entry else None,
+        aggregate_id=entry.aggregate_id if entry else None,
+        accepted_at=entry.accepted_at if entry else None,
+        published_at=entry.published_at if entry else None,
+        events=[CausedEvent(event_id=e.event_id, type=e.type, occurred_at=e.occurred_at)
+                for e in events],
+        reason=reason,
+    )
+
+
+def _accept(pool: Pool, settings: Settings, envelope: Any) -> outbox.OutboxEntry:
+    with pool.connection() as conn:
+        return outbox.accept(conn, envelope, topic_name(COMMANDS, settings))
+
+
+def _wait_published(pool: Pool, tenant: str, command_id: uuid.UUID) -> bool:
+    deadline = time.monotonic() + PUBLISH_WAIT_S
+    while True:
+        with pool.connection() as conn:
+            entry = outbox.entry_of(conn, tenant, command_id)
+        if entry is not None and entry.published_at is not None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(PUBLISH_POLL_S)
+
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such command for this tenant"}}
+
+
+@gateway_router.post(
+    "/commands",
+    status_code=202,
+    response_model=CommandAccepted,
+    responses={
+        409: {"description": "The command id was already used for another command"},
+        422: {"description": "Not a valid command; `detail` lists each fault with its path"},
+        503: {"description": "The outbox (PostgreSQL) is unavailable; nothing was stored"},
+    },
+)
+async def post_command(body: CommandRequest, request: Request, tenant: Tenant,
+                       pool: DbPool) -> Any:
+    """Validate a command against its schema, store it in the outbox and publish it to
+    campaign.commands (keyed by `aggregate_id`); returns its command id. Follow the outcome
+    at `status_url` (poll) or `status_url + "/events"` (server-sent events)."""
+    try:
+        envelope = build_envelope(body, tenant)
+    except CommandInvalid as exc:
+        return JSONResponse({"detail": exc.errors}, status_code=422)
+    settings: Settings = request.app.state.settings
+    try:
+        await run_in_threadpool(_accept, pool, settings, envelope)
+    except outbox.CommandIdConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    except psycopg.Error as exc:
+        raise HTTPException(503, f"command outbox unavailable: {type(exc).__name__}") from None
+    relay = request.app.state.relay
+    if relay is not None:
+        relay.wake()
+    published = await run_in_threadpool(_wait_published, pool, tenant, envelope.id)
+    return CommandAccepted(command_id=envelope.id, status="published" if published else "pending",
+                           status_url=f"/commands/{envelope.id}")
+
+
+@gateway_router.get("/commands/{command_id}", response_model=CommandStatus, responses=_NOT_FOUND)
+def get_command(command_id: uuid.UUID, tenant: Tenant, pool: DbPool) -> CommandStatus:
+    """Where a command stands, with the events it caused or the reason it was rejected."""
+    status = _status(pool, tenant, command_id)
+    if status is None:
+        raise HTTPException(404, "command not found")
+    return status
+
+
+@gateway_router.get(
+    "/commands/{command_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "SSE: a `status` event (a CommandStatus) per change"},
+               **_NOT_FOUND},
+)
+async def command_events(command_id: uuid.UUID, request: Request, tenant: Tenant,
+                         pool: DbPool) -> StreamingResponse:
+    """Server-sent `status` events whenever the command's status changes; the stream ends
+    once it is accepted or rejected."""
+    if await run_in_threadpool(_status, pool, tenant, command_id) is None:
+        raise HTTPException(404, "command not found")
+
+    async def frames() -> AsyncIterator[str]:
+        yield f"retry: {RECONNECT_MS}\n\n"
+        last: str | None = None
+        event_id = 0
+        while not await request.is_disconnected():
+            status = await run_in_threadpool(_status, pool, tenant, command_id)
+            if status is not None and status.status != last:
+                last, event_id = status.status, event_id + 1
+                yield format_event("status", status.model_dump(mode="json"), event_id)
+                if status.status in FINAL_STATES:
+                    return
+            await asyncio.sleep(OUTCOME_POLL_S)
+
+    return StreamingResponse(frames(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

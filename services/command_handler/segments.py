@@ -1,0 +1,127 @@
+"""Segment definitions as the command handler sees them: every tenant's, from segments.events.
+
+Guarantee: within a handler transaction, the first decision that needs segments reads
+segments.events (read_committed) up to its last stable offset, so it sees every segment
+event committed before, including this handler's own earlier transactions; the events of
+the open transaction are kept apart (`pending`) until it ends, then dropped and read back
+from the log once committed. Segment commands are keyed by segment id on campaign.commands,
+so one handler instance decides all commands of a segment, in order; a send, whichever
+instance handles it, sees every segment defined before it was accepted.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from schemas.envelope import SchemaViolation, decode
+from schemas.events import AudienceSegment
+from schemas.segments import Segment, SegmentCommand, SegmentEvent, decide_segment, evolve_segment
+from services.common.settings import Settings
+from services.common.topics import SEGMENTS, topic_name
+
+# Bounds a refresh that sees nothing at all from the broker.
+REFRESH_TIMEOUT_SECONDS = 30.0
+
+
+class UnknownSegments(LookupError):
+    """A send named segments the tenant does not have (never defined, or deleted)."""
+
+
+class SegmentDirectory:
+    """Every tenant's segments, folded from segments.events."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = topic_name(SEGMENTS, settings)
+        self.segments: dict[tuple[str, str], Segment] = {}
+        self.pending: dict[tuple[str, str], Segment] = {}
+        self.position = 0
+        self._fresh = False
+        self._reader: Consumer | None = None
+
+    def _consumer(self) -> Consumer:
+        if self._reader is None:
+            self._reader = Consumer({
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": self.settings.group("command-handler-segments"),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,
+            })
+        return self._reader
+
+    def refresh(self) -> None:
+        reader = self._consumer()
+        reader.assign([TopicPartition(self.topic, 0, self.position)])
+        try:
+            idle = 0.0
+            while True:
+                msg = reader.poll(0.2)
+                if msg is None:
+                    idle += 0.2
+                    if idle >= REFRESH_TIMEOUT_SECONDS:
+                        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "segments.events unreadable"))
+                    continue
+                idle = 0.0
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        return
+                    raise KafkaException(error)
+                self.position = (msg.offset() or 0) + 1
+                self._apply(msg.value())
+        finally:
+            reader.unassign()
+
+    def _apply(self, raw: bytes | None) -> None:
+        try:
+            message = decode(raw)
+        except SchemaViolation:
+            return
+        event = message.payload
+        key = (message.envelope.tenant_id, message.envelope.aggregate_id)
+        state = evolve_segment(self.segments.get(key), event)  # type: ignore[arg-type]
+        if state is not None:
+            self.segments[key] = state
+
+    def _current(self, key: tuple[str, str]) -> Segment | None:
+        if not self._fresh:
+            self.refresh()
+            self._fresh = True
+        return self.pending.get(key) or self.segments.get(key)
+
+    def end_transaction(self) -> None:
+        """The open transaction committed or aborted: its events are read back from the log
+        (when committed) at the next refresh."""
+        self.pending.clear()
+        self._fresh = False
+
+    def apply(self, tenant_id: str, event: SegmentEvent) -> None:
+        """Record an event written in the open transaction, for its later decisions."""
+        key = (tenant_id, event.segment_id)
+        state = evolve_segment(self._current(key), event)
+        if state is not None:
+            self.pending[key] = state
+
+    def decide(self, tenant_id: str, command: SegmentCommand) -> list[SegmentEvent]:
+        """decide_segment on the current definition; raises SegmentRejected."""
+        return decide_segment(self._current((tenant_id, command.segment_id)), command)
+
+    def snapshot(self, tenant_id: str, segment_ids: list[str]) -> list[AudienceSegment]:
+        """The current criteria of the named segments, for a send's audience."""
+        found: list[AudienceSegment] = []
+        missing: list[str] = []
+        for segment_id in sorted(set(segment_ids)):
+            segment = self._current((tenant_id, segment_id))
+            if segment is None or segment.deleted:
+                missing.append(segment_id)
+            else:
+                found.append(AudienceSegment(segment_id=segment_id, criteria=segment.criteria))
+        if missing:
+            raise UnknownSegments(", ".join(repr(s) for s in missing))
+        return found
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()

@@ -1,0 +1,220 @@
+"""One partition's share of a campaign fan-out, written exactly once.
+
+Guarantee: for each (campaign, contacts partition) the recipient records, the partition's
+HydrationPartitionReported and a "fanned out" marker are committed in one Kafka transaction,
+at most once, whatever crashes, restarts or rebalances happen in between:
+
+- the transactional producer of partition p has a stable transactional.id (`…-fanout-<p>`),
+  so whoever takes partition p over fences the previous owner: a fan-out cut short by a
+  SIGKILL is aborted, never half-visible to read_committed readers (senders, gather);
+- before writing, the marker log of partition p (a compacted topic, partition p, keyed
+  `campaign:p`) is read up to its last stable offset; a campaign found there was fanned
+  out already (for example when the request was redelivered after the commit but before
+  faust committed its offset), so it is not written again.
+
+The recipients are spread over campaign.recipients by their contact key (murmur2), the
+report goes to the reports topic keyed by campaign (so one gatherer sees a campaign's reports).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from schemas.envelope import Envelope, encode, wrap_caused_by
+from schemas.events import HydrationPartitionReported, HydrationRequested
+from services.common.kafka import producer_config
+from services.common.settings import Settings
+from services.common.topics import HYDRATION_FANOUTS, HYDRATION_REPORTS, RECIPIENTS, topic_name
+from services.hydrator.audience import StoredContact
+from services.hydrator.recipients import RecipientRecords
+
+log = structlog.get_logger("hydrator.fanout")
+
+# Bounds how long reading the marker log may see nothing before giving up on the broker.
+MARKER_READ_TIMEOUT_SECONDS = 30.0
+# librdkafka's local queue: big enough for a partition's share of a large audience to be
+# produced without stalling on every batch, bounded so memory stays flat.
+QUEUE_MAX_MESSAGES = 100_000
+QUEUE_MAX_KBYTES = 64 * 1024
+
+
+class FanoutAborted(RuntimeError):
+    """The transaction could not be committed (fenced by a newer owner, or the broker
+    failed); nothing of it is visible, and the request must be redone or left to the owner."""
+
+
+@dataclass
+class _Partition:
+    producer: Producer
+    done: set[str] = field(default_factory=set)
+    marker_position: int = 0
+    reader: Consumer | None = None
+    # One fan-out at a time per partition (its producer and reader are not shared safely);
+    # different partitions fan out concurrently.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PartitionFanout:
+    """Fan-out writer for the contacts partitions this hydrator instance owns."""
+
+    def __init__(self, settings: Settings, app_id: str) -> None:
+        self.settings = settings
+        self.app_id = app_id
+        self.recipients_topic = topic_name(RECIPIENTS, settings)
+        self.reports_topic = topic_name(HYDRATION_REPORTS, settings)
+        self.markers_topic = topic_name(HYDRATION_FANOUTS, settings)
+        self._partitions: dict[int, _Partition] = {}
+        self._lock = threading.Lock()
+
+    # --- per-partition state -------------------------------------------------------------
+
+    def _partition(self, partition: int) -> _Partition:
+        with self._lock:
+            return self._partition_locked(partition)
+
+    def _partition_locked(self, partition: int) -> _Partition:
+        state = self._partitions.get(partition)
+        if state is None:
+            producer = Producer(producer_config(
+                self.settings,
+                **{
+                    "transactional.id": f"{self.app_id}-fanout-{partition}",
+                    "linger.ms": 20,
+                    "batch.size": 1_000_000,
+                    "queue.buffering.max.messages": QUEUE_MAX_MESSAGES,
+                    "queue.buffering.max.kbytes": QUEUE_MAX_KBYTES,
+                },
+            ))
+            # Fences any earlier producer with this id and aborts its open transaction.
+            producer.init_transactions(30)
+            state = self._partitions[partition] = _Partition(producer)
+        return state
+
+    def _drop(self, partition: int) -> None:
+        with self._lock:
+            state = self._partitions.pop(partition, None)
+        if state is not None:
+            state.producer.flush(0)
+            if state.reader is not None:
+                state.reader.close()
+
+    def _marker_reader(self, state: _Partition) -> Consumer:
+        if state.reader is None:
+            state.reader = Consumer({
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": f"{self.app_id}-fanout-markers",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,
+            })
+        return state.reader
+
+    def _read_markers(self, partition: int, state: _Partition) -> None:
+        """Add the campaigns committed to the marker log of `partition` since last read
+        (up to its last stable offset: an open transaction is finished or fenced first)."""
+        reader = self._marker_reader(state)
+        reader.assign([TopicPartition(self.markers_topic, partition, state.marker_position)])
+        try:
+            idle = 0.0
+            while True:
+                msg = reader.poll(0.2)
+                if msg is None:
+                    idle += 0.2
+                    if idle >= MARKER_READ_TIMEOUT_SECONDS:
+                        raise FanoutAborted(f"marker log {partition} unreadable")
+                    continue
+                idle = 0.0
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
+                    raise KafkaException(error)
+                key = msg.key()
+                if key is not None:
+                    state.done.add(key.decode().rsplit(":", 1)[0])
+                state.marker_position = (msg.offset() or 0) + 1
+        finally:
+            reader.unassign()
+
+    # --- fan-out -------------------------------------------------------------------------
+
+    def fan_out(
+        self,
+        request: HydrationRequested,
+        cause: Envelope,
+        resolved: Iterable[tuple[bytes, StoredContact, str | None]],
+    ) -> HydrationPartitionReported | None:
+        """Write one partition's recipients and report in one transaction; None when this
+        (campaign, partition) was fanned out before. Raises FanoutAborted when the
+        transaction did not commit (nothing of it is visible)."""
+        state = self._partition(request.partition)
+        with state.lock:
+            return self._fan_out(request, cause, resolved, state)
+
+    def _fan_out(
+        self,
+        request: HydrationRequested,
+        cause: Envelope,
+        resolved: Iterable[tuple[bytes, StoredContact, str | None]],
+        state: _Partition,
+    ) -> HydrationPartitionReported | None:
+        partition = request.partition
+        self._read_markers(partition, state)
+        if request.campaign_id in state.done:
+            log.info("fan-out already committed", campaign=request.campaign_id, partition=partition)
+            return None
+        records = RecipientRecords(campaign_id=request.campaign_id, template=request.template, cause=cause)
+        producer = state.producer
+        queued = 0
+        excluded: dict[str, int] = {}
+        try:
+            producer.begin_transaction()
+            for key, contact, reason in resolved:
+                if reason is None:
+                    value = records.queued(contact)
+                    queued += 1
+                else:
+                    value = records.excluded(contact, reason)
+                    excluded[reason] = excluded.get(reason, 0) + 1
+                self._produce(producer, self.recipients_topic, key, value)
+            report = HydrationPartitionReported(
+                campaign_id=request.campaign_id, partition=partition,
+                partitions=request.partitions, queued=queued, excluded=excluded,
+            )
+            value = encode(wrap_caused_by(report, cause, aggregate_id=request.campaign_id))
+            self._produce(producer, self.reports_topic, request.campaign_id.encode(), value)
+            producer.produce(self.markers_topic, value=value, partition=partition,
+                             key=f"{request.campaign_id}:{partition}".encode())
+            producer.commit_transaction(60)
+        except KafkaException as exc:
+            # Fenced (another instance owns the partition now) or a broker failure: abort
+            # what we can and start with a fresh producer next time.
+            log.warning("fan-out aborted", campaign=request.campaign_id, partition=partition,
+                        reason=str(exc))
+            try:
+                producer.abort_transaction(10)
+            except KafkaException:
+                pass
+            self._drop(partition)
+            raise FanoutAborted(str(exc)) from exc
+        state.done.add(request.campaign_id)
+        return report
+
+    @staticmethod
+    def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                return
+            except BufferError:
+                producer.poll(0.05)  # the local queue is full: let librdkafka drain it
+
+    def close(self) -> None:
+        for partition in list(self._partitions):
+            self._drop(partition)

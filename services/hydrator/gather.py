@@ -1,0 +1,212 @@
+"""Gather: per-partition hydration reports -> one CampaignHydrated per campaign, exactly once.
+
+Guarantee: CampaignHydrated(total, excluded) is committed to campaign.events exactly once per
+campaign, after every contacts partition's report, in the same Kafka transaction as the
+consumed offsets of the reports topic. Reports are read read_committed, so only reports of
+committed fan-outs count (see fanout.py), each (campaign, partition) once.
+
+State is rebuilt on assignment by re-reading each assigned reports partition from its start
+up to the group's committed offset: a campaign whose reports are all before that offset was
+emitted already (its emission was committed with that offset), one with reports missing is
+still being gathered. Reports are few (one per partition per campaign), so this stays small.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
+from schemas.events import CampaignHydrated, HydrationPartitionReported
+from services.common.kafka import make_consumer, make_producer
+from services.common.logs import configure_logging
+from services.common.settings import Settings
+from services.common.topics import EVENTS, HYDRATION_REPORTS, topic_name
+from services.hydrator.audience import sum_exclusions
+
+log = configure_logging("hydrator.gather")
+
+BATCH_SIZE = 500
+POLL_SECONDS = 0.2
+REPLAY_IDLE_SECONDS = 10.0
+
+
+@dataclass
+class _Gathering:
+    partitions: int
+    reported: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class ReportGatherer:
+    """Pure: which report completes which campaign."""
+
+    gathering: dict[str, _Gathering] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+    def add(self, report: HydrationPartitionReported) -> CampaignHydrated | None:
+        """The campaign's CampaignHydrated when this report is its last missing one."""
+        campaign = report.campaign_id
+        if campaign in self.done:
+            return None
+        state = self.gathering.setdefault(campaign, _Gathering(report.partitions))
+        state.reported[report.partition] = (report.queued, report.excluded)
+        if len(state.reported) < state.partitions:
+            return None
+        del self.gathering[campaign]
+        self.done.add(campaign)
+        return CampaignHydrated(
+            total=sum(queued for queued, _ in state.reported.values()),
+            excluded=sum_exclusions(excluded for _, excluded in state.reported.values()),
+        )
+
+
+def _report(raw: bytes | None) -> tuple[Envelope, HydrationPartitionReported] | None:
+    try:
+        message = decode(raw)
+    except SchemaViolation:
+        return None
+    if not isinstance(message.payload, HydrationPartitionReported):
+        return None
+    return message.envelope, message.payload
+
+
+class GatherLoop:
+    """Consume reports, emit CampaignHydrated, commit both in one transaction."""
+
+    def __init__(self, settings: Settings, app_id: str, instance: str) -> None:
+        self.settings = settings
+        self.group = f"{app_id}-gather"
+        self.reports_topic = topic_name(HYDRATION_REPORTS, settings)
+        self.events_topic = topic_name(EVENTS, settings)
+        self.gatherer = ReportGatherer()
+        self.stopping = threading.Event()
+        self.instance = instance
+        self.consumer = self._new_consumer()
+        self.producer = self._new_producer()
+
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(
+            self.settings, "hydrator-gather", **{"group.id": self.group, "session.timeout.ms": 10_000},
+        )
+
+    def _new_producer(self) -> Producer:
+        # Stable per instance: a restarted instance aborts what its predecessor left open.
+        return make_producer(self.settings, **{"transactional.id": f"{self.group}-{self.instance}"})
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        committed = consumer.committed(partitions, timeout=30)
+        for tp in committed:
+            self._replay(tp.partition, tp.offset)
+
+    def _replay(self, partition: int, until: int) -> None:
+        """Re-read reports before the committed offset: state only, nothing is emitted."""
+        if until <= 0:
+            return
+        reader = Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            "group.id": f"{self.group}-replay",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        })
+        try:
+            reader.assign([TopicPartition(self.reports_topic, partition, OFFSET_BEGINNING)])
+            idle = 0.0
+            while idle < REPLAY_IDLE_SECONDS:  # bounds a replay of records retention removed
+                msg = reader.poll(0.5)
+                if msg is None:
+                    idle += 0.5
+                    continue
+                idle = 0.0
+                if msg.error() is not None:
+                    raise KafkaException(msg.error())
+                offset = msg.offset() or 0
+                if offset >= until:
+                    break
+                parsed = _report(msg.value())
+                if parsed is not None:
+                    self.gatherer.add(parsed[1])
+                if offset >= until - 1:
+                    break
+        finally:
+            reader.close()
+
+    def run(self) -> None:
+        """Until stop(): on any Kafka failure the open transaction is aborted, the state is
+        dropped and rebuilt from the committed offsets, and consumption starts over."""
+        while not self.stopping.is_set():
+            try:
+                self._session()
+            except KafkaException as exc:
+                log.warning("gather restarting", reason=str(exc))
+                self._reset()
+
+    def _session(self) -> None:
+        self.producer.init_transactions(30)
+        self.consumer.subscribe([self.reports_topic], on_assign=self._on_assign)
+        while not self.stopping.is_set():
+            batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
+            if batch:
+                self._handle(batch)
+        self.consumer.close()
+
+    def _reset(self) -> None:
+        try:
+            self.producer.abort_transaction(10)
+        except KafkaException:
+            pass
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError):
+            pass
+        self.stopping.wait(1.0)
+        self.gatherer = ReportGatherer()
+        self.consumer = self._new_consumer()
+        self.producer = self._new_producer()
+
+    def _handle(self, batch: list[Message]) -> None:
+        self.producer.begin_transaction()
+        for msg in batch:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(error)
+            parsed = _report(msg.value())
+            if parsed is None:
+                continue
+            env, report = parsed
+            hydrated = self.gatherer.add(report)
+            if hydrated is None:
+                continue
+            out = wrap_caused_by(hydrated, env, aggregate_id=report.campaign_id)
+            self.producer.produce(self.events_topic, key=report.campaign_id.encode(), value=encode(out))
+            log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
+                     correlation_id=str(env.correlation_id), total=hydrated.total,
+                     excluded=hydrated.excluded)
+        positions = self.consumer.position(self.consumer.assignment())
+        self.producer.send_offsets_to_transaction(
+            positions, self.consumer.consumer_group_metadata(), 30,
+        )
+        self.producer.commit_transaction(30)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def start_gather(settings: Settings, app_id: str, instance: str) -> tuple[GatherLoop, threading.Thread]:
+    """Run the gather loop in a daemon thread of the hydrator process."""
+    loop = GatherLoop(settings, app_id, instance)
+    thread = threading.Thread(target=loop.run, name="hydration-gather", daemon=True)
+    thread.start()
+    return loop, thread

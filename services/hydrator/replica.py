@@ -1,0 +1,229 @@
+"""Local replicas of contacts.events partitions: the contacts a hydrator resolves audiences on.
+
+Each partition's contacts live in their own RocksDB database (rocksdict) on the hydrator's
+disk, keyed by the record key (`tenant:contact`, so one tenant's contacts of a partition are a
+prefix range) with the stored contact as compact JSON, plus the next contacts.events offset to
+apply. Contact events and that offset are written in one atomic write batch, so a replica is
+always the fold of a prefix of its partition: after a crash or a restart it resumes where it
+stopped, and a partition that moves to another instance is caught up there from that
+instance's own replica (or from offset 0) by reading contacts.events, which keeps every event
+forever. contacts.events is the changelog: nothing else is written to Kafka.
+
+Progress shows as the consumer group `<prefix>hydrator-replicas` (committed offsets, for lag
+tools), though a replica resumes from its own stored offset.
+
+Guarantees: `catch_up(until)` returns once every record before `until` is applied (the
+snapshot of a send); memory stays flat (the working set is one consumer batch; RocksDB keeps
+the rest on disk, with a bounded block cache).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import orjson
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+
+from schemas.contacts import (
+    ContactAttributesChanged,
+    ContactDeleted,
+    ContactListMembershipAdded,
+    ContactListMembershipRemoved,
+    ContactSuppressed,
+    ContactUnsubscribed,
+    ContactUpserted,
+)
+from schemas.envelope import SchemaViolation, decode
+from services.common.settings import Settings
+from services.hydrator.audience import StoredContact, apply_to_stored
+
+log = structlog.get_logger("hydrator.replica")
+
+CONTACT_EVENTS = (
+    ContactUpserted, ContactAttributesChanged, ContactListMembershipAdded,
+    ContactListMembershipRemoved, ContactUnsubscribed, ContactSuppressed, ContactDeleted,
+)
+# Sorts before every record key (keys start with a tenant id), so prefix scans never meet it.
+NEXT_OFFSET_KEY = b"\x00next-offset"
+REPLICAS_GROUP = "hydrator-replicas"
+BATCH_SIZE = 5_000
+POLL_SECONDS = 0.2
+# Bounds a catch-up that hears nothing at all from the broker.
+IDLE_TIMEOUT_SECONDS = 60.0
+
+
+# RocksDB memory per replica (memtables + block cache): bounded, whatever the audience size.
+WRITE_BUFFER_BYTES = 4 * 2**20
+BLOCK_CACHE_BYTES = 8 * 2**20
+
+
+def _options() -> Options:
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_max_open_files(256)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(2)
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    options.set_block_based_table_factory(table)
+    return options
+
+
+class ContactReplica:
+    """One contacts.events partition folded into a local RocksDB database."""
+
+    def __init__(self, settings: Settings, topic: str, partition: int, path: Path) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.partition = partition
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = Rdict(str(path), options=_options())
+        self.lock = threading.Lock()
+        self._consumer: Consumer | None = None
+
+    def next_offset(self) -> int:
+        raw = self.db.get(NEXT_OFFSET_KEY)
+        return int(raw) if raw is not None else 0
+
+    def catch_up(self, until: int | None = None) -> int:
+        """Apply contacts.events of this partition up to `until` (exclusive), or up to its
+        current end when None; returns the next offset to apply."""
+        with self.lock:
+            position = self.next_offset()
+            if until is not None and position >= until:
+                return position
+            consumer = self._reader()
+            consumer.assign([TopicPartition(self.topic, self.partition, position)])
+            try:
+                idle = 0.0
+                while until is None or position < until:
+                    batch = consumer.consume(BATCH_SIZE, POLL_SECONDS)
+                    if not batch:
+                        idle += POLL_SECONDS
+                        if idle >= IDLE_TIMEOUT_SECONDS:
+                            raise KafkaException(KafkaError(
+                                KafkaError._TIMED_OUT, f"contacts partition {self.partition} silent"))
+                        continue
+                    idle = 0.0
+                    records = []
+                    end = False
+                    for msg in batch:
+                        error = msg.error()
+                        if error is None:
+                            records.append((msg.offset() or 0, msg.key(), msg.value()))
+                        elif error.code() == KafkaError._PARTITION_EOF:
+                            end = True
+                        else:
+                            raise KafkaException(error)
+                    if records:
+                        position = self._apply(records)
+                        # Progress for operators (consumer lag of the group) and the bench;
+                        # the replica's own offset, not this commit, is what resumes it.
+                        consumer.commit(offsets=[TopicPartition(self.topic, self.partition, position)],
+                                        asynchronous=True)
+                    if end and until is None:
+                        break
+            finally:
+                consumer.unassign()
+            return position
+
+    def _reader(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer({
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": self.settings.group(REPLICAS_GROUP),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                # Bounded prefetch (librdkafka's default queue is 64 MiB per consumer).
+                "fetch.max.bytes": 8 * 2**20,
+                "queued.max.messages.kbytes": 8 * 1024,
+                # The end of the partition is noticed after this long, not the default 500 ms.
+                "fetch.wait.max.ms": 50,
+                "max.partition.fetch.bytes": 4 * 2**20,
+            })
+        return self._consumer
+
+    def _apply(self, records: Iterable[tuple[int, bytes | None, bytes | None]]) -> int:
+        """Fold a batch into the database atomically (contacts and the next offset)."""
+        touched: dict[bytes, StoredContact | None] = {}
+        next_offset = self.next_offset()
+        for offset, key, value in records:
+            next_offset = offset + 1
+            if key is None:
+                continue
+            try:
+                message = decode(value)
+            except SchemaViolation as exc:
+                log.warning("contact record skipped", partition=self.partition, offset=offset,
+                            reason=str(exc))
+                continue
+            if not isinstance(message.payload, CONTACT_EVENTS):
+                continue
+            if key in touched:
+                existing = touched[key]
+            else:
+                raw = self.db.get(key)
+                existing = orjson.loads(raw) if raw is not None else None
+            stored = apply_to_stored(existing, message.payload, offset=offset, partition=self.partition)
+            if stored is not None:
+                touched[key] = stored
+        batch = WriteBatch(raw_mode=True)
+        for key, stored in touched.items():
+            if stored is not None:
+                batch.put(key, orjson.dumps(stored))
+        batch.put(NEXT_OFFSET_KEY, str(next_offset).encode())
+        self.db.write(batch)
+        return next_offset
+
+    def tenant_contacts(self, tenant_id: str) -> Iterator[tuple[bytes, StoredContact]]:
+        """The stored contacts of `tenant_id`, in key order, from a consistent view."""
+        prefix = f"{tenant_id}:".encode()
+        for key, raw in self.db.items(from_key=prefix):
+            assert isinstance(key, bytes)  # raw mode: keys and values are bytes
+            if not key.startswith(prefix):
+                break
+            yield key, orjson.loads(raw)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+            self.db.close()
+
+
+class Replicas:
+    """The replicas of the partitions this instance holds, opened on first use and kept open
+    (a partition that moved away may come back; a fan-out may still be reading one)."""
+
+    def __init__(self, settings: Settings, topic: str, folder: Path) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.folder = folder
+        self._open: dict[int, ContactReplica] = {}
+        self._lock = threading.Lock()
+
+    def get(self, partition: int) -> ContactReplica:
+        with self._lock:
+            replica = self._open.get(partition)
+            if replica is None:
+                replica = ContactReplica(self.settings, self.topic, partition,
+                                         self.folder / f"contacts-{partition}.db")
+                self._open[partition] = replica
+            return replica
+
+    def catch_up_all(self, partitions: set[int]) -> dict[int, int]:
+        return {p: self.get(p).catch_up() for p in sorted(partitions)}
+
+    def close(self) -> None:
+        with self._lock:
+            closing = list(self._open.values())
+            self._open.clear()
+        for replica in closing:
+            replica.close()
+

@@ -1,0 +1,107 @@
+"""A topic every sender instance reads whole, on a background thread: the base of the control
+and do-not-mail feeds.
+
+Guarantees:
+- Reads every partition of the topic from the beginning (assigned, not a group member,
+  nothing committed; committed records only), so each instance sees every fact, whichever
+  recipients partitions it owns.
+- `caught_up` is set once every partition was read up to its end as of start: a sender that
+  waits for it acts on everything published before it started.
+- Facts published later arrive about FEED_WAIT_MS after they are committed at most (short
+  fetch waits), which keeps a pause well within one second.
+- A failure stops the feed and is kept in `error`: the sender then stops, never mails blind.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from services.common.settings import Settings
+from services.common.topics import TopicSpec, topic_name
+
+log = structlog.get_logger("sender.feed")
+
+# The broker answers a fetch at the latest after this when no record arrives: bounds how long
+# a committed fact waits on the broker before this sender sees it.
+FEED_WAIT_MS = 100
+# Metadata and poll timeouts of a feed: guards against a broker that does not answer.
+METADATA_TIMEOUT_SECONDS = 30.0
+POLL_SECONDS = 0.2
+
+
+class TopicFeed:
+    """Reads all of one topic and hands each committed record to `apply` (subclasses)."""
+
+    def __init__(self, settings: Settings, spec: TopicSpec, name: str) -> None:
+        self.caught_up = threading.Event()
+        self._topic = topic_name(spec, settings)
+        self._name = name
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._pending: set[int] = set()
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            # Required by the client, never used: the feed assigns and never commits.
+            "group.id": f"{settings.group('sender')}-{name}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": FEED_WAIT_MS,
+        })
+        self._thread = threading.Thread(target=self._run, name=f"sender-{name}", daemon=True)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the feed stopped, if it failed (the sender must then stop too)."""
+        return self._error
+
+    def start(self) -> None:
+        metadata = self._consumer.list_topics(self._topic, timeout=METADATA_TIMEOUT_SECONDS)
+        partitions = sorted(metadata.topics[self._topic].partitions)
+        self._pending = set(partitions)
+        self._consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def apply(self, record: Message) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for record in self._consumer.consume(500, POLL_SECONDS):
+                    self._read(record)
+        except BaseException as exc:  # reported through `error`; the sender stops on it
+            self._error = exc
+            log.exception("feed failed", feed=self._name)
+        finally:
+            self._consumer.close()
+
+    def _read(self, record: Message) -> None:
+        error = record.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                self._pending.discard(record.partition() or 0)
+                if not self._pending:
+                    self.caught_up.set()
+                return
+            if error.fatal():
+                raise KafkaException(error)
+            log.warning("feed error", feed=self._name, error=str(error))
+            return
+        self.apply(record)

@@ -1,0 +1,105 @@
+"""The projector's fast decoder yields exactly the facts of the full schema decode, and hands
+everything that is not plainly canonical to the full decode (which keeps rejecting bad input)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from projections.facts import RecipientFact, recipient_fact
+from projections.fast_decode import decode_record
+from schemas.envelope import Message, SchemaViolation, decode, encode, wrap
+from schemas.events import EmailFailed, EmailSent
+
+T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def raw_sent(**payload_overrides: object) -> bytes:
+    payload = EmailSent(campaign_id="c-1", contact_id="k1", email="k1@example.com",
+                        message_id="<k1@mx>", attempt=2, smtp_reply="250 ok", ambiguous=1)
+    data = json.loads(encode(wrap(payload, tenant_id="acme", aggregate_id="c-1",
+                                  occurred_at=T0)))
+    data["payload"].update(payload_overrides)
+    return json.dumps(data).encode()
+
+
+def raw_failed() -> bytes:
+    payload = EmailFailed(campaign_id="c-1", contact_id="k1", email="k1@example.com", attempt=3,
+                          reason="550 no", permanent=True, smtp_code=550)
+    return encode(wrap(payload, tenant_id="acme", aggregate_id="c-1", occurred_at=T0))
+
+
+@pytest.mark.parametrize("raw", [raw_sent(), raw_failed()], ids=["sent", "failed"])
+def test_canonical_deliveries_take_the_fast_path_and_equal_the_full_decode(raw: bytes) -> None:
+    fast = decode_record(raw)
+    assert isinstance(fast, RecipientFact)
+    assert fast == recipient_fact(decode(raw))
+
+
+@pytest.mark.parametrize("change", [
+    {"email": "k1@EXAMPLE.com"},  # normalised by the schema: the full path does it
+    {"attempt": True},
+    {"smtp_reply": 250},
+])
+def test_anything_unusual_takes_the_full_path(change: dict[str, object]) -> None:
+    raw = raw_sent(**change)
+    try:
+        full: Message | None = decode(raw)
+    except SchemaViolation:
+        full = None
+    if full is None:
+        with pytest.raises(SchemaViolation):
+            decode_record(raw)
+    else:
+        result = decode_record(raw)
+        assert isinstance(result, Message)
+        assert recipient_fact(result) == recipient_fact(full)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["payload"].update(attempt=0),
+    lambda d: d["payload"].update(extra="x"),
+    lambda d: d.update(tenant_id="bad tenant"),
+    lambda d: d.update(occurred_at="2030-01-01T12:00:00"),
+    lambda d: d.update(id="not-a-uuid"),
+])
+def test_invalid_deliveries_are_still_rejected(mutate) -> None:
+    data = json.loads(raw_sent())
+    mutate(data)
+    with pytest.raises(SchemaViolation):
+        decode_record(json.dumps(data).encode())
+
+
+def test_malformed_bytes_are_rejected_with_the_full_decoders_reason() -> None:
+    with pytest.raises(SchemaViolation, match="malformed JSON"):
+        decode_record(b"{nope")
+    with pytest.raises(SchemaViolation):
+        decode_record(None)
+
+
+@pytest.mark.parametrize("email", [
+    "k1@example.com", "K.One+tag@example.co.uk", "k1@Example.com", " k1@example.com",
+    "k1@example", "k1@@example.com", "k1@exa_mple.com", "a" * 65 + "@example.com",
+])
+def test_the_address_shortcut_agrees_with_the_schema(email: str) -> None:
+    raw = raw_sent(email=email)
+    try:
+        expected = recipient_fact(decode(raw))
+    except SchemaViolation:
+        with pytest.raises(SchemaViolation):
+            decode_record(raw)
+        return
+    result = decode_record(raw)
+    fact = result if isinstance(result, RecipientFact) else recipient_fact(result)
+    assert fact == expected
+
+
+def test_an_id_valid_as_a_campaign_is_not_thereby_a_valid_tenant() -> None:
+    data = json.loads(raw_sent())
+    data["payload"]["campaign_id"] = "has:colon"
+    assert isinstance(decode_record(json.dumps(data).encode()), RecipientFact)
+    data["tenant_id"] = "has:colon"
+    with pytest.raises(SchemaViolation):
+        decode_record(json.dumps(data).encode())
