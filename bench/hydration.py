@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,8 @@ from services.hydrator.replica import REPLICAS_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONTACTS = 1_000_000
+# BENCH_SCALE=small: a quick run.
+SMALL_CONTACTS = 100_000
 LISTS = 10
 # Bounds each wait: ingest and hydration of a million contacts take minutes, not hours.
 WAIT_SECONDS = 1800.0
@@ -182,7 +185,38 @@ def measure_hydration(
             except subprocess.TimeoutExpired:
                 proc.kill()
         _delete_prefixed_topics(settings)
+        # The replicas of this run's throwaway topics (hundreds of MB at full size).
+        shutil.rmtree(settings.state_dir / "hydrator" / settings.topic_prefix, ignore_errors=True)
     return figures
+
+
+def contacts_wanted(env: dict[str, str]) -> int:
+    """BENCH_AUDIENCE_CONTACTS=N, else 100,000 under BENCH_SCALE=small, else 1,000,000."""
+    if env.get("BENCH_AUDIENCE_CONTACTS"):
+        return int(env["BENCH_AUDIENCE_CONTACTS"])
+    return SMALL_CONTACTS if env.get("BENCH_SCALE") == "small" else DEFAULT_CONTACTS
+
+
+HEADLINE = ("csv_import_rows_per_s", "csv_import_rows", "hydration_rate", "hydration_contacts",
+            "raw_produce_rate", "hydration_to_raw_produce_ratio", "hydrator_peak_rss_mb",
+            "hydrator_ingest_rate", "hydrator_ingest_peak_rss_mb")
+
+
+def headline(figures: dict[str, Any]) -> dict[str, Any]:
+    """The issue's top-level figures (None when the step failed)."""
+    return {name: figures.get(name) for name in HEADLINE}
+
+
+def failures(figures: dict[str, Any]) -> list[str]:
+    out = []
+    if not figures.get("csv_import_ok"):
+        out.append(f"audience import: {figures.get('csv_import_imported')} of"
+                   f" {figures.get('csv_import_rows')} rows imported")
+    if not figures.get("hydration_ok"):
+        out.append(f"hydration: total {figures.get('hydration_total')}, excluded"
+                   f" {figures.get('hydration_excluded')};"
+                   f" expected {figures.get('hydration_contacts')} queued")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

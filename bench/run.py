@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,11 @@ import psycopg
 from confluent_kafka import KafkaException
 from rich.console import Console
 
-from bench import campaign, figures, projection, raw_smtp
+from bench import campaign, figures, hydration, projection, raw_smtp
 from bench.event_log import read_campaign_messages
 from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
 from bench.report import machine_info, render_table, write_results
+from bench.scaleout import measure_scaleout
 from bench.stats import rate
 from services.common.settings import Settings
 from services.common.topics import DELIVERIES, EVENTS, topic_name
@@ -203,6 +205,29 @@ def main() -> int:
         console.print(f"[bold red]projection step failed:[/] {exc}")
         projection_failures = [f"projection step failed: {exc}"]
 
+    # A separate step (issue 3): audience at scale on fresh topics with its own hydrator.
+    audience_count = hydration.contacts_wanted(dict(os.environ))
+    audience_figures: dict[str, Any] = {}
+    audience_failures: list[str] = []
+    try:
+        audience_settings = replace(settings, topic_prefix=f"{settings.topic_prefix}aud{ids.tenant_id[-8:]}.")
+        audience_figures = hydration.measure_hydration(audience_settings, audience_count, say=console.print)
+        audience_failures = hydration.failures(audience_figures)
+    except (RuntimeError, TimeoutError, KafkaException) as exc:
+        console.print(f"[bold red]audience step failed:[/] {exc}")
+        audience_failures = [f"audience step failed: {exc}"]
+
+    # A separate step (issue 4): 1, 2 and 4 sender processes against a sink adding 20 ms.
+    scaleout_figures: dict[str, Any] = {}
+    scaleout_failures: list[str] = []
+    try:
+        console.print("scale-out: 1, 2 and 4 senders against a sink adding 20 ms per message …")
+        scaleout_figures = measure_scaleout(settings, process_counts=(1, 2, 4), recipients=4000,
+                                            latency_ms=20.0, concurrency=8)
+    except (RuntimeError, TimeoutError, KafkaException, psycopg.Error) as exc:
+        console.print(f"[bold red]scale-out step failed:[/] {exc}")
+        scaleout_failures = [f"scale-out step failed: {exc}"]
+
     send_rate = rate(count, run.e2e_seconds)
     completed_at = run.final.completed_at
     results: dict[str, Any] = {
@@ -227,8 +252,11 @@ def main() -> int:
         "peak_rss_mb": peaks,
         "peak_rss_scope": "this campaign (VmHWM reset before import)" if peak_reset
                           else "since process start (VmHWM reset refused)",
-        "csv_import_rows_per_s": round(imported.rows_per_second, 1),
-        "csv_import_seconds": round(imported.seconds, 3),
+        "campaign_csv_import_rows_per_s": round(imported.rows_per_second, 1),
+        "campaign_csv_import_seconds": round(imported.seconds, 3),
+        **hydration.headline(audience_figures),
+        **scaleout_figures,
+        "audience": audience_figures,
         "raw_smtp_seconds": round(raw.seconds, 3),
         "smtp_connections": connections,
         "checks": {
@@ -250,7 +278,7 @@ def main() -> int:
                 "campaign_id": ids.campaign_id, "raw_campaign_id": ids.raw_campaign_id},
         "machine": machine_info(started),
     }
-    failures = _failures(results, count) + projection_failures
+    failures = _failures(results, count) + projection_failures + audience_failures + scaleout_failures
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))

@@ -43,7 +43,7 @@ from projections.positions import (
 from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.settings import Settings
-from services.common.topics import CONTACTS, DELIVERIES, EVENTS, RECIPIENTS, topic_name
+from services.common.topics import CONTACTS, DELIVERIES, EVENTS, RECIPIENTS, SEGMENTS, topic_name
 
 # Records per transaction: bounds memory, the row locks one transaction holds and the work a
 # failed commit has to redo; large enough that per-batch round trips stay negligible.
@@ -59,7 +59,8 @@ DB_CONNECT_TIMEOUT_SECONDS = 10
 # End-offset look-ups in `drain`: a broker that does not answer within this fails the drain.
 WATERMARK_TIMEOUT_SECONDS = 5.0
 
-PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES, CONTACTS)
+# segments.events: only for the command gateway's outcomes of segment commands.
+PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES, CONTACTS, SEGMENTS)
 
 
 @dataclass

@@ -30,9 +30,12 @@ from schemas.events import (
     CampaignHydrated,
     CampaignPaused,
     CampaignResumed,
+    CampaignScheduled,
+    CampaignScheduleMissed,
     CampaignSendRequested,
     CommandRejected,
 )
+from schemas.segments import SegmentChanged, SegmentDefined, SegmentDeleted
 
 # Column limits: an absurd value must be stored clamped, not fail the batch, because a batch
 # that cannot commit blocks its partitions forever.
@@ -43,7 +46,8 @@ _CONTACT_EVENTS: tuple[type[Record], ...] = get_args(ContactEvent)
 # campaign.events facts whose cause is recorded in command_outcomes.
 _CAMPAIGN_OUTCOMES = (
     CampaignCreated, CampaignSendRequested, CampaignHydrated, CampaignCancelled, CampaignPaused,
-    CampaignResumed, CommandRejected,
+    CampaignResumed, CampaignScheduled, CampaignScheduleMissed, CommandRejected,
+    SegmentDefined, SegmentChanged, SegmentDeleted,
 )
 
 

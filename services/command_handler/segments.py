@@ -11,11 +11,12 @@ instance handles it, sees every segment defined before it was accepted.
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer
 
 from schemas.envelope import SchemaViolation, decode
 from schemas.events import AudienceSegment
 from schemas.segments import Segment, SegmentCommand, SegmentEvent, decide_segment, evolve_segment
+from services.common.kafka import partition_reader, read_to_end
 from services.common.settings import Settings
 from services.common.topics import SEGMENTS, topic_name
 
@@ -39,40 +40,12 @@ class SegmentDirectory:
         self._fresh = False
         self._reader: Consumer | None = None
 
-    def _consumer(self) -> Consumer:
-        if self._reader is None:
-            self._reader = Consumer({
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": self.settings.group("command-handler-segments"),
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            })
-        return self._reader
-
     def refresh(self) -> None:
-        reader = self._consumer()
-        reader.assign([TopicPartition(self.topic, 0, self.position)])
-        try:
-            idle = 0.0
-            while True:
-                msg = reader.poll(0.2)
-                if msg is None:
-                    idle += 0.2
-                    if idle >= REFRESH_TIMEOUT_SECONDS:
-                        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "segments.events unreadable"))
-                    continue
-                idle = 0.0
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        return
-                    raise KafkaException(error)
-                self.position = (msg.offset() or 0) + 1
-                self._apply(msg.value())
-        finally:
-            reader.unassign()
+        if self._reader is None:
+            self._reader = partition_reader(self.settings, self.settings.group("command-handler-segments"))
+        self.position = read_to_end(self._reader, self.topic, 0, self.position,
+                                    lambda msg: self._apply(msg.value()),
+                                    idle_timeout=REFRESH_TIMEOUT_SECONDS)
 
     def _apply(self, raw: bytes | None) -> None:
         try:

@@ -23,11 +23,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer
 
 from schemas.envelope import Envelope, encode, wrap_caused_by
 from schemas.events import HydrationPartitionReported, HydrationRequested
-from services.common.kafka import producer_config
+from services.common.kafka import partition_reader, producer_config, read_to_end
 from services.common.settings import Settings
 from services.common.topics import HYDRATION_FANOUTS, HYDRATION_REPORTS, RECIPIENTS, topic_name
 from services.hydrator.audience import StoredContact
@@ -37,10 +37,11 @@ log = structlog.get_logger("hydrator.fanout")
 
 # Bounds how long reading the marker log may see nothing before giving up on the broker.
 MARKER_READ_TIMEOUT_SECONDS = 30.0
-# librdkafka's local queue: big enough for a partition's share of a large audience to be
-# produced without stalling on every batch, bounded so memory stays flat.
-QUEUE_MAX_MESSAGES = 100_000
-QUEUE_MAX_KBYTES = 64 * 1024
+# librdkafka's local queue per partition producer: a few batches ahead of the broker is all
+# the throughput needs; a bigger queue only grows the process (one per contacts partition,
+# and freed memory is not always handed back to the system).
+QUEUE_MAX_MESSAGES = 50_000
+QUEUE_MAX_KBYTES = 16 * 1024
 
 
 class FanoutAborted(RuntimeError):
@@ -103,44 +104,23 @@ class PartitionFanout:
             if state.reader is not None:
                 state.reader.close()
 
-    def _marker_reader(self, state: _Partition) -> Consumer:
-        if state.reader is None:
-            state.reader = Consumer({
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": f"{self.app_id}-fanout-markers",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            })
-        return state.reader
-
     def _read_markers(self, partition: int, state: _Partition) -> None:
         """Add the campaigns committed to the marker log of `partition` since last read
         (up to its last stable offset: an open transaction is finished or fenced first)."""
-        reader = self._marker_reader(state)
-        reader.assign([TopicPartition(self.markers_topic, partition, state.marker_position)])
+        if state.reader is None:
+            state.reader = partition_reader(self.settings, f"{self.app_id}-fanout-markers")
+
+        def mark(msg: Message) -> None:
+            key = msg.key()
+            if key is not None:
+                state.done.add(key.decode().rsplit(":", 1)[0])
+
         try:
-            idle = 0.0
-            while True:
-                msg = reader.poll(0.2)
-                if msg is None:
-                    idle += 0.2
-                    if idle >= MARKER_READ_TIMEOUT_SECONDS:
-                        raise FanoutAborted(f"marker log {partition} unreadable")
-                    continue
-                idle = 0.0
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        break
-                    raise KafkaException(error)
-                key = msg.key()
-                if key is not None:
-                    state.done.add(key.decode().rsplit(":", 1)[0])
-                state.marker_position = (msg.offset() or 0) + 1
-        finally:
-            reader.unassign()
+            state.marker_position = read_to_end(state.reader, self.markers_topic, partition,
+                                                state.marker_position, mark,
+                                                idle_timeout=MARKER_READ_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            raise FanoutAborted(f"marker log {partition} unreadable: {exc}") from exc
 
     # --- fan-out -------------------------------------------------------------------------
 

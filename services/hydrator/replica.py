@@ -140,11 +140,11 @@ class ContactReplica:
                 "isolation.level": "read_committed",
                 "enable.partition.eof": True,
                 # Bounded prefetch (librdkafka's default queue is 64 MiB per consumer).
-                "fetch.max.bytes": 8 * 2**20,
-                "queued.max.messages.kbytes": 8 * 1024,
+                "fetch.max.bytes": 4 * 2**20,
+                "queued.max.messages.kbytes": 4 * 1024,
                 # The end of the partition is noticed after this long, not the default 500 ms.
                 "fetch.wait.max.ms": 50,
-                "max.partition.fetch.bytes": 4 * 2**20,
+                "max.partition.fetch.bytes": 2 * 2**20,
             })
         return self._consumer
 

@@ -56,6 +56,16 @@ class Stack:
             path.chmod(0o600)
         return path
 
+    @property
+    def unsubscribe_secret(self) -> str:
+        """Signs the List-Unsubscribe links of the sender; the API verifies them. Made once."""
+        path = self.state_dir / "unsubscribe-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def api_key(self, tenant: str) -> str | None:
         for line in self.api_keys_file.read_text().splitlines():
             name, _, key = line.partition(":")
@@ -88,6 +98,8 @@ class Stack:
             "CAMPAIGN_STATE_DIR": str(self.state_dir),
             "SINK_RECORD_PATH": str(self.sink_records),
             "API_KEYS_FILE": str(self.api_keys_file),
+            "UNSUBSCRIBE_SECRET": self.unsubscribe_secret,
+            "PUBLIC_API_URL": f"http://127.0.0.1:{os.environ.get('API_PORT', '28080')}",
             "PYTHONUNBUFFERED": "1",
         }
 

@@ -10,7 +10,9 @@ EmailSent / EmailFailed).
 Modules: render (template placeholders, pure), mime (the message bytes, pure), replies (SMTP
 reply classes and hard bounces, pure), retries (backoff schedule and limits, pure), delivery
 (what one attempt comes to, and its event, pure), ledger (the send ledger in PostgreSQL, with
-its pure claim rules), control (pause / resume / cancel as every sender sees them),
-smtp_pool (SMTP connections), worker (the Kafka consume/send/publish loop, delay and held
-topics).
+its pure claim rules), throttle (token buckets per tenant and SMTP server, shared out by
+partitions), feeds (topics every instance reads whole), control (pause / resume / cancel as
+every sender sees them), do_not_mail (contacts suppressed, unsubscribed or deleted after
+hydration), smtp_pool (SMTP connections), worker (the Kafka consume/send/publish loop, delay
+and held topics).
 """

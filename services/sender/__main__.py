@@ -3,7 +3,9 @@
 A stop signal ends fetching; the batch in flight is still mailed, settled, published and
 committed, then the process exits 0. SENDER_CONCURRENCY sets the number of SMTP connections;
 SENDER_RETRY_BASE_SECONDS, SENDER_RETRY_MAX_DELAY_SECONDS, SENDER_MAX_ATTEMPTS and
-SENDER_MAX_AGE_SECONDS the retry policy of transient failures (see services/sender/retries.py).
+SENDER_MAX_AGE_SECONDS the retry policy of transient failures (see services/sender/retries.py);
+SENDER_TENANT_RATE and SENDER_SMTP_RATE (e.g. "100/s,5000/min") the rate limits per tenant and
+per SMTP server, for the whole group (see services/sender/throttle.py).
 """
 
 from __future__ import annotations

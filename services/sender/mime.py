@@ -83,8 +83,10 @@ def plain_from_html(markup: str) -> str:
     return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip() + "\n"
 
 
-def build_mail(recipient: RecipientQueued, content: RenderedContent, now: datetime) -> OutgoingMail:
-    """The complete message for one recipient, with its rendered content."""
+def build_mail(recipient: RecipientQueued, content: RenderedContent, now: datetime,
+               extra_headers: list[tuple[str, str]] | None = None) -> OutgoingMail:
+    """The complete message for one recipient, with its rendered content (and `extra_headers`,
+    e.g. List-Unsubscribe, checked like every other header)."""
     template = recipient.template
     message_id = message_id_for(recipient.campaign_id, recipient.contact_id, template.from_address)
     headers = [
@@ -95,6 +97,7 @@ def build_mail(recipient: RecipientQueued, content: RenderedContent, now: dateti
         ("Date", format_datetime(now)),
         ("MIME-Version", "1.0"),
         ("X-Campaign-ID", recipient.campaign_id),
+        *(extra_headers or []),
     ]
     text = content.text
     if text is None:

@@ -71,6 +71,7 @@ from services.sender.delivery import Outcome, Status, delivery_event, judge_atte
 from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
 from services.sender.feeds import TopicFeed
 from services.sender.ledger import Claim, ClaimState, LedgerEntry, LedgerKey, SendLedger
+from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mime import build_mail, message_id_for
 from services.sender.render import render
 from services.sender.retries import RetryPolicy, tier_index
@@ -184,6 +185,7 @@ class SenderWorker:
         self.batch_size = batch_size
         self.policy = policy or RetryPolicy.from_env()
         self.limiter = limiter or RateLimiter.from_env(os.environ)
+        self.list_unsubscribe = ListUnsubscribe.from_env()
         self._server = f"{settings.smtp_host}:{settings.smtp_port}"
         # Partitions of the subscribed topics this instance owns, of how many: its share of
         # the group's rate limits.
@@ -490,7 +492,10 @@ class SenderWorker:
                 time.sleep(wait)  # a send thread pacing itself; the consumer loop is not held
                 now = datetime.now(UTC)
         try:
-            mail = build_mail(recipient, render(recipient), now)
+            extra = (self.list_unsubscribe.headers(item.envelope.tenant_id, recipient.contact_id,
+                                                   recipient.campaign_id)
+                     if self.list_unsubscribe else None)
+            mail = build_mail(recipient, render(recipient), now, extra)
         except Exception as exc:  # a recipient that cannot be built must not stop the batch
             log.exception("message not built", campaign_id=recipient.campaign_id,
                           contact_id=recipient.contact_id)
@@ -620,9 +625,13 @@ class SenderWorker:
         return consumer_config(
             self.settings,
             "sender",
-            # Scaling the group moves only the partitions that change owner.
+            # Round-robin deals the partitions of each topic in turn, so every member gets its
+            # share of campaign.recipients (cooperative-sticky balances only the total count
+            # over all five topics: with two members one could own every recipients partition
+            # and the other only delay and held partitions, and two senders mail no faster
+            # than one). The price is an eager rebalance, which the send ledger makes safe.
             **{
-                "partition.assignment.strategy": "cooperative-sticky",
+                "partition.assignment.strategy": "roundrobin",
                 "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 3,

@@ -96,11 +96,12 @@ def read_records(settings) -> list[tuple[int, bytes, bytes]]:
         while unread:
             msg = consumer.poll(30)
             assert msg is not None, f"partitions {unread} never reached their end"
-            if msg.error():
-                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+            error = msg.error()
+            if error is not None:
+                assert error.code() == KafkaError._PARTITION_EOF, error
                 unread.discard(msg.partition())
                 continue
-            out.append((msg.partition(), msg.key(), msg.value()))
+            out.append((msg.partition() or 0, msg.key() or b"", msg.value() or b""))
         return out
     finally:
         consumer.close()

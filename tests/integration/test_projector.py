@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -179,7 +180,7 @@ def stored_positions(db: psycopg.Connection, settings: Settings) -> dict[tuple[s
     return {(topic, partition): offset for topic, partition, offset in rows}
 
 
-def drain(settings: Settings, **kwargs: int) -> int:
+def drain(settings: Settings, **kwargs: Any) -> int:
     with Projector(settings, **kwargs) as projector:
         return projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
 

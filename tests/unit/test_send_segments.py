@@ -3,6 +3,8 @@ segments reject the send; exclusions are carried as given."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from schemas.commands import CreateCampaign, SendCampaign
@@ -11,7 +13,7 @@ from schemas.segments import parse_criteria
 from services.command_handler.campaign import Campaign, Rejected, decide, evolve
 
 CREATE = CreateCampaign(name="n", subject="s", from_address="news@example.com", body_text="b")
-IDS = {"campaign_id": "c1", "tenant_id": "acme"}
+IDS: dict[str, Any] = {"campaign_id": "c1", "tenant_id": "acme"}
 PRO = AudienceSegment(segment_id="pro", criteria=parse_criteria({"op": "eq", "field": "attr.plan", "value": "pro"}))
 NEW = AudienceSegment(segment_id="new", criteria=parse_criteria(
     {"op": "after", "field": "attr.signup", "value": "30 days ago"}))
