@@ -6,11 +6,12 @@ Guarantees:
   row is marked published only after the broker acknowledged it (acks=all), so a Kafka outage
   or an API restart at any moment leaves it pending, to be published when Kafka returns.
 - In order: one relay at a time publishes (a PostgreSQL advisory lock elects it among API
-  replicas), rows in `seq` order, and only the acknowledged prefix of a batch is marked; the
-  idempotent producer keeps each partition (campaign) in order.
-- Not duplicated by retries: the idempotent producer de-duplicates its own retries; the one
-  window left (the relay dies after the broker's ack, before the mark) republishes the same
-  envelope with the same command id, which the command handler ignores.
+  replicas), rows in `seq` order, and nothing new is produced while earlier rows await the
+  broker's acknowledgement; the idempotent producer keeps each partition (campaign) in order.
+- Not duplicated by retries: a row is handed to a producer once; that producer has no message
+  timeout and retries it itself (idempotently) across an outage. The windows left (the relay
+  dies after the broker's ack and before the mark, or a fatal producer error) republish the
+  same envelope with the same command id, which the command handler ignores.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ class OutboxRelay:
         self._conn: psycopg.Connection[Any] | None = None
         self._producer: Producer | None = None
         self._leader = False  # holds the advisory lock on self._conn
+        # Rows handed to the current producer and not yet acknowledged / acknowledged but not
+        # yet marked: never produced again while this producer lives.
+        self._outstanding: set[int] = set()
+        self._acked: set[int] = set()
+        self._fatal: str | None = None
         self.published = 0
 
     def start(self) -> None:
@@ -170,52 +176,74 @@ class OutboxRelay:
 
     def _producer_for_round(self) -> Producer:
         if self._producer is None:
+            # No message timeout: a record handed to the producer is retried until the broker
+            # takes it, across any outage, and never handed over a second time (a second
+            # produce() of the same row is what would duplicate it).
             self._producer = make_producer(
-                self.settings, **{"linger.ms": 1, "message.timeout.ms": 30_000})
+                self.settings, **{"linger.ms": 1, "message.timeout.ms": 0})
+            self._outstanding.clear()
+            self._acked.clear()
         return self._producer
 
     def _drop_producer(self) -> None:
         if self._producer is not None:
-            # Withdraw what is queued: the rows stay pending and are produced again, in order.
-            self._producer.purge()
+            # Only at shutdown or after a fatal producer error: what it did not deliver stays
+            # pending in the outbox and is produced again by the next producer.
             self._producer.flush(0)
             self._producer = None
+            self._outstanding.clear()
+            self._acked.clear()
 
     def publish_pending(self) -> int:
-        """One round: returns rows marked published, or -1 if Kafka did not ack them all."""
+        """One round: returns rows marked published, or -1 while Kafka has not acknowledged
+        what was handed to it (nothing new is produced until it has, so order holds)."""
         conn = self._connection()
+        producer = self._producer_for_round()
+        producer.flush(RELAY_ACK_TIMEOUT_S)
+        if self._fatal is not None:
+            self._log.warning("producer failed; starting a new one", error=self._fatal)
+            self._fatal = None
+            self._drop_producer()
+            return -1
+        marked = self._mark_acknowledged(conn)
+        if self._outstanding:
+            self._log.warning("Kafka has not acknowledged every command yet; waiting",
+                              pending=len(self._outstanding))
+            return -1
         rows = conn.execute(
             "SELECT seq, topic, tenant_id, aggregate_id, envelope FROM command_outbox"
             " WHERE topic = ANY(%s) AND published_at IS NULL ORDER BY seq LIMIT %s",
             ([self.topic, self.contacts_topic], RELAY_BATCH)).fetchall()
-        if not rows:
-            return 0
-        producer = self._producer_for_round()
-        acked: set[int] = set()
+        fresh = [row for row in rows if row[0] not in self._acked]
+        if not fresh:
+            return marked
 
         def on_delivery(seq: int, err: KafkaError | None, _msg: Message) -> None:
+            self._outstanding.discard(seq)
             if err is None:
-                acked.add(seq)
+                self._acked.add(seq)
+            else:  # only fatal errors end a delivery when messages never time out
+                self._fatal = str(err)
 
-        for seq, topic, tenant_id, aggregate_id, raw in rows:
+        for seq, topic, tenant_id, aggregate_id, raw in fresh:
             # Keys as the catalogue says: commands by campaign, contact events by tenant+contact.
             key = (contact_key(tenant_id, aggregate_id) if topic == self.contacts_topic
                    else aggregate_id.encode())
+            self._outstanding.add(seq)
             producer.produce(topic, key=key, value=bytes(raw),
                              on_delivery=functools.partial(on_delivery, seq))
         producer.flush(RELAY_ACK_TIMEOUT_S)
-        prefix = []
-        for seq, *_ in rows:
-            if seq not in acked:
-                break
-            prefix.append(seq)
-        if prefix:
-            conn.execute("UPDATE command_outbox SET published_at = now() WHERE seq = ANY(%s)",
-                         (prefix,))
-            self.published += len(prefix)
-        if len(prefix) < len(rows):
-            self._log.warning("Kafka did not acknowledge every command; retrying",
-                              pending=len(rows) - len(prefix))
-            self._drop_producer()
+        marked += self._mark_acknowledged(conn)
+        if self._outstanding:
             return -1
-        return len(prefix)
+        return marked
+
+    def _mark_acknowledged(self, conn: psycopg.Connection[Any]) -> int:
+        """Mark the acknowledged rows published."""
+        if not self._acked:
+            return 0
+        done = sorted(self._acked)
+        conn.execute("UPDATE command_outbox SET published_at = now() WHERE seq = ANY(%s)", (done,))
+        self._acked.difference_update(done)
+        self.published += len(done)
+        return len(done)
