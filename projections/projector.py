@@ -49,7 +49,7 @@ from services.common.topics import CONTACTS, DELIVERIES, EVENTS, RECIPIENTS, SEG
 # failed commit has to redo; large enough that per-batch round trips stay negligible.
 BATCH_MAX_RECORDS = 5_000
 # How long one consume() waits on quiet topics: bounds how late a stop request is noticed.
-POLL_TIMEOUT_SECONDS = 0.5
+POLL_TIMEOUT_SECONDS = 0.1
 # Pause after a database failure before consuming again: a restarting PostgreSQL is not
 # hammered, and a failing batch is not retried in a hot loop.
 DB_RETRY_BACKOFF_SECONDS = 1.0
