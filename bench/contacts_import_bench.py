@@ -327,7 +327,7 @@ def measure_raw_produce(
     }
 
 
-def _delete_prefixed_topics(settings: Settings) -> None:
+def delete_prefixed_topics(settings: Settings) -> None:
     """Delete every topic under the run's prefix. A topic deleted a moment ago may still be
     listed by the broker's metadata: that one is gone already, not an error."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = measure_csv_import(settings, args.rows, stages=not args.no_stages)
         figures.update(measure_raw_produce(settings, args.raw if args.raw is not None else args.rows))
     finally:
-        _delete_prefixed_topics(settings)
+        delete_prefixed_topics(settings)
     figures["contacts_topic"] = topic_name(CONTACTS, settings)
     figures["cpu_count"] = os.cpu_count()
     print(json.dumps(figures, indent=2))

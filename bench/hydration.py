@@ -42,7 +42,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from bench.campaign import template
-from bench.contacts_import_bench import _delete_prefixed_topics, measure_csv_import, measure_raw_produce
+from bench.contacts_import_bench import delete_prefixed_topics, measure_csv_import, measure_raw_produce
 from bench.process_memory import peak_rss_mb, reset_peak_rss
 from schemas.envelope import decode, encode, wrap
 from schemas.events import Audience, AudienceSegment, CampaignHydrated, CampaignSendRequested
@@ -184,7 +184,7 @@ def measure_hydration(
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        _delete_prefixed_topics(settings)
+        delete_prefixed_topics(settings)
         # The replicas of this run's throwaway topics (hundreds of MB at full size).
         shutil.rmtree(settings.state_dir / "hydrator" / settings.topic_prefix, ignore_errors=True)
     return figures

@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import AwareDatetime, Field, ValidationError
+from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
 
 from schemas import commands, contacts, events, segments  # noqa: F401  (registers every wire type)
 from schemas.base import EntityId, Record, TenantId
@@ -88,6 +88,15 @@ def wrap_caused_by(payload: Record, cause: Envelope, *, aggregate_id: str | None
         correlation_id=cause.correlation_id,
         causation_id=cause.id,
     )
+
+
+_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+def envelope_timestamp(moment: datetime) -> str:
+    """`moment` as the envelope's occurred_at is written on the wire (pydantic's own format),
+    for writers that build envelope JSON themselves."""
+    return _TIMESTAMP.dump_json(moment).decode()[1:-1]
 
 
 def encode(envelope: Envelope) -> bytes:

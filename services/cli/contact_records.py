@@ -22,7 +22,6 @@ Why not the models: building two pydantic models per row cost more than the whol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import os
@@ -30,11 +29,10 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
-from pydantic import AwareDatetime, TypeAdapter
-
 from schemas.base import InvalidEmail, normalise_email
 from schemas.contacts import _CONTACT_NAMESPACE, ContactSuppressed, ContactUpserted
-from schemas.envelope import encode, wrap
+from schemas.envelope import encode, envelope_timestamp, wrap
+from schemas.ids import VARIANT, Uuid5Names
 from services.cli.contact_csv import (
     MAX_FIELD_CHARS,
     MAX_NAME_CHARS,
@@ -64,33 +62,13 @@ BLOCKLIST_DETAIL = "csv blocklist import"
 # ContactSuppressed value to write after it (blocklist imports) or None.
 ContactRecord = tuple[int, str, bytes, bytes, bytes | None]
 
-_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
-
-
-def envelope_timestamp(moment: datetime) -> str:
-    """`moment` as the envelope's occurred_at is written on the wire (pydantic's own format)."""
-    return _TIMESTAMP.dump_json(moment).decode()[1:-1]
-
-
 class ContactIds:
     """`contact_id_for(tenant_id, email)` for one tenant, about four times faster: the hash of
     the namespace and tenant is computed once and copied for each address. The namespace is
     contact_id_for's own, so the ids cannot differ (the unit tests compare them)."""
 
     def __init__(self, tenant_id: str) -> None:
-        prefix = _CONTACT_NAMESPACE.bytes + f"{tenant_id}\x00".encode()
-        # uuid5 is SHA-1 by definition; it names contacts, it protects nothing.
-        self._base = hashlib.sha1(prefix, usedforsecurity=False)
-
-    def of(self, normalised_email: str) -> str:
-        digest = self._base.copy()
-        digest.update(normalised_email.encode())
-        h = digest.hexdigest()
-        return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
-
-
-# The RFC 4122 variant nibble (10xx) for any hex digit, keeping its two low bits.
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+        self.of = Uuid5Names(_CONTACT_NAMESPACE, f"{tenant_id}\x00")
 
 
 class EnvelopeIds:
@@ -105,7 +83,7 @@ class EnvelopeIds:
 
     def __init__(self) -> None:
         h = os.urandom(10).hex()
-        self.prefix = f"{h[:8]}-{h[8:12]}-8{h[12:15]}-{_VARIANT[h[15]]}{h[16:19]}-"
+        self.prefix = f"{h[:8]}-{h[8:12]}-8{h[12:15]}-{VARIANT[h[15]]}{h[16:19]}-"
 
     def for_line(self, line: int) -> str:
         if not 0 <= line <= self.MAX_LINE:

@@ -14,19 +14,17 @@ redone writes records with the same ids.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.envelope import Envelope
+from schemas.envelope import Envelope, envelope_timestamp
 from schemas.events import MessageTemplate, RecipientExcluded, RecipientQueued
+from schemas.ids import Uuid5Names
 from schemas.registry import wire_name
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-# The RFC 4122 variant nibble (10xx) for any hex digit, keeping its two low bits.
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def _head(type_name: str, version: int, cause: Envelope, campaign_id: str, at: str) -> str:
@@ -45,21 +43,12 @@ class RecipientRecords:
 
     def __init__(self, *, campaign_id: str, template: MessageTemplate, cause: Envelope,
                  occurred_at: datetime | None = None) -> None:
-        at = (occurred_at or datetime.now(UTC)).astimezone(UTC).isoformat().replace("+00:00", "Z")
+        at = envelope_timestamp(occurred_at or datetime.now(UTC))
         self._ids = uuid.uuid5(uuid.NAMESPACE_URL, f"hydration:{cause.id}")
-        # uuid5(self._ids, contact id) without a UUID object per recipient: the SHA-1 of the
-        # namespace is computed once and copied (uuid5 is SHA-1 by definition; ids only).
-        self._id_base = hashlib.sha1(self._ids.bytes, usedforsecurity=False)
+        self.event_id = Uuid5Names(self._ids)  # uuid5(this fan-out, contact id), as text
         self._queued_head = _head(*wire_name(RecipientQueued), cause, campaign_id, at)
         self._excluded_head = _head(*wire_name(RecipientExcluded), cause, campaign_id, at)
         self._template = _dumps(template.model_dump(mode="json"))
-
-    def event_id(self, contact_id: str) -> str:
-        """uuid5(namespace of this fan-out, contact id), as text."""
-        digest = self._id_base.copy()
-        digest.update(contact_id.encode())
-        h = digest.hexdigest()
-        return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
     def queued(self, contact: dict[str, Any]) -> bytes:
         contact_id = contact["id"]

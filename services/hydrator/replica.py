@@ -97,6 +97,13 @@ class ContactReplica:
             if until is not None and position >= until:
                 return position
             consumer = self._reader()
+            if until is None:
+                # The background refresh runs every half second over every held partition:
+                # one offsets request settles an idle one, instead of a fetch waiting for EOF.
+                _, end = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, self.partition), timeout=10, cached=False)
+                if position >= end:
+                    return position
             consumer.assign([TopicPartition(self.topic, self.partition, position)])
             try:
                 idle = 0.0
