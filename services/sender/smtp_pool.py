@@ -148,6 +148,11 @@ class SmtpPool:
         hostname = local_hostname or socket.gethostname() or "localhost"
         self._idle = [SmtpConnection(host, port, hostname, timeout) for _ in range(size)]
         self._available = threading.Condition()
+        self.name = f"{host}:{port}"
+
+    def server_for(self, sender: str) -> str:
+        """One relay: every mail books this relay's rate limit."""
+        return self.name
 
     def transmit(self, mail: OutgoingMail) -> Attempt:
         """Send one message over a free connection (waits for one if all are busy)."""

@@ -39,6 +39,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -77,6 +78,7 @@ from services.sender.render import render
 from services.sender.retries import RetryPolicy, tier_index
 from services.sender.smtp_pool import SmtpPool
 from services.sender.throttle import RateLimiter
+from services.sender.transport import MailTransport
 
 log = structlog.get_logger("sender")
 
@@ -177,6 +179,7 @@ class SenderWorker:
         batch_size: int = BATCH_SIZE,
         policy: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
+        transport: Callable[[int], MailTransport] | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -186,7 +189,9 @@ class SenderWorker:
         self.policy = policy or RetryPolicy.from_env()
         self.limiter = limiter or RateLimiter.from_env(os.environ)
         self.list_unsubscribe = ListUnsubscribe.from_env()
-        self._server = f"{settings.smtp_host}:{settings.smtp_port}"
+        # Builds the SMTP side for `concurrency` connections: one relay by default.
+        self._transport_factory = transport or (
+            lambda size: SmtpPool(settings.smtp_host, settings.smtp_port, size))
         # Partitions of the subscribed topics this instance owns, of how many: its share of
         # the group's rate limits.
         self._assigned: set[Where] = set()
@@ -241,7 +246,7 @@ class SenderWorker:
 
     def _run(self, feeds: list[TopicFeed], stop_event: threading.Event) -> None:
         ledger = SendLedger(self.settings.database_url)
-        pool = SmtpPool(self.settings.smtp_host, self.settings.smtp_port, self.concurrency)
+        pool = self._transport_factory(self.concurrency)
         producer = Producer(self._producer_config())
         consumer = Consumer(self._consumer_config())
         executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sender-smtp")
@@ -414,7 +419,7 @@ class SenderWorker:
         self,
         work: list[Work],
         ledger: SendLedger,
-        pool: SmtpPool,
+        pool: MailTransport,
         producer: Producer,
         executor: ThreadPoolExecutor,
     ) -> None:
@@ -467,7 +472,7 @@ class SenderWorker:
             return replace(claim.outcome, retry_at=datetime.now(UTC) + timedelta(seconds=wait))
         return None  # STALE: a later attempt owns the recipient
 
-    def _mail(self, item: Work, pool: SmtpPool, started: float) -> Outcome:
+    def _mail(self, item: Work, pool: MailTransport, started: float) -> Outcome:
         """Runs on a pool thread: check control and rate limits, build the message, one SMTP
         attempt (`started`: when the batch started)."""
         recipient = item.recipient
@@ -484,7 +489,8 @@ class SenderWorker:
                              draw=self._rng.random())
         if self.limiter.active and not item.prepaid:
             clock = time.monotonic()
-            wait = self.limiter.book(item.envelope.tenant_id, self._server, clock)
+            wait = self.limiter.book(item.envelope.tenant_id,
+                                     pool.server_for(recipient.template.from_address), clock)
             if wait > MAX_THROTTLE_WAIT_SECONDS or clock + wait > started + THROTTLED_BATCH_SECONDS:
                 return Outcome(Status.THROTTLED, item.attempt,
                                retry_at=now + timedelta(seconds=wait))
