@@ -7,12 +7,12 @@ id (the message that caused this one). The payload is validated against the regi
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
+from pydantic_core import from_json
 
 from schemas import commands, contacts, events, segments  # noqa: F401  (registers every wire type)
 from schemas.base import EntityId, Record, TenantId
@@ -109,7 +109,10 @@ def decode(raw: bytes | str | None) -> Message[Record]:
     if raw is None:
         raise SchemaViolation("empty record value")
     try:
-        data = json.loads(raw)
+        # pydantic-core's parser: about three times the stdlib's speed on every consumer's hot
+        # path, exact big integers (orjson would turn them into floats), and NaN / Infinity
+        # refused as RFC 8259 says.
+        data = from_json(raw, allow_inf_nan=False)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SchemaViolation(f"malformed JSON: {exc}") from None
     try:
