@@ -5,9 +5,10 @@ A command may be rejected; its handler answers with events, or with CommandRejec
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AwareDatetime, Field, field_validator, model_validator
 
 from schemas.base import Email, EntityId, HeaderText, Record
 from schemas.registry import message, upcaster
@@ -92,3 +93,35 @@ class ScheduleCampaign(Record):
 @message("ForceScheduledSend", 1)
 class ForceScheduledSend(Record):
     """Fire a scheduled campaign now, whether its schedule is pending or was missed."""
+
+
+# Test sends go to people checking a campaign (its authors, a review team), never to an
+# audience: a small cap keeps the command from being misused as a bulk channel.
+MAX_TEST_ADDRESSES = 25
+
+
+class SampleContact(Record):
+    """Made-up contact fields a test mail is personalised with (placeholders such as
+    `{{ first_name }}` and `{{ attr.city }}` render from these, or their fallbacks)."""
+
+    first_name: str = Field(default="", max_length=200)
+    last_name: str = Field(default="", max_length=200)
+    attributes: dict[str, str] = Field(default_factory=dict, max_length=100)
+
+
+@message("SendTestEmail", 1)
+class SendTestEmail(Record):
+    """Mail the campaign's current content, subject prefixed "[TEST] ", to the given
+    addresses, without touching its audience, counters or completion. Any existing campaign
+    may be test-sent, whatever its status (a draft especially). Addresses are normalised and
+    each is mailed once (a repeated address is dropped); `test_id` names this test send in
+    the events it causes."""
+
+    addresses: list[Email] = Field(min_length=1, max_length=MAX_TEST_ADDRESSES)
+    sample: SampleContact = Field(default_factory=SampleContact)
+    test_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+
+    @field_validator("addresses")
+    @classmethod
+    def _once_each(cls, addresses: list[str]) -> list[str]:
+        return list(dict.fromkeys(addresses))

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import AwareDatetime, Field
 
 from schemas.base import Email, EntityId, HeaderText, Record
-from schemas.commands import SendCampaign
+from schemas.commands import SampleContact, SendCampaign
 from schemas.registry import message, upcaster
 from schemas.segments import Criteria
 
@@ -308,3 +308,51 @@ class CampaignScheduleMissed(Record):
     send_at: AwareDatetime
     noticed_at: AwareDatetime
     reason: str = Field(min_length=1)
+
+
+# --- test sends (campaign.events) ------------------------------------------------------------
+# Campaign-level facts, not deliveries: they never appear on campaign.recipients or
+# campaign.deliveries, so no audience, counter or completion can mistake them for the real
+# send. `__test__ = False` only tells pytest these "Test..." classes are not test cases.
+
+
+@message("TestEmailRequested", 1)
+class TestEmailRequested(Record):
+    """A test send was accepted: mail `template` (the campaign's content at that moment),
+    personalised with `sample`, to each of `addresses` once."""
+
+    __test__ = False
+
+    test_id: uuid.UUID
+    template: MessageTemplate
+    addresses: list[Email] = Field(min_length=1)
+    sample: SampleContact = Field(default_factory=SampleContact)
+
+
+@message("TestEmailSent", 1)
+class TestEmailSent(Record):
+    """A test mail was accepted by the relay."""
+
+    __test__ = False
+
+    test_id: uuid.UUID
+    email: Email
+    message_id: str
+    smtp_reply: str = ""
+
+
+@message("TestEmailFailed", 1)
+class TestEmailFailed(Record):
+    """A test mail was not delivered: refused (`permanent` for a 5xx), or a transient failure
+    (test mails are tried once; send the test again). `ambiguous`: the outcome is unknown (a
+    connection lost after the message, or a sender that stopped mid-send), so it may have
+    arrived all the same; it is not mailed again."""
+
+    __test__ = False
+
+    test_id: uuid.UUID
+    email: Email
+    reason: str = Field(min_length=1)
+    permanent: bool = False
+    smtp_code: int | None = None
+    ambiguous: bool = False

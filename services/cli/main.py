@@ -1,4 +1,4 @@
-"""`campaignctl`: import contacts, create, send, cancel, watch and show campaigns.
+"""`campaignctl`: import contacts, create, send, test-send, cancel, watch and show campaigns.
 
 Thin by design: each command parses its options, calls contacts_import, publishing or progress,
 and maps the outcome to an exit code. Exit codes: 0 done (an import with bad rows is done),
@@ -25,7 +25,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 
 from projections.queries import campaign_progress
 from schemas.base import Record
-from schemas.commands import CancelCampaign, CreateCampaign, SendCampaign
+from schemas.commands import CancelCampaign, CreateCampaign, SampleContact, SendCampaign, SendTestEmail
+from schemas.events import TestEmailFailed, TestEmailSent
 from services.cli.contact_csv import column_mapping
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
 from services.cli.progress import (
@@ -38,6 +39,7 @@ from services.cli.progress import (
 from services.cli.projections_cmd import projections_app
 from services.cli.publishing import PublishError, publish_command
 from services.cli.segments_cmd import segment_app
+from services.cli.test_send import DEFAULT_TIMEOUT_SECONDS, TestSendRejected, send_test_email
 from services.common.settings import Settings
 
 # Rejected rows listed after an import; the rest are counted.
@@ -48,7 +50,8 @@ EXIT_INVALID = 2
 app = typer.Typer(help="Event-sourced e-mail campaigns: contacts and campaigns.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 contacts_app = typer.Typer(help="Contacts: import from CSV.", no_args_is_help=True)
-campaign_app = typer.Typer(help="Campaigns: create, send, cancel, watch, show.", no_args_is_help=True)
+campaign_app = typer.Typer(help="Campaigns: create, send, test-send, cancel, watch, show.",
+                           no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(segment_app, name="segment")
@@ -234,6 +237,58 @@ def campaign_cancel(
     with _fatal_errors():
         command_id = _publish(CancelCampaign(reason=reason), tenant, campaign_id)
     out.print(f"cancel requested for {campaign_id} (command {command_id})", highlight=False)
+
+
+@campaign_app.command("test-send")
+def campaign_test_send(
+    campaign_id: CampaignId,
+    tenant: Tenant,
+    to: Annotated[list[str], typer.Option("--to", help="Address to mail the test to (repeatable, <= 25).")],
+    first_name: Annotated[str, typer.Option("--first-name", help="Sample first name.")] = "",
+    last_name: Annotated[str, typer.Option("--last-name", help="Sample last name.")] = "",
+    attrs: Annotated[list[str] | None, typer.Option(
+        "--attr", help="Sample contact attribute KEY=VALUE (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for each address's outcome.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up waiting after S seconds.")] = (
+        DEFAULT_TIMEOUT_SECONDS
+    ),
+) -> None:
+    """Mail the campaign's content, subject prefixed "[TEST] ", to the given addresses only:
+    its audience, counters and completion are not touched."""
+    attributes: dict[str, str] = {}
+    for item in attrs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--attr wants KEY=VALUE, got {item!r}", EXIT_INVALID)
+        attributes[key.strip()] = value
+    with _fatal_errors():
+        command = SendTestEmail(
+            addresses=to,
+            sample=SampleContact(first_name=first_name, last_name=last_name, attributes=attributes),
+        )
+
+        def show(outcome: TestEmailSent | TestEmailFailed) -> None:
+            if isinstance(outcome, TestEmailSent):
+                out.print(f"  {escape(outcome.email)}: sent {escape(outcome.smtp_reply)}", highlight=False)
+            else:
+                text = escape(f"  {outcome.email}: failed: {outcome.reason}")
+                err.print(f"[red]{text}[/red]", highlight=False)
+
+        try:
+            report = send_test_email(Settings(), command, tenant_id=tenant, campaign_id=campaign_id,
+                                     wait=wait, timeout=timeout, on_outcome=show)
+        except TestSendRejected as exc:
+            _fail(f"test send rejected: {exc}")
+        out.print(f"test send {report.test_id} for {campaign_id} (command {report.command_id})",
+                  highlight=False)
+        if not wait:
+            return
+        if not report.complete:
+            missing = [a for a in report.addresses if a not in report.outcomes]
+            _fail(f"no outcome within {timeout:g} s for {', '.join(missing)}"
+                  " (are the command handler and a sender running?)")
+        if not report.all_sent:
+            raise typer.Exit(EXIT_FATAL)
 
 
 @campaign_app.command("watch")

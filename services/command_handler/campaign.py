@@ -9,7 +9,9 @@ A pause is refused unless the campaign is sending, a resume unless it is paused;
 pause (the failure-rate guard) is refused the same way, so it never overrides a person's.
 A schedule fires on the first `ScheduleDue` tick at or after its time, within its grace;
 found later, it is reported missed (never fired silently late) and waits for
-ForceScheduledSend.
+ForceScheduledSend. A test send (SendTestEmail) is accepted in every status, a cancelled
+campaign's included (there is no deletion; reviewing a stopped campaign's content is
+legitimate): it carries the current content to the given addresses and changes no state.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from schemas.commands import (
     ResumeCampaign,
     ScheduleCampaign,
     SendCampaign,
+    SendTestEmail,
 )
 from schemas.events import (
     Audience,
@@ -41,6 +44,7 @@ from schemas.events import (
     CampaignScheduleMissed,
     CampaignSendRequested,
     MessageTemplate,
+    TestEmailRequested,
 )
 
 
@@ -159,6 +163,10 @@ def decide(
             if current.status is not Status.PAUSED:
                 raise Rejected(f"campaign {campaign_id!r} is {current.status}, not paused")
             return [CampaignResumed()]
+        case SendTestEmail():
+            current = _existing(state, campaign_id, tenant_id)
+            return [TestEmailRequested(test_id=command.test_id, template=current.template,
+                                       addresses=command.addresses, sample=command.sample)]
     raise Rejected(f"{type(command).__name__} is not a campaign command")
 
 

@@ -6,6 +6,15 @@ SENDER_RETRY_BASE_SECONDS, SENDER_RETRY_MAX_DELAY_SECONDS, SENDER_MAX_ATTEMPTS a
 SENDER_MAX_AGE_SECONDS the retry policy of transient failures (see services/sender/retries.py);
 SENDER_TENANT_RATE and SENDER_SMTP_RATE (e.g. "100/s,5000/min") the rate limits per tenant and
 per SMTP server, for the whole group (see services/sender/throttle.py).
+
+Relays: SENDER_RELAYS_FILE (JSON or TOML) or SENDER_RELAYS (JSON) configure several SMTP
+relays, routed by From domain with failover (see services/sender/relay_config.py and
+relays.py); without them mail goes to SMTP_HOST:SMTP_PORT. A configuration that cannot be used
+stops the start with exit code 2 and the reason.
+
+Test sends (TestEmailRequested) are mailed by a second worker on its own thread (see
+services/sender/test_mail.py) over the same relays; if it fails, the whole process stops
+(exit code 1) rather than silently dropping test sends.
 """
 
 from __future__ import annotations
@@ -18,7 +27,14 @@ from types import FrameType
 
 from services.common.logs import configure_logging
 from services.common.settings import Settings
+from services.sender.relay_config import RelayConfigError
+from services.sender.relays import transport_factory
+from services.sender.test_mail import TestSendWorker
 from services.sender.worker import SenderWorker
+
+# How long the test-send thread may take to finish its request in flight after a stop: one
+# request is at most 25 SMTP transactions with their own timeouts, plus a flush.
+TEST_SENDS_STOP_SECONDS = 60.0
 
 
 def main() -> int:
@@ -31,8 +47,32 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    settings = Settings()
+    try:
+        transport = transport_factory(settings)
+    except RelayConfigError as exc:
+        log.error("relay configuration refused", error=str(exc))
+        return 2
     concurrency = int(os.environ.get("SENDER_CONCURRENCY", "8"))
-    SenderWorker(Settings(), concurrency=concurrency).run(stop)
+    failed = threading.Event()
+
+    def run_test_sends() -> None:
+        try:
+            TestSendWorker(settings, transport).run(stop)
+        except Exception:
+            log.exception("test-send worker failed; stopping the sender")
+            failed.set()
+            stop.set()
+
+    test_sends = threading.Thread(target=run_test_sends, name="sender-test-sends", daemon=True)
+    test_sends.start()
+    try:
+        SenderWorker(settings, concurrency=concurrency, transport=transport).run(stop)
+    finally:
+        stop.set()
+        test_sends.join(TEST_SENDS_STOP_SECONDS)
+    if failed.is_set():
+        return 1
     log.info("exiting after stop request")
     return 0
 

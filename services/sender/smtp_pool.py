@@ -1,5 +1,12 @@
 """Reused SMTP connections to one relay, and the single SMTP transaction.
 
+Session set-up (`Security`): plain SMTP, STARTTLS (the session is upgraded before anything
+else is said; a relay that does not offer STARTTLS is refused, never used in the clear) or
+implicit TLS (SMTPS). Certificates are verified against the system's CAs, or the CA file
+given, unless verification is explicitly switched off (test relays with self-signed
+certificates). With credentials the session logs in (AUTH PLAIN or LOGIN, whichever the
+relay offers; smtplib picks) once the session is encrypted.
+
 Guarantees:
 - A connection is used by one thread at a time, and at most `size` connections are open;
   connections stay open across messages (no TCP + EHLO per mail).
@@ -8,16 +15,31 @@ Guarantees:
 - `transmit` never raises for SMTP or network trouble: it returns an `Attempt` that says
   whether the message was sent, refused for good, refused for now, or possibly sent (the
   reply to the final "." was lost).
+- `send` says in addition whether the relay itself could not be used (`RelayResult.setup`):
+  the failure happened while setting up the session (TCP connect, greeting, EHLO, TLS, AUTH),
+  before MAIL FROM, so the relay cannot have taken the message and another relay may be
+  tried without any risk of a duplicate.
+
+Why a failed login is not a permanent failure of the mail: a 535 answers the relay's
+credentials, not the recipient. Failing the recipient for good would turn one wrong password
+into a whole audience of permanent failures (and, worse, hard-bounce suppressions). It is a
+relay problem: `setup` is AUTH, the router fails over to another relay when there is one,
+and otherwise the attempt is transient (the recipient is retried with backoff while an
+operator fixes the password; the router logs the failure as an error).
 """
 
 from __future__ import annotations
 
+import enum
 import re
 import smtplib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt, Stage, Verdict, classify_failure, classify_reply
@@ -31,14 +53,80 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 _END_OF_DATA = b".\r\n"
 
 
+class Security(enum.StrEnum):
+    """How a session with a relay is protected."""
+
+    NONE = "none"  # plain SMTP (a local relay or the test sink)
+    STARTTLS = "starttls"  # plain connect, then STARTTLS before anything else (port 587)
+    TLS = "tls"  # TLS from the first byte, SMTPS (port 465)
+
+
+class SetupPhase(enum.StrEnum):
+    """Where setting up a session failed: the relay, not the message, is the problem."""
+
+    CONNECT = "connect"  # TCP connect, greeting (e.g. 421), EHLO
+    TLS = "tls"  # STARTTLS refused or missing, handshake or certificate failure
+    AUTH = "auth"  # login refused (535) or impossible (no AUTH, no common mechanism)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A relay login. The password never appears in a repr, a log line or an error."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    """One transaction's attempt, and whether the relay could not be used at all."""
+
+    attempt: Attempt
+    # Set when session set-up failed (before MAIL FROM): nothing was sent, another relay may
+    # take the message. None for every outcome of a transaction that started.
+    setup: SetupPhase | None = None
+
+
+class _SetupFailed(Exception):
+    """Session set-up failed in `phase` (wraps the driver's error)."""
+
+    def __init__(self, phase: SetupPhase, error: BaseException) -> None:
+        super().__init__(f"{phase.value}: {type(error).__name__}: {error}")
+        self.phase = phase
+        self.error = error
+
+
+def tls_context(ca_file: Path | None = None, verify: bool = True) -> ssl.SSLContext:
+    """The client TLS context of a relay: certificate and host name checked against the
+    system's CAs (or `ca_file`) unless `verify` is False (test relays only)."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class SmtpConnection:
     """One SMTP session, opened lazily, closed on any failure."""
 
-    def __init__(self, host: str, port: int, local_hostname: str, timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        local_hostname: str,
+        timeout: float,
+        *,
+        security: Security = Security.NONE,
+        context: ssl.SSLContext | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.local_hostname = local_hostname
         self.timeout = timeout
+        self.security = security
+        self.credentials = credentials
+        self._context = context if context is not None or security is Security.NONE else tls_context()
         self._smtp: smtplib.SMTP | None = None
 
     @property
@@ -47,11 +135,21 @@ class SmtpConnection:
 
     def transmit(self, mail: OutgoingMail) -> Attempt:
         """One MAIL / RCPT / DATA transaction."""
+        return self.send(mail).attempt
+
+    def send(self, mail: OutgoingMail) -> RelayResult:
+        """One MAIL / RCPT / DATA transaction, telling a relay that could not be used apart."""
         try:
             smtp = self._session()
-        except (smtplib.SMTPException, OSError) as exc:
+        except _SetupFailed as failed:
             self.close()
-            return classify_failure(Stage.CONNECT, exc)
+            attempt = classify_failure(Stage.CONNECT, failed.error)
+            if failed.phase is not SetupPhase.CONNECT:
+                attempt = replace(attempt, text=str(failed))
+            return RelayResult(attempt, failed.phase)
+        return RelayResult(self._transaction(smtp, mail))
+
+    def _transaction(self, smtp: smtplib.SMTP, mail: OutgoingMail) -> Attempt:
         options: list[str] = []
         if mail.needs_smtputf8:
             if not smtp.has_extn("smtputf8"):
@@ -99,16 +197,64 @@ class SmtpConnection:
         return refusal
 
     def _session(self) -> smtplib.SMTP:
+        """The open session, set up first if needed; raises _SetupFailed."""
         if self._smtp is None:
-            smtp = smtplib.SMTP(timeout=self.timeout, local_hostname=self.local_hostname)
-            smtp.connect(self.host, self.port)
+            smtp = self._connect()
             try:
-                smtp.ehlo()
+                self._secure(smtp)
+                self._login(smtp)
             except BaseException:
                 smtp.close()
                 raise
             self._smtp = smtp
         return self._smtp
+
+    def _connect(self) -> smtplib.SMTP:
+        # Host and port go to the constructor, which connects (and closes again on a failed
+        # greeting): smtplib checks the certificate against the host given there, for
+        # STARTTLS and SMTPS alike; a later connect(host) would leave that name empty.
+        smtp: smtplib.SMTP
+        try:
+            if self.security is Security.TLS:
+                smtp = smtplib.SMTP_SSL(self.host, self.port, local_hostname=self.local_hostname,
+                                        timeout=self.timeout, context=self._context)
+            else:
+                smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.local_hostname,
+                                    timeout=self.timeout)
+        except ssl.SSLError as exc:  # implicit TLS: the handshake is part of connecting
+            raise _SetupFailed(SetupPhase.TLS, exc) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _SetupFailed(SetupPhase.CONNECT, exc) from exc
+        try:
+            smtp.ehlo()
+        except (smtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise _SetupFailed(SetupPhase.CONNECT, exc) from exc
+        return smtp
+
+    def _secure(self, smtp: smtplib.SMTP) -> None:
+        if self.security is not Security.STARTTLS:
+            return
+        try:
+            # Raises SMTPNotSupportedError when the relay does not offer STARTTLS: then the
+            # session is dropped rather than carrying mail (and a password) in the clear.
+            smtp.starttls(context=self._context)
+            smtp.ehlo()  # the capabilities said before TLS are void (RFC 3207 4.2)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise _SetupFailed(SetupPhase.TLS, exc) from exc
+
+    def _login(self, smtp: smtplib.SMTP) -> None:
+        if self.credentials is None:
+            return
+        try:
+            smtp.login(self.credentials.username, self.credentials.password)
+        except smtplib.SMTPServerDisconnected as exc:
+            raise _SetupFailed(SetupPhase.CONNECT, exc) from exc
+        # Before OSError: smtplib's errors are OSErrors too. UnicodeError: a non-ASCII secret.
+        except (smtplib.SMTPException, UnicodeError) as exc:
+            raise _SetupFailed(SetupPhase.AUTH, exc) from exc
+        except OSError as exc:  # the connection broke (reset, timeout) while logging in
+            raise _SetupFailed(SetupPhase.CONNECT, exc) from exc
 
     def _reset(self, smtp: smtplib.SMTP) -> None:
         """End a refused transaction so the session can carry the next one."""
@@ -140,15 +286,26 @@ class SmtpPool:
         *,
         timeout: float = SMTP_TIMEOUT_SECONDS,
         local_hostname: str | None = None,
+        security: Security = Security.NONE,
+        context: ssl.SSLContext | None = None,
+        credentials: Credentials | None = None,
+        name: str | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("an SMTP pool needs at least one connection")
         # smtplib would call socket.getfqdn(), a reverse DNS lookup that can hang for
         # seconds per connection on hosts without working DNS.
         hostname = local_hostname or socket.gethostname() or "localhost"
-        self._idle = [SmtpConnection(host, port, hostname, timeout) for _ in range(size)]
+        # One context for every connection: it is thread-safe, and loading CAs is not free.
+        if context is None and security is not Security.NONE:
+            context = tls_context()
+        self._idle = [
+            SmtpConnection(host, port, hostname, timeout, security=security, context=context,
+                           credentials=credentials)
+            for _ in range(size)
+        ]
         self._available = threading.Condition()
-        self.name = f"{host}:{port}"
+        self.name = name or f"{host}:{port}"
 
     def server_for(self, sender: str) -> str:
         """One relay: every mail books this relay's rate limit."""
@@ -156,8 +313,12 @@ class SmtpPool:
 
     def transmit(self, mail: OutgoingMail) -> Attempt:
         """Send one message over a free connection (waits for one if all are busy)."""
+        return self.send(mail).attempt
+
+    def send(self, mail: OutgoingMail) -> RelayResult:
+        """Like `transmit`, also telling whether the relay could not be used at all."""
         with self._connection() as connection:
-            return connection.transmit(mail)
+            return connection.send(mail)
 
     @contextmanager
     def _connection(self) -> Iterator[SmtpConnection]:

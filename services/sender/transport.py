@@ -2,7 +2,9 @@
 
 The worker only needs three things of whatever carries its mail: a server name to book rate
 limits against, one SMTP transaction that never raises for SMTP or network trouble, and a way
-to close. `SmtpPool` (one relay) satisfies it; a router over several relays does too.
+to close. `SmtpPool` (one relay, services/sender/smtp_pool.py) satisfies it, and so does
+`RelayRouter` (several relays routed by From domain, with failover; services/sender/relays.py).
+`relays.transport_factory` picks one of them from the environment at start-up.
 """
 
 from __future__ import annotations

@@ -66,6 +66,10 @@ def main() -> int:
         drop_before_data_rate=config.drop_before_data_rate,
         latency_ms=config.latency_ms,
         seed=config.seed,
+        tls="implicit" if config.implicit_tls else "starttls" if config.tls else None,
+        require_starttls=config.require_starttls,
+        auth_users=len(config.auth_users),  # how many, never who or their passwords
+        refuse_connections=config.refuse_connections,
     )
     last_stats = sink.stats
     try:

@@ -2,7 +2,14 @@
 
 Guarantees: a `SinkConfig` that exists is valid — every rate is in [0, 1], the rates sum to at
 most 1 (each message gets at most one fault), latency is not negative and the port is a TCP
-port. Anything else is refused at construction with a ValueError naming the field.
+port; TLS modes come with a certificate and key, and AUTH that needs TLS has TLS to run on.
+Anything else is refused at construction with a ValueError naming the field.
+
+Relay imitation (for the sender's TLS / AUTH / failover code): `tls_cert` + `tls_key` offer
+STARTTLS, `require_starttls` refuses mail before it, `implicit_tls` speaks TLS from the first
+byte (SMTPS) instead; `auth_users` (name -> password) requires AUTH PLAIN or LOGIN before
+MAIL; `refuse_connections` answers every connection with 421 at the greeting and closes it
+(a relay that is up but not taking mail).
 """
 
 from __future__ import annotations
@@ -46,6 +53,19 @@ class SinkConfig:
     # Keep accepted messages in memory for in-process readers (tests). A long-running sink
     # process records to its file only, so its memory does not grow with every message.
     keep_in_memory: bool = True
+    # PEM certificate (chain) and private key the sink presents for STARTTLS / implicit TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Refuse MAIL (530) until the client has issued STARTTLS.
+    require_starttls: bool = False
+    # TLS from the first byte (SMTPS, like port 465) instead of offering STARTTLS.
+    implicit_tls: bool = False
+    # Accounts of AUTH PLAIN / LOGIN; when any is set, MAIL is refused (530) before AUTH.
+    auth_users: dict[str, str] = field(default_factory=dict, repr=False)
+    # Offer AUTH only over TLS (aiosmtpd's default; any real relay's policy).
+    auth_require_tls: bool = True
+    # Answer every connection with "421" at the greeting and close it.
+    refuse_connections: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.record_path, str):
@@ -65,12 +85,30 @@ class SinkConfig:
             raise ValueError(f"SinkConfig.latency_ms must be >= 0, got {self.latency_ms!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"SinkConfig.port must be in [0, 65535], got {self.port!r}")
+        for name in ("tls_cert", "tls_key"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("SinkConfig.tls_cert and tls_key go together")
+        if self.tls_cert is None and (self.require_starttls or self.implicit_tls):
+            raise ValueError("SinkConfig.require_starttls / implicit_tls need tls_cert and tls_key")
+        if self.require_starttls and self.implicit_tls:
+            raise ValueError("SinkConfig.require_starttls and implicit_tls exclude each other")
+        if self.auth_users and self.auth_require_tls and self.tls_cert is None:
+            raise ValueError("SinkConfig.auth_users with auth_require_tls need tls_cert and tls_key")
+
+    @property
+    def tls(self) -> bool:
+        """The sink can speak TLS (STARTTLS or implicit)."""
+        return self.tls_cert is not None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> SinkConfig:
         """Build from SMTP_HOST, SMTP_PORT, SINK_RECORD_PATH, SINK_*_RATE, SINK_LATENCY_MS,
-        SINK_SEED. Unset or empty variables keep the defaults; unparsable ones raise ValueError
-        naming the variable."""
+        SINK_SEED, SINK_TLS_CERT, SINK_TLS_KEY, SINK_REQUIRE_STARTTLS, SINK_IMPLICIT_TLS,
+        SINK_AUTH_USERS ("name:password,..."), SINK_AUTH_REQUIRE_TLS and
+        SINK_REFUSE_CONNECTIONS (booleans: 1/0, true/false, yes/no). Unset or empty variables
+        keep the defaults; unparsable ones raise ValueError naming the variable."""
         source = os.environ if env is None else env
 
         def get(name: str) -> str | None:
@@ -95,8 +133,30 @@ class SinkConfig:
             except ValueError:
                 raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
+        def flag(name: str, default: bool) -> bool:
+            raw = get(name)
+            if raw is None:
+                return default
+            if raw.lower() in ("1", "true", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(f"{name} must be 1/0, true/false or yes/no, got {raw!r}")
+
+        def users(name: str) -> dict[str, str]:
+            accounts: dict[str, str] = {}
+            for item in (get(name) or "").split(","):
+                if not item.strip():
+                    continue
+                user, sep, password = item.strip().partition(":")
+                if not sep or not user or not password:
+                    raise ValueError(f"{name} must be name:password pairs separated by commas")
+                accounts[user] = password
+            return accounts
+
         port = integer("SMTP_PORT")
         record_path = get("SINK_RECORD_PATH")
+        cert, key = get("SINK_TLS_CERT"), get("SINK_TLS_KEY")
         return cls(
             host=get("SMTP_HOST") or "127.0.0.1",
             port=DEFAULT_SMTP_PORT if port is None else port,
@@ -108,4 +168,11 @@ class SinkConfig:
             latency_ms=number("SINK_LATENCY_MS", 0.0),
             seed=integer("SINK_SEED"),
             keep_in_memory=not record_path,
+            tls_cert=Path(cert) if cert else None,
+            tls_key=Path(key) if key else None,
+            require_starttls=flag("SINK_REQUIRE_STARTTLS", False),
+            implicit_tls=flag("SINK_IMPLICIT_TLS", False),
+            auth_users=users("SINK_AUTH_USERS"),
+            auth_require_tls=flag("SINK_AUTH_REQUIRE_TLS", True),
+            refuse_connections=flag("SINK_REFUSE_CONNECTIONS", False),
         )

@@ -12,6 +12,10 @@ Guarantees:
   connection close (smtplib: SMTPServerDisconnected).
 - Many connections, each sending many messages (MAIL/RCPT/DATA repeated), are served
   concurrently; `stop()` closes all of them and flushes the record file.
+- With TLS or AUTH configured (see config), a message is only accepted over a session that
+  met them (aiosmtpd answers 530 otherwise), and its record says how it came:
+  `record["session"] = {"tls": bool, "auth_user": str | None}`. Logins are counted in
+  `SmtpSink.logins` ("ok" / "refused"); a refused login gets 535.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import logging
 import random
 import re
 import socket
+import ssl
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from services.smtp_sink.config import SinkConfig
 from services.smtp_sink.faults import FaultPlan, Outcome
@@ -71,6 +77,12 @@ _SIMPLE_ADDRESS = re.compile(
 _TEMPFAIL_REPLY = "451 4.3.0 Temporary failure (injected by smtp-sink)"
 _PERMFAIL_REPLY = "550 5.1.1 Mailbox unavailable (injected by smtp-sink)"
 _ACCEPT_REPLY = "250 2.0.0 OK"
+_REFUSE_GREETING = "421 4.3.2 Service not available (refused by smtp-sink)"
+
+
+def _not_deprecation_noise(record: logging.LogRecord) -> bool:
+    # aiosmtpd warns about its own internal use of Session.login_data on every login.
+    return "login_data is deprecated" not in record.getMessage()
 
 
 class _SinkEnvelope(Envelope):
@@ -84,9 +96,20 @@ class _SinkEnvelope(Envelope):
 class _SinkSMTP(SMTP):
     """aiosmtpd's protocol, with our envelopes and a registry of open connections."""
 
-    def __init__(self, handler: _Handler, connections: set[_SinkSMTP], **kwargs: Any) -> None:
+    def __init__(self, handler: _Handler, connections: set[_SinkSMTP], *,
+                 refuse: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._connections = connections
+        self._refuse = refuse
+
+    async def _handle_client(self) -> None:
+        if not self._refuse:
+            await super()._handle_client()
+            return
+        # A relay that is up but takes no mail: 421 instead of the 220 greeting, then close.
+        await self.push(_REFUSE_GREETING)
+        if self.transport is not None:
+            self.transport.close()
 
     def _create_envelope(self) -> _SinkEnvelope:
         return _SinkEnvelope()
@@ -124,6 +147,7 @@ class _Handler:
         stats: Counter[str],
         stats_lock: threading.Lock,
         on_event: EventCallback | None,
+        logins: Counter[str] | None = None,
     ) -> None:
         self._plan = FaultPlan.from_config(config)
         self._rng = random.Random(config.seed)
@@ -132,6 +156,23 @@ class _Handler:
         self._stats = stats
         self._stats_lock = stats_lock
         self._on_event = on_event
+        self._accounts = {name.encode(): password.encode()
+                          for name, password in config.auth_users.items()}
+        self._describe_session = config.tls or bool(config.auth_users)
+        self.logins: Counter[str] = logins if logins is not None else Counter()
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        """aiosmtpd's authenticator: PLAIN and LOGIN against the configured accounts."""
+        ok = (isinstance(auth_data, LoginPassword)
+              and self._accounts.get(auth_data.login) == auth_data.password)
+        with self._stats_lock:
+            self.logins["ok" if ok else "refused"] += 1
+        user = auth_data.login.decode("utf-8", "replace") if isinstance(auth_data, LoginPassword) else None
+        self._emit("auth_succeeded" if ok else "auth_refused", {"user": user, "mechanism": mechanism})
+        # handled=False: aiosmtpd writes the 235 / 535 reply itself.
+        return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
     async def handle_RCPT(  # name fixed by aiosmtpd
         self,
@@ -160,6 +201,11 @@ class _Handler:
         if outcome is Outcome.ACCEPT:
             content = envelope.original_content or b""
             record = build_record(envelope.mail_from, envelope.rcpt_tos, content)
+            if self._describe_session:
+                transport = server.transport
+                tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+                record["session"] = {"tls": tls,
+                                     "auth_user": session.auth_data if session.authenticated else None}
             # The record is complete (and flushed) before the 250 is returned: see module doc.
             self._records.append(record)
             self._count(Outcome.ACCEPT)
@@ -253,8 +299,10 @@ class SmtpSink:
         self.config = config or SinkConfig()
         self._records = RecordLog(None)  # replaced by start(); lets readers work before it
         self._stats: Counter[str] = Counter()
+        self._logins: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
         self._on_event = on_event
+        self._tls_context: ssl.SSLContext | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -269,6 +317,12 @@ class SmtpSink:
         # aiosmtpd logs every SMTP command at INFO on "mail.log"; at thousands of messages per
         # second that is both noise and a real CPU cost, so only its warnings get through.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
+        logging.getLogger("mail.log").addFilter(_not_deprecation_noise)  # idempotent
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            # Loaded here, not on the server thread: a bad certificate fails start() itself.
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+            self._tls_context = context
         sock = _bind(self.config.host, self.config.port)
         self._port = sock.getsockname()[1]
         self._records = RecordLog(self.config.record_path, self.config.keep_in_memory)
@@ -325,6 +379,12 @@ class SmtpSink:
         return self._records.snapshot()
 
     @property
+    def logins(self) -> dict[str, int]:
+        """AUTH attempts: {"ok": n, "refused": m}."""
+        with self._stats_lock:
+            return {"ok": self._logins["ok"], "refused": self._logins["refused"]}
+
+    @property
     def stats(self) -> dict[str, int]:
         """Count of applied outcomes, keyed by `Outcome.value` (every outcome present)."""
         with self._stats_lock:
@@ -360,20 +420,41 @@ class SmtpSink:
         self._stop_event = asyncio.Event()
         self._loop = loop
         connections: set[_SinkSMTP] = set()
-        handler = _Handler(self.config, self._records, self._stats, self._stats_lock, self._on_event)
-
-        def factory() -> _SinkSMTP:
-            return _SinkSMTP(
-                handler,
-                connections,
-                hostname=_HOSTNAME,
-                timeout=_IDLE_TIMEOUT_S,
-                data_size_limit=_DATA_SIZE_LIMIT,
-                enable_SMTPUTF8=True,
-                loop=loop,
+        handler = _Handler(self.config, self._records, self._stats, self._stats_lock, self._on_event,
+                           self._logins)
+        config = self.config
+        starttls = self._tls_context if not config.implicit_tls else None
+        security: dict[str, Any] = {}
+        if starttls is not None:
+            security.update(tls_context=starttls, require_starttls=config.require_starttls)
+        if config.auth_users:
+            security.update(
+                authenticator=handler.authenticate,
+                auth_required=True,
+                # Over implicit TLS the whole session is encrypted, but aiosmtpd only knows
+                # about STARTTLS; it would refuse AUTH (538) without this.
+                auth_require_tls=config.auth_require_tls and not config.implicit_tls,
             )
 
-        server = await loop.create_server(factory, sock=sock, backlog=_BACKLOG)
+        def factory() -> _SinkSMTP:
+            with warnings.catch_warnings():
+                # aiosmtpd warns about AUTH without STARTTLS, not knowing of implicit TLS.
+                warnings.simplefilter("ignore", UserWarning)
+                return _SinkSMTP(
+                    handler,
+                    connections,
+                    refuse=config.refuse_connections,
+                    hostname=_HOSTNAME,
+                    timeout=_IDLE_TIMEOUT_S,
+                    data_size_limit=_DATA_SIZE_LIMIT,
+                    enable_SMTPUTF8=True,
+                    loop=loop,
+                    **security,
+                )
+
+        server = await loop.create_server(
+            factory, sock=sock, backlog=_BACKLOG,
+            ssl=self._tls_context if config.implicit_tls else None)
         ready.set()
         await self._stop_event.wait()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import ssl
 import threading
 import time
 from email.message import EmailMessage
@@ -19,6 +20,7 @@ from services.smtp_sink import (
     header,
     read_records,
 )
+from services.smtp_sink.certificates import Certificate, self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +218,98 @@ def test_stop_closes_open_connections() -> None:
         client.send_message(_message())
     client.close()
     sink.stop()  # idempotent
+
+
+# --- relay imitation: TLS, AUTH, refusal ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def _trusting(certificate: Certificate) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certificate.cert))
+
+
+def test_required_starttls_refuses_mail_in_the_clear_and_records_the_tls_session(
+        certificate: Certificate) -> None:
+    config = SinkConfig(port=0, tls_cert=certificate.cert, tls_key=certificate.key, require_starttls=True)
+    with SmtpSink(config) as sink:
+        with _client(sink) as client:
+            client.ehlo()
+            assert client.has_extn("starttls")
+            assert client.mail("campaigns@example.com")[0] == 530
+            client.starttls(context=_trusting(certificate))  # verifies the certificate for 127.0.0.1
+            client.ehlo()
+            client.send_message(_message())
+        [record] = sink.messages
+    assert record["session"] == {"tls": True, "auth_user": None}
+
+
+def test_auth_is_required_offered_only_over_tls_and_checks_the_password(certificate: Certificate) -> None:
+    config = SinkConfig(port=0, tls_cert=certificate.cert, tls_key=certificate.key,
+                        auth_users={"campaigns": "right-pw"})
+    with SmtpSink(config) as sink:
+        with _client(sink) as client:
+            client.ehlo()
+            assert not client.has_extn("auth")  # not before TLS
+            client.starttls(context=_trusting(certificate))
+            client.ehlo()
+            assert client.mail("campaigns@example.com")[0] == 530  # not before AUTH
+            client.rset()
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                client.login("campaigns", "wrong-pw")
+            assert refused.value.smtp_code == 535
+            client.login("campaigns", "right-pw")
+            client.send_message(_message())
+        [record] = sink.messages
+        assert sink.logins["ok"] == 1 and sink.logins["refused"] >= 1
+    assert record["session"] == {"tls": True, "auth_user": "campaigns"}
+
+
+def test_implicit_tls_speaks_tls_from_the_first_byte(certificate: Certificate) -> None:
+    config = SinkConfig(port=0, tls_cert=certificate.cert, tls_key=certificate.key, implicit_tls=True,
+                        auth_users={"campaigns": "pw"})
+    with SmtpSink(config) as sink:
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            smtplib.SMTP(sink.host, sink.port, timeout=2)  # a plain client gets no greeting
+        with smtplib.SMTP_SSL(sink.host, sink.port, timeout=CLIENT_TIMEOUT_S,
+                              context=_trusting(certificate)) as client:
+            client.login("campaigns", "pw")
+            client.send_message(_message())
+        [record] = sink.messages
+    assert record["session"] == {"tls": True, "auth_user": "campaigns"}
+
+
+def test_refuse_connections_answers_421_at_the_greeting() -> None:
+    with SmtpSink(SinkConfig(port=0, refuse_connections=True)) as sink:
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            _client(sink)
+        assert refused.value.smtp_code == 421
+        assert sink.messages == []
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"require_starttls": True}, "need tls_cert and tls_key"),
+    ({"implicit_tls": True}, "need tls_cert and tls_key"),
+    ({"tls_cert": "c.pem"}, "go together"),
+    ({"auth_users": {"u": "p"}}, "auth_users with auth_require_tls need tls_cert"),
+])
+def test_inconsistent_tls_settings_are_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SinkConfig(port=0, **fields)
+
+
+def test_tls_and_auth_settings_come_from_the_environment(certificate: Certificate) -> None:
+    config = SinkConfig.from_env({
+        "SMTP_PORT": "0", "SINK_TLS_CERT": str(certificate.cert), "SINK_TLS_KEY": str(certificate.key),
+        "SINK_REQUIRE_STARTTLS": "yes", "SINK_AUTH_USERS": "a:1, b:2", "SINK_REFUSE_CONNECTIONS": "0",
+    })
+    assert config.require_starttls and not config.implicit_tls and not config.refuse_connections
+    assert config.auth_users == {"a": "1", "b": "2"}
+    assert "auth_users" not in repr(config)  # passwords stay out of logs
+    with pytest.raises(ValueError, match="SINK_IMPLICIT_TLS must be"):
+        SinkConfig.from_env({"SINK_IMPLICIT_TLS": "maybe"})
+    with pytest.raises(ValueError, match="SINK_AUTH_USERS must be name:password"):
+        SinkConfig.from_env({"SINK_AUTH_USERS": "nopassword"})

@@ -1,0 +1,241 @@
+"""Several SMTP relays behind the worker's `MailTransport`: routing by From domain, failover.
+
+Routing (`RoutingTable`, pure): the From address's domain, case-insensitive, is looked up
+exactly, then each parent domain in turn (mail.news.example.com -> news.example.com ->
+example.com -> com), then the default relay takes it. `server_for` names the routed relay, so
+the per-server rate limits of services/sender/throttle.py apply per relay.
+
+Failover: a relay whose session cannot be set up (TCP connect refused or timed out, a 421 or
+other refusal at the greeting, STARTTLS or certificate failure, AUTH refused) cannot have
+taken the message, so the next relay of the configured failover list is tried for the same
+message, and so on. Nothing that happens after MAIL FROM fails over: a 4xx/5xx reply is the
+message's outcome, and a connection lost after DATA is ambiguous (the relay may have accepted
+it) - trying another relay then could deliver it twice, so that attempt is returned as it is
+and the worker's retry policy and send ledger deal with it.
+
+Cool-off (`RelayHealth`): a relay that failed set-up is passed over for `cool_off_seconds`
+(30 s by default), so mails do not each pay a connect timeout against a dead relay; after
+that the next mail routed to it tries it again, and a success clears the mark. When every
+relay a mail could use is cooling off (or failed just now), the attempt is transient: the
+worker defers the recipient with backoff, nothing is lost.
+
+A wrong password is a relay problem, not the recipient's (see smtp_pool): it fails over like
+any set-up failure and, without another relay, is transient; it is logged as an error once
+per cool-off so an operator sees it.
+
+Guarantees: thread-safe (one router serves every send thread); `transmit` never raises for
+SMTP or network trouble; at most one relay can have received any message (failover only
+after a set-up failure). Which relay carried each mail is logged at debug level only; the
+per-relay counts are in `stats`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from services.common.settings import Settings
+from services.sender import relay_config
+from services.sender.mime import OutgoingMail
+from services.sender.relay_config import RelaysConfig, RelaySettings, normalise_domain
+from services.sender.replies import Attempt, Verdict
+from services.sender.smtp_pool import RelayResult, Security, SetupPhase, SmtpPool, tls_context
+from services.sender.transport import MailTransport
+
+log = structlog.get_logger("sender.relays")
+
+
+class RelayPool(Protocol):
+    """One relay's connections (an `SmtpPool`)."""
+
+    def send(self, mail: OutgoingMail) -> RelayResult: ...
+
+    def close(self) -> None: ...
+
+
+class RoutingTable:
+    """From domain -> relay name. Pure."""
+
+    def __init__(self, routes: Mapping[str, str], default: str) -> None:
+        self._routes = {normalise_domain(domain): name for domain, name in routes.items()}
+        self.default = default
+
+    def relay_for(self, sender: str) -> str:
+        """The relay of a From / envelope address: exact domain, parent domains, default."""
+        domain = normalise_domain(sender.rpartition("@")[2])
+        while domain:
+            name = self._routes.get(domain)
+            if name is not None:
+                return name
+            domain = domain.partition(".")[2]
+        return self.default
+
+
+@dataclass
+class RelayCounters:
+    """What one relay did since start."""
+
+    sent: int = 0  # transactions the relay accepted (250)
+    refused: int = 0  # transactions with any other outcome (4xx, 5xx, lost connection)
+    setup_failures: int = 0  # sessions that could not be set up (connect, TLS, AUTH)
+    failovers: int = 0  # mails this relay could not take that went on to another relay
+    failed_over_in: int = 0  # mails this relay carried for another (unusable) relay
+
+
+class RelayStats:
+    """Per-relay counters, thread-safe."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._lock = threading.Lock()
+        self._counters = {name: RelayCounters() for name in names}
+
+    def add(self, name: str, **increments: int) -> None:
+        with self._lock:
+            counters = self._counters[name]
+            for key, value in increments.items():
+                setattr(counters, key, getattr(counters, key) + value)
+
+    def snapshot(self) -> dict[str, RelayCounters]:
+        with self._lock:
+            return {name: RelayCounters(**vars(c)) for name, c in self._counters.items()}
+
+
+@dataclass
+class _Down:
+    until: float
+    phase: SetupPhase
+    reason: str
+
+
+@dataclass
+class RelayHealth:
+    """Which relays are cooling off after a set-up failure, and until when. Thread-safe."""
+
+    cool_off_seconds: float
+    _down: dict[str, _Down] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cooling(self, name: str, now: float) -> _Down | None:
+        """The relay's cool-off, while it lasts."""
+        with self._lock:
+            down = self._down.get(name)
+            return down if down is not None and now < down.until else None
+
+    def mark_down(self, name: str, phase: SetupPhase, reason: str, now: float) -> bool:
+        """Pass the relay over until now + cool-off; True when it was not cooling off yet
+        (the caller logs once per cool-off, not once per mail)."""
+        with self._lock:
+            previous = self._down.get(name)
+            self._down[name] = _Down(now + self.cool_off_seconds, phase, reason)
+            return previous is None or now >= previous.until
+
+    def mark_up(self, name: str) -> None:
+        with self._lock:
+            self._down.pop(name, None)
+
+
+class RelayRouter:
+    """A `MailTransport` over several relays: one `SmtpPool` per relay, mail routed by its
+    From domain, failover to the next relay of the failover list on set-up failures."""
+
+    def __init__(
+        self,
+        config: RelaysConfig,
+        size: int,
+        *,
+        pools: Mapping[str, RelayPool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a relay router needs at least one connection per relay")
+        self.table = RoutingTable(config.routes(), config.default_relay)
+        self.failover = list(config.failover)
+        self.health = RelayHealth(config.cool_off_seconds)
+        self.stats = RelayStats([relay.name for relay in config.relays])
+        self._clock = clock
+        self._pools: dict[str, RelayPool] = (
+            dict(pools) if pools is not None
+            else {relay.name: relay_pool(relay, size) for relay in config.relays})
+
+    def server_for(self, sender: str) -> str:
+        """The routed relay's name: its per-server rate limit applies."""
+        return self.table.relay_for(sender)
+
+    def transmit(self, mail: OutgoingMail) -> Attempt:
+        """One transaction on the routed relay, or on the first usable relay after it."""
+        routed = self.table.relay_for(mail.sender)
+        chain = [routed, *(name for name in self.failover if name != routed)]
+        reasons: list[str] = []
+        tried: list[Attempt] = []
+        for position, name in enumerate(chain):
+            has_next = position + 1 < len(chain)
+            down = self.health.cooling(name, self._clock())
+            if down is not None:
+                reasons.append(f"{name}: passed over after {down.phase.value} failure ({down.reason})")
+                self.stats.add(name, failovers=int(has_next))
+                continue
+            result = self._pools[name].send(mail)
+            if result.setup is None:
+                return self._carried(name, routed, mail, result.attempt)
+            tried.append(result.attempt)
+            reasons.append(f"{name}: {result.attempt.text}")
+            self.stats.add(name, setup_failures=1, failovers=int(has_next))
+            self._mark_down(name, result)
+        if len(reasons) == 1 and tried:
+            return tried[0]  # one relay, failed just now: its own reason, as a lone pool says
+        return Attempt(Verdict.TRANSIENT, None, "no relay could take the mail: " + "; ".join(reasons))
+
+    def _carried(self, name: str, routed: str, mail: OutgoingMail, attempt: Attempt) -> Attempt:
+        self.health.mark_up(name)
+        sent = attempt.verdict is Verdict.SENT
+        self.stats.add(name, sent=int(sent), refused=int(not sent),
+                       failed_over_in=int(name != routed))
+        log.debug("mail transmitted", relay=name, routed=routed, message_id=mail.message_id,
+                  verdict=attempt.verdict.value, reply=attempt.reply)
+        return attempt
+
+    def _mark_down(self, name: str, result: RelayResult) -> None:
+        assert result.setup is not None
+        now = self._clock()
+        if not self.health.mark_down(name, result.setup, result.attempt.text, now):
+            return
+        fields = {"relay": name, "phase": result.setup.value, "reason": result.attempt.text,
+                  "cool_off_seconds": self.health.cool_off_seconds}
+        if result.setup is SetupPhase.AUTH:
+            log.error("relay refused our login: check its username and password", **fields)
+        else:
+            log.warning("relay unusable; passing it over", **fields)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+def relay_pool(relay: RelaySettings, size: int) -> SmtpPool:
+    """The connection pool of one configured relay (`size` unless the relay names its own)."""
+    context = (tls_context(relay.ca_file, relay.verify_certificate)
+               if relay.security is not Security.NONE else None)
+    return SmtpPool(relay.host, relay.port, relay.connections or size,
+                    timeout=relay.timeout_seconds, security=relay.security, context=context,
+                    credentials=relay.credentials, name=relay.name)
+
+
+def transport_factory(settings: Settings,
+                      env: Mapping[str, str] | None = None) -> Callable[[int], MailTransport]:
+    """What the sender mails through, for `size` connections: the relays configured by
+    SENDER_RELAYS_FILE / SENDER_RELAYS, or the single SMTP_HOST:SMTP_PORT relay as before.
+    Raises RelayConfigError (at start-up) for a configuration that cannot be used."""
+    config = relay_config.load(os.environ if env is None else env)
+    if config is None:
+        return lambda size: SmtpPool(settings.smtp_host, settings.smtp_port, size)
+    log.info("relays configured", default=config.default_relay, failover=config.failover,
+             relays=[{"name": r.name, "host": r.host, "port": r.port, "security": r.security.value,
+                      "auth": r.username is not None, "domains": len(r.domains)}
+                     for r in config.relays])
+    return lambda size: RelayRouter(config, size)
