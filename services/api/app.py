@@ -4,6 +4,11 @@ PostgreSQL pool (and, for the gateway, to the command outbox and its relay).
 Every route resolves the tenant from the bearer key first and reads only that tenant's rows, so
 another tenant's campaign id answers 404 exactly like an unknown one. The dashboard page itself
 holds no data and needs no key; its script sends the key as a header (see dashboard.html).
+
+PostgreSQL unreachable: every route that needs it answers 503 with a JSON `detail` and a
+`Retry-After` header (never a 500 with a stack trace); see services/api/gateway.py for what
+that means for a command. The API starts only with its database reachable (the pool opens
+before the first request is served).
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import psycopg
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict
 
+from projections.segment_counts import CountsUnavailable, count_segment, segment_definitions
 from services.api import queries
 from services.api.auth import ApiKeys
 from services.api.deps import DbPool, Pool, Tenant
-from services.api.gateway import gateway_router
+from services.api.gateway import DB_RETRY_AFTER_S, gateway_router
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
@@ -136,6 +143,31 @@ class ListCountsList(BaseModel):
     lists: list[ListCounts]
 
 
+class SegmentCounts(BaseModel):
+    """A segment of the tenant and how many contacts match it now (`as_of`). Each matching
+    contact is in exactly one of: `mailable`, `deleted`, `suppressed`, `unsubscribed` (that
+    precedence: a send to the segment would exclude it for that reason). A list-scoped
+    unsubscribe does not count against a segment. `evaluated_in_python`: contacts whose values
+    SQL could not read exactly as the hydrator does (decided by the Python evaluation)."""
+
+    segment_id: str
+    name: str
+    criteria: dict[str, Any]
+    defined_at: datetime
+    changed_at: datetime
+    matching: int
+    mailable: int
+    unsubscribed: int
+    suppressed: int
+    deleted: int
+    evaluated_in_python: int
+    as_of: datetime
+
+
+class SegmentCountsList(BaseModel):
+    segments: list[SegmentCounts]
+
+
 class RecipientPage(BaseModel):
     recipients: list[Recipient]
     next_after: str | None  # pass as `after` for the next page; None on the last page
@@ -192,21 +224,52 @@ def _not_found() -> HTTPException:
     return HTTPException(404, "campaign not found")
 
 
+def database_unavailable() -> JSONResponse:
+    """The answer to any request that needed PostgreSQL while it was unreachable."""
+    return JSONResponse(
+        {"detail": "the database is unavailable; retry later"}, status_code=503,
+        headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+    )
+
+
+def _segments(pool: Pool, tenant: str, segment_id: str | None) -> list[SegmentCounts]:
+    with queries.tenant_snapshot(pool, tenant) as conn:
+        as_of = queries.snapshot_time(conn)
+        found = []
+        for definition in segment_definitions(conn, tenant, segment_id):
+            counts = count_segment(conn, tenant, definition, as_of)
+            found.append(SegmentCounts(
+                segment_id=definition.segment_id, name=definition.name,
+                criteria=definition.criteria.model_dump(mode="json"),
+                defined_at=definition.defined_at, changed_at=definition.changed_at,
+                matching=counts.matching, mailable=counts.mailable,
+                unsubscribed=counts.unsubscribed, suppressed=counts.suppressed,
+                deleted=counts.deleted, evaluated_in_python=counts.evaluated_in_python,
+                as_of=as_of,
+            ))
+    return found
+
+
 def create_app(
     settings: Settings,
     api_keys: ApiKeys,
     *,
     relay: bool = True,
     unsubscribe_secret: bytes | None = None,
+    pool_timeout: float = POOL_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI app; the connection pool and the command outbox relay (unless `relay` is
     False: another process publishes the outbox) start and stop with the app's lifespan.
-    Without `unsubscribe_secret`, /unsubscribe answers 503."""
+    Without `unsubscribe_secret`, /unsubscribe answers 503. `pool_timeout`: how long a
+    request waits for a database connection before its 503."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool: Pool = ConnectionPool(
-            settings.database_url, min_size=1, max_size=POOL_MAX_SIZE, timeout=POOL_TIMEOUT_S, open=False
+            settings.database_url, min_size=1, max_size=POOL_MAX_SIZE, timeout=pool_timeout, open=False,
+            # A connection the server dropped (restart, failover) is replaced before a request
+            # gets it, instead of failing that request.
+            check=ConnectionPool.check_connection,
         )
         await run_in_threadpool(pool.open, True, POOL_TIMEOUT_S)
         app.state.pool = pool
@@ -231,6 +294,13 @@ def create_app(
     app.state.unsubscribe_secret = unsubscribe_secret
     app.include_router(gateway_router)
     app.include_router(unsubscribe_router)
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def on_database_unreachable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        # Connection refused or lost, pool timeout, server shutting down: the request can be
+        # retried as it is. Other database errors are bugs and stay 500s.
+        return database_unavailable()
+
     dashboard_html = DASHBOARD.read_text(encoding="utf-8")
 
     @app.get("/campaigns", response_model=CampaignList)
@@ -302,6 +372,32 @@ def create_app(
         with queries.tenant_snapshot(pool, tenant) as conn:
             rows = queries.list_counts(conn, tenant)
         return ListCountsList(lists=[ListCounts(**_fields(r)) for r in rows])
+
+    segment_errors: dict[int | str, dict[str, Any]] = {
+        503: {"description": "Database unreachable, or contacts projected before segment counts "
+                             "existed (rebuild the projections)"},
+    }
+
+    @app.get("/segments", response_model=SegmentCountsList, responses=segment_errors)
+    def get_segments(tenant: Tenant, pool: DbPool) -> Any:
+        """The tenant's segments (deleted ones left out), by id, each with how many of the
+        tenant's contacts match it now and how many of those may be mailed."""
+        try:
+            return SegmentCountsList(segments=_segments(pool, tenant, None))
+        except CountsUnavailable as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.get("/segments/{segment_id}", response_model=SegmentCounts,
+             responses={404: {"description": "No such segment for this tenant"}, **segment_errors})
+    def get_segment(segment_id: str, tenant: Tenant, pool: DbPool) -> Any:
+        """One segment with its counts (see GET /segments)."""
+        try:
+            found = _segments(pool, tenant, segment_id)
+        except CountsUnavailable as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503)
+        if not found:
+            raise HTTPException(404, "segment not found")
+        return found[0]
 
     @app.get("/campaigns/{campaign_id}/rejections", response_model=RejectionList, responses=NOT_FOUND)
     def get_rejections(campaign_id: str, tenant: Tenant, pool: DbPool) -> RejectionList:

@@ -23,7 +23,7 @@ from schemas.registry import registered
 _PUBLIC_COMMANDS = (
     "CreateCampaign", "SendCampaign", "ScheduleCampaign", "ForceScheduledSend",
     "CancelCampaign", "PauseCampaign", "ResumeCampaign",
-    "DefineSegment", "ChangeSegment", "DeleteSegment",
+    "DefineSegment", "ChangeSegment", "DeleteSegment", "SendTestEmail",
 )
 COMMAND_TYPES: dict[str, type[Record]] = {
     name: registered()[name][1] for name in _PUBLIC_COMMANDS if name in registered()

@@ -5,6 +5,16 @@ and will reach campaign.commands, in order, whatever Kafka is doing; a 4xx means
 stored. A command id sent again with the same command is accepted again without a second copy
 (idempotent retries); with a different command it is a 409. The outcome is read from the read
 models: the events the command caused (accepted) or its CommandRejected reason (rejected).
+
+PostgreSQL unreachable: POST /commands answers 503 with `Retry-After`, a JSON `detail` and the
+`command_id`, and publishes nothing, even when Kafka is up. Publishing straight to Kafka would
+break both other promises: the outbox may hold earlier, unpublished commands of the same
+campaign (accepted during a Kafka outage) that this one would overtake, and with no stored
+row a retry of the same command id could not be recognised and would be published again.
+The 503 can be ambiguous only when the connection drops during the commit: the row may then
+be stored. Retrying with the same `command_id` (the one in the 503 body when the caller sent
+none) is always safe: it is accepted once, never twice. A 202 for a stored command whose
+publication could not be checked (the database went away after the commit) says `pending`.
 """
 
 from __future__ import annotations
@@ -35,6 +45,9 @@ PUBLISH_WAIT_S = 2.0
 PUBLISH_POLL_S = 0.05
 # How often the outcome stream looks at the read models.
 OUTCOME_POLL_S = 0.5
+# What a 503 (database unreachable) tells callers to wait before retrying: about the time a
+# restarting PostgreSQL needs, and the pool's first reconnection attempts.
+DB_RETRY_AFTER_S = 5
 
 CommandState = Literal["pending", "published", "accepted", "rejected"]
 FINAL_STATES = frozenset({"accepted", "rejected"})
@@ -124,7 +137,8 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such com
     responses={
         409: {"description": "The command id was already used for another command"},
         422: {"description": "Not a valid command; `detail` lists each fault with its path"},
-        503: {"description": "The outbox (PostgreSQL) is unavailable; nothing was stored"},
+        503: {"description": "The outbox (PostgreSQL) is unavailable; nothing was published. "
+                             "Retry with the same command_id after Retry-After seconds"},
     },
 )
 async def post_command(body: CommandRequest, request: Request, tenant: Tenant,
@@ -142,11 +156,18 @@ async def post_command(body: CommandRequest, request: Request, tenant: Tenant,
     except outbox.CommandIdConflict as exc:
         raise HTTPException(409, str(exc)) from None
     except psycopg.Error as exc:
-        raise HTTPException(503, f"command outbox unavailable: {type(exc).__name__}") from None
+        return JSONResponse(
+            {"detail": f"the command outbox (database) is unavailable ({type(exc).__name__}); "
+                       "retry later with the same command_id",
+             "command_id": str(envelope.id)},
+            status_code=503, headers={"Retry-After": str(DB_RETRY_AFTER_S)})
     relay = request.app.state.relay
     if relay is not None:
         relay.wake()
-    published = await run_in_threadpool(_wait_published, pool, tenant, envelope.id)
+    try:
+        published = await run_in_threadpool(_wait_published, pool, tenant, envelope.id)
+    except psycopg.OperationalError:
+        published = False  # stored (committed above); only its publication is not known here
     return CommandAccepted(command_id=envelope.id, status="published" if published else "pending",
                            status_url=f"/commands/{envelope.id}")
 

@@ -3,44 +3,59 @@ publishes them to campaign.commands in acceptance order.
 
 Guarantees:
 - Never lost: a command is acknowledged to the caller only once its row is committed, and the
-  row is marked published only after the broker acknowledged it (acks=all), so a Kafka outage
-  or an API restart at any moment leaves it pending, to be published when Kafka returns.
-- In order: one relay at a time publishes (a PostgreSQL advisory lock elects it among API
-  replicas), rows in `seq` order, and nothing new is produced while earlier rows await the
-  broker's acknowledgement; the idempotent producer keeps each partition (campaign) in order.
-- Not duplicated by retries: a row is handed to a producer once; that producer has no message
-  timeout and retries it itself (idempotently) across an outage. The windows left (the relay
-  dies after the broker's ack and before the mark, or a fatal producer error) republish the
-  same envelope with the same command id, which the command handler ignores.
+  row is marked published only after the Kafka transaction carrying it committed, so a Kafka
+  outage or an API restart at any moment leaves it pending, to be published when Kafka returns.
+- In order: one relay at a time publishes (a PostgreSQL session advisory lock elects it among
+  API replicas), rows in `seq` order, one Kafka transaction per round, and a round starts only
+  after the previous one committed and was marked; each campaign is one partition.
+- Published once: every relay of a database uses the same transactional id, so a relay that
+  starts a producer fences every earlier one (a dead leader's, or a leader that lost its
+  PostgreSQL session and does not know yet): their open transactions are aborted and can never
+  commit, and read_committed consumers (all of ours) never see them. The windows where a
+  transaction commits but its rows are not marked (the relay dies in between, the commit's
+  answer is lost) are closed by reconciliation: a new producer, once it has fenced the old
+  ones, reads the topics from just before the oldest pending row's acceptance and marks the
+  rows whose command ids it finds, before publishing anything.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 import structlog
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.contacts import contact_key
 from schemas.envelope import Envelope, encode
-from services.common.kafka import make_producer
+from services.common.kafka import make_producer, partition_reader, read_to_end
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, CONTACTS, topic_name
 
-# Rows per publish round: bounds the work redone after a failed round.
+# Rows per publish round (one Kafka transaction): bounds the work redone after a failed round.
 RELAY_BATCH = 200
-# How long a round waits for the broker's acknowledgements before calling Kafka unreachable.
-RELAY_ACK_TIMEOUT_S = 5.0
+# How long starting a producer (fencing the previous ones) or committing a round waits for the
+# broker before the round counts as failed (Kafka unreachable); the producer is then dropped.
+RELAY_TXN_TIMEOUT_S = 10.0
+# The broker aborts a transaction left open this long: a leader that dies mid-round and has no
+# successor to fence it does not hold back read_committed consumers of its topics for longer.
+RELAY_TRANSACTION_TIMEOUT_MS = 60_000
 # Pause after a failed round (Kafka or PostgreSQL down), so neither is hammered.
 RELAY_BACKOFF_S = 1.0
-# How often an idle relay looks for rows another replica's API accepted (its own wake it).
+# How often an idle relay looks for rows another replica's API accepted (its own wake it), and
+# how often a follower tries for the leadership.
 RELAY_IDLE_POLL_S = 1.0
+# Reconciliation reads from this long before the oldest pending row's acceptance: a record's
+# timestamp is its producer host's clock, acceptance is PostgreSQL's; this bounds the skew
+# between them that reconciliation tolerates.
+RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
+# A broker silent for this long during reconciliation fails the round (retried).
+RECONCILE_IDLE_TIMEOUT_S = 30.0
 # Arbitrary constant shared by every relay of this database: at most one publishes.
 _RELAY_LOCK_KEY = 724_201_118
 
@@ -100,12 +115,16 @@ def entry_of(conn: psycopg.Connection[Any], tenant_id: str, command_id: uuid.UUI
 
 class OutboxRelay:
     """Publishes pending outbox rows of its topics (campaign.commands, and contacts.events for
-    one-click unsubscribes) under the settings' prefix; `start()` runs it in a daemon thread."""
+    one-click unsubscribes) under the settings' prefix; `start()` runs it in a daemon thread.
+    Any number of relays may run against one database: one leads, the others wait."""
 
     def __init__(self, settings: Settings, *, logger: Any = None) -> None:
         self.settings = settings
         self.topic = topic_name(COMMANDS, settings)
         self.contacts_topic = topic_name(CONTACTS, settings)
+        self.topics = [self.topic, self.contacts_topic]
+        # Shared by every relay of these topics: what makes a new producer fence the old ones.
+        self.transactional_id = settings.group("outbox-relay")
         self._log = logger or structlog.get_logger().bind(component="outbox-relay")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -113,12 +132,12 @@ class OutboxRelay:
         self._conn: psycopg.Connection[Any] | None = None
         self._producer: Producer | None = None
         self._leader = False  # holds the advisory lock on self._conn
-        # Rows handed to the current producer and not yet acknowledged / acknowledged but not
-        # yet marked: never produced again while this producer lives.
-        self._outstanding: set[int] = set()
-        self._acked: set[int] = set()
-        self._fatal: str | None = None
         self.published = 0
+        self.reconciled = 0  # rows found already on the topic and marked without producing
+
+    @property
+    def leading(self) -> bool:
+        return self._leader
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
@@ -129,8 +148,8 @@ class OutboxRelay:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._drop_connection()
         self._drop_producer()
+        self._drop_connection()
 
     def wake(self) -> None:
         """A command was accepted: publish now rather than at the next idle poll."""
@@ -141,13 +160,26 @@ class OutboxRelay:
             try:
                 moved = self.publish_pending() if self._leading() else 0
             except psycopg.Error as exc:
+                # The session (and with it the lock) may be gone: a successor may lead already.
                 self._log.warning("outbox unavailable; retrying", error=str(exc))
+                self._drop_producer()
                 self._drop_connection()
                 self._stop.wait(RELAY_BACKOFF_S)
                 continue
-            if moved < 0:  # Kafka did not acknowledge everything
+            except KafkaException as exc:
+                self._log.warning("Kafka did not take the round; retrying", error=str(exc))
+                self._drop_producer()
                 self._stop.wait(RELAY_BACKOFF_S)
-            elif moved == 0:
+                continue
+            except Exception:
+                # A dead relay thread would leave every accepted command unpublished: log,
+                # start over from a clean state, go on.
+                self._log.exception("outbox relay round failed; retrying")
+                self._drop_producer()
+                self._drop_connection()
+                self._stop.wait(RELAY_BACKOFF_S)
+                continue
+            if moved == 0:
                 # Not leading, or nothing pending: sleep until woken or the next look.
                 self._wake.wait(RELAY_IDLE_POLL_S)
                 self._wake.clear()
@@ -168,82 +200,99 @@ class OutboxRelay:
     def _leading(self) -> bool:
         # Session-level lock: held while this connection lives; a relay that dies releases it.
         if not self._leader:
+            self._drop_producer()  # never publish with a producer from an earlier leadership
             row = self._connection().execute(
                 "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_RELAY_LOCK_KEY, self.topic)
             ).fetchone()
             self._leader = bool(row and row[0])
         return self._leader
 
-    def _producer_for_round(self) -> Producer:
+    def _drop_producer(self) -> None:
+        # No flush and no commit: whatever transaction it has open is aborted by the broker,
+        # at the latest when the next producer starts and fences it.
+        self._producer = None
+
+    def _ready_producer(self, conn: psycopg.Connection[Any]) -> Producer:
         if self._producer is None:
-            # No message timeout: a record handed to the producer is retried until the broker
-            # takes it, across any outage, and never handed over a second time (a second
-            # produce() of the same row is what would duplicate it).
-            self._producer = make_producer(
-                self.settings, **{"linger.ms": 1, "message.timeout.ms": 0})
-            self._outstanding.clear()
-            self._acked.clear()
+            # Still leading? (A session that died released the lock.) Fencing the producer of
+            # a leader elected meanwhile would be safe, but would cost it a round.
+            conn.execute("SELECT 1")
+            producer = make_producer(self.settings, **{
+                "transactional.id": self.transactional_id,
+                "transaction.timeout.ms": RELAY_TRANSACTION_TIMEOUT_MS, "linger.ms": 1})
+            # Fences every earlier producer of this id; returns once their open transactions
+            # are aborted, so what reconciliation reads next is final.
+            producer.init_transactions(RELAY_TXN_TIMEOUT_S)
+            self.reconcile(conn)
+            self._producer = producer
         return self._producer
 
-    def _drop_producer(self) -> None:
-        if self._producer is not None:
-            # Only at shutdown or after a fatal producer error: what it did not deliver stays
-            # pending in the outbox and is produced again by the next producer.
-            self._producer.flush(0)
-            self._producer = None
-            self._outstanding.clear()
-            self._acked.clear()
+    def reconcile(self, conn: psycopg.Connection[Any]) -> int:
+        """Mark pending rows whose command already is on its topic (committed by an earlier
+        producer whose relay did not get to mark it); returns how many."""
+        oldest = conn.execute(
+            "SELECT topic, min(accepted_at) FROM command_outbox"
+            " WHERE topic = ANY(%s) AND published_at IS NULL GROUP BY topic ORDER BY topic",
+            (self.topics,)).fetchall()
+        if not oldest:
+            return 0
+        found: set[uuid.UUID] = set()
+
+        def note(msg: Message) -> None:
+            try:
+                found.add(uuid.UUID(json.loads(msg.value() or b"{}")["id"]))
+            except (ValueError, KeyError, TypeError):
+                pass  # not an envelope (another producer's garbage): not one of ours
+
+        reader = partition_reader(self.settings, f"{self.transactional_id}.reconcile")
+        try:
+            for topic, accepted_at in oldest:
+                since_ms = int((accepted_at - RECONCILE_CLOCK_SKEW).timestamp() * 1000)
+                partitions = reader.list_topics(topic, timeout=RELAY_TXN_TIMEOUT_S).topics[topic]
+                if partitions.error is not None:
+                    if partitions.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        continue  # no such topic yet: nothing of ours can be on it
+                    raise KafkaException(partitions.error)
+                starts = reader.offsets_for_times(
+                    [TopicPartition(topic, p, since_ms) for p in sorted(partitions.partitions)],
+                    timeout=RELAY_TXN_TIMEOUT_S)
+                for start in starts:
+                    if start.offset >= 0:  # -1: nothing written since
+                        read_to_end(reader, topic, start.partition, start.offset, note,
+                                    idle_timeout=RECONCILE_IDLE_TIMEOUT_S)
+        finally:
+            reader.close()
+        if not found:
+            return 0
+        marked = conn.execute(
+            "UPDATE command_outbox SET published_at = now() WHERE topic = ANY(%s)"
+            " AND published_at IS NULL AND command_id = ANY(%s)",
+            (self.topics, list(found))).rowcount
+        if marked:
+            self._log.warning("outbox rows already on the topic; marked without republishing",
+                              rows=marked)
+        self.reconciled += marked
+        return marked
 
     def publish_pending(self) -> int:
-        """One round: returns rows marked published, or -1 while Kafka has not acknowledged
-        what was handed to it (nothing new is produced until it has, so order holds)."""
+        """One round: the oldest pending rows in one Kafka transaction, then marked published;
+        returns how many. Raises KafkaException when Kafka did not take them (nothing marked)."""
         conn = self._connection()
-        producer = self._producer_for_round()
-        producer.flush(RELAY_ACK_TIMEOUT_S)
-        if self._fatal is not None:
-            self._log.warning("producer failed; starting a new one", error=self._fatal)
-            self._fatal = None
-            self._drop_producer()
-            return -1
-        marked = self._mark_acknowledged(conn)
-        if self._outstanding:
-            self._log.warning("Kafka has not acknowledged every command yet; waiting",
-                              pending=len(self._outstanding))
-            return -1
+        producer = self._ready_producer(conn)
         rows = conn.execute(
             "SELECT seq, topic, tenant_id, aggregate_id, envelope FROM command_outbox"
             " WHERE topic = ANY(%s) AND published_at IS NULL ORDER BY seq LIMIT %s",
-            ([self.topic, self.contacts_topic], RELAY_BATCH)).fetchall()
-        fresh = [row for row in rows if row[0] not in self._acked]
-        if not fresh:
-            return marked
-
-        def on_delivery(seq: int, err: KafkaError | None, _msg: Message) -> None:
-            self._outstanding.discard(seq)
-            if err is None:
-                self._acked.add(seq)
-            else:  # only fatal errors end a delivery when messages never time out
-                self._fatal = str(err)
-
-        for seq, topic, tenant_id, aggregate_id, raw in fresh:
+            (self.topics, RELAY_BATCH)).fetchall()
+        if not rows:
+            return 0
+        producer.begin_transaction()
+        for _seq, topic, tenant_id, aggregate_id, raw in rows:
             # Keys as the catalogue says: commands by campaign, contact events by tenant+contact.
             key = (contact_key(tenant_id, aggregate_id) if topic == self.contacts_topic
                    else aggregate_id.encode())
-            self._outstanding.add(seq)
-            producer.produce(topic, key=key, value=bytes(raw),
-                             on_delivery=functools.partial(on_delivery, seq))
-        producer.flush(RELAY_ACK_TIMEOUT_S)
-        marked += self._mark_acknowledged(conn)
-        if self._outstanding:
-            return -1
-        return marked
-
-    def _mark_acknowledged(self, conn: psycopg.Connection[Any]) -> int:
-        """Mark the acknowledged rows published."""
-        if not self._acked:
-            return 0
-        done = sorted(self._acked)
-        conn.execute("UPDATE command_outbox SET published_at = now() WHERE seq = ANY(%s)", (done,))
-        self._acked.difference_update(done)
-        self.published += len(done)
-        return len(done)
+            producer.produce(topic, key=key, value=bytes(raw))
+        producer.commit_transaction(RELAY_TXN_TIMEOUT_S)
+        conn.execute("UPDATE command_outbox SET published_at = now() WHERE seq = ANY(%s)",
+                     ([r[0] for r in rows],))
+        self.published += len(rows)
+        return len(rows)

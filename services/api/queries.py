@@ -90,11 +90,15 @@ class CampaignView:
         return None if eta is None else self.as_of + timedelta(seconds=eta)
 
 
-def _now(conn: psycopg.Connection[Any]) -> datetime:
+def snapshot_time(conn: psycopg.Connection[Any]) -> datetime:
+    """The transaction's time: what `as_of` and relative segment dates are read against."""
     row = conn.execute("SELECT now()").fetchone()
     assert row is not None
     value: datetime = row[0]
     return value
+
+
+_now = snapshot_time
 
 
 def _settled_since(

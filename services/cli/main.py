@@ -38,6 +38,7 @@ from services.cli.progress import (
 )
 from services.cli.projections_cmd import projections_app
 from services.cli.publishing import PublishError, publish_command
+from services.cli.segment_counts_cmd import segment_counts_command
 from services.cli.segments_cmd import segment_app
 from services.cli.test_send import DEFAULT_TIMEOUT_SECONDS, TestSendRejected, send_test_email
 from services.common.settings import Settings
@@ -55,6 +56,7 @@ campaign_app = typer.Typer(help="Campaigns: create, send, test-send, cancel, wat
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(segment_app, name="segment")
+segment_app.command("counts")(segment_counts_command)
 app.add_typer(projections_app, name="projections")
 
 # soft_wrap: ids and reasons stay on one line, whatever the terminal width, so they can be copied.

@@ -19,7 +19,8 @@ import pytest
 from psycopg import errors
 from psycopg.conninfo import make_conninfo
 
-from projections import batch_writer, read_models
+from projections import batch_writer, read_models, segment_projection
+from projections.segment_counts import segment_counts
 from projections.tenancy import (
     ANY_TENANT,
     WRITER_GROUP,
@@ -30,17 +31,19 @@ from projections.tenancy import (
     tenant_transaction,
 )
 from schemas.contacts import ContactUpserted
+from schemas.segments import SegmentDefined, parse_criteria
 from services.common.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 VIEWS = ("analyst_campaign_progress", "analyst_recipients", "analyst_rejections",
          "analyst_daily_sends", "analyst_recipient_attempts", "analyst_campaign_throughput",
-         "analyst_list_counts", "analyst_command_outcomes")
+         "analyst_list_counts", "analyst_command_outcomes", "analyst_segments")
 # Every read-model table that carries a tenant (all must have forced row-level security).
 TENANT_TABLES = ("campaigns", "campaign_recipients", "command_rejections", "send_ledger",
                  "recipient_attempts", "tenant_daily_sends", "campaign_throughput", "contacts",
-                 "contact_list_members", "command_outcomes", "command_outbox")
+                 "contact_list_members", "command_outcomes", "command_outbox", "segments",
+                 "contact_profiles")
 DAY1 = datetime(2030, 5, 1, 10, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
 
@@ -141,6 +144,19 @@ def _insert(admin: psycopg.Connection[Any], rows: TenantRows, n_campaigns: int, 
                 admin.execute(
                     "INSERT INTO contact_list_members (tenant_id, list_id, contact_id)"
                     " VALUES (%s, %s, %s)", (rows.tenant, list_id, contact))
+        # Segments and the profiles they read, as the projector writes them: the same segment
+        # id in both tenants, matching every member of 'newsletter' (and its own list).
+        with admin.cursor() as cur:
+            segment_projection.write_profiles(cur, {
+                (rows.tenant, f"{list_id}-{m}"): [ContactUpserted(
+                    contact_id=f"{list_id}-{m}", email=f"{list_id}-{m}@example.com",
+                    attributes={"plan": "pro"})]
+                for list_id, members in rows.lists.items() for m in range(members)})
+            segment_projection.write_segments(cur, [(rows.tenant, SegmentDefined(
+                segment_id="newsletter-pro", name=f"pro readers of {rows.tenant}",
+                criteria=parse_criteria({"op": "all", "conditions": [
+                    {"op": "in_list", "list_id": "newsletter"},
+                    {"op": "eq", "field": "attr.plan", "value": "pro"}]})), DAY1)])
 
 
 def _delete(admin: psycopg.Connection[Any], rows: TenantRows) -> None:
@@ -313,6 +329,58 @@ def test_joins_between_views_stay_in_the_tenant(
             analyst_a,
             "SELECT count(*) FROM analyst_campaign_progress, analyst_rejections",
         ) == len(a.campaigns) * len(a.rejections)
+
+
+def test_segment_counts_count_only_the_tenant(
+    analyst_a: psycopg.Connection[Any], tenants: tuple[TenantRows, TenantRows]
+) -> None:
+    a, b = tenants
+    with tenant_transaction(analyst_a, a.tenant):
+        counts = segment_counts(analyst_a, a.tenant, DAY2)
+        assert [(c.segment_id, c.name, c.matching, c.mailable) for c in counts] == [
+            ("newsletter-pro", f"pro readers of {a.tenant}", a.lists["newsletter"],
+             a.lists["newsletter"])]
+        # Naming B's tenant inside A's transaction counts nothing of B's.
+        assert segment_counts(analyst_a, b.tenant, DAY2) == []
+        # Nor can B's segment or contacts be reached by id, or counted in an aggregate.
+        assert _one(analyst_a, "SELECT count(*) FROM analyst_segments"
+                               " WHERE segment_id = 'newsletter-pro'") == 1
+        assert _one(analyst_a, "SELECT count(*) FROM contact_profiles") == sum(a.lists.values())
+        assert _one(analyst_a, "SELECT count(*) FROM contact_profiles p JOIN analyst_segments s"
+                               " ON s.tenant_id <> p.tenant_id") == 0
+
+
+def test_the_tenant_predicate_is_one_function_on_every_policy(
+    admin: psycopg.Connection[Any], analyst_a: psycopg.Connection[Any],
+    tenants: tuple[TenantRows, TenantRows],
+) -> None:
+    a, b = tenants
+    quals = dict(admin.execute(
+        "SELECT tablename, qual FROM pg_policies WHERE schemaname = current_schema()"
+        " AND policyname = 'analyst_tenant'").fetchall())
+    assert set(TENANT_TABLES) - {"send_ledger", "command_outbox"} <= set(quals)
+    assert {q.replace(" ", "") for q in quals.values()} == {
+        "(tenant_id=(SELECTapp_current_tenant()ASapp_current_tenant))"}
+    # Its value: the granted tenant of this transaction, else NULL.
+    with tenant_transaction(analyst_a, a.tenant):
+        assert _one(analyst_a, "SELECT app_current_tenant()") == a.tenant
+    with tenant_transaction(analyst_a, b.tenant):
+        assert _one(analyst_a, "SELECT app_current_tenant()") is None
+    assert _one(analyst_a, "SELECT app_current_tenant()") is None
+
+
+def test_a_temporary_grant_table_does_not_redirect_the_grant_check(
+    analyst_a: psycopg.Connection[Any], tenants: tuple[TenantRows, TenantRows]
+) -> None:
+    _, b = tenants
+    # pg_temp comes first on the search path: a look-up by name would find this table.
+    with analyst_a.transaction():
+        analyst_a.execute("CREATE TEMPORARY TABLE analyst_tenants (role_name text, tenant_id text)"
+                          " ON COMMIT DROP")
+        analyst_a.execute("INSERT INTO analyst_tenants VALUES (current_user, '*')")
+        analyst_a.execute("SELECT set_config('app.tenant_id', %s, true)", (b.tenant,))
+        assert _one(analyst_a, "SELECT count(*) FROM campaigns") == 0
+        assert _one(analyst_a, "SELECT count(*) FROM contact_profiles") == 0
 
 
 def test_the_other_tenant_cannot_be_guessed_by_id(
