@@ -9,14 +9,22 @@ against a plain COPY of the same rows.
   (subscribe, group join, position load included) to caught up. Rate: N / that time. The read
   model must then show exactly N sent (campaigns.sent summed, and N 'sent' recipient rows).
 - raw_copy_rate: the same N rows (tenant_id, campaign_id, contact_id, email, status, attempts,
-  updated_at) written by psycopg's `cursor.copy()` into an UNLOGGED scratch table created
-  `LIKE campaign_recipients INCLUDING ALL` (same columns, defaults, checks and primary key),
-  one transaction, commit included; rows per second.
-- projection_to_copy_ratio: projection_rate / raw_copy_rate (issue 5 target: >= 0.5).
-- projection.time_split_seconds: where the drain's time went inside the Projector: consume
-  (Kafka fetch), decode (JSON + checks; the fast path for EmailSent/EmailFailed v2), plan
-  (row changes), write (the PostgreSQL transaction: positions, COPY into the staging table,
-  the upsert with its counters, commit). The rest of drain_seconds is the group join and
+  updated_at) written by psycopg's `cursor.copy()` into a fresh scratch table created
+  `LIKE campaign_recipients INCLUDING ALL` (same columns, defaults, checks and primary key)
+  with the read model's storage parameters (its fillfactor), LOGGED like the read model: the
+  baseline is a plain COPY into a table like the real target, written to the WAL as the real
+  target is. One transaction, commit included; rows per second.
+- raw_copy_rate_unlogged: the same COPY into an UNLOGGED twin (no WAL, default storage): the
+  baseline used before (until 0006), kept so the two baselines can be told apart. Both COPYs
+  run in the same run, one after the other, each into its own fresh table.
+- projection_to_copy_ratio: projection_rate / raw_copy_rate (issue 5 target: >= 0.5);
+  projection_to_unlogged_copy_ratio against the unlogged COPY.
+- projection.time_split_seconds: where the drain's time went inside the Projector. Driving
+  thread: consume (Kafka fetch; the first one includes the group join), decode (JSON +
+  checks; the fast path for EmailSent/EmailFailed v2), wait (for the writer thread). Writer
+  thread, overlapping the next batch's consume and decode: plan (row changes), write (the
+  PostgreSQL transaction: positions, COPY into the staging table, the recipients statement
+  with its counters, commit). consume + decode + wait is about drain_seconds; the rest is
   the end-offset checks.
 
 Run alone against a running platform (migrations applied on the way):
@@ -25,7 +33,7 @@ Run alone against a running platform (migrations applied on the way):
 
 Afterwards the bench's campaigns, recipient rows and throughput rows (by campaign id), its
 daily sends (by its tenant), the group's stored positions and Kafka consumer group, the scratch
-table and the bench topics are deleted.
+tables and the bench topics are deleted.
 """
 
 from __future__ import annotations
@@ -88,8 +96,9 @@ class ProjectionRun:
     drain_seconds: float  # Projector() -> caught_up()
     first_batch_seconds: float | None  # Projector() -> first batch committed (join + load)
     records_applied: int  # every record the projector covered (deliveries + campaign facts)
-    copy_seconds: float
+    copy_seconds: float  # the logged COPY (the baseline)
     copy_rows: int
+    unlogged_copy_seconds: float
     projected_sent: int
     projected_failed: int
     projected_rows_sent: int
@@ -107,13 +116,21 @@ class ProjectionRun:
     def raw_copy_rate(self) -> float | None:
         return rate(self.copy_rows, self.copy_seconds)
 
+    @property
+    def raw_copy_rate_unlogged(self) -> float | None:
+        return rate(self.copy_rows, self.unlogged_copy_seconds)
+
     def figures(self) -> dict[str, Any]:
         """The run's figures for the results JSON."""
         proj, copy = self.projection_rate, self.raw_copy_rate
+        unlogged = self.raw_copy_rate_unlogged
         return {
             "projection_rate": None if proj is None else round(proj, 1),
             "raw_copy_rate": None if copy is None else round(copy, 1),
             "projection_to_copy_ratio": round(proj / copy, 3) if proj and copy else None,
+            "raw_copy_rate_unlogged": None if unlogged is None else round(unlogged, 1),
+            "projection_to_unlogged_copy_ratio": round(proj / unlogged, 3)
+            if proj and unlogged else None,
             "projection": {
                 "delivery_events": self.events,
                 "campaigns": self.campaigns,
@@ -124,6 +141,10 @@ class ProjectionRun:
                 "produce_seconds": round(self.produce_seconds, 3),
                 "copy_rows": self.copy_rows,
                 "copy_seconds": round(self.copy_seconds, 3),
+                "unlogged_copy_seconds": round(self.unlogged_copy_seconds, 3),
+                "copy_baseline": "logged table LIKE campaign_recipients INCLUDING ALL, with its"
+                                 " storage parameters (raw_copy_rate); UNLOGGED twin with"
+                                 " default storage (raw_copy_rate_unlogged)",
                 "read_model_sent": self.projected_sent,
                 "read_model_failed": self.projected_failed,
                 "recipient_rows_sent": self.projected_rows_sent,
@@ -131,8 +152,9 @@ class ProjectionRun:
                 "topic_prefix": self.topic_prefix,
                 "time_split_seconds": {k: round(v, 3) for k, v in self.time_split.items()},
                 "method": "cold drain of a fresh group by projections.projector.Projector, "
-                          "Projector() -> caught_up(), vs psycopg COPY of the same rows into an "
-                          "UNLOGGED table LIKE campaign_recipients INCLUDING ALL",
+                          "Projector() -> caught_up(), vs psycopg COPY of the same rows into a "
+                          "logged table LIKE campaign_recipients INCLUDING ALL (same storage "
+                          "parameters); also into an UNLOGGED one",
             },
         }
 
@@ -242,11 +264,24 @@ def drain(settings: Settings, count: int) -> tuple[float, float | None, int, dic
         return seconds, first, projector.records_applied, dict(projector.time_split)
 
 
-def raw_copy(conn: psycopg.Connection[Any], backlog: Backlog, table: str) -> float:
-    """COPY the backlog's rows into a fresh UNLOGGED twin of campaign_recipients; seconds."""
+def raw_copy(conn: psycopg.Connection[Any], backlog: Backlog, table: str, *,
+             logged: bool) -> float:
+    """COPY the backlog's rows into a fresh twin of campaign_recipients; seconds.
+
+    Logged: the read model's storage parameters too (a table like the real target); unlogged:
+    no WAL and default storage (the earlier baseline).
+    """
     ident = sql.Identifier(table)
-    conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (LIKE campaign_recipients INCLUDING ALL)")
-                 .format(ident))
+    if logged:
+        row = conn.execute("SELECT reloptions FROM pg_class"
+                           " WHERE oid = 'campaign_recipients'::regclass").fetchone()
+        options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
+            sql.SQL(option) for option in row[0])) if row and row[0] else sql.SQL("")
+        conn.execute(sql.SQL("CREATE TABLE {} (LIKE campaign_recipients INCLUDING ALL){}")
+                     .format(ident, options))
+    else:
+        conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} (LIKE campaign_recipients INCLUDING ALL)")
+                     .format(ident))
     now = datetime.now(UTC)
     rows = [(backlog.tenant_id, c, contact, email, "sent", 1, now)
             for c, contact, email in backlog.recipients]
@@ -275,7 +310,7 @@ def read_model_counts(conn: psycopg.Connection[Any], backlog: Backlog) -> tuple[
     return int(row[0]), int(row[1]), int(rows[0]), int(row[2])
 
 
-def cleanup(settings: Settings, backlog: Backlog, table: str) -> list[str]:
+def cleanup(settings: Settings, backlog: Backlog, tables: list[str]) -> list[str]:
     """Delete everything the step created; returns what could not be deleted (in words)."""
     problems: list[str] = []
     group = settings.group("projector")
@@ -291,7 +326,8 @@ def cleanup(settings: Settings, backlog: Backlog, table: str) -> list[str]:
             conn.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s",
                          (backlog.tenant_id,))
             conn.execute("DELETE FROM projector_positions WHERE consumer_group = %s", (group,))
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+            for table in tables:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
     except psycopg.Error as exc:
         problems.append(f"database cleanup: {exc}")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
@@ -322,7 +358,7 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
     tag = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(base, topic_prefix=f"bench{tag}.")
     backlog = make_backlog(tag, count)
-    table = f"bench_copy_{tag}"
+    tables = [f"bench_copy_{tag}", f"bench_copy_unlogged_{tag}"]
     try:
         ensure_topics(settings, specs=PROJECTED_TOPICS)
         say(f"projection: producing {count:,} EmailSent for {CAMPAIGNS} campaigns onto"
@@ -332,12 +368,15 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
         drain_seconds, first_batch, applied, split = drain(settings, count)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             sent, failed, rows_sent, completed = read_model_counts(conn, backlog)
-            say(f"projection: drained in {drain_seconds:.2f} s; COPY of {count:,} rows …")
-            copy_seconds = raw_copy(conn, backlog, table)
+            say(f"projection: drained in {drain_seconds:.2f} s; COPY of {count:,} rows"
+                " (logged, then unlogged) …")
+            copy_seconds = raw_copy(conn, backlog, tables[0], logged=True)
+            unlogged_seconds = raw_copy(conn, backlog, tables[1], logged=False)
         run = ProjectionRun(
             events=count, campaigns=CAMPAIGNS, produce_seconds=produced,
             drain_seconds=drain_seconds, first_batch_seconds=first_batch,
             records_applied=applied, copy_seconds=copy_seconds, copy_rows=count,
+            unlogged_copy_seconds=unlogged_seconds,
             projected_sent=sent, projected_failed=failed, projected_rows_sent=rows_sent,
             completed_campaigns=completed, topic_prefix=settings.topic_prefix,
             time_split=split,
@@ -354,7 +393,7 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
                                 f" {count + 3 * CAMPAIGNS:,}")
         return run
     finally:
-        for problem in cleanup(settings, backlog, table):
+        for problem in cleanup(settings, backlog, tables):
             say(f"projection cleanup: {problem}")
 
 

@@ -25,6 +25,8 @@ Figures (bench/results/latest.json and bench/results/<UTC start>.json):
 - projection_visible_lag_p50_ms / _p99_ms: the matching upper bound: the first bench poll
   whose sent + failed counter included the row's transaction, minus occurred_at (see
   bench.figures.projection_lag). The truth lies between the two.
+- campaign_cpu_seconds: per service (and the broker), user + system CPU seconds from just
+  before SendCampaign to completion (/proc/<pid>/stat): where the machine's cores went.
 - peak_rss_mb: per service (command_handler, hydrator, sender, projector, smtp_sink, and the
   Kafka broker), VmHWM from /proc/<pid>/status. The peak is reset right before the CSV import
   and read right after completion, so it is this campaign's peak (`peak_rss_scope` says
@@ -34,10 +36,22 @@ Figures (bench/results/latest.json and bench/results/<UTC start>.json):
   connections as the sender uses (its SENDER_CONCURRENCY), no Kafka: accepted / seconds.
 - send_to_raw_ratio: send_rate / raw_smtp_rate: the share of the sink's capacity the pipeline
   achieves.
-- projection_rate, raw_copy_rate, projection_to_copy_ratio (issue 5): a separate step, see
+- projection_rate, raw_copy_rate (a logged COPY into a table like campaign_recipients; the
+  unlogged one is raw_copy_rate_unlogged), projection_to_copy_ratio (issue 5): a separate step, see
   bench/projection.py: the real Projector's cold drain of BENCH_PROJECTION_EVENTS delivery
   events (default 200,000; BENCH_SCALE=small: 20,000) on fresh topics, in events/s, against a
   psycopg COPY of the same rows, in rows/s; details under "projection".
+- scaleout_rate_1/_2/_4 (issue 4): a separate step, see bench/scaleout.py: recipients/s of 1,
+  2 and 4 sender processes against their own sink adding 20 ms per message, each sender with
+  `scaleout_concurrency` SMTP connections (2: why, in that module) and the same recipients
+  per sender; `scaleout_efficiency_N` = rate_N / (N x rate_1), target >= 0.85.
+- sender_peak_rss_mb_<N> (issue 4): a separate step, see bench/sender_memory.py: VmHWM of one
+  real sender process mailing N recipients on fresh topics, N = 20,000 and 200,000
+  (BENCH_SCALE=small: 2,000 and 20,000); `sender_rss_growth` = largest / smallest peak.
+
+BENCH_SKIP="projection,audience,scaleout,sender_memory" (any of them) leaves those separate
+steps out, for a quick loop on the campaign figures; the JSON lists them under
+`skipped_steps` and their figures are absent.
 
 Checks (exit status 1 when one fails; the JSON is written either way): the sink recorded
 exactly N messages with the campaign's X-Campaign-ID, to N distinct recipients; the read model
@@ -66,6 +80,7 @@ from bench.event_log import read_campaign_messages
 from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
 from bench.report import machine_info, render_table, write_results
 from bench.scaleout import measure_scaleout
+from bench.sender_memory import measure_sender_memory, sizes_wanted
 from bench.stats import rate
 from services.common.settings import Settings
 from services.common.topics import DELIVERIES, EVENTS, topic_name
@@ -90,6 +105,17 @@ READ_BACK_MARGIN = timedelta(seconds=5)
 # Log lines shown per service when the campaign fails: enough for the last errors.
 LOG_TAIL_LINES = 8
 MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "smtp_sink")
+# The separate steps after the campaign, in the order they run (BENCH_SKIP names them).
+SEPARATE_STEPS = ("projection", "audience", "scaleout", "sender_memory")
+
+
+def skipped_steps(env: dict[str, str]) -> tuple[str, ...]:
+    """The separate steps BENCH_SKIP leaves out; an unknown name is an error, not a no-op."""
+    names = tuple(part.strip() for part in env.get("BENCH_SKIP", "").split(",") if part.strip())
+    unknown = [name for name in names if name not in SEPARATE_STEPS]
+    if unknown:
+        raise ValueError(f"BENCH_SKIP: unknown step(s) {unknown}; known: {list(SEPARATE_STEPS)}")
+    return names
 
 
 def recipients_wanted() -> int:
@@ -137,6 +163,9 @@ def main() -> int:
     console = Console()
     started = datetime.now(UTC)
     count = recipients_wanted()
+    # Knobs are checked before any work: a typo fails now, not after the campaign.
+    skip = skipped_steps(dict(os.environ))
+    memory_sizes = sizes_wanted(dict(os.environ))
     stack = Stack(Settings().state_dir)
     console.rule(f"[bold]bench: {count:,} recipients")
     stack.up()
@@ -163,6 +192,7 @@ def main() -> int:
         return 1
 
     read_since = datetime.now(UTC) - READ_BACK_MARGIN
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     timeout = BASE_TIMEOUT_SECONDS + SECONDS_PER_RECIPIENT_ALLOWED * count
     try:
         run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
@@ -172,6 +202,8 @@ def main() -> int:
         show_logs(stack, console)
         return 2
     peaks = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+    cpu_used = {name: _cpu_delta(cpu_before.get(name), cpu_seconds(pid))
+                for name, pid in pids.items()}
     console.print(f"campaign {ids.campaign_id} completed in {run.e2e_seconds:.2f} s")
 
     since_ms = int(read_since.timestamp() * 1000)
@@ -198,9 +230,10 @@ def main() -> int:
     projection_figures: dict[str, Any] = {"projection_rate": None, "raw_copy_rate": None,
                                           "projection_to_copy_ratio": None}
     try:
-        proj = projection.measure(settings, projection_count, say=console.print)
-        projection_figures = proj.figures()
-        projection_failures = proj.failures
+        if "projection" not in skip:
+            proj = projection.measure(settings, projection_count, say=console.print)
+            projection_figures = proj.figures()
+            projection_failures = proj.failures
     except (projection.ProjectionBenchFailed, psycopg.Error, KafkaException) as exc:
         console.print(f"[bold red]projection step failed:[/] {exc}")
         projection_failures = [f"projection step failed: {exc}"]
@@ -210,9 +243,12 @@ def main() -> int:
     audience_figures: dict[str, Any] = {}
     audience_failures: list[str] = []
     try:
-        audience_settings = replace(settings, topic_prefix=f"{settings.topic_prefix}aud{ids.tenant_id[-8:]}.")
-        audience_figures = hydration.measure_hydration(audience_settings, audience_count, say=console.print)
-        audience_failures = hydration.failures(audience_figures)
+        if "audience" not in skip:
+            audience_settings = replace(
+                settings, topic_prefix=f"{settings.topic_prefix}aud{ids.tenant_id[-8:]}.")
+            audience_figures = hydration.measure_hydration(audience_settings, audience_count,
+                                                           say=console.print)
+            audience_failures = hydration.failures(audience_figures)
     except (RuntimeError, TimeoutError, KafkaException) as exc:
         console.print(f"[bold red]audience step failed:[/] {exc}")
         audience_failures = [f"audience step failed: {exc}"]
@@ -221,12 +257,24 @@ def main() -> int:
     scaleout_figures: dict[str, Any] = {}
     scaleout_failures: list[str] = []
     try:
-        console.print("scale-out: 1, 2 and 4 senders against a sink adding 20 ms per message …")
-        scaleout_figures = measure_scaleout(settings, process_counts=(1, 2, 4), recipients=4000,
-                                            latency_ms=20.0, concurrency=8)
+        if "scaleout" not in skip:
+            console.print("scale-out: 1, 2 and 4 senders against a sink adding 20 ms per"
+                          " message …")
+            scaleout_figures = measure_scaleout(settings, process_counts=(1, 2, 4),
+                                                latency_ms=20.0)
     except (RuntimeError, TimeoutError, KafkaException, psycopg.Error) as exc:
         console.print(f"[bold red]scale-out step failed:[/] {exc}")
         scaleout_failures = [f"scale-out step failed: {exc}"]
+
+    # A separate step (issue 4): one sender's peak RSS for a small and a large campaign.
+    memory_figures: dict[str, Any] = {}
+    memory_failures: list[str] = []
+    try:
+        if "sender_memory" not in skip:
+            memory_figures = measure_sender_memory(settings, memory_sizes, say=console.print)
+    except (RuntimeError, TimeoutError, KafkaException, psycopg.Error) as exc:
+        console.print(f"[bold red]sender memory step failed:[/] {exc}")
+        memory_failures = [f"sender memory step failed: {exc}"]
 
     send_rate = rate(count, run.e2e_seconds)
     completed_at = run.final.completed_at
@@ -250,12 +298,15 @@ def main() -> int:
                                          " the row's transaction - occurred_at; upper bound",
         **projection_figures,
         "peak_rss_mb": peaks,
+        "campaign_cpu_seconds": cpu_used,
         "peak_rss_scope": "this campaign (VmHWM reset before import)" if peak_reset
                           else "since process start (VmHWM reset refused)",
         "campaign_csv_import_rows_per_s": round(imported.rows_per_second, 1),
         "campaign_csv_import_seconds": round(imported.seconds, 3),
         **hydration.headline(audience_figures),
         **scaleout_figures,
+        **memory_figures,
+        "skipped_steps": list(skip),
         "audience": audience_figures,
         "raw_smtp_seconds": round(raw.seconds, 3),
         "smtp_connections": connections,
@@ -278,7 +329,8 @@ def main() -> int:
                 "campaign_id": ids.campaign_id, "raw_campaign_id": ids.raw_campaign_id},
         "machine": machine_info(started),
     }
-    failures = _failures(results, count) + projection_failures + audience_failures + scaleout_failures
+    failures = (_failures(results, count) + projection_failures + audience_failures
+                + scaleout_failures + memory_failures)
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))
@@ -312,6 +364,22 @@ def _failures(results: dict[str, Any], count: int) -> list[str]:
         failures.append(f"campaign.deliveries names {c['delivery_recipients']:,} recipients,"
                         f" expected {count:,}")
     return failures
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used so far (/proc/<pid>/stat), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces, hence the split at ")"):
+    # utime and stime are the 12th and 13th of them, in clock ticks.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 2)
 
 
 def _round(value: float | None, digits: int) -> float | None:

@@ -1,11 +1,12 @@
 """Writes a planned batch (projections.read_models.BatchChanges) in set-based SQL.
 
 Guarantee: inside the caller's transaction, a fixed number of statements per batch whatever its
-size; recipients go through a COPY into a temporary staging table and one upsert whose
-returned transitions (previous status -> new status) move the campaign counters, the per-tenant
-daily sends and the per-second throughput in the same statement, so a counter moves exactly
-when a row does. Campaign rows are locked in campaign-id order, so two projector transactions
-touching the same campaigns cannot deadlock.
+size; recipients go through a COPY into a temporary staging table (a small batch: as arrays)
+and one statement that looks up and locks their rows, updates the ones whose status climbs,
+inserts the new ones, and from the returned transitions (previous status -> new status) moves
+the campaign counters, the per-tenant daily sends and the per-second throughput, so a counter
+moves exactly when a row does. Campaign and recipient rows are locked in key order, so two
+projector transactions touching the same rows cannot deadlock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from projections import segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
 from schemas.contacts import ContactState, apply_contact_event
 
@@ -46,19 +48,26 @@ SET name = COALESCE(c.name, u.name),
     resumed_at = COALESCE(u.resumed_at, c.resumed_at),
     pause_reason = CASE WHEN u.paused_at IS NULL THEN c.pause_reason ELSE u.pause_reason END,
     paused_automatically = COALESCE(u.paused_automatically, c.paused_automatically),
+    scheduled_for = COALESCE(c.scheduled_for, u.scheduled_for),
+    schedule_missed_reason = CASE WHEN c.schedule_missed_at IS NULL
+                                  THEN u.schedule_missed_reason
+                                  ELSE c.schedule_missed_reason END,
+    schedule_missed_at = COALESCE(c.schedule_missed_at, u.schedule_missed_at),
     updated_at = now()
 FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
             %s::timestamptz[], %s::bigint[], %s::timestamptz[], %s::timestamptz[],
-            %s::boolean[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::boolean[])
+            %s::boolean[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::boolean[],
+            %s::timestamptz[], %s::timestamptz[], %s::text[])
      AS u(tenant_id, campaign_id, name, subject, created_at, started_at, total, hydrated_at,
-          cancelled_at, paused, paused_at, resumed_at, pause_reason, paused_automatically)
+          cancelled_at, paused, paused_at, resumed_at, pause_reason, paused_automatically,
+          scheduled_for, schedule_missed_at, schedule_missed_reason)
 WHERE c.campaign_id = u.campaign_id AND c.tenant_id = u.tenant_id
 """
 
 _CAMPAIGN_FACT_FIELDS = (
     "tenant_id", "campaign_id", "name", "subject", "created_at", "started_at", "total",
     "hydrated_at", "cancelled_at", "paused", "paused_at", "resumed_at", "pause_reason",
-    "paused_automatically",
+    "paused_automatically", "scheduled_for", "schedule_missed_at", "schedule_missed_reason",
 )
 
 _REJECTIONS = """
@@ -98,39 +107,56 @@ CREATE TEMPORARY TABLE IF NOT EXISTS recipient_stage (
 ) ON COMMIT DELETE ROWS
 """
 
-_RANK_NEW = ("CASE EXCLUDED.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1"
+_RANK_NEW = ("CASE s.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1"
              " WHEN 'retrying' THEN 2 ELSE 3 END")
-_RANK_OLD = "CASE r.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1 WHEN 'retrying' THEN 2 END"
+_RANK_OLD = "CASE o.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1 WHEN 'retrying' THEN 2 END"
 
-# `src` reads each staged recipient's status before this statement (a correlated look-up:
-# always one index probe per row, never a scan); `up` moves only rows whose status climbs;
-# the transitions `moved` (previous -> new) are all the counters add.
-_RECIPIENTS = f"""
-WITH src AS MATERIALIZED (
-    SELECT s.*, (SELECT r.status FROM campaign_recipients r
-                 WHERE r.campaign_id = s.campaign_id AND r.contact_id = s.contact_id) AS prev
-    FROM recipient_stage s
-), up AS (
-    INSERT INTO campaign_recipients AS r
+# `look` finds each staged recipient's row (one index probe per row, never a scan, whatever
+# the planner thinks of the unanalysed staging table) and locks it, so `prev` is the status
+# the row has until this transaction ends, even with another projector instance writing it
+# (READ COMMITTED: a lock waits for that writer and then reads its version). Rows that
+# exist and climb are updated in place by their tuple id (no second index probe; HOT when
+# the page has room); rows that do not exist are plainly inserted (no ON CONFLICT machinery:
+# the look-up already said they are new; one inserted meanwhile by another instance fails
+# the batch with a unique violation, and the retry finds it). The transitions `moved`
+# (previous -> new) are all the counters add. The staging rows arrive in key order, so rows
+# are locked in key order.
+_RECIPIENTS_FROM = f"""
+WITH look AS MATERIALIZED (
+    SELECT s.*, o.row_id, o.status AS prev,
+           o.row_id IS NOT NULL AND o.tenant_id = s.tenant_id
+           AND o.status IN ('excluded', 'queued', 'retrying')
+           AND ({_RANK_NEW} > {_RANK_OLD}
+                OR (o.status = 'retrying' AND s.status = 'retrying'
+                    AND s.attempts > o.attempts)) AS climbs
+    FROM {{source}}
+    LEFT JOIN LATERAL (SELECT o.ctid AS row_id, o.tenant_id, o.status, o.attempts
+                       FROM campaign_recipients o
+                       WHERE o.campaign_id = s.campaign_id AND o.contact_id = s.contact_id
+                       FOR UPDATE) o ON true
+), updated AS (
+    UPDATE campaign_recipients AS r
+    SET status = s.status, attempts = s.attempts, last_error = s.last_error, reason = s.reason,
+        smtp_code = s.smtp_code, ambiguous = s.ambiguous, last_event_at = s.event_at,
+        updated_at = now(), email = CASE WHEN s.email = '' THEN r.email ELSE s.email END
+    FROM look s
+    -- The tuple-id list makes it a TID scan (the join alone may be planned as a seq scan).
+    WHERE r.ctid = ANY (ARRAY(SELECT row_id FROM look WHERE climbs))
+      AND r.ctid = s.row_id AND s.climbs
+    RETURNING r.tenant_id, r.campaign_id, r.contact_id, r.status, r.ambiguous,
+              r.last_event_at, s.prev
+), inserted AS (
+    INSERT INTO campaign_recipients
         (tenant_id, campaign_id, contact_id, email, status, attempts, last_error, reason,
          smtp_code, ambiguous, last_event_at)
     SELECT tenant_id, campaign_id, contact_id, email, status, attempts, last_error, reason,
            smtp_code, ambiguous, event_at
-    FROM src ORDER BY campaign_id, contact_id
-    ON CONFLICT (campaign_id, contact_id) DO UPDATE
-    SET status = EXCLUDED.status, attempts = EXCLUDED.attempts,
-        last_error = EXCLUDED.last_error, reason = EXCLUDED.reason,
-        smtp_code = EXCLUDED.smtp_code, ambiguous = EXCLUDED.ambiguous,
-        last_event_at = EXCLUDED.last_event_at, updated_at = now(),
-        email = CASE WHEN EXCLUDED.email = '' THEN r.email ELSE EXCLUDED.email END
-    WHERE r.tenant_id = EXCLUDED.tenant_id
-      AND r.status IN ('excluded', 'queued', 'retrying')
-      AND ({_RANK_NEW} > {_RANK_OLD}
-           OR (r.status = 'retrying' AND EXCLUDED.status = 'retrying'
-               AND EXCLUDED.attempts > r.attempts))
-    RETURNING r.tenant_id, r.campaign_id, r.contact_id, r.status, r.ambiguous, r.last_event_at
+    FROM look WHERE row_id IS NULL
+    ORDER BY campaign_id, contact_id
+    RETURNING tenant_id, campaign_id, contact_id, status, ambiguous, last_event_at,
+              NULL::text AS prev
 ), moved AS (
-    SELECT up.*, src.prev FROM up JOIN src USING (campaign_id, contact_id)
+    SELECT * FROM updated UNION ALL SELECT * FROM inserted
 ), per_second AS (
     -- One pass over the transitions; everything below works on these few rows.
     SELECT tenant_id, campaign_id,
@@ -185,6 +211,19 @@ WITH src AS MATERIALIZED (
 SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM counted)
 """
 
+# Up to this many recipients a batch passes them as arrays; more go through COPY into the
+# staging table. Touching a temporary table makes PostgreSQL truncate the ON COMMIT DELETE
+# ROWS tables at commit (a few file operations, ~1-3 ms): negligible for a backlog batch of
+# thousands, most of the cost of a small batch of fresh deliveries (projection lag). Arrays
+# cost more per row than COPY, so large batches keep the staging table.
+ARRAY_BATCH_MAX = 500
+_RECIPIENTS = _RECIPIENTS_FROM.format(source="recipient_stage AS s")
+_RECIPIENTS_ARRAYS = _RECIPIENTS_FROM.format(source="""unnest(
+        %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[],
+        %s::text[], %s::int[], %s::int[], %s::timestamptz[])
+    AS s(tenant_id, campaign_id, contact_id, email, status, attempts, last_error, reason,
+         smtp_code, ambiguous, event_at)""")
+
 # The status follows from the facts kept on the row; returns the campaigns this batch
 # completed (`o` is the row as it was before this statement). completed_at comes from event
 # times only, so replaying the topics in another interleaving gives the same row.
@@ -200,6 +239,7 @@ FROM campaigns o, LATERAL (SELECT CASE
         WHEN o.total IS NOT NULL AND o.sent + o.failed + o.skipped >= o.total THEN 'completed'
         WHEN o.paused THEN 'paused'
         WHEN o.started_at IS NOT NULL OR o.hydrated_at IS NOT NULL THEN 'sending'
+        WHEN o.scheduled_for IS NOT NULL AND o.schedule_missed_at IS NULL THEN 'scheduled'
         ELSE 'draft' END AS status) s
 WHERE c.campaign_id = ANY(%s::text[]) AND o.campaign_id = c.campaign_id
   AND c.status <> s.status
@@ -290,6 +330,9 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
             _write_recipients(cur, changes)
         if changes.contacts:
             _write_contacts(cur, changes)
+            segment_projection.write_profiles(cur, changes.contacts)
+        if changes.segments:
+            segment_projection.write_segments(cur, changes.segments)
         completed: list[tuple[str, str]] = []
         ids = changes.campaign_ids()
         if ids:
@@ -300,12 +343,19 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
 
 
 def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
+    recipients = changes.recipients
+    if len(recipients) <= ARRAY_BATCH_MAX:
+        # In key order: the rows are then locked in one global order (see _RECIPIENTS_FROM).
+        rows = [recipients[key] for key in sorted(recipients)]
+        cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
+        return
     cur.execute(_STAGE_TABLE)
     columns = ", ".join(_STAGE_COLUMNS)
     with cur.copy(f"COPY recipient_stage ({columns}) FROM STDIN") as copy:  # noqa: S608
         write = copy.write_row
-        for row in changes.recipients.values():
-            write(row)  # RecipientRow's fields are _STAGE_COLUMNS, in order
+        # In key order: the rows are then locked in one global order (see _RECIPIENTS_FROM).
+        for key in sorted(recipients):
+            write(recipients[key])  # RecipientRow's fields are _STAGE_COLUMNS, in order
     cur.execute(_RECIPIENTS)
 
 

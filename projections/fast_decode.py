@@ -1,22 +1,27 @@
 """Fast decoding of the hot delivery events, with the full schema decode as the fallback.
 
 Guarantee: `decode_record(raw)` accepts exactly what `schemas.envelope.decode` accepts and
-yields the same facts. EmailSent v2 and EmailFailed v2 in the canonical shape our own
-producers write (every field present, canonical UUIDs, an aware ISO timestamp, an address that
+yields the same facts. EmailSent v2, EmailFailed v2 and RecipientQueued v1 in the canonical
+shape our own producers write (every field present, canonical UUIDs, an aware ISO timestamp, an address that
 is already normalised) are checked field by field here without building pydantic models; any
 record that is not plainly in that shape (other types, older versions, missing or extra
 fields, odd values) goes through the full decode, which raises SchemaViolation if it really is
-invalid. Replaying 200,000 deliveries, the pydantic path was ~40% of the projector's time.
+invalid. Replaying 200,000 deliveries, the pydantic path was ~40% of the projector's time;
+a RecipientQueued (it carries the whole template) took ~17 us on it, and a campaign's start
+brings one per recipient at once, ahead of the first deliveries.
+
+JSON is parsed by the same parser and options as the full decode (pydantic-core's `from_json`,
+NaN / Infinity refused, exact big integers), so both paths see the same document; it is about
+twice the speed of the stdlib scanner on these records.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable
 from datetime import datetime
-from json.scanner import make_scanner
 from typing import Any
+
+from pydantic_core import from_json
 
 from projections.facts import RecipientFact
 from schemas.base import Record
@@ -51,50 +56,54 @@ _FAILED_V2 = frozenset({
     "campaign_id", "contact_id", "email", "attempt", "reason", "permanent", "smtp_code",
     "ambiguous",
 })
+_QUEUED_V1 = frozenset({
+    "campaign_id", "contact_id", "email", "first_name", "last_name", "attributes", "template",
+})
+_TEMPLATE = frozenset({"subject", "from_address", "body_text", "body_html"})
 
 
 def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
-    """A recipient fact for a canonical EmailSent/EmailFailed v2, else the full decode."""
+    """A recipient fact for a canonical EmailSent/EmailFailed v2 or RecipientQueued v1, else
+    the full decode."""
     if raw is not None:
         try:
-            text = raw.decode() if isinstance(raw, bytes) else raw
-            data, end = _scan_json(text, 0)
-            if end != len(text):
-                data = None  # trailing bytes: the full decode words the error
-        except (ValueError, UnicodeDecodeError, StopIteration):
+            # Only object keys are cached: they repeat on every record, most values do not.
+            data = from_json(raw, allow_inf_nan=False, cache_strings="keys")
+        except (ValueError, UnicodeDecodeError):
             data = None  # the full decode words the error
         if type(data) is dict:
-            fact = _fast_delivery(data)
+            fact = _fast_fact(data)
             if fact is not None:
                 return fact
     return decode(raw)
 
 
-# The C scanner json.loads ends up in, without its whitespace regexes (our producers write
-# compact JSON; anything else takes the full path).
-_scan_json: Callable[[str, int], tuple[Any, int]] = make_scanner(
-    json.JSONDecoder())  # type: ignore[arg-type]  # typeshed mistypes the context argument
-
-
-def _fast_delivery(data: dict[str, Any]) -> RecipientFact | None:
+def _fast_fact(data: dict[str, Any]) -> RecipientFact | None:
     kind = data.get("type")
-    if kind == "EmailSent":
-        expected, status = _SENT_V2, "sent"
-    elif kind == "EmailFailed":
-        expected, status = _FAILED_V2, "failed"
-    else:
-        return None
-    payload = data.get("payload")
-    if (data.keys() != _ENVELOPE_KEYS or type(payload) is not dict
-            or payload.keys() != expected or data["version"] != 2
-            or type(data["version"]) is not int):
+    if kind == "EmailSent" or kind == "EmailFailed":
+        return _fast_delivery(data, kind)
+    if kind == "RecipientQueued":
+        return _fast_queued(data)
+    return None
+
+
+def _envelope(data: dict[str, Any], version: int,
+              *, aggregate_repeats: bool) -> tuple[str, str, datetime] | None:
+    """(event id, tenant, occurred at) of a canonical envelope of `version`, else None."""
+    if (data.keys() != _ENVELOPE_KEYS or type(data["payload"]) is not dict
+            or data["version"] != version or type(data["version"]) is not int):
         return None
     event_id, tenant, aggregate = data["id"], data["tenant_id"], data["aggregate_id"]
     correlation, causation = data["correlation_id"], data["causation_id"]
     if not (type(event_id) is str and _UUID.fullmatch(event_id)
             and type(correlation) is str and _UUID.fullmatch(correlation)
             and (causation is None or (type(causation) is str and _UUID.fullmatch(causation)))
-            and _known(tenant, _TENANT) and _known(aggregate, _ENTITY)):
+            and _known(tenant, _TENANT)):
+        return None
+    if aggregate_repeats:
+        if not _known(aggregate, _ENTITY):
+            return None
+    elif type(aggregate) is not str or not _ENTITY.fullmatch(aggregate):
         return None
     occurred_raw = data["occurred_at"]
     if type(occurred_raw) is not str or not _AWARE_TIME.fullmatch(occurred_raw):
@@ -105,15 +114,32 @@ def _fast_delivery(data: dict[str, Any]) -> RecipientFact | None:
         return None
     if occurred_at.tzinfo is None:
         return None
+    return event_id, tenant, occurred_at
+
+
+def _normalised_email(value: object) -> bool:
+    return type(value) is str and len(value) <= 254 and bool(_NORMALISED_EMAIL.fullmatch(value))
+
+
+def _fast_delivery(data: dict[str, Any], kind: str) -> RecipientFact | None:
+    sent = kind == "EmailSent"
+    payload = data.get("payload")
+    # Deliveries are keyed by campaign: the aggregate id repeats.
+    if type(payload) is not dict or payload.keys() != (_SENT_V2 if sent else _FAILED_V2):
+        return None
+    envelope = _envelope(data, 2, aggregate_repeats=True)
+    if envelope is None:
+        return None
+    event_id, tenant, occurred_at = envelope
     campaign, contact, email = payload["campaign_id"], payload["contact_id"], payload["email"]
     attempt, ambiguous = payload["attempt"], payload["ambiguous"]
     if not (_known(campaign, _ENTITY)
             and type(contact) is str and _ENTITY.fullmatch(contact)
             and type(attempt) is int and attempt >= 1
             and type(ambiguous) is int and ambiguous >= 0
-            and type(email) is str and len(email) <= 254 and _NORMALISED_EMAIL.fullmatch(email)):
+            and _normalised_email(email)):
         return None
-    if status == "sent":
+    if sent:
         if type(payload["message_id"]) is not str or type(payload["smtp_reply"]) is not str:
             return None
         return RecipientFact(event_id, kind, tenant, campaign, contact, email, "sent", attempt,
@@ -124,6 +150,42 @@ def _fast_delivery(data: dict[str, Any]) -> RecipientFact | None:
         return None
     return RecipientFact(event_id, kind, tenant, campaign, contact, email, "failed", attempt,
                          occurred_at, ambiguous=ambiguous, smtp_code=code, detail=reason)
+
+
+def _fast_queued(data: dict[str, Any]) -> RecipientFact | None:
+    """RecipientQueued v1: the hydrator's burst at a campaign's start. The template it carries
+    (the same for every recipient) is checked field by field too, without the model."""
+    payload = data.get("payload")
+    if type(payload) is not dict or payload.keys() != _QUEUED_V1:
+        return None
+    template = payload["template"]
+    if type(template) is not dict or template.keys() != _TEMPLATE:
+        return None
+    # Keyed by tenant + contact: the aggregate id is the contact, it does not repeat.
+    envelope = _envelope(data, 1, aggregate_repeats=False)
+    if envelope is None:
+        return None
+    event_id, tenant, occurred_at = envelope
+    campaign, contact, email = payload["campaign_id"], payload["contact_id"], payload["email"]
+    attributes = payload["attributes"]
+    if not (_known(campaign, _ENTITY)
+            and type(contact) is str and _ENTITY.fullmatch(contact)
+            and _normalised_email(email)
+            and type(payload["first_name"]) is str and type(payload["last_name"]) is str
+            and type(attributes) is dict
+            and all(type(k) is str and type(v) is str for k, v in attributes.items())):
+        return None
+    subject, body_text, body_html = (
+        template["subject"], template["body_text"], template["body_html"])
+    # HeaderText: 1 to 998 characters, no CR or LF.
+    if not (type(subject) is str and 0 < len(subject) <= 998
+            and "\r" not in subject and "\n" not in subject
+            and _normalised_email(template["from_address"])
+            and (body_text is None or type(body_text) is str)
+            and (body_html is None or type(body_html) is str)):
+        return None
+    return RecipientFact(event_id, "RecipientQueued", tenant, campaign, contact, email, "queued",
+                         0, occurred_at)
 
 
 def _known(value: object, pattern: re.Pattern[str]) -> bool:

@@ -7,6 +7,11 @@ value this instance loaded, and every (re)assignment resumes from the stored pos
 from Kafka's committed offsets (committed afterwards only as a lag gauge). Rebuildable from
 offset zero into empty tables. A record that does not decode is logged and skipped; its offset
 still advances.
+
+Pipelined: while one writer thread applies batch N in PostgreSQL, the driving thread consumes
+and decodes batch N+1 (the database works on its own core meanwhile). At most one batch is in
+flight; batch N+1 is handed over only after batch N committed, so transactions stay in offset
+order, and if N fails, N+1 is discarded and the consumer rewinds to the stored positions.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +55,8 @@ from services.common.topics import CONTACTS, DELIVERIES, EVENTS, RECIPIENTS, SEG
 # Records per transaction: bounds memory, the row locks one transaction holds and the work a
 # failed commit has to redo; large enough that per-batch round trips stay negligible.
 BATCH_MAX_RECORDS = 5_000
-# How long one consume() waits on quiet topics: bounds how late a stop request is noticed.
+# How long one poll waits on quiet topics: bounds how late a stop request is noticed. A record
+# that arrives meanwhile ends the wait at once (a batch never waits to fill).
 POLL_TIMEOUT_SECONDS = 0.1
 # Pause after a database failure before consuming again: a restarting PostgreSQL is not
 # hammered, and a failing batch is not retried in a hot loop.
@@ -58,6 +66,19 @@ DB_RETRY_BACKOFF_SECONDS = 1.0
 DB_CONNECT_TIMEOUT_SECONDS = 10
 # End-offset look-ups in `drain`: a broker that does not answer within this fails the drain.
 WATERMARK_TIMEOUT_SECONDS = 5.0
+# A projector that dies without leaving the group (SIGKILL, lost host) keeps its partitions
+# until the broker misses its heartbeats this long: the projection of those partitions stalls
+# that long (the client default, 45 s, is a long lag spike). Heartbeats come from the client's
+# own thread, so a long batch does not count against it.
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = SESSION_TIMEOUT_MS // 3
+
+# Answers to an end-offset look-up while a partition's leadership settles (new topic, broker
+# restart): transient, the look-up is asked again.
+_LEADERSHIP_ERRORS = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+})
 
 # segments.events: only for the command gateway's outcomes of segment commands.
 PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES, CONTACTS, SEGMENTS)
@@ -72,11 +93,23 @@ class ConsumedBatch:
     skipped: int = 0
 
 
+Applied = tuple[list[tuple[str, str]], read_models.BatchChanges]
+
+
+@dataclass
+class InFlight:
+    """The batch the writer thread is applying, and the outcome to come."""
+
+    batch: ConsumedBatch
+    outcome: Future[Applied]
+
+
 class Projector:
     """Consumes the campaign topics and keeps the read models; one instance per process.
 
     Drive it with `run(stop_event)` (until the event is set), or step by step with
-    `poll_once()` / `drain()` in tests. Not thread-safe: one thread drives one instance.
+    `poll_once()` / `drain()` in tests. Not thread-safe: one thread drives one instance (the
+    instance runs its own writer thread inside).
     """
 
     def __init__(
@@ -101,14 +134,22 @@ class Projector:
         # Assigned partitions -> the stored next offset this instance expects (None: never
         # stored). Only partitions in here are projected.
         self._positions: dict[PartitionKey, int | None] = {}
+        # Next offsets of the batch in flight (not stored yet): where the next batch starts.
+        self._ahead: dict[PartitionKey, int] = {}
+        self._in_flight: InFlight | None = None
+        # The connection is used by the writer thread while a batch is in flight, and by the
+        # driving thread only when none is (assignment, reload).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-writer")
         self._conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._closed = False
         self._admin: AdminClient | None = None  # only for `drain`
         self.records_applied = 0
-        # Wall-clock seconds per step of poll_once, summed (the projection bench reports
-        # where the time goes): consume (Kafka), decode, plan, write (PostgreSQL transaction).
-        self.time_split = dict.fromkeys(("consume", "decode", "plan", "write"), 0.0)
+        # Wall-clock seconds per step, summed (the projection bench reports where the time
+        # goes): consume (Kafka), decode, and wait (for the writer thread) in the driving
+        # thread; plan and write (the PostgreSQL transaction) in the writer thread, overlapping
+        # the next batch's consume and decode.
+        self.time_split = dict.fromkeys(("consume", "decode", "wait", "plan", "write"), 0.0)
         self._consumer = self._subscribe()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -125,14 +166,19 @@ class Projector:
         self._log.info("projector stopped", records_applied=self.records_applied)
 
     def close(self) -> None:
+        """Let the batch in flight commit (or roll back), then leave the group."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._consumer.close()
+            self._settle(rewind=False)
         finally:
-            if self._conn is not None:
-                self._conn.close()
+            self._writer.shutdown(wait=True)
+            try:
+                self._consumer.close()
+            finally:
+                if self._conn is not None:
+                    self._conn.close()
 
     def __enter__(self) -> Projector:
         return self
@@ -143,33 +189,67 @@ class Projector:
     # --- one batch ---------------------------------------------------------------------
 
     def poll_once(self) -> int:
-        """Consume one batch and apply it in one transaction; returns the records it covered."""
+        """Consume one batch and hand it to the writer thread once the batch in flight has
+        committed; returns the records that batch covered (0 if none, or if it failed)."""
         started = time.perf_counter()
-        records = self._consumer.consume(num_messages=self.batch_size, timeout=self.poll_timeout)
+        records = self._consume()
         consumed = time.perf_counter()
         self.time_split["consume"] += consumed - started
-        if not records:
-            return 0
-        batch = self._collect(records)
+        batch = self._collect(records) if records else None
         self.time_split["decode"] += time.perf_counter() - consumed
-        if not batch.moves:
-            return 0
+        covered, ok = self._settle(rewind=True)
+        if ok and batch is not None and batch.moves:
+            self._ahead = {key: move.next_offset for key, move in batch.moves.items()}
+            self._in_flight = InFlight(batch, self._writer.submit(self._commit, batch))
+        # If the batch in flight failed, the consumer was rewound to the stored positions: this
+        # batch lies past them, so it is dropped here and read again.
+        return covered
+
+    def _consume(self) -> list[Any]:
+        # Whatever is already fetched, at once; on an empty queue wait for the first record
+        # only (consume() would wait out its whole timeout for a full batch), then take what
+        # came with it.
+        records: list[Any] = self._consumer.consume(num_messages=self.batch_size, timeout=0)
+        if records:
+            return records
+        first = self._consumer.poll(self.poll_timeout)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(num_messages=self.batch_size - 1, timeout=0)]
+
+    def _settle(self, *, rewind: bool) -> tuple[int, bool]:
+        """Wait for the batch in flight and take its outcome: (records covered, committed).
+
+        On a failure the stored positions stay the truth: with `rewind`, the consumer seeks
+        back to them (reloaded after a position conflict) so nothing is skipped.
+        """
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return 0, True
+        self._ahead = {}
+        waited = time.perf_counter()
         try:
-            completed, changes = self._commit(batch)
+            completed, changes = flight.outcome.result()
         except PositionConflict as exc:
             self._log.warning("positions moved by another instance; reloading", error=str(exc))
-            self._reload_and_seek()
-            return 0
+            if rewind:
+                self._reload_and_seek()
+            return 0, False
         except psycopg.Error as exc:
             # Rolled back (or, if COMMIT itself was lost, maybe not: then the compare-and-set
             # of the retry raises PositionConflict and we reload, so nothing applies twice).
             self._log.error("batch failed; rewinding", error=str(exc), type=type(exc).__name__)
             self._drop_broken_connection()
-            self._seek(dict(self._positions))
-            self._stop.wait(DB_RETRY_BACKOFF_SECONDS)
-            return 0
+            if rewind:
+                self._seek(dict(self._positions))
+                self._stop.wait(DB_RETRY_BACKOFF_SECONDS)
+            return 0, False
+        finally:
+            self.time_split["wait"] += time.perf_counter() - waited
+        batch = flight.batch
         for key, move in batch.moves.items():
-            self._positions[key] = move.next_offset
+            if key in self._positions:  # else revoked meanwhile: the new owner goes on
+                self._positions[key] = move.next_offset
         self._commit_lag_gauge(batch.moves)
         covered = len(batch.messages) + batch.skipped
         self.records_applied += covered
@@ -183,7 +263,13 @@ class Projector:
         self._log.debug(
             "batch applied", records=covered, skipped=batch.skipped, ignored=changes.ignored,
         )
-        return covered
+        return covered, True
+
+    def _wait_in_flight(self) -> None:
+        """Block until the writer thread is done with the batch in flight (its outcome is
+        taken later by `_settle`)."""
+        if self._in_flight is not None:
+            wait_for([self._in_flight.outcome])
 
     def drain(self, timeout: float = 60.0) -> int:
         """Poll until every assigned partition is projected up to its end; for tests and tools.
@@ -200,7 +286,10 @@ class Projector:
                 raise TimeoutError(f"projector not caught up after {timeout}s")
 
     def caught_up(self) -> bool:
-        """True when partitions are assigned and each one is projected up to its end offset."""
+        """True when partitions are assigned, no batch is in flight and each partition is
+        projected up to its end offset."""
+        if self._in_flight is not None:
+            return False
         assignment = self._consumer.assignment()
         if not assignment or len(assignment) != len(self._positions):
             return False
@@ -211,8 +300,11 @@ class Projector:
             ends = self._end_offsets(assignment)
         except KafkaException as exc:
             # A leader moving (or a topic created a moment ago) answers with a retriable
-            # error: not known to be caught up yet, ask again on the next call.
-            if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].retriable():
+            # error: not known to be caught up yet, ask again on the next call. The admin
+            # client does not always flag leadership errors as retriable, hence the codes.
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and (
+                    error.retriable() or error.code() in _LEADERSHIP_ERRORS):
                 return False
             raise
         for tp, end in ends.items():
@@ -250,6 +342,8 @@ class Projector:
                 # Never project events of a transaction that may still abort.
                 "isolation.level": "read_committed",
                 "auto.offset.reset": "earliest",
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
+                "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
             }
         )
         consumer.subscribe(
@@ -261,6 +355,7 @@ class Projector:
         return consumer
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._wait_in_flight()  # its transaction holds the connection the look-up needs
         keys = [(tp.topic, tp.partition) for tp in partitions]
         stored = self._load_positions_retrying(keys)
         if stored is None:  # stopping while PostgreSQL is down: take nothing
@@ -277,9 +372,13 @@ class Projector:
         )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Called from inside consume(), between batches: nothing is in flight.
+        # Called from inside consume(): the batch in flight finishes first, so the next owner
+        # loads positions that include it (were it still running, the compare-and-set would
+        # still fence one of the two, at the price of a wasted batch).
+        self._wait_in_flight()
         for tp in partitions:
             self._positions.pop((tp.topic, tp.partition), None)
+            self._ahead.pop((tp.topic, tp.partition), None)
         self._log.info("partitions revoked", count=len(partitions))
 
     def _load_positions_retrying(
@@ -300,6 +399,7 @@ class Projector:
     def _collect(self, records: list[Any]) -> ConsumedBatch:
         batch = ConsumedBatch()
         positions = self._positions
+        ahead = self._ahead
         ends: dict[PartitionKey, int] = {}  # next offset after this batch, per partition
         append = batch.messages.append
         for record in records:
@@ -312,7 +412,7 @@ class Projector:
             key = (record.topic(), record.partition())
             if key not in positions:
                 continue  # revoked during this consume(): the new owner projects it
-            expected = positions[key]
+            expected = ahead.get(key, positions[key])
             offset = record.offset()
             if expected is not None and offset < expected:
                 continue  # fetched before a seek: already applied
@@ -325,12 +425,12 @@ class Projector:
                     "undecodable record skipped", topic=key[0], partition=key[1],
                     offset=offset, reason=str(exc),
                 )
-        batch.moves = {key: PositionMove(positions[key], end) for key, end in ends.items()}
+        batch.moves = {key: PositionMove(ahead.get(key, positions[key]), end)
+                       for key, end in ends.items()}
         return batch
 
-    def _commit(
-        self, batch: ConsumedBatch
-    ) -> tuple[list[tuple[str, str]], read_models.BatchChanges]:
+    def _commit(self, batch: ConsumedBatch) -> Applied:
+        """In the writer thread: plan the batch and apply it in one transaction."""
         started = time.perf_counter()
         changes = read_models.plan(batch.messages)
         planned = time.perf_counter()
@@ -357,6 +457,13 @@ class Projector:
                 connect_timeout=DB_CONNECT_TIMEOUT_SECONDS,
                 application_name=f"{self.group}-projector"[:63],
             )
+            # For this session (set once, not per transaction: a round trip less per batch):
+            # commits do not wait for their WAL flush. Exactly-once still holds: the
+            # positions commit atomically with the rows, so if PostgreSQL crashes and loses
+            # the last commits, it loses their positions with them, and those batches are
+            # read again from Kafka and applied once. Only a reader may briefly have seen
+            # rows that the crash took back (they return with the replay).
+            self._conn.execute("SET synchronous_commit = off")
         return self._conn
 
     def _drop_broken_connection(self) -> None:

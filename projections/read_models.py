@@ -7,8 +7,10 @@ status only climbs 'excluded' < 'queued' < 'retrying' < terminal (sent, failed, 
 leaves a terminal status never, so the result does not depend on the order the topics were
 read in; a campaign's status is derived from the set of facts seen (a cancel always wins;
 'completed' once hydrated and every recipient is terminal; 'paused' as the last pause/resume
-left it). The first tenant to name a campaign id owns it: facts naming the same campaign
-under another tenant are dropped, never merged. Contact events are folded per contact in
+left it; 'sending' once the send was requested or hydrated; 'scheduled' from CampaignScheduled
+until the send, or until CampaignScheduleMissed returns it to 'draft' with the miss recorded).
+The first tenant to name a campaign id owns it: facts naming the same campaign under another
+tenant are dropped, never merged. Contact events are folded per contact in
 order by `schemas.contacts.apply_contact_event`.
 """
 
@@ -34,8 +36,9 @@ from schemas.events import (
     CampaignScheduleMissed,
     CampaignSendRequested,
     CommandRejected,
+    TestEmailRequested,
 )
-from schemas.segments import SegmentChanged, SegmentDefined, SegmentDeleted
+from schemas.segments import SegmentChanged, SegmentDefined, SegmentDeleted, SegmentEvent
 
 # Column limits: an absurd value must be stored clamped, not fail the batch, because a batch
 # that cannot commit blocks its partitions forever.
@@ -47,7 +50,7 @@ _CONTACT_EVENTS: tuple[type[Record], ...] = get_args(ContactEvent)
 _CAMPAIGN_OUTCOMES = (
     CampaignCreated, CampaignSendRequested, CampaignHydrated, CampaignCancelled, CampaignPaused,
     CampaignResumed, CampaignScheduled, CampaignScheduleMissed, CommandRejected,
-    SegmentDefined, SegmentChanged, SegmentDeleted,
+    SegmentDefined, SegmentChanged, SegmentDeleted, TestEmailRequested,
 )
 
 
@@ -78,6 +81,9 @@ class CampaignChange:
     resumed_at: datetime | None = None
     pause_reason: str | None = None
     paused_automatically: bool | None = None
+    scheduled_for: datetime | None = None  # CampaignScheduled.send_at
+    schedule_missed_at: datetime | None = None
+    schedule_missed_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +169,8 @@ class BatchChanges:
     attempts: dict[str, AttemptRow] = field(default_factory=dict)
     # Contact events per contact, in consumption order (one partition per contact).
     contacts: dict[ContactKey, list[ContactEvent]] = field(default_factory=dict)
+    # Segment events (tenant, event, occurred at), in consumption order (segments.events).
+    segments: list[tuple[str, SegmentEvent, datetime]] = field(default_factory=list)
     dropped: list[DroppedFact] = field(default_factory=list)
     ignored: int = 0
     # campaign id -> tenant that named it first in this batch.
@@ -174,7 +182,7 @@ class BatchChanges:
 
     def is_empty(self) -> bool:
         return not (self.campaigns or self.rejections or self.recipients or self.attempts
-                    or self.contacts or self.outcomes)
+                    or self.contacts or self.outcomes or self.segments)
 
     def drop_campaigns(self, foreign: Iterable[str]) -> None:
         """Forget every change to campaigns that another tenant owned before this batch."""
@@ -265,12 +273,16 @@ def _plan_message(changes: BatchChanges, message: Message[Record]) -> None:
         event = cast(ContactEvent, payload)
         changes.contacts.setdefault((tenant, event.contact_id), []).append(event)
         return
+    if isinstance(payload, SegmentDefined | SegmentChanged | SegmentDeleted):
+        changes.segments.append((tenant, payload, env.occurred_at))
+        return
     fact = recipient_fact(message)
     if fact is not None:
         _plan_recipient(changes, fact)
         return
     if not isinstance(payload, CampaignCreated | CampaignSendRequested | CampaignHydrated
-                      | CampaignCancelled | CampaignPaused | CampaignResumed):
+                      | CampaignCancelled | CampaignPaused | CampaignResumed
+                      | CampaignScheduled | CampaignScheduleMissed):
         changes.ignored += 1
         return
     campaign_id = env.aggregate_id
@@ -290,6 +302,14 @@ def _plan_message(changes: BatchChanges, message: Message[Record]) -> None:
             change.total, change.hydrated_at = min(payload.total, BIGINT_MAX), at
     elif isinstance(payload, CampaignCancelled):
         change.cancelled_at = change.cancelled_at or at
+    elif isinstance(payload, CampaignScheduled):
+        # A campaign is scheduled once (the aggregate schedules only a draft, and nothing
+        # returns it to draft), so the first schedule is the schedule.
+        change.scheduled_for = change.scheduled_for or payload.send_at
+    elif isinstance(payload, CampaignScheduleMissed):
+        if change.schedule_missed_at is None:
+            change.schedule_missed_at = at
+            change.schedule_missed_reason = _text(payload.reason)
     elif isinstance(payload, CampaignPaused):
         change.paused, change.paused_at = True, at
         change.pause_reason = _optional_text(payload.reason)

@@ -44,7 +44,7 @@ POOL_TIMEOUT_S = 10.0
 MAX_PAGE = 1000
 
 
-CampaignStatus = Literal["draft", "sending", "paused", "completed", "cancelled"]
+CampaignStatus = Literal["draft", "scheduled", "sending", "paused", "completed", "cancelled"]
 RecipientStatus = Literal["excluded", "queued", "retrying", "sent", "failed", "skipped"]
 
 

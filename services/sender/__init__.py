@@ -13,6 +13,9 @@ reply classes and hard bounces, pure), retries (backoff schedule and limits, pur
 its pure claim rules), throttle (token buckets per tenant and SMTP server, shared out by
 partitions), feeds (topics every instance reads whole), control (pause / resume / cancel as
 every sender sees them), do_not_mail (contacts suppressed, unsubscribed or deleted after
-hydration), smtp_pool (SMTP connections), worker (the Kafka consume/send/publish loop, delay
-and held topics).
+hydration), smtp_pool (SMTP connections to one relay, TLS and AUTH), relay_config and relays
+(several relays routed by From domain, failover), transport (the seam between the two), work
+(what a batch holds), pipeline (claim / mail / settle / publish overlapped, and the commit rule),
+publisher (delivery events), worker (the Kafka consume loop, delay and held topics), test_mail
+(test sends of a campaign to given addresses).
 """

@@ -20,12 +20,20 @@ campaign.recipients.retry.<tier> and the held topic campaign.recipients.held. Pe
    reused SMTP connections, one SMTP transaction each, checking right before each one that
    the campaign was not paused or cancelled meanwhile (and waiting for its rate-limit slot);
    settle the chunk's outcomes in the ledger;
-5. publish: EmailSent / EmailFailed (+ ContactSuppressed on contacts.events for a hard
-   bounce), EmailDeferred + RecipientRetryScheduled on the delay topic of the next attempt,
-   RecipientSkipped ("cancelled", "suppressed:<reason>", ...), held records parked; flush;
-6. commit the consumed offsets synchronously.
-A failure in 2, 4 or 5 raises before 6: the batch is redelivered and the ledger decides what
-is mailed again. A stop request is honoured between batches: the in-flight batch completes.
+5. publish the chunk: EmailSent / EmailFailed (+ ContactSuppressed on contacts.events for a
+   hard bounce), EmailDeferred + RecipientRetryScheduled on the delay topic of the next
+   attempt, RecipientSkipped ("cancelled", "suppressed:<reason>", ...), held records parked;
+6. once every chunk of the batch (and of every batch before it) is published: flush, then
+   commit the consumed offsets synchronously.
+Steps 2-6 run in a `SendPipeline` (services/sender/pipeline.py) that overlaps them: the next
+chunk is claimed while the current one is mailed, the SMTP threads take mails one by one (no
+barrier per chunk), and the next batch is fetched and routed while the last chunks of the
+previous one are still being mailed. Every guarantee above holds per recipient; at most
+LOOKAHEAD_CHUNKS chunks are claimed and unsettled at once.
+A failure in 2, 4, 5 or 6 raises before the commit: the batches not committed are redelivered
+and the ledger decides what is mailed again. A stop request ends fetching: the batches already
+fetched complete (mailed, settled, published, committed). A rebalance first completes the
+same way (in the revoke callback), so partitions move on with their outcomes committed.
 
 Control (pause / resume / cancel) comes from a `ControlFeed` over all of campaign.events, and
 contacts suppressed, unsubscribed or deleted after hydration from a `DoNotMailFeed` over all
@@ -39,46 +47,44 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from schemas.contacts import ContactSuppressed, contact_key
-from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
+from schemas.envelope import SchemaViolation, decode
 from schemas.events import (
     RecipientExcluded,
     RecipientQueued,
     RecipientRetryScheduled,
-    RecipientSkipped,
 )
 from services.common.kafka import consumer_config, producer_config
 from services.common.settings import Settings
 from services.common.topics import (
-    CONTACTS,
-    DELIVERIES,
     HELD,
     RECIPIENTS,
-    RECIPIENTS_DLQ,
     RETRY_TIERS,
     topic_name,
 )
 from services.sender.control import Control, ControlBoard, ControlFeed
-from services.sender.delivery import Outcome, Status, delivery_event, judge_attempt, transient
+from services.sender.delivery import Outcome, Status, judge_attempt, transient
 from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
 from services.sender.feeds import TopicFeed
 from services.sender.ledger import Claim, ClaimState, LedgerEntry, LedgerKey, SendLedger
 from services.sender.list_unsubscribe import ListUnsubscribe
-from services.sender.mime import build_mail, message_id_for
+from services.sender.mime import build_mail
+from services.sender.pipeline import BatchReport, SendPipeline, Where
+from services.sender.publisher import FLUSH_TIMEOUT_SECONDS, DeliveryPublisher
 from services.sender.render import render
-from services.sender.retries import RetryPolicy, tier_index
+from services.sender.retries import RetryPolicy
 from services.sender.smtp_pool import SmtpPool
 from services.sender.throttle import RateLimiter
 from services.sender.transport import MailTransport
+from services.sender.work import SenderStats, Work, message_id
 
 log = structlog.get_logger("sender")
 
@@ -95,12 +101,18 @@ BATCH_DEADLINE_SECONDS = 120.0
 # Above the batch deadline plus one attempt's SMTP timeouts (see smtp_pool): the broker only
 # evicts a sender that is really stuck.
 MAX_POLL_INTERVAL_MS = 300_000
+# The consumer's local prefetch queue (see _consumer_config): records per partition and an
+# overall size cap. Bounds memory whatever the backlog; ~4 MiB is several batches of
+# recipients, so a fetch round trip never leaves the SMTP threads without work.
+PREFETCH_RECORDS_PER_PARTITION = BATCH_SIZE
+PREFETCH_KBYTES = 4096
+# Per fetch response: per partition and overall (librdkafka wants the overall size at least
+# its message.max.bytes, 1 MB by default).
+FETCH_PARTITION_BYTES = 256 * 1024
+FETCH_MAX_BYTES = 2 * 1024 * 1024
 # A crashed sender's partitions wait this long before another sender takes them over: short,
 # so a SIGKILLed instance stalls its recipients for seconds, not the broker's default 45 s.
 SESSION_TIMEOUT_MS = 10_000
-# Guards against a broker that cannot take the delivery events: the batch is then not
-# committed and the worker stops (a restart redelivers it; the ledger prevents re-mailing).
-FLUSH_TIMEOUT_SECONDS = 30.0
 # A release is followed by a second sweep of the blocked held partitions this much later: a
 # sender that had not seen a resume yet may still have parked a record of that campaign
 # behind a campaign that stays paused (every sender sees a change within ~1 s).
@@ -110,62 +122,22 @@ METADATA_TIMEOUT_SECONDS = 10.0
 # Waiting for the feeds (control, do-not-mail) to catch up before the first recipient: a
 # broker that cannot serve them for this long is an error, not a reason to mail blind.
 CONTROL_CATCH_UP_SECONDS = 120.0
-# Recipients claimed, mailed and settled together within a batch: a crash leaves at most
-# this many claims unsettled (each counted as a possible duplicate when redelivered), while
-# the ledger round trips stay a few per batch.
+# Recipients claimed, mailed and settled together within a batch: the ledger round trips stay
+# a few per batch, while a crash leaves at most LOOKAHEAD_CHUNKS x this many claims unsettled
+# (each counted as a possible duplicate when redelivered).
 LEDGER_CHUNK = 100
+# Chunks claimed ahead: the one being mailed and the next one queued behind it, so the SMTP
+# threads never wait for a ledger round trip, a settlement or a flush.
+LOOKAHEAD_CHUNKS = 2
+# How long a fetch waits while mail is in flight: short, so finished chunks are reaped (and
+# the next one claimed) promptly when no new records arrive.
+BUSY_POLL_SECONDS = 0.02
 # Longest a send thread waits for its rate-limit slot, and latest (into the batch) a slot may
 # be: beyond either, the recipient goes to a delay topic for that slot instead, so a tight
 # limit neither stretches a batch (and the partitions it holds) towards max.poll.interval.ms
 # nor runs into the batch deadline, which would count as a failed attempt.
 MAX_THROTTLE_WAIT_SECONDS = 2.0
 THROTTLED_BATCH_SECONDS = 5.0
-
-Where = tuple[str, int]  # (topic, partition)
-
-
-class PublishFailed(RuntimeError):
-    """Delivery events did not reach the broker; the batch must not be committed."""
-
-
-@dataclass
-class SenderStats:
-    """Running totals of this worker, for logs, tests and benchmarks."""
-
-    batches: int = 0
-    records: int = 0
-    invalid: int = 0
-    sent: int = 0
-    failed: int = 0
-    deferred: int = 0
-    held: int = 0
-    throttled: int = 0
-    skipped: int = 0
-    replayed: int = 0
-    ambiguous: int = 0
-    suppressed: int = 0
-
-
-@dataclass(frozen=True)
-class Work:
-    """A recipient record to act on in this batch."""
-
-    record: Message
-    envelope: Envelope
-    # The record's payload: RecipientQueued, or RecipientRetryScheduled around it.
-    payload: RecipientQueued | RecipientRetryScheduled
-    recipient: RecipientQueued
-    attempt: int
-    first_attempt_at: datetime
-    # Why it must not be mailed now ("cancelled", "suppressed:<reason>", ...), or None.
-    skip: str | None
-    # Its rate-limit slot was booked when it was throttled: it takes no other token.
-    prepaid: bool = False
-
-    @property
-    def key(self) -> LedgerKey:
-        return (self.recipient.campaign_id, self.recipient.contact_id)
-
 
 class SenderWorker:
     """Consumes the recipient topics in group `sender`, mails each recipient and publishes its
@@ -202,10 +174,6 @@ class SenderWorker:
         self._recipients_topic = topic_name(RECIPIENTS, settings)
         self._retry_topics = [topic_name(t, settings) for t in RETRY_TIERS]
         self._held_topic = topic_name(HELD, settings)
-        self._dlq_topic = topic_name(RECIPIENTS_DLQ, settings)
-        self._deliveries_topic = topic_name(DELIVERIES, settings)
-        self._contacts_topic = topic_name(CONTACTS, settings)
-        self._publish_errors: list[str] = []
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not security
         # Delay partitions paused until their head record is due.
         self._due_at: dict[Where, datetime] = {}
@@ -216,6 +184,8 @@ class SenderWorker:
         self._sweep_until: dict[Where, int] = {}
         self._control_seen = 0
         self._resweep_at: float | None = None
+        # The pipeline of the running loop: a rebalance drains it before partitions move.
+        self._pipeline: SendPipeline[Work] | None = None
 
     # --- loop ------------------------------------------------------------------------------
 
@@ -248,6 +218,7 @@ class SenderWorker:
         ledger = SendLedger(self.settings.database_url)
         pool = self._transport_factory(self.concurrency)
         producer = Producer(self._producer_config())
+        publisher = DeliveryPublisher(producer, self.settings, self.stats)
         consumer = Consumer(self._consumer_config())
         executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sender-smtp")
         topics = [self._recipients_topic, *self._retry_topics, self._held_topic]
@@ -258,23 +229,38 @@ class SenderWorker:
         log.info("sender started", topics=topics, group=self.settings.group("sender"),
                  smtp=f"{self.settings.smtp_host}:{self.settings.smtp_port}",
                  concurrency=self.concurrency)
+        pipeline = SendPipeline(_SenderSteps(self, ledger, pool, publisher, consumer), executor,
+                                chunk_size=LEDGER_CHUNK, lookahead=LOOKAHEAD_CHUNKS)
+        self._pipeline = pipeline
         try:
             while not stop_event.is_set():
                 _check(feeds)
                 self._wake(consumer)
-                records = consumer.consume(self.batch_size, self._poll_timeout())
+                if not pipeline.wants_records(self.batch_size):
+                    pipeline.step(block=True)  # enough queued: wait for the oldest chunk
+                    continue
+                timeout = self._poll_timeout()
+                if pipeline.busy:
+                    timeout = min(timeout, BUSY_POLL_SECONDS)
+                records = consumer.consume(self.batch_size, timeout)
                 if records:
-                    work, done = self._route(records, consumer, producer)
-                    self._process(work, ledger, pool, producer, executor)
-                    self._flush(producer)
-                    self._commit(consumer, done + [w.record for w in work])
+                    work, done = self._route(records, consumer, publisher)
+                    pipeline.add(_fair(work), _positions(done + [w.record for w in work]),
+                                 records=len(work))
+                pipeline.step(block=False)
+            pipeline.drain()
         finally:
+            # No draining from the revoke callback once the loop is left (after a failure the
+            # batches not committed are redelivered instead).
+            self._pipeline = None
             # Close the consumer first: it leaves the group now, so the partitions move to
             # another sender without waiting for a session timeout.
             consumer.close()
-            executor.shutdown(wait=True)
+            # Mails queued but not started are dropped: their claims stay unsettled and count
+            # as possible duplicates when redelivered (never under-counted).
+            executor.shutdown(wait=True, cancel_futures=True)
             pool.close()
-            producer.flush(FLUSH_TIMEOUT_SECONDS)
+            producer.flush(FLUSH_TIMEOUT_SECONDS)  # anything parked or published after a failure
             ledger.close()
             log.info("sender stopped", **vars(self.stats))
 
@@ -310,6 +296,10 @@ class SenderWorker:
         self._reshare()
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._pipeline is not None:
+            # Finish and commit what was fetched before the partitions move: their next owner
+            # then starts after it instead of racing this sender on the same recipients.
+            self._pipeline.drain()
         for tp in partitions:
             where = (tp.topic, tp.partition)
             self._assigned.discard(where)
@@ -327,7 +317,7 @@ class SenderWorker:
     # --- 1. routing ------------------------------------------------------------------------
 
     def _route(
-        self, records: list[Message], consumer: Consumer, producer: Producer
+        self, records: list[Message], consumer: Consumer, publisher: DeliveryPublisher
     ) -> tuple[list[Work], list[Message]]:
         """Split a batch into recipients to act on and records already dealt with (invalid,
         excluded, parked); pauses partitions whose head must wait."""
@@ -346,11 +336,11 @@ class SenderWorker:
             if where in waiting:
                 continue  # behind a record that waits: fetched again after the resume
             self.stats.records += 1
-            item = self._recipient(record, now, producer)
+            item = self._recipient(record, now, publisher)
             if item is None:
                 done.append(record)
                 continue
-            wait = self._must_wait(item, where, now, producer)
+            wait = self._must_wait(item, where, now, publisher)
             if wait is None:
                 done.append(record)
             elif wait:
@@ -361,13 +351,14 @@ class SenderWorker:
                 work.append(item)
         return work, done
 
-    def _recipient(self, record: Message, now: datetime, producer: Producer) -> Work | None:
+    def _recipient(self, record: Message, now: datetime,
+                   publisher: DeliveryPublisher) -> Work | None:
         """The recipient a record asks for, or None when there is nothing to mail (invalid
         records are dead-lettered)."""
         try:
             message = decode(record.value())
         except SchemaViolation as exc:
-            self._dead_letter(producer, record, str(exc))
+            publisher.dead_letter(record, str(exc))
             return None
         payload = message.payload
         if isinstance(payload, RecipientExcluded):
@@ -378,7 +369,7 @@ class SenderWorker:
             recipient, attempt = payload.recipient, payload.attempt
             first, prepaid = payload.first_attempt_at, payload.throttled
         else:
-            self._dead_letter(producer, record, f"not a recipient: {message.envelope.type}")
+            publisher.dead_letter(record, f"not a recipient: {message.envelope.type}")
             return None
         return Work(record, message.envelope, payload, recipient, attempt, first,
                     self._skip_reason(message.envelope.tenant_id, recipient), prepaid)
@@ -388,7 +379,8 @@ class SenderWorker:
             return "cancelled"
         return self.do_not_mail.reason(tenant_id, recipient.contact_id)
 
-    def _must_wait(self, item: Work, where: Where, now: datetime, producer: Producer) -> bool | None:
+    def _must_wait(self, item: Work, where: Where, now: datetime,
+                   publisher: DeliveryPublisher) -> bool | None:
         """True: the partition must wait at this record; None: the record was parked (or sent
         on to its delay topic); False: act on it now."""
         payload = item.payload
@@ -396,68 +388,24 @@ class SenderWorker:
         if where[0] == self._held_topic:
             if control is Control.PAUSED:
                 if (item.record.offset() or 0) < self._sweep_until.get(where, -1):
-                    self._park(producer, item.record)  # still paused: to the end, let others by
+                    publisher.park(item.record)  # still paused: to the end, let others by
                     return None
                 self._held_blocked.add(where)
                 return True
             if isinstance(payload, RecipientRetryScheduled) and payload.retry_at > now:
-                self._forward(producer, item.record, payload.attempt)
+                publisher.forward(item.record, payload.attempt)
                 return None
             return False
         if isinstance(payload, RecipientRetryScheduled) and payload.retry_at > now:
             self._due_at[where] = payload.retry_at
             return True
         if control is Control.PAUSED:
-            self._park(producer, item.record)
+            publisher.park(item.record)
             self.stats.held += 1
             return None
         return False
 
-    # --- 2..5. one batch of recipients -------------------------------------------------------
-
-    def _process(
-        self,
-        work: list[Work],
-        ledger: SendLedger,
-        pool: MailTransport,
-        producer: Producer,
-        executor: ThreadPoolExecutor,
-    ) -> None:
-        if not work:
-            return
-        started = time.monotonic()
-        # One entry per recipient: the copy with the latest attempt (earlier copies are stale).
-        chosen: dict[LedgerKey, Work] = {}
-        for item in work:
-            if item.key not in chosen or item.attempt > chosen[item.key].attempt:
-                chosen[item.key] = item
-        claims: dict[LedgerKey, Claim] = {}
-        mailed: dict[LedgerKey, Outcome] = {}
-        items = _fair(list(chosen.values()))
-        for first in range(0, len(items), LEDGER_CHUNK):
-            chunk = items[first:first + LEDGER_CHUNK]
-            claimed = ledger.claim([_ledger_entry(item) for item in chunk])
-            claims.update(claimed)
-            to_mail = [item for item in chunk if claimed[item.key].must_send]
-            for item in to_mail:
-                if claimed[item.key].state is ClaimState.UNSETTLED:
-                    log.warning("possible duplicate: claimed but never settled, mailing again",
-                                campaign_id=item.recipient.campaign_id,
-                                contact_id=item.recipient.contact_id, attempt=item.attempt)
-            results = executor.map(lambda item: self._mail(item, pool, started), to_mail)
-            outcomes = {item.key: outcome for item, outcome in zip(to_mail, results, strict=True)}
-            ledger.settle(outcomes)
-            mailed.update(outcomes)
-
-        for key, item in chosen.items():
-            fresh = mailed.get(key)
-            outcome = (fresh.with_ambiguous(claims[key].ambiguous) if fresh is not None
-                       else self._recorded(item, claims[key]))
-            if outcome is not None:
-                self._publish(producer, item, outcome, fresh=fresh is not None)
-        self.stats.batches += 1
-        log.info("batch done", records=len(work), recipients=len(chosen), mailed=len(mailed),
-                 seconds=round(time.monotonic() - started, 3))
+    # --- 2..5. one recipient (the pipeline's steps call these) ---------------------------
 
     def _recorded(self, item: Work, claim: Claim) -> Outcome | None:
         """What a recipient that is not mailed now ends as, from its ledger history."""
@@ -516,108 +464,10 @@ class SenderWorker:
                         attempt=item.attempt)
         return outcome
 
-    # --- publishing ------------------------------------------------------------------------
-
-    def _publish(self, producer: Producer, item: Work, outcome: Outcome, *, fresh: bool) -> None:
-        recipient = item.recipient
-        stats = self.stats
-        if outcome.status is Status.HELD:
-            stats.held += 1
-            self._park(producer, item.record)
-            return
-        if outcome.status is Status.THROTTLED:
-            assert outcome.retry_at is not None
-            stats.throttled += 1
-            slot = RecipientRetryScheduled(recipient=recipient, attempt=outcome.attempt,
-                                           retry_at=outcome.retry_at,
-                                           first_attempt_at=item.first_attempt_at, throttled=True)
-            topic = self._retry_topics[tier_index(slot.attempt, len(self._retry_topics))]
-            self._emit(producer, topic, item.record.key(), wrap_caused_by(slot, item.envelope))
-            return
-        if outcome.status is Status.SKIPPED:
-            stats.skipped += 1
-            skipped = RecipientSkipped(campaign_id=recipient.campaign_id,
-                                       contact_id=recipient.contact_id, email=recipient.email,
-                                       reason=outcome.detail or "cancelled")
-            self._emit(producer, self._deliveries_topic, recipient.campaign_id.encode(),
-                       wrap_caused_by(skipped, item.envelope, aggregate_id=recipient.campaign_id))
-            return
-        event = delivery_event(recipient, outcome, _message_id(recipient))
-        self._emit(producer, self._deliveries_topic, recipient.campaign_id.encode(),
-                   wrap_caused_by(event, item.envelope, aggregate_id=recipient.campaign_id))
-        if fresh:
-            stats.ambiguous += outcome.ambiguous
-            stats.sent += outcome.status is Status.SENT
-            stats.failed += outcome.status is Status.FAILED
-        if outcome.status is Status.DEFERRED:
-            assert outcome.retry_at is not None
-            stats.deferred += 1
-            retry = RecipientRetryScheduled(recipient=recipient, attempt=outcome.attempt + 1,
-                                            retry_at=outcome.retry_at,
-                                            first_attempt_at=item.first_attempt_at)
-            topic = self._retry_topics[tier_index(retry.attempt, len(self._retry_topics))]
-            self._emit(producer, topic, item.record.key(), wrap_caused_by(retry, item.envelope))
-        if outcome.hard_bounce:
-            stats.suppressed += 1
-            tenant = item.envelope.tenant_id
-            suppressed = ContactSuppressed(contact_id=recipient.contact_id, reason="hard_bounce",
-                                           detail=outcome.detail[:1000])
-            self._emit(producer, self._contacts_topic, contact_key(tenant, recipient.contact_id),
-                       wrap_caused_by(suppressed, item.envelope, aggregate_id=recipient.contact_id))
-
-    def _park(self, producer: Producer, record: Message) -> None:
-        """Hold a record of a paused campaign, exactly as it came."""
-        self._produce(producer, self._held_topic, record.key(), record.value())
-
-    def _forward(self, producer: Producer, record: Message, attempt: int) -> None:
-        """A released held retry that is not due yet goes back to its delay topic."""
-        topic = self._retry_topics[tier_index(attempt, len(self._retry_topics))]
-        self._produce(producer, topic, record.key(), record.value())
-
-    def _dead_letter(self, producer: Producer, record: Message, reason: str) -> None:
-        self.stats.invalid += 1
-        log.warning("dead-lettering invalid record", reason=reason, topic=record.topic(),
-                    partition=record.partition(), offset=record.offset())
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("reason", reason.encode()),
-            ("source", f"{record.topic()}/{record.partition()}/{record.offset()}".encode()),
-        ]
-        self._produce(producer, self._dlq_topic, record.key(), record.value(), headers)
-
-    def _emit(self, producer: Producer, topic: str, key: bytes | None, envelope: Envelope) -> None:
-        self._produce(producer, topic, key, encode(envelope))
-
-    def _produce(self, producer: Producer, topic: str, key: bytes | str | None,
-                 value: bytes | str | None, headers: list[Any] | None = None) -> None:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, headers=headers,
-                                 on_delivery=self._on_delivery)
-                return
-            except BufferError:
-                # The local queue is full: let librdkafka send some before adding more.
-                producer.poll(0.1)
-
-    def _on_delivery(self, error: KafkaError | None, _record: Any) -> None:
-        if error is not None:
-            self._publish_errors.append(str(error))
-
-    def _flush(self, producer: Producer) -> None:
-        remaining = producer.flush(FLUSH_TIMEOUT_SECONDS)
-        if remaining or self._publish_errors:
-            errors, self._publish_errors = self._publish_errors, []
-            raise PublishFailed(f"{remaining} records unconfirmed; errors: {errors[:3]}")
-
     # --- 6. commit -------------------------------------------------------------------------
 
-    def _commit(self, consumer: Consumer, records: list[Message]) -> None:
-        positions: dict[Where, int] = {}
-        for record in records:
-            where = (record.topic() or "", record.partition() or 0)
-            positions[where] = max(positions.get(where, -1), record.offset() or 0)
-        if not positions:
-            return
-        offsets = [TopicPartition(t, p, offset + 1) for (t, p), offset in positions.items()]
+    def _commit(self, consumer: Consumer, positions: Mapping[Where, int]) -> None:
+        offsets = [TopicPartition(t, p, offset) for (t, p), offset in positions.items()]
         try:
             consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
@@ -641,6 +491,17 @@ class SenderWorker:
                 "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 3,
+                # Prefetch a few batches, not librdkafka's default of 100,000 records per
+                # partition up to 64 MiB: behind a large backlog that queue alone made the
+                # sender's memory grow with the campaign (94 MiB at 20,000 recipients, 247 MiB
+                # at 200,000). A few MiB still hold seconds of mail at full speed.
+                "queued.min.messages": PREFETCH_RECORDS_PER_PARTITION,
+                "queued.max.messages.kbytes": PREFETCH_KBYTES,
+                # One fetch response is up to 1 MiB of compressed records per partition (12 MiB
+                # over campaign.recipients, several times that decompressed), which the queue
+                # cap above does not bound: keep responses small too.
+                "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
+                "fetch.max.bytes": FETCH_MAX_BYTES,
             },
         )
 
@@ -648,6 +509,58 @@ class SenderWorker:
         # Shared settings: idempotent (a producer retry cannot double a delivery event),
         # acks=all, and the murmur2 partitioner that keeps campaign-keyed topics co-partitioned.
         return producer_config(self.settings)
+
+
+class _SenderSteps:
+    """The worker's steps as the send pipeline calls them (see services/sender/pipeline.py)."""
+
+    def __init__(self, worker: SenderWorker, ledger: SendLedger, pool: MailTransport,
+                 publisher: DeliveryPublisher, consumer: Consumer) -> None:
+        self._worker = worker
+        self._ledger = ledger
+        self._pool = pool
+        self._publisher = publisher
+        self._consumer = consumer
+
+    def claim(self, items: Sequence[Work]) -> Mapping[LedgerKey, Claim]:
+        claims = self._ledger.claim([_ledger_entry(item) for item in items])
+        for item in items:
+            if claims[item.key].state is ClaimState.UNSETTLED:
+                log.warning("possible duplicate: claimed but never settled, mailing again",
+                            campaign_id=item.recipient.campaign_id,
+                            contact_id=item.recipient.contact_id, attempt=item.attempt)
+        return claims
+
+    def mail(self, item: Work, started: float) -> Outcome:
+        return self._worker._mail(item, self._pool, started)
+
+    def settle(self, outcomes: Mapping[LedgerKey, Outcome]) -> None:
+        self._ledger.settle(outcomes)
+
+    def publish(self, item: Work, claim: Claim, fresh: Outcome | None) -> None:
+        worker = self._worker
+        outcome = (fresh.with_ambiguous(claim.ambiguous) if fresh is not None
+                   else worker._recorded(item, claim))
+        if outcome is not None:
+            self._publisher.publish(item, outcome, fresh=fresh is not None)
+
+    def commit(self, positions: Mapping[Where, int]) -> None:
+        self._publisher.flush()
+        self._worker._commit(self._consumer, positions)
+
+    def batch_done(self, report: BatchReport) -> None:
+        self._worker.stats.batches += 1
+        log.info("batch done", records=report.records, recipients=report.recipients,
+                 mailed=report.mailed, seconds=round(report.seconds, 3))
+
+
+def _positions(records: list[Message]) -> dict[Where, int]:
+    """The next offset to commit per partition once `records` are dealt with."""
+    positions: dict[Where, int] = {}
+    for record in records:
+        where = (record.topic() or "", record.partition() or 0)
+        positions[where] = max(positions.get(where, 0), (record.offset() or 0) + 1)
+    return positions
 
 
 def _check(feeds: list[TopicFeed]) -> None:
@@ -669,13 +582,8 @@ def _fair(items: list[Work]) -> list[Work]:
     return [q[i] for i in range(longest) for q in queues if i < len(q)]
 
 
-def _message_id(recipient: RecipientQueued) -> str:
-    return message_id_for(recipient.campaign_id, recipient.contact_id,
-                          recipient.template.from_address)
-
-
 def _ledger_entry(item: Work) -> LedgerEntry:
     recipient = item.recipient
     return LedgerEntry(recipient.campaign_id, recipient.contact_id, item.envelope.tenant_id,
-                       _message_id(recipient), item.attempt, item.skip is not None)
+                       message_id(recipient), item.attempt, item.skip is not None)
 

@@ -7,6 +7,7 @@ ids, so tests share the database without seeing each other's rows.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from projections import batch_writer
 from projections.projector import Projector
 from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
 from schemas.base import Record
+from schemas.commands import SendCampaign
 from schemas.contacts import (
     ContactDeleted,
     ContactListMembershipRemoved,
@@ -43,6 +45,8 @@ from schemas.events import (
     CampaignHydrated,
     CampaignPaused,
     CampaignResumed,
+    CampaignScheduled,
+    CampaignScheduleMissed,
     CampaignSendRequested,
     CommandRejected,
     EmailDeferred,
@@ -62,6 +66,7 @@ from services.common.topics import (
     TopicSpec,
     topic_name,
 )
+from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +223,13 @@ def full_scenario(campaign: Campaign, total: int) -> tuple[list, list, int, int,
     return head + first, rest, sent, failed, last
 
 
-def test_counts_are_exact_under_duplicates_and_deliveries_before_queued(settings, db) -> None:
+@pytest.mark.parametrize("array_batch_max", [batch_writer.ARRAY_BATCH_MAX, 0],
+                         ids=["arrays", "copy-staging"])
+def test_counts_are_exact_under_duplicates_and_deliveries_before_queued(
+        settings, db, monkeypatch, array_batch_max: int) -> None:
+    # Both ways a batch's recipients reach PostgreSQL: arrays (small batches) and COPY into
+    # the staging table (large ones).
+    monkeypatch.setattr(batch_writer, "ARRAY_BATCH_MAX", array_batch_max)
     campaign = Campaign()
     first, rest, sent, failed, last = full_scenario(campaign, 40)
 
@@ -251,6 +262,54 @@ def test_counts_are_exact_under_duplicates_and_deliveries_before_queued(settings
     assert stored_positions(db, settings) == end_offsets(settings)
     assert campaign_progress(db, campaign.id, "another-tenant") is None
     assert [c.campaign_id for c in list_campaigns(db, campaign.tenant)] == [campaign.id]
+
+
+def test_sigkill_at_any_moment_loses_or_doubles_nothing(settings, db) -> None:
+    """The service is killed with SIGKILL at random moments while it works through a backlog
+    (inside transactions or between them), restarted each time, and finally left to finish:
+    every counter and row is then exact."""
+    campaign = Campaign()
+    total = 8_000
+    first, rest, sent, failed, _ = full_scenario(campaign, total)
+    produce(settings, first + rest)
+    rng = random.Random(5)  # noqa: S311 - kill moments, not secrets
+    kills = 0
+    for _ in range(3):
+        service = ServiceProcess("projector", settings).start()
+        try:
+            before = sum(stored_positions(db, settings).values())
+            deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+            # Killed once it commits, a random moment later: mostly mid-batch.
+            while sum(stored_positions(db, settings).values()) == before:
+                assert service.proc is not None and service.proc.poll() is None, \
+                    service.log_tail()
+                assert time.monotonic() < deadline, "projector made no progress"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
+        finally:
+            service.kill()
+        kills += 1
+        if stored_positions(db, settings) == end_offsets(settings):
+            break  # finished before the kill
+    with ServiceProcess("projector", settings) as service:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        while stored_positions(db, settings) != end_offsets(settings):
+            assert service.proc is not None and service.proc.poll() is None, service.log_tail()
+            assert time.monotonic() < deadline, "projector did not finish after the kills"
+            time.sleep(0.2)
+    assert kills >= 1
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.total, progress.queued, progress.sent, progress.failed,
+            progress.pending) == ("completed", total, total, sent, failed, 0)
+    assert recipient_status_counts(db, campaign.id) == {"queued": 0, "sent": sent,
+                                                         "failed": failed}
+    settled = db.execute("SELECT sum(settled) FROM campaign_throughput WHERE campaign_id = %s",
+                         (campaign.id,)).fetchone()
+    daily = db.execute("SELECT sum(sent), sum(failed) FROM tenant_daily_sends"
+                       " WHERE tenant_id = %s", (campaign.tenant,)).fetchone()
+    assert settled == (sent + failed,)
+    assert daily == (sent, failed)
 
 
 def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
@@ -343,6 +402,40 @@ def test_campaign_with_no_recipients_completes_at_hydration(settings, db) -> Non
     assert progress is not None
     assert (progress.status, progress.total, progress.pending) == ("completed", 0, 0)
     assert progress.completed_at == T0 + timedelta(seconds=2)
+
+
+def schedule_row(db: psycopg.Connection, campaign: Campaign) -> tuple[Any, ...] | None:
+    return db.execute(
+        "SELECT status, scheduled_for, schedule_missed_at, schedule_missed_reason"
+        " FROM campaign_progress WHERE campaign_id = %s", (campaign.id,)).fetchone()
+
+
+def test_a_scheduled_campaign_shows_scheduled_until_sent_or_missed(settings, db) -> None:
+    send_at = T0 + timedelta(hours=2)
+    schedule = CampaignScheduled(send_at=send_at, grace_seconds=60,
+                                 send=SendCampaign(list_ids=["all"]))
+    missed_at = send_at + timedelta(minutes=10)
+    sent_one, missed_one = Campaign(), Campaign()
+    produce(settings, [
+        sent_one.created(), sent_one.event(schedule, T0 + timedelta(seconds=1)),
+        missed_one.created(), missed_one.event(schedule, T0 + timedelta(seconds=1)),
+    ])
+    drain(settings)
+    assert schedule_row(db, sent_one) == ("scheduled", send_at, None, None)
+    assert schedule_row(db, missed_one) == ("scheduled", send_at, None, None)
+
+    produce(settings, [
+        sent_one.event(CampaignSendRequested(template=TEMPLATE, audience=Audience(
+            list_ids=["all"]), contacts_snapshot={}), send_at),
+        missed_one.event(CampaignScheduleMissed(send_at=send_at, noticed_at=missed_at,
+                                                reason="found 600 s late, grace 60 s"),
+                         missed_at),
+    ])
+    drain(settings)
+    assert schedule_row(db, sent_one) == ("sending", send_at, None, None)
+    # Back to draft, with the miss on record (the schedule stays visible too).
+    assert schedule_row(db, missed_one) == (
+        "draft", send_at, missed_at, "found 600 s late, grace 60 s")
 
 
 def test_cancelled_campaign_stays_cancelled_when_deliveries_finish(settings, db) -> None:

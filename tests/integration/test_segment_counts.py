@@ -163,7 +163,8 @@ def _stored(state: ContactState) -> ContactState:
 
 def project_contacts(conn: psycopg.Connection[Any], tenant: str,
                      histories: dict[str, list[ContactEvent]], batches: int = 2) -> None:
-    """Write the histories as the projector does, split over `batches` transactions."""
+    """Write the histories as the projector does (batch_writer.apply folds contact_profiles
+    too), split over `batches` transactions."""
     for part in range(batches):
         changes = BatchChanges()
         for contact_id, events in histories.items():
@@ -172,8 +173,6 @@ def project_contacts(conn: psycopg.Connection[Any], tenant: str,
                 changes.contacts[(tenant, contact_id)] = events[cut[0]:cut[1]]
         with conn.transaction():
             batch_writer.apply(conn, changes)
-            with conn.cursor() as cur:
-                segment_projection.write_profiles(cur, changes.contacts)
 
 
 def define(conn: psycopg.Connection[Any], tenant: str, segment_id: str, name: str,

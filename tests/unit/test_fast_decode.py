@@ -11,7 +11,7 @@ import pytest
 from projections.facts import RecipientFact, recipient_fact
 from projections.fast_decode import decode_record
 from schemas.envelope import Message, SchemaViolation, decode, encode, wrap
-from schemas.events import EmailFailed, EmailSent
+from schemas.events import EmailFailed, EmailSent, MessageTemplate, RecipientQueued
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -103,3 +103,82 @@ def test_an_id_valid_as_a_campaign_is_not_thereby_a_valid_tenant() -> None:
     data["tenant_id"] = "has:colon"
     with pytest.raises(SchemaViolation):
         decode_record(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("raw", [
+    b" " + raw_failed() + b"\n",  # whitespace around the document
+    raw_sent().replace(b'"attempt": 2', b'"attempt": 2' + b"0" * 30),  # beyond 64 bits
+    raw_sent().replace(b'"attempt": 2', b'"attempt": NaN'),
+    raw_sent().replace(b'"ambiguous": 1', b'"ambiguous": 1, "ambiguous": 0'),  # repeated key
+    raw_sent().replace(b'"smtp_reply": "250 ok"', b'"smtp_reply": "\\ud800"'),  # lone surrogate
+])
+def test_json_edge_cases_decode_as_the_full_decoder_does(raw: bytes) -> None:
+    try:
+        expected = recipient_fact(decode(raw))
+    except SchemaViolation:
+        with pytest.raises(SchemaViolation):
+            decode_record(raw)
+        return
+    result = decode_record(raw)
+    fact = result if isinstance(result, RecipientFact) else recipient_fact(result)
+    assert fact == expected
+
+
+def raw_queued(mutate: object = None) -> bytes:
+    payload = RecipientQueued(
+        campaign_id="c-1", contact_id="k1", email="k1@example.com", first_name="Kay",
+        attributes={"plan": "gold"},
+        template=MessageTemplate(subject="Spring sale", from_address="news@example.com",
+                                 body_text="Hi {{first_name}}", body_html=None))
+    data = json.loads(encode(wrap(payload, tenant_id="acme", aggregate_id="k1",
+                                  occurred_at=T0)))
+    if callable(mutate):
+        mutate(data)
+    return json.dumps(data).encode()
+
+
+def test_a_canonical_recipient_queued_takes_the_fast_path_and_equals_the_full_decode() -> None:
+    raw = raw_queued()
+    fast = decode_record(raw)
+    assert isinstance(fast, RecipientFact)
+    assert fast == recipient_fact(decode(raw))
+    assert (fast.status, fast.contact_id, fast.email) == ("queued", "k1", "k1@example.com")
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["payload"]["template"].update(subject="two\nlines"),  # header injection
+    lambda d: d["payload"]["template"].update(subject=""),
+    lambda d: d["payload"]["template"].update(subject="x" * 999),
+    lambda d: d["payload"]["template"].update(from_address="not an address"),
+    lambda d: d["payload"]["template"].update(extra="x"),
+    lambda d: d["payload"]["template"].update(body_text=5),
+    lambda d: d["payload"].update(attributes={"plan": 5}),
+    lambda d: d["payload"].update(email="k1@example"),
+    lambda d: d.update(aggregate_id="has space"),
+])
+def test_invalid_recipient_queued_is_still_rejected(mutate) -> None:
+    raw = raw_queued(mutate)
+    with pytest.raises(SchemaViolation):
+        decode(raw)  # the schema refuses it ...
+    with pytest.raises(SchemaViolation):
+        decode_record(raw)  # ... and so does the fast decoder
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["payload"].pop("first_name"),  # a default: valid, but not the canonical shape
+    lambda d: d["payload"]["template"].pop("body_html"),
+    lambda d: d["payload"].update(email="K1@EXAMPLE.com"),  # normalised by the schema
+    lambda d: d["payload"]["template"].update(subject="x" * 998),
+    lambda d: d.update(version=2),  # no such version: the full decode words it
+])
+def test_unusual_recipient_queued_decodes_as_the_full_decoder_does(mutate) -> None:
+    raw = raw_queued(mutate)
+    try:
+        expected = recipient_fact(decode(raw))
+    except SchemaViolation:
+        with pytest.raises(SchemaViolation):
+            decode_record(raw)
+        return
+    result = decode_record(raw)
+    fact = result if isinstance(result, RecipientFact) else recipient_fact(result)
+    assert fact == expected

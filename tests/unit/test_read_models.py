@@ -9,6 +9,7 @@ import pytest
 
 from projections.read_models import RecipientRow, plan
 from schemas.base import Record
+from schemas.commands import SendCampaign
 from schemas.contacts import ContactListMembershipAdded, ContactUpserted
 from schemas.envelope import Message, decode, encode, wrap
 from schemas.events import (
@@ -18,6 +19,8 @@ from schemas.events import (
     CampaignHydrated,
     CampaignPaused,
     CampaignResumed,
+    CampaignScheduled,
+    CampaignScheduleMissed,
     CampaignSendRequested,
     CommandRejected,
     EmailDeferred,
@@ -107,6 +110,44 @@ def test_the_last_pause_or_resume_of_a_batch_wins() -> None:
     assert (change.pause_reason, change.paused_automatically) == ("too many bounces", True)
     again = plan([msg(CampaignResumed(), at=T0), msg(CampaignPaused(), at=T0)])
     assert again.campaigns[CAMPAIGN].paused is True
+
+
+def scheduled(send_at: datetime, *, at: datetime = T0) -> Message[Record]:
+    return msg(CampaignScheduled(send_at=send_at, grace_seconds=60,
+                                 send=SendCampaign(list_ids=["all"])), at=at)
+
+
+def test_a_schedule_is_kept_with_its_send_time_and_a_later_one_does_not_replace_it() -> None:
+    send_at = T0 + timedelta(hours=2)
+    changes = plan([scheduled(send_at), scheduled(send_at + timedelta(hours=1))])
+    change = changes.campaigns[CAMPAIGN]
+    assert (change.scheduled_for, change.schedule_missed_at, change.schedule_missed_reason) == (
+        send_at, None, None)
+    assert changes.ignored == 0
+
+
+def test_a_missed_schedule_records_when_and_why_first_report_wins() -> None:
+    send_at = T0 + timedelta(hours=2)
+    noticed = send_at + timedelta(minutes=5)
+    changes = plan([
+        scheduled(send_at),
+        msg(CampaignScheduleMissed(send_at=send_at, noticed_at=noticed,
+                                   reason="found 300 s late, grace 60 s"), at=noticed),
+        msg(CampaignScheduleMissed(send_at=send_at, noticed_at=noticed,
+                                   reason="a second report"), at=noticed + timedelta(minutes=1)),
+    ])
+    change = changes.campaigns[CAMPAIGN]
+    assert (change.scheduled_for, change.schedule_missed_at, change.schedule_missed_reason) == (
+        send_at, noticed, "found 300 s late, grace 60 s")
+
+
+def test_schedule_facts_of_a_campaign_owned_by_another_tenant_are_dropped() -> None:
+    changes = plan([msg(CampaignCreated(name="x", template=TEMPLATE), tenant="acme"),
+                    msg(CampaignScheduled(send_at=T0, grace_seconds=0,
+                                          send=SendCampaign(list_ids=["all"])),
+                        tenant="evil")])
+    assert changes.campaigns[CAMPAIGN].scheduled_for is None
+    assert [d.type for d in changes.dropped] == ["CampaignScheduled"]
 
 
 def test_duplicate_recipient_and_delivery_collapse_to_one_row_first_terminal_wins() -> None:

@@ -1,0 +1,182 @@
+"""Projection lag without the main stack: the real Projector against a campaign's start.
+
+What it reproduces: a campaign starts with the hydrator's burst of RecipientQueued (committed
+in transactions of QUEUED_PER_TRANSACTION, as the fan-out does), then deliveries arrive at a
+steady rate (EmailSent, one per recipient, keyed by campaign as the sender writes them).
+A `Projector` runs in a thread, as in the service, on fresh topics (prefix `lag<hex>.`).
+
+Lag per recipient: campaign_recipients.updated_at (the projector transaction's now()) minus
+last_event_at (the EmailSent's occurred_at, stamped when the harness produced it): the same
+lower bound as `make bench`'s projection_lag (bench.figures). Printed: p50 / p90 / p99 / max
+in ms, and the worst lag in each second of the delivery stream (where the spikes are).
+
+`KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 DATABASE_URL=postgresql://campaigns@127.0.0.1:35432/campaigns_test
+.venv/bin/python -m bench.projection_lag [RECIPIENTS] [DELIVERIES_PER_SECOND]` (defaults
+10,000 and 1,000). Its rows, positions, consumer group and topics are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import structlog
+from confluent_kafka.admin import AdminClient
+
+from bench.stats import percentile
+from projections.projector import PROJECTED_TOPICS, Projector
+from schemas.base import Record
+from schemas.envelope import encode, wrap
+from schemas.events import (
+    Audience,
+    CampaignCreated,
+    CampaignHydrated,
+    CampaignSendRequested,
+    EmailSent,
+    MessageTemplate,
+    RecipientQueued,
+)
+from services.common.kafka import make_producer
+from services.common.settings import Settings
+from services.common.topics import DELIVERIES, EVENTS, RECIPIENTS, ensure_topics, topic_name
+
+DEFAULT_RECIPIENTS = 10_000
+DEFAULT_RATE = 1_000.0
+QUEUED_PER_TRANSACTION = 2_000
+# The group join of a fresh consumer group: deliveries produced before it would measure the
+# join, not the projection.
+JOIN_WAIT_SECONDS = 3.0
+# Bounds on a stuck run: producing, and the projector catching up after the last delivery.
+PRODUCE_TIMEOUT_SECONDS = 30.0
+CATCH_UP_TIMEOUT_SECONDS = 60.0
+ADMIN_TIMEOUT_SECONDS = 30.0
+# A template of a realistic size: RecipientQueued carries it for every recipient.
+TEMPLATE = MessageTemplate(subject="Spring sale", from_address="news@bench-example.org",
+                           body_text="Hello, " * 150, body_html="<p>Hello</p>" * 60)
+
+
+def _quiet_logger() -> Any:
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    ).bind(component="lag-bench-projector")
+
+
+def measure(base: Settings, recipients: int, rate: float) -> dict[str, Any]:
+    """Run one campaign start through a live Projector; the lag figures in ms."""
+    tag = uuid.uuid4().hex[:8]
+    settings = dataclasses.replace(base, topic_prefix=f"lag{tag}.")
+    tenant, campaign = f"lag-{tag}", f"cmp-lag-{tag}"
+    events, queued_topic, deliveries = (
+        topic_name(spec, settings) for spec in (EVENTS, RECIPIENTS, DELIVERIES))
+    ensure_topics(settings, specs=PROJECTED_TOPICS)
+    projector = Projector(settings, logger=_quiet_logger())
+    stop = threading.Event()
+    runner = threading.Thread(target=projector.run, args=(stop,), daemon=True)
+    runner.start()
+    producer = make_producer(settings)
+    contacts = [f"k-{i}" for i in range(recipients)]
+
+    def send(topic: str, key: str, payload: Record, aggregate: str) -> None:
+        value = encode(wrap(payload, tenant_id=tenant, aggregate_id=aggregate))
+        while True:
+            try:
+                producer.produce(topic, value, key.encode())
+                return
+            except BufferError:
+                producer.poll(0.01)
+
+    try:
+        send(events, campaign, CampaignCreated(name="lag", template=TEMPLATE), campaign)
+        send(events, campaign, CampaignSendRequested(
+            template=TEMPLATE, audience=Audience(list_ids=["all"]), contacts_snapshot={},
+        ), campaign)
+        producer.flush(PRODUCE_TIMEOUT_SECONDS)
+        time.sleep(JOIN_WAIT_SECONDS)
+        fanout = make_producer(settings, **{"transactional.id": f"lag-{tag}-fanout"})
+        fanout.init_transactions(PRODUCE_TIMEOUT_SECONDS)
+        for start in range(0, recipients, QUEUED_PER_TRANSACTION):
+            fanout.begin_transaction()
+            for contact in contacts[start:start + QUEUED_PER_TRANSACTION]:
+                fanout.produce(queued_topic, encode(wrap(RecipientQueued(
+                    campaign_id=campaign, contact_id=contact, email=f"{contact}@example.com",
+                    template=TEMPLATE), tenant_id=tenant, aggregate_id=contact)),
+                    f"{tenant}:{contact}".encode())
+            fanout.commit_transaction(PRODUCE_TIMEOUT_SECONDS)
+        send(events, campaign, CampaignHydrated(total=recipients), campaign)
+        started = time.monotonic()
+        for i, contact in enumerate(contacts):
+            due = started + i / rate
+            while (ahead := due - time.monotonic()) > 0:
+                producer.poll(min(ahead, 0.01))
+            send(deliveries, campaign, EmailSent(
+                campaign_id=campaign, contact_id=contact, email=f"{contact}@example.com",
+                message_id=f"<{contact}@lag>", attempt=1, smtp_reply="250 OK"), campaign)
+            producer.poll(0)
+        producer.flush(PRODUCE_TIMEOUT_SECONDS)
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            deadline = time.monotonic() + CATCH_UP_TIMEOUT_SECONDS
+            while (row := conn.execute("SELECT sent FROM campaigns WHERE campaign_id = %s",
+                                       (campaign,)).fetchone()) is None or row[0] < recipients:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the projector did not catch up")
+                time.sleep(0.1)
+            rows = conn.execute(
+                "SELECT extract(epoch FROM updated_at - last_event_at) * 1000, last_event_at"
+                " FROM campaign_recipients WHERE campaign_id = %s AND status = 'sent'",
+                (campaign,)).fetchall()
+    finally:
+        stop.set()
+        runner.join(ADMIN_TIMEOUT_SECONDS)
+        _cleanup(settings, tenant, campaign)
+    lags = [float(lag) for lag, _ in rows]
+    first = min(at for _, at in rows)
+    worst: dict[int, float] = {}
+    for lag, at in rows:
+        second = int((at - first).total_seconds())
+        worst[second] = max(worst.get(second, 0.0), float(lag))
+    return {
+        "recipients": recipients, "deliveries_per_second": rate, "measured": len(lags),
+        "lag_p50_ms": percentile(lags, 50), "lag_p90_ms": percentile(lags, 90),
+        "lag_p99_ms": percentile(lags, 99), "lag_max_ms": max(lags),
+        "worst_lag_ms_per_second": [round(worst[s]) for s in sorted(worst)],
+        "time_split_seconds": {k: round(v, 3) for k, v in projector.time_split.items()},
+    }
+
+
+def _cleanup(settings: Settings, tenant: str, campaign: str) -> None:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn, conn.transaction():
+        for table in ("campaign_recipients", "campaigns", "campaign_throughput"):
+            conn.execute(f"DELETE FROM {table} WHERE campaign_id = %s",  # noqa: S608
+                         (campaign,))
+        conn.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
+        conn.execute("DELETE FROM projector_positions WHERE consumer_group = %s",
+                     (settings.group("projector"),))
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin.delete_consumer_groups([settings.group("projector")],
+                                 request_timeout=ADMIN_TIMEOUT_SECONDS)
+    admin.delete_topics([topic_name(spec, settings) for spec in PROJECTED_TOPICS],
+                        operation_timeout=ADMIN_TIMEOUT_SECONDS)
+
+
+def main(argv: list[str]) -> int:
+    import json
+
+    from projections.migrate import apply_migrations
+
+    recipients = int(argv[1]) if len(argv) > 1 else DEFAULT_RECIPIENTS
+    rate = float(argv[2]) if len(argv) > 2 else DEFAULT_RATE
+    settings = Settings()
+    apply_migrations(settings.database_url)
+    print(json.dumps(measure(settings, recipients, rate), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,153 @@
+"""The sender's output: delivery events, retry and throttle slots, parked and dead-lettered
+records, suppressions, all through one idempotent producer.
+
+Guarantees: `produce` never drops a record for a full local queue (it waits for room);
+`flush` returns only when every record produced so far is acknowledged by the broker and
+raises `PublishFailed` otherwise, so the caller commits offsets only after their outcomes are
+durable. Copies (after a redelivery) carry the same outcome and Message-ID.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, Message, Producer
+
+from schemas.contacts import ContactSuppressed, contact_key
+from schemas.envelope import Envelope, encode, wrap_caused_by
+from schemas.events import RecipientRetryScheduled, RecipientSkipped
+from services.common.settings import Settings
+from services.common.topics import (
+    CONTACTS,
+    DELIVERIES,
+    HELD,
+    RECIPIENTS_DLQ,
+    RETRY_TIERS,
+    topic_name,
+)
+from services.sender.delivery import Outcome, Status, delivery_event
+from services.sender.retries import tier_index
+from services.sender.work import SenderStats, Work, message_id
+
+log = structlog.get_logger("sender")
+
+# Guards against a broker that cannot take the delivery events: the batch is then not
+# committed and the worker stops (a restart redelivers it; the ledger prevents re-mailing).
+FLUSH_TIMEOUT_SECONDS = 30.0
+
+
+class PublishFailed(RuntimeError):
+    """Delivery events did not reach the broker; the batch must not be committed."""
+
+
+class DeliveryPublisher:
+    """Produces the sender's records; one per worker, used by the thread that drives it."""
+
+    def __init__(self, producer: Producer, settings: Settings, stats: SenderStats) -> None:
+        self._producer = producer
+        self.stats = stats
+        self.retry_topics = [topic_name(t, settings) for t in RETRY_TIERS]
+        self.held_topic = topic_name(HELD, settings)
+        self._dlq_topic = topic_name(RECIPIENTS_DLQ, settings)
+        self._deliveries_topic = topic_name(DELIVERIES, settings)
+        self._contacts_topic = topic_name(CONTACTS, settings)
+        self._publish_errors: list[str] = []
+
+    def retry_topic(self, attempt: int) -> str:
+        """The delay topic that holds `attempt`."""
+        return self.retry_topics[tier_index(attempt, len(self.retry_topics))]
+
+    def publish(self, item: Work, outcome: Outcome, *, fresh: bool) -> None:
+        """Produce what an outcome means: its delivery event, a retry or throttle slot on a
+        delay topic, a parked record, a suppression; counts it in the stats."""
+        recipient = item.recipient
+        stats = self.stats
+        if outcome.status is Status.HELD:
+            stats.held += 1
+            self.park(item.record)
+            return
+        if outcome.status is Status.THROTTLED:
+            assert outcome.retry_at is not None
+            stats.throttled += 1
+            slot = RecipientRetryScheduled(recipient=recipient, attempt=outcome.attempt,
+                                           retry_at=outcome.retry_at,
+                                           first_attempt_at=item.first_attempt_at, throttled=True)
+            topic = self.retry_topic(slot.attempt)
+            self._emit(topic, item.record.key(), wrap_caused_by(slot, item.envelope))
+            return
+        if outcome.status is Status.SKIPPED:
+            stats.skipped += 1
+            skipped = RecipientSkipped(campaign_id=recipient.campaign_id,
+                                       contact_id=recipient.contact_id, email=recipient.email,
+                                       reason=outcome.detail or "cancelled")
+            self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
+                       wrap_caused_by(skipped, item.envelope, aggregate_id=recipient.campaign_id))
+            return
+        event = delivery_event(recipient, outcome, message_id(recipient))
+        self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
+                   wrap_caused_by(event, item.envelope, aggregate_id=recipient.campaign_id))
+        if fresh:
+            stats.ambiguous += outcome.ambiguous
+            stats.sent += outcome.status is Status.SENT
+            stats.failed += outcome.status is Status.FAILED
+        if outcome.status is Status.DEFERRED:
+            assert outcome.retry_at is not None
+            stats.deferred += 1
+            retry = RecipientRetryScheduled(recipient=recipient, attempt=outcome.attempt + 1,
+                                            retry_at=outcome.retry_at,
+                                            first_attempt_at=item.first_attempt_at)
+            topic = self.retry_topic(retry.attempt)
+            self._emit(topic, item.record.key(), wrap_caused_by(retry, item.envelope))
+        if outcome.hard_bounce:
+            stats.suppressed += 1
+            tenant = item.envelope.tenant_id
+            suppressed = ContactSuppressed(contact_id=recipient.contact_id, reason="hard_bounce",
+                                           detail=outcome.detail[:1000])
+            self._emit(self._contacts_topic, contact_key(tenant, recipient.contact_id),
+                       wrap_caused_by(suppressed, item.envelope, aggregate_id=recipient.contact_id))
+
+    def park(self, record: Message) -> None:
+        """Hold a record of a paused campaign, exactly as it came."""
+        self._produce(self.held_topic, record.key(), record.value())
+
+    def forward(self, record: Message, attempt: int) -> None:
+        """A released held retry that is not due yet goes back to its delay topic."""
+        topic = self.retry_topic(attempt)
+        self._produce(topic, record.key(), record.value())
+
+    def dead_letter(self, record: Message, reason: str) -> None:
+        self.stats.invalid += 1
+        log.warning("dead-lettering invalid record", reason=reason, topic=record.topic(),
+                    partition=record.partition(), offset=record.offset())
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("reason", reason.encode()),
+            ("source", f"{record.topic()}/{record.partition()}/{record.offset()}".encode()),
+        ]
+        self._produce(self._dlq_topic, record.key(), record.value(), headers)
+
+    def _emit(self, topic: str, key: bytes | None, envelope: Envelope) -> None:
+        self._produce(topic, key, encode(envelope))
+
+    def _produce(self, topic: str, key: bytes | str | None,
+                 value: bytes | str | None, headers: list[Any] | None = None) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers,
+                                 on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                # The local queue is full: let librdkafka send some before adding more.
+                self._producer.poll(0.1)
+
+    def _on_delivery(self, error: KafkaError | None, _record: Any) -> None:
+        if error is not None:
+            self._publish_errors.append(str(error))
+
+    def flush(self) -> None:
+        """Wait until every record produced so far is acknowledged; raise PublishFailed if
+        one was not (the caller must then not commit)."""
+        remaining = self._producer.flush(FLUSH_TIMEOUT_SECONDS)
+        if remaining or self._publish_errors:
+            errors, self._publish_errors = self._publish_errors, []
+            raise PublishFailed(f"{remaining} records unconfirmed; errors: {errors[:3]}")
