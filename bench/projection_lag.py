@@ -1,9 +1,13 @@
 """Projection lag without the main stack: the real Projector against a campaign's start.
 
 What it reproduces: a campaign starts with the hydrator's burst of RecipientQueued (committed
-in transactions of QUEUED_PER_TRANSACTION, as the fan-out does), then deliveries arrive at a
-steady rate (EmailSent, one per recipient, keyed by campaign as the sender writes them).
-A `Projector` runs in a thread, as in the service, on fresh topics (prefix `lag<hex>.`).
+in transactions of QUEUED_PER_TRANSACTION, as the fan-out does) while deliveries already arrive
+at a steady rate (EmailSent, one per recipient, keyed by campaign as the sender writes them;
+a recipient's delivery only once its RecipientQueued is committed, as the sender sees it): on
+the main stack the sender starts mailing about 2 s before hydration completes, so the first
+deliveries meet the burst in the projector. The projector runs as the service runs it (one
+`Projector` per lane, each in its own thread: `lanes`, the default) or as one `Projector` over
+every topic (`single`, the design before the lanes), on fresh topics (prefix `lag<hex>.`).
 
 Lag per recipient: campaign_recipients.updated_at (the projector transaction's now()) minus
 last_event_at (the EmailSent's occurred_at, stamped when the harness produced it): the same
@@ -11,8 +15,9 @@ lower bound as `make bench`'s projection_lag (bench.figures). Printed: p50 / p90
 in ms, and the worst lag in each second of the delivery stream (where the spikes are).
 
 `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 DATABASE_URL=postgresql://campaigns@127.0.0.1:35432/campaigns_test
-.venv/bin/python -m bench.projection_lag [RECIPIENTS] [DELIVERIES_PER_SECOND]` (defaults
-10,000 and 1,000). Its rows, positions, consumer group and topics are deleted afterwards.
+.venv/bin/python -m bench.projection_lag [RECIPIENTS] [DELIVERIES_PER_SECOND] [lanes|single]`
+(defaults 10,000, 1,000 and lanes). Its rows, positions, consumer groups and topics are deleted
+afterwards.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ import structlog
 from confluent_kafka.admin import AdminClient
 
 from bench.stats import percentile
-from projections.projector import PROJECTED_TOPICS, Projector
+from projections.projector import (
+    LANES,
+    POSITIONS_NAME,
+    PROJECTED_TOPICS,
+    Projector,
+    lane_projectors,
+    run_lanes,
+)
 from schemas.base import Record
 from schemas.envelope import encode, wrap
 from schemas.events import (
@@ -68,20 +80,29 @@ def _quiet_logger() -> Any:
     ).bind(component="lag-bench-projector")
 
 
-def measure(base: Settings, recipients: int, rate: float) -> dict[str, Any]:
-    """Run one campaign start through a live Projector; the lag figures in ms."""
+def measure(base: Settings, recipients: int, rate: float, mode: str = "lanes") -> dict[str, Any]:
+    """Run one campaign start through a live projector (`mode`: lanes or single); the lag
+    figures in ms."""
     tag = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(base, topic_prefix=f"lag{tag}.")
     tenant, campaign = f"lag-{tag}", f"cmp-lag-{tag}"
     events, queued_topic, deliveries = (
         topic_name(spec, settings) for spec in (EVENTS, RECIPIENTS, DELIVERIES))
     ensure_topics(settings, specs=PROJECTED_TOPICS)
-    projector = Projector(settings, logger=_quiet_logger())
+    if mode == "lanes":
+        projectors = lane_projectors(settings, logger=_quiet_logger())
+    elif mode == "single":
+        projectors = [Projector(settings, logger=_quiet_logger())]
+    else:
+        raise ValueError(f"mode must be 'lanes' or 'single', not {mode!r}")
     stop = threading.Event()
-    runner = threading.Thread(target=projector.run, args=(stop,), daemon=True)
+    runner = threading.Thread(target=run_lanes, args=(projectors, stop), daemon=True)
     runner.start()
     producer = make_producer(settings)
     contacts = [f"k-{i}" for i in range(recipients)]
+    queued_committed = 0  # recipients whose RecipientQueued is committed (the sender sees them)
+    queued_changed = threading.Condition()
+    failures: list[BaseException] = []
 
     def send(topic: str, key: str, payload: Record, aggregate: str) -> None:
         value = encode(wrap(payload, tenant_id=tenant, aggregate_id=aggregate))
@@ -92,6 +113,27 @@ def measure(base: Settings, recipients: int, rate: float) -> dict[str, Any]:
             except BufferError:
                 producer.poll(0.01)
 
+    def deliver() -> None:
+        # The sender's side: one EmailSent per recipient at `rate`, each once its
+        # RecipientQueued is committed.
+        try:
+            started = time.monotonic()
+            for i, contact in enumerate(contacts):
+                with queued_changed:
+                    while queued_committed <= i:
+                        if not queued_changed.wait(PRODUCE_TIMEOUT_SECONDS):
+                            raise TimeoutError("RecipientQueued burst stalled")
+                due = max(started + i / rate, time.monotonic())
+                while (ahead := due - time.monotonic()) > 0:
+                    producer.poll(min(ahead, 0.01))
+                send(deliveries, campaign, EmailSent(
+                    campaign_id=campaign, contact_id=contact, email=f"{contact}@example.com",
+                    message_id=f"<{contact}@lag>", attempt=1, smtp_reply="250 OK"), campaign)
+                producer.poll(0)
+            producer.flush(PRODUCE_TIMEOUT_SECONDS)
+        except BaseException as exc:
+            failures.append(exc)
+
     try:
         send(events, campaign, CampaignCreated(name="lag", template=TEMPLATE), campaign)
         send(events, campaign, CampaignSendRequested(
@@ -101,24 +143,24 @@ def measure(base: Settings, recipients: int, rate: float) -> dict[str, Any]:
         time.sleep(JOIN_WAIT_SECONDS)
         fanout = make_producer(settings, **{"transactional.id": f"lag-{tag}-fanout"})
         fanout.init_transactions(PRODUCE_TIMEOUT_SECONDS)
+        sender = threading.Thread(target=deliver, daemon=True)
+        sender.start()
         for start in range(0, recipients, QUEUED_PER_TRANSACTION):
             fanout.begin_transaction()
-            for contact in contacts[start:start + QUEUED_PER_TRANSACTION]:
+            batch = contacts[start:start + QUEUED_PER_TRANSACTION]
+            for contact in batch:
                 fanout.produce(queued_topic, encode(wrap(RecipientQueued(
                     campaign_id=campaign, contact_id=contact, email=f"{contact}@example.com",
                     template=TEMPLATE), tenant_id=tenant, aggregate_id=contact)),
                     f"{tenant}:{contact}".encode())
             fanout.commit_transaction(PRODUCE_TIMEOUT_SECONDS)
+            with queued_changed:
+                queued_committed += len(batch)
+                queued_changed.notify_all()
         send(events, campaign, CampaignHydrated(total=recipients), campaign)
-        started = time.monotonic()
-        for i, contact in enumerate(contacts):
-            due = started + i / rate
-            while (ahead := due - time.monotonic()) > 0:
-                producer.poll(min(ahead, 0.01))
-            send(deliveries, campaign, EmailSent(
-                campaign_id=campaign, contact_id=contact, email=f"{contact}@example.com",
-                message_id=f"<{contact}@lag>", attempt=1, smtp_reply="250 OK"), campaign)
-            producer.poll(0)
+        sender.join()
+        if failures:
+            raise failures[0]
         producer.flush(PRODUCE_TIMEOUT_SECONDS)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             deadline = time.monotonic() + CATCH_UP_TIMEOUT_SECONDS
@@ -146,7 +188,11 @@ def measure(base: Settings, recipients: int, rate: float) -> dict[str, Any]:
         "lag_p50_ms": percentile(lags, 50), "lag_p90_ms": percentile(lags, 90),
         "lag_p99_ms": percentile(lags, 99), "lag_max_ms": max(lags),
         "worst_lag_ms_per_second": [round(worst[s]) for s in sorted(worst)],
-        "time_split_seconds": {k: round(v, 3) for k, v in projector.time_split.items()},
+        "mode": mode,
+        "time_split_seconds": {
+            projector.group.removeprefix(settings.topic_prefix): {
+                k: round(v, 3) for k, v in projector.time_split.items()}
+            for projector in projectors},
     }
 
 
@@ -157,10 +203,11 @@ def _cleanup(settings: Settings, tenant: str, campaign: str) -> None:
                          (campaign,))
         conn.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
         conn.execute("DELETE FROM projector_positions WHERE consumer_group = %s",
-                     (settings.group("projector"),))
+                     (settings.group(POSITIONS_NAME),))
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    admin.delete_consumer_groups([settings.group("projector")],
-                                 request_timeout=ADMIN_TIMEOUT_SECONDS)
+    admin.delete_consumer_groups(
+        sorted({settings.group(POSITIONS_NAME), *(settings.group(lane.group) for lane in LANES)}),
+        request_timeout=ADMIN_TIMEOUT_SECONDS)
     admin.delete_topics([topic_name(spec, settings) for spec in PROJECTED_TOPICS],
                         operation_timeout=ADMIN_TIMEOUT_SECONDS)
 
@@ -172,9 +219,10 @@ def main(argv: list[str]) -> int:
 
     recipients = int(argv[1]) if len(argv) > 1 else DEFAULT_RECIPIENTS
     rate = float(argv[2]) if len(argv) > 2 else DEFAULT_RATE
+    mode = argv[3] if len(argv) > 3 else "lanes"
     settings = Settings()
     apply_migrations(settings.database_url)
-    print(json.dumps(measure(settings, recipients, rate), indent=2))
+    print(json.dumps(measure(settings, recipients, rate, mode), indent=2))
     return 0
 
 

@@ -5,8 +5,14 @@ size; recipients go through a COPY into a temporary staging table (a small batch
 and one statement that looks up and locks their rows, updates the ones whose status climbs,
 inserts the new ones, and from the returned transitions (previous status -> new status) moves
 the campaign counters, the per-tenant daily sends and the per-second throughput, so a counter
-moves exactly when a row does. Campaign and recipient rows are locked in key order, so two
-projector transactions touching the same rows cannot deadlock.
+moves exactly when a row does.
+
+Lock order, the same in every transaction (so the projector's lanes, which write the same
+campaigns concurrently, and two instances during a rebalance cannot deadlock): first every
+campaign row of the batch, in campaign id order, then recipient rows in key order, then the
+per-tenant and per-campaign counter rows. Since a recipient row is only written under its
+campaign's lock, two transactions never race to insert the same recipient: the second one
+waits for the first to end and then finds its row.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ from projections import segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
 from schemas.contacts import ContactState, apply_contact_event
 
-# Ensure a row per campaign of the batch, then name those another tenant owned before it.
-_OWNERS = """
-WITH batch(tenant_id, campaign_id) AS (SELECT * FROM unnest(%s::text[], %s::text[])),
-ensured AS (
-    INSERT INTO campaigns (tenant_id, campaign_id)
-    SELECT tenant_id, campaign_id FROM batch ORDER BY campaign_id
-    ON CONFLICT (campaign_id) DO NOTHING
-)
-SELECT c.campaign_id FROM campaigns c JOIN batch b USING (campaign_id)
-WHERE c.tenant_id <> b.tenant_id
+# Ensure a row per campaign of the batch (an insert racing ours waits for it, then does
+# nothing).
+_ENSURE_CAMPAIGNS = """
+INSERT INTO campaigns (tenant_id, campaign_id)
+SELECT * FROM unnest(%s::text[], %s::text[]) AS b(tenant_id, campaign_id) ORDER BY campaign_id
+ON CONFLICT (campaign_id) DO NOTHING
+"""
+
+# Then lock them all, in campaign id order (the sort runs below the row locking, so the locks
+# are taken in this order), and name their owners. A separate statement: its snapshot sees the
+# rows a concurrent transaction inserted while the one above waited for it.
+_LOCK_CAMPAIGNS = """
+SELECT campaign_id, tenant_id FROM campaigns WHERE campaign_id = ANY(%s::text[])
+ORDER BY campaign_id FOR UPDATE
 """
 
 # Facts that happen once keep their first value (COALESCE); pause state takes the batch's.
@@ -117,8 +127,8 @@ _RANK_OLD = "CASE o.status WHEN 'excluded' THEN 0 WHEN 'queued' THEN 1 WHEN 'ret
 # (READ COMMITTED: a lock waits for that writer and then reads its version). Rows that
 # exist and climb are updated in place by their tuple id (no second index probe; HOT when
 # the page has room); rows that do not exist are plainly inserted (no ON CONFLICT machinery:
-# the look-up already said they are new; one inserted meanwhile by another instance fails
-# the batch with a unique violation, and the retry finds it). The transitions `moved`
+# the look-up already said they are new, and nobody else can insert them meanwhile: the
+# campaign's row lock is held). The transitions `moved`
 # (previous -> new) are all the counters add. The staging rows arrive in key order, so rows
 # are locked in key order.
 _RECIPIENTS_FROM = f"""
@@ -301,8 +311,10 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
     with conn.cursor() as cur:
         ids = changes.campaign_ids()
         if ids:
-            cur.execute(_OWNERS, ([changes.owners[c] for c in ids], ids))
-            changes.drop_campaigns(row[0] for row in cur.fetchall())
+            cur.execute(_ENSURE_CAMPAIGNS, ([changes.owners[c] for c in ids], ids))
+            cur.execute(_LOCK_CAMPAIGNS, (ids,))
+            changes.drop_campaigns([campaign for campaign, owner in cur.fetchall()
+                                    if owner != changes.owners[campaign]])
         if changes.campaigns:
             cur.execute(_CAMPAIGN_FACTS, _columns(
                 sorted(changes.campaigns.values(), key=lambda c: c.campaign_id),

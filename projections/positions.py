@@ -4,6 +4,11 @@ Guarantee: a position moves only from the value its owner last loaded or wrote (
 inside the batch's transaction). Of two instances that both believe they own a partition (one
 not yet told of a rebalance), only one can commit a batch for it; the other's whole transaction
 is rolled back by `PositionConflict`, so no batch is ever applied twice.
+
+A position row is keyed by (name, topic, partition). The projector's lanes (one Kafka consumer
+group each, disjoint topics) store theirs under one name, so they never touch each other's rows,
+and an instance of any lane, or of a version without lanes, fences any other that claims the
+same topic-partition.
 """
 
 from __future__ import annotations

@@ -1,6 +1,17 @@
 """The projector: campaign.events, campaign.recipients, campaign.deliveries and contacts.events
 -> read models.
 
+Lanes: the service runs one `Projector` per lane (`LANES`), each with its own consumer and
+Kafka consumer group over its own topics: campaign.deliveries alone (small, latency-critical:
+live progress), and everything else (including the hydrator's RecipientQueued bursts, tens of
+MB at a campaign start). A delivery is thus never queued behind such a burst: it waits at most
+for the other lane's transaction in flight on the same campaign row (see batch_writer: every
+transaction locks its campaign rows first, in campaign id order). The read models do not depend
+on the order the lanes commit in (a recipient's status only climbs; read_models). Both lanes
+store their positions under one name (`POSITIONS_NAME`, what `campaignctl projections rebuild`
+compares and swaps): positions are per topic-partition and the lanes' topics are disjoint, so
+they never touch each other's rows, while two instances of one lane still fence each other.
+
 Guarantee: exactly-once into PostgreSQL: each batch's read-model changes and the consumer
 positions after it commit in one transaction, a position only moves by compare-and-set from the
 value this instance loaded, and every (re)assignment resumes from the stored positions, never
@@ -50,7 +61,15 @@ from projections.positions import (
 from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.settings import Settings
-from services.common.topics import CONTACTS, DELIVERIES, EVENTS, RECIPIENTS, SEGMENTS, topic_name
+from services.common.topics import (
+    CONTACTS,
+    DELIVERIES,
+    EVENTS,
+    RECIPIENTS,
+    SEGMENTS,
+    TopicSpec,
+    topic_name,
+)
 
 # Records per transaction: bounds memory, the row locks one transaction holds and the work a
 # failed commit has to redo; large enough that per-batch round trips stay negligible.
@@ -73,6 +92,13 @@ WATERMARK_TIMEOUT_SECONDS = 5.0
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = SESSION_TIMEOUT_MS // 3
 
+# Failures that only mean another transaction got to the same rows first (a deadlock victim; a
+# recipient row another instance inserted meanwhile): that transaction has ended by the time
+# we hear of it, so the batch is retried at once, once; a second failure in a row waits out
+# DB_RETRY_BACKOFF_SECONDS like any other.
+_ROW_CONFLICTS = (psycopg.errors.DeadlockDetected, psycopg.errors.UniqueViolation,
+                  psycopg.errors.SerializationFailure)
+
 # Answers to an end-offset look-up while a partition's leadership settles (new topic, broker
 # restart): transient, the look-up is asked again.
 _LEADERSHIP_ERRORS = frozenset({
@@ -82,6 +108,23 @@ _LEADERSHIP_ERRORS = frozenset({
 
 # segments.events: only for the command gateway's outcomes of segment commands.
 PROJECTED_TOPICS = (EVENTS, RECIPIENTS, DELIVERIES, CONTACTS, SEGMENTS)
+# Where every lane stores its positions (projector_positions.consumer_group, under the topic
+# prefix): one name for the whole projection, whatever lane or version wrote a partition.
+POSITIONS_NAME = "projector"
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Some of the projected topics, consumed by one `Projector` with its own consumer group."""
+
+    group: str  # Kafka consumer group name (under the topic prefix)
+    topics: tuple[TopicSpec, ...]
+
+
+# Deliveries first: their lane is the latency-critical one.
+DELIVERY_LANE = Lane("projector-deliveries", (DELIVERIES,))
+MAIN_LANE = Lane("projector", tuple(t for t in PROJECTED_TOPICS if t is not DELIVERIES))
+LANES = (DELIVERY_LANE, MAIN_LANE)
 
 
 @dataclass
@@ -105,7 +148,8 @@ class InFlight:
 
 
 class Projector:
-    """Consumes the campaign topics and keeps the read models; one instance per process.
+    """Consumes the campaign topics (all, or one lane's) and keeps the read models; one
+    instance per lane and process (`lane_projectors`), or one over every topic (a rebuild).
 
     Drive it with `run(stop_event)` (until the event is set), or step by step with
     `poll_once()` / `drain()` in tests. Not thread-safe: one thread drives one instance (the
@@ -121,13 +165,18 @@ class Projector:
         logger: Any = None,
         group: str | None = None,
         schema: str | None = None,
+        topics: Sequence[TopicSpec] = PROJECTED_TOPICS,
+        positions_group: str | None = None,
     ) -> None:
-        """`group` and `schema` default to the live projector's consumer group and the
-        connection's own search_path; `projections.rebuild` projects into a fresh schema."""
+        """`group` (the Kafka consumer group) and `schema` default to the live projector's
+        group and the connection's own search_path; `projections.rebuild` projects into a
+        fresh schema. `topics`: all projected topics, or one lane's. `positions_group`: the
+        name its positions are stored under (default: `group`)."""
         self.settings = settings
-        self.group = group or settings.group("projector")
+        self.group = group or settings.group(POSITIONS_NAME)
+        self.positions_group = positions_group or self.group
         self.schema = schema
-        self.topics = [topic_name(spec, settings) for spec in PROJECTED_TOPICS]
+        self.topics = [topic_name(spec, settings) for spec in topics]
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self._log = logger or structlog.get_logger().bind(component="projector")
@@ -144,6 +193,8 @@ class Projector:
         self._stop = threading.Event()
         self._closed = False
         self._admin: AdminClient | None = None  # only for `drain`
+        # The last batch failed on a row conflict and was retried without a pause.
+        self._retried_at_once = False
         self.records_applied = 0
         # Wall-clock seconds per step, summed (the projection bench reports where the time
         # goes): consume (Kafka), decode, and wait (for the writer thread) in the driving
@@ -242,10 +293,14 @@ class Projector:
             self._drop_broken_connection()
             if rewind:
                 self._seek(dict(self._positions))
-                self._stop.wait(DB_RETRY_BACKOFF_SECONDS)
+                at_once = isinstance(exc, _ROW_CONFLICTS) and not self._retried_at_once
+                self._retried_at_once = at_once
+                if not at_once:
+                    self._stop.wait(DB_RETRY_BACKOFF_SECONDS)
             return 0, False
         finally:
             self.time_split["wait"] += time.perf_counter() - waited
+        self._retried_at_once = False
         batch = flight.batch
         for key, move in batch.moves.items():
             if key in self._positions:  # else revoked meanwhile: the new owner goes on
@@ -389,7 +444,7 @@ class Projector:
         # max.poll.interval.ms, which hands the partitions to a healthier instance).
         while True:
             try:
-                return load_positions(self._connection(), self.group, keys)
+                return load_positions(self._connection(), self.positions_group, keys)
             except psycopg.Error as exc:
                 self._log.error("cannot load positions; retrying", error=str(exc))
                 self._drop_broken_connection()
@@ -439,7 +494,7 @@ class Projector:
         with conn.transaction():
             # Positions first: the compare-and-set fences a stale owner before any work, and
             # its row locks make a competing instance wait and then fail its comparison.
-            advance_positions(conn, self.group, batch.moves)
+            advance_positions(conn, self.positions_group, batch.moves)
             completed = batch_writer.apply(conn, changes)
         self.time_split["write"] += time.perf_counter() - planned
         return completed, changes
@@ -475,7 +530,7 @@ class Projector:
         """After a conflict the stored positions are the truth: take them, then seek."""
         try:
             keys = list(self._positions)
-            stored = load_positions(self._connection(), self.group, keys)
+            stored = load_positions(self._connection(), self.positions_group, keys)
         except psycopg.Error as exc:
             self._log.error("cannot reload positions", error=str(exc))
             self._drop_broken_connection()
@@ -514,3 +569,49 @@ class Projector:
             self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             self._log.debug("lag gauge commit failed", error=str(exc))
+
+
+def lane_projectors(settings: Settings, *, logger: Any = None, **options: Any) -> list[Projector]:
+    """One `Projector` per lane of `LANES`, as the service runs them: each with its own Kafka
+    consumer group, all storing positions under `POSITIONS_NAME`. `options` go to each."""
+    log = logger or structlog.get_logger().bind(component="projector")
+    projectors: list[Projector] = []
+    try:
+        for lane in LANES:
+            projectors.append(Projector(
+                settings, topics=lane.topics, group=settings.group(lane.group),
+                positions_group=settings.group(POSITIONS_NAME), logger=log.bind(lane=lane.group),
+                **options,
+            ))
+    except BaseException:
+        for projector in projectors:
+            projector.close()
+        raise
+    return projectors
+
+
+def run_lanes(projectors: Sequence[Projector], stop: threading.Event) -> None:
+    """Run each projector in a thread of its own until `stop` is set.
+
+    A lane that fails sets `stop` for the others (a process with one dead lane would look
+    alive while half the topics go unprojected) and its error is raised once all have closed.
+    """
+    errors: list[BaseException] = []
+
+    def drive(projector: Projector) -> None:
+        try:
+            projector.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=drive, args=(p,), name=f"lane-{p.group}", daemon=True)
+               for p in projectors]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        # Joined in slices: the calling (main) thread stays free to run signal handlers.
+        while thread.is_alive():
+            thread.join(0.5)
+    if errors:
+        raise errors[0]

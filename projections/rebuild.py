@@ -5,7 +5,11 @@ read-model table and the live consumer group's positions, or nothing), and only 
 models were projected up to exactly the live positions and equal the live rows (or the caller
 forces the swap). Readers see the old models or the new ones, never a mix. A live projector
 running meanwhile keeps its exactly-once guarantee: the swap replaces its stored positions, so
-its next batch fails the compare-and-set, reloads them and goes on from there.
+its next batch fails the compare-and-set, reloads them and goes on from there. The live
+projector's lanes (projections.projector.LANES) all store their positions under
+`POSITIONS_NAME`, so "the live positions" are every lane's, compared and swapped together; the
+rebuild itself replays every topic through one `Projector` (the read models do not depend on
+the order the topics are read in).
 
 How: a fresh schema `rebuild_<tag>` gets an empty twin of every read-model table (`LIKE ...
 INCLUDING ALL`: columns, defaults, checks, keys, indexes) and of projector_positions; a
@@ -29,7 +33,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from projections.projector import Projector
+from projections.projector import POSITIONS_NAME, Projector
 from services.common.settings import Settings
 
 # The tables the projector writes, in the order rows are copied in a swap.
@@ -155,7 +159,7 @@ def rebuild(
     tag = uuid.uuid4().hex[:10]
     report = RebuildReport(schema=f"rebuild_{tag}",
                            group=settings.group(f"projector-rebuild-{tag}"))
-    live_group = settings.group("projector")
+    live_group = settings.group(POSITIONS_NAME)
     rebuilt_positions = sql.SQL("{}.{}").format(
         sql.Identifier(report.schema), sql.Identifier(POSITIONS_TABLE))
     with psycopg.connect(settings.database_url, autocommit=True) as conn:

@@ -1,27 +1,42 @@
 """`python -m services.projector`: project the campaign topics into PostgreSQL until SIGTERM.
 
-Wiring only: settings from the environment, migrations, topics, then `Projector.run`. On
-SIGTERM or SIGINT the batch in flight commits (or rolls back) as one transaction, the consumer
-leaves its group and the process exits 0.
+Wiring only: settings from the environment, migrations, topics, then one `Projector` per lane
+(`projections.projector.LANES`: campaign.deliveries in a lane of its own, so live progress is
+never queued behind a campaign start's burst of RecipientQueued; every other topic in the
+other), each in its own thread with its own Kafka consumer group. Exactly-once per lane, as
+`projections.projector` states. On SIGTERM or SIGINT each lane's batch in flight commits (or
+rolls back) as one transaction, the consumers leave their groups and the process exits 0; if
+one lane fails, the other stops too and the process exits non-zero.
+
+PROJECTOR_LANES=single runs one `Projector` over every topic instead (the design before the
+lanes; for comparison and as a fallback): same positions, so the two modes can replace each
+other across a restart.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from types import FrameType
 
 from projections.migrate import apply_migrations
-from projections.projector import Projector
+from projections.projector import Projector, lane_projectors, run_lanes
 from services.common.logs import configure_logging
 from services.common.settings import Settings
 from services.common.topics import ensure_topics
+
+LANE_MODES = ("split", "single")
 
 
 def main() -> int:
     log = configure_logging("projector")
     settings = Settings()
+    mode = os.environ.get("PROJECTOR_LANES", "split")
+    if mode not in LANE_MODES:
+        log.error("bad PROJECTOR_LANES", value=mode, expected=list(LANE_MODES))
+        return 2
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -35,7 +50,11 @@ def main() -> int:
     if applied:
         log.info("migrations applied", versions=applied)
     ensure_topics(settings)
-    Projector(settings, logger=log).run(stop)
+    if mode == "single":
+        projectors = [Projector(settings, logger=log)]
+    else:
+        projectors = lane_projectors(settings, logger=log)
+    run_lanes(projectors, stop)
     return 0
 
 

@@ -22,7 +22,7 @@ from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
 from projections.migrate import apply_migrations
-from projections.projector import Projector
+from projections.projector import Projector, lane_projectors, run_lanes
 from projections.rebuild import READ_MODEL_TABLES, RebuildRefused, rebuild
 from schemas.events import CampaignPaused
 from services.cli.main import app as cli
@@ -150,9 +150,10 @@ def test_a_rebuild_while_the_live_projector_runs_keeps_exactly_once(own_db: Sett
     a = Campaign()
     first, rest, sent, failed, _ = full_scenario(a, 40)
     produce(own_db, first)
-    live = Projector(own_db)
+    # The live projector as the service runs it: one Projector per lane.
+    live = lane_projectors(own_db)
     stop = threading.Event()
-    runner = threading.Thread(target=live.run, args=(stop,), daemon=True)
+    runner = threading.Thread(target=run_lanes, args=(live, stop), daemon=True)
     runner.start()
     try:
         later = threading.Timer(0.5, produce, args=(own_db, rest))  # arrives mid-rebuild
@@ -160,7 +161,7 @@ def test_a_rebuild_while_the_live_projector_runs_keeps_exactly_once(own_db: Sett
         report = rebuild(own_db)
         later.join()
         assert report.swapped and report.equal
-        # The live projector finds its positions replaced, reloads them and catches up.
+        # Both lanes find their positions replaced, reload them and catch up.
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
         while (p := campaign_progress_row(own_db, a.id)) != ("completed", 40, sent, failed):
             assert runner.is_alive() and time.monotonic() < deadline, p

@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from projections import batch_writer
-from projections.projector import Projector
+from projections.projector import DELIVERY_LANE, MAIN_LANE, Projector, lane_projectors, run_lanes
 from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
 from schemas.base import Record
 from schemas.commands import SendCampaign
@@ -627,3 +627,137 @@ def test_list_counts_follow_contact_events(settings, db) -> None:
     assert counts == [(l1, 3, 1, 1, 1), (l2, 1, 0, 0, 1)]
     assert db.execute("SELECT count(*) FROM contacts WHERE tenant_id = %s",
                       (tenant,)).fetchone() == (4,)
+
+
+def test_delivery_lane_projects_deliveries_before_their_queued_with_exact_counts(
+        settings, db) -> None:
+    """The delivery lane runs ahead of the main lane (what the lanes are for): every delivery
+    creates its recipient, and the RecipientQueued arriving later through the other lane
+    counts nothing twice."""
+    campaign = Campaign()
+    first, rest, sent, failed, last = full_scenario(campaign, 60)
+    produce(settings, first + rest)
+    delivery_lane, main_lane = lane_projectors(settings)
+    try:
+        assert (delivery_lane.group, main_lane.group) == (
+            settings.group(DELIVERY_LANE.group), settings.group(MAIN_LANE.group))
+        delivery_lane.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+        early = db.execute(
+            "SELECT queued, sent, failed, total FROM campaigns WHERE campaign_id = %s",
+            (campaign.id,)).fetchone()
+        # Created by their deliveries alone; no campaign fact is projected yet.
+        assert early == (60, sent, failed, None)
+        main_lane.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+    finally:
+        delivery_lane.close()
+        main_lane.close()
+    progress = campaign_progress(db, campaign.id, campaign.tenant)
+    assert progress is not None
+    assert (progress.status, progress.total, progress.queued, progress.sent, progress.failed,
+            progress.pending, progress.completed_at) == (
+        "completed", 60, 60, sent, failed, 0, last)
+    assert recipient_status_counts(db, campaign.id) == {"queued": 0, "sent": sent,
+                                                         "failed": failed}
+    # Both lanes' positions, under the one positions name, cover every topic-partition.
+    assert stored_positions(db, settings) == end_offsets(settings)
+
+
+def test_lanes_running_together_on_shared_campaigns_count_exactly(settings, db) -> None:
+    """Both lanes at once, in small batches, on two campaigns whose facts interleave with
+    pauses and resumes (campaign facts and recipients in one main-lane transaction, while the
+    delivery lane writes the same campaigns): no deadlock, no failed batch, exact counters."""
+    campaigns = [Campaign(), Campaign()]
+    total = 600
+    records: list[tuple[TopicSpec, str, bytes]] = []
+    expected = {}
+    for campaign in campaigns:
+        first, rest, sent, failed, _ = full_scenario(campaign, total)
+        expected[campaign.id] = (sent, failed)
+        for i, record in enumerate(first + rest):
+            records.append(record)
+            if i % 97 == 0:
+                records.append(campaign.event(CampaignPaused(reason="x", automatic=False),
+                                              T0 + timedelta(seconds=5)))
+                records.append(campaign.event(CampaignResumed(), T0 + timedelta(seconds=6)))
+    produce(settings, records)
+    projectors = lane_projectors(settings, batch_size=50)
+    failures: list[BaseException] = []
+    real_settle = Projector._settle
+
+    def settle_watching(self, *, rewind):
+        covered, ok = real_settle(self, rewind=rewind)
+        if not ok:
+            failures.append(RuntimeError(f"{self.group}: a batch failed"))
+        return covered, ok
+
+    stop = threading.Event()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Projector, "_settle", settle_watching)
+        runner = threading.Thread(target=run_lanes, args=(projectors, stop), daemon=True)
+        runner.start()
+        try:
+            deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+            while stored_positions(db, settings) != end_offsets(settings):
+                assert runner.is_alive(), "a lane died"
+                assert time.monotonic() < deadline, "the lanes did not catch up"
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            runner.join(timeout=30)
+    assert not runner.is_alive()
+    assert failures == []
+    for campaign in campaigns:
+        sent, failed = expected[campaign.id]
+        progress = campaign_progress(db, campaign.id)
+        assert progress is not None
+        assert (progress.status, progress.total, progress.queued, progress.sent,
+                progress.failed, progress.pending) == (
+            "completed", total, total, sent, failed, 0)
+        settled = db.execute(
+            "SELECT sum(settled) FROM campaign_throughput WHERE campaign_id = %s",
+            (campaign.id,)).fetchone()
+        assert settled == (sent + failed,)
+
+
+class RecordingStop(threading.Event):
+    """A stop event that records the backoff pauses asked of it (and does not pause)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.pauses.append(timeout)
+        return False
+
+
+@pytest.mark.parametrize(("error", "pauses"), [
+    (psycopg.errors.UniqueViolation("simulated: inserted by another transaction"), []),
+    (psycopg.OperationalError("simulated connection loss"), [1.0]),
+], ids=["row-conflict-retried-at-once", "other-failure-backs-off"])
+def test_a_row_conflict_is_retried_at_once_other_failures_back_off(
+        settings, db, monkeypatch, error: Exception, pauses: list[float]) -> None:
+    campaign = Campaign()
+    first, rest, sent, failed, _ = full_scenario(campaign, 10)
+    produce(settings, first + rest)
+    real_apply = batch_writer.apply
+    calls = []
+
+    def apply_failing_once(conn, changes):
+        calls.append(changes)
+        if len(calls) == 1:
+            raise error
+        return real_apply(conn, changes)
+
+    monkeypatch.setattr(batch_writer, "apply", apply_failing_once)
+    with Projector(settings) as projector:
+        stop = RecordingStop()
+        projector._stop = stop
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+    assert len(calls) >= 2
+    assert stop.pauses == pauses
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.status, progress.queued, progress.sent, progress.failed) == (
+        "completed", 10, sent, failed)
+    assert stored_positions(db, settings) == end_offsets(settings)

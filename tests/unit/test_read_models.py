@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from projections.projector import DELIVERY_LANE, LANES, PROJECTED_TOPICS
 from projections.read_models import RecipientRow, plan
 from schemas.base import Record
 from schemas.commands import SendCampaign
@@ -32,6 +33,7 @@ from schemas.events import (
     RecipientQueued,
     RecipientSkipped,
 )
+from services.common.topics import DELIVERIES
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 TEMPLATE = MessageTemplate(subject="Hello", from_address="news@example.com", body_text="Hi")
@@ -289,3 +291,12 @@ def test_what_a_command_caused_is_recorded_by_causation_id() -> None:
     changes = plan([created, rejected, sent("k1")])  # a delivery is no command outcome
     assert {(o.causation_id, o.event_type) for o in changes.outcomes.values()} == {
         (command_id, "CampaignCreated"), (command_id, "CommandRejected")}
+
+
+def test_the_projector_lanes_split_the_projected_topics_without_overlap() -> None:
+    """Every projected topic is in exactly one lane (positions are per topic-partition, so two
+    lanes never move the same position), and deliveries have a lane of their own."""
+    laned = [topic for lane in LANES for topic in lane.topics]
+    assert sorted(t.name for t in laned) == sorted(t.name for t in PROJECTED_TOPICS)
+    assert DELIVERY_LANE.topics == (DELIVERIES,)
+    assert len({lane.group for lane in LANES}) == len(LANES)
