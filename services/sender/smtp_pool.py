@@ -43,6 +43,7 @@ from pathlib import Path
 
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt, Stage, Verdict, classify_failure, classify_reply
+from services.sender.smtp_commands import CommandChannel, InvalidPath, mailbox_path
 
 # Every socket operation (connect, each command, each reply) gives up after this long: it
 # guards against a relay that accepts the connection and then hangs, which would otherwise
@@ -128,6 +129,7 @@ class SmtpConnection:
         self.credentials = credentials
         self._context = context if context is not None or security is Security.NONE else tls_context()
         self._smtp: smtplib.SMTP | None = None
+        self._channel: CommandChannel | None = None
 
     @property
     def is_open(self) -> bool:
@@ -150,50 +152,59 @@ class SmtpConnection:
         return RelayResult(self._transaction(smtp, mail))
 
     def _transaction(self, smtp: smtplib.SMTP, mail: OutgoingMail) -> Attempt:
-        options: list[str] = []
+        encoding = "ascii"
+        options = ""
         if mail.needs_smtputf8:
             if not smtp.has_extn("smtputf8"):
                 return Attempt(Verdict.PERMANENT, None, "non-ASCII address; relay lacks SMTPUTF8")
-            options.append("SMTPUTF8")
+            encoding, options = "utf-8", " SMTPUTF8"
         try:
-            refusal = self._envelope(smtp, mail, options)
+            sender, recipient = mailbox_path(mail.sender), mailbox_path(mail.recipient)
+        except InvalidPath as exc:
+            return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
+        channel = self._channel
+        assert channel is not None  # set together with the session
+        try:
+            refusal = self._envelope(channel, f"MAIL FROM:{sender}{options}",
+                                     f"RCPT TO:{recipient}", encoding)
         except (smtplib.SMTPException, OSError, UnicodeError) as exc:
             self.close()
             return classify_failure(Stage.ENVELOPE, exc)
         if refusal is not None:
             return refusal
         try:
-            smtp.send(_LEADING_DOT.sub(b"..", mail.content) + _END_OF_DATA)
+            channel.send(_LEADING_DOT.sub(b"..", mail.content) + _END_OF_DATA)
         except (smtplib.SMTPException, OSError) as exc:
             # The final "." did not go out whole, so the relay cannot have accepted it.
             self.close()
             return classify_failure(Stage.CONTENT, exc)
         try:
-            code, text = smtp.getreply()
+            code, text = channel.reply()
         except (smtplib.SMTPException, OSError) as exc:
             self.close()
             return classify_failure(Stage.FINAL_REPLY, exc)
         return classify_reply(code, text)
 
-    def _envelope(self, smtp: smtplib.SMTP, mail: OutgoingMail, options: list[str]) -> Attempt | None:
+    def _envelope(self, channel: CommandChannel, mail_from: str, rcpt_to: str,
+                  encoding: str) -> Attempt | None:
         """MAIL, RCPT and DATA; the refusal if the relay said no, None when it wants content."""
-        code, text = smtp.mail(mail.sender, options)
+        code, text = channel.command(mail_from, encoding)
         if code != 250:
-            return self._refused(smtp, code, text)
-        code, text = smtp.rcpt(mail.recipient)
+            return self._refused(channel, code, text)
+        code, text = channel.command(rcpt_to, encoding)
         if code not in (250, 251):
-            return self._refused(smtp, code, text)
-        code, text = smtp.docmd("DATA")
+            return self._refused(channel, code, text)
+        code, text = channel.command("DATA")
         if code != 354:
-            return self._refused(smtp, code, text)
+            return self._refused(channel, code, text)
         return None
 
-    def _refused(self, smtp: smtplib.SMTP, code: int, text: bytes) -> Attempt:
+    def _refused(self, channel: CommandChannel, code: int, text: bytes) -> Attempt:
         refusal = classify_reply(code, text)
         if refusal.verdict is Verdict.SENT:
             # A 2xx where 354 (or 250) was due: a confused relay; another try may do better.
             refusal = Attempt(Verdict.TRANSIENT, code, refusal.text)
-        self._reset(smtp)
+        self._reset(channel)
         return refusal
 
     def _session(self) -> smtplib.SMTP:
@@ -206,6 +217,9 @@ class SmtpConnection:
             except BaseException:
                 smtp.close()
                 raise
+            # Transactions go straight to the socket from here on (see smtp_commands).
+            assert smtp.sock is not None  # connected by the constructor
+            self._channel = CommandChannel(smtp.sock)
             self._smtp = smtp
         return self._smtp
 
@@ -256,17 +270,17 @@ class SmtpConnection:
         except OSError as exc:  # the connection broke (reset, timeout) while logging in
             raise _SetupFailed(SetupPhase.CONNECT, exc) from exc
 
-    def _reset(self, smtp: smtplib.SMTP) -> None:
+    def _reset(self, channel: CommandChannel) -> None:
         """End a refused transaction so the session can carry the next one."""
         try:
-            code, _ = smtp.rset()
+            code, _ = channel.command("RSET")
         except (smtplib.SMTPException, OSError):
             code = -1
         if code != 250:
             self.close()
 
     def close(self) -> None:
-        smtp, self._smtp = self._smtp, None
+        smtp, self._smtp, self._channel = self._smtp, None, None
         if smtp is None:
             return
         try:

@@ -110,6 +110,12 @@ PREFETCH_KBYTES = 4096
 # its message.max.bytes, 1 MB by default).
 FETCH_PARTITION_BYTES = 256 * 1024
 FETCH_MAX_BYTES = 2 * 1024 * 1024
+# A fetch is answered once this much is ready, or after FETCH_WAIT_MS: while the hydrator
+# streams recipients in, the broker otherwise answers each fetch as soon as a single record
+# arrives (hundreds of small fetch round trips a second, CPU in the broker and in this
+# process); ~64 KiB is a few hundred recipients, and 100 ms is nothing next to a batch.
+FETCH_MIN_BYTES = 64 * 1024
+FETCH_WAIT_MS = 100
 # A crashed sender's partitions wait this long before another sender takes them over: short,
 # so a SIGKILLed instance stalls its recipients for seconds, not the broker's default 45 s.
 SESSION_TIMEOUT_MS = 10_000
@@ -502,6 +508,8 @@ class SenderWorker:
                 # cap above does not bound: keep responses small too.
                 "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
                 "fetch.max.bytes": FETCH_MAX_BYTES,
+                "fetch.min.bytes": FETCH_MIN_BYTES,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
             },
         )
 

@@ -78,6 +78,40 @@ def test_pool_classifies_what_the_relay_does(config, verdict, code, ambiguous):
             assert sink.messages == []
 
 
+def test_pool_mails_non_ascii_addresses_with_smtputf8_and_keeps_the_envelope_exact():
+    mails = [
+        OutgoingMail("<c.k1@example.com>", "news@example.com", "jörg@example.de", MAIL.content),
+        OutgoingMail("<c.k2@example.com>", "news@example.com", "o'neil+tag@example.org",
+                     MAIL.content),
+    ]
+    with SmtpSink(SinkConfig(port=0)) as sink:
+        pool = SmtpPool("127.0.0.1", sink.port, 1)
+        try:
+            attempts = [pool.transmit(mail) for mail in mails]
+        finally:
+            pool.close()
+        assert [(a.verdict, a.code) for a in attempts] == [(Verdict.SENT, 250)] * 2
+        assert [(m["mail_from"], m["rcpt_tos"]) for m in sink.messages] == [
+            ("news@example.com", ["jörg@example.de"]),
+            ("news@example.com", ["o'neil+tag@example.org"]),
+        ]
+
+
+def test_pool_refuses_an_address_that_would_inject_a_command_without_sending_anything():
+    evil = OutgoingMail("<c.k@example.com>", "news@example.com",
+                        "a@example.org>\r\nRCPT TO:<b@example.org", MAIL.content)
+    with SmtpSink(SinkConfig(port=0)) as sink:
+        pool = SmtpPool("127.0.0.1", sink.port, 1)
+        try:
+            refused = pool.transmit(evil)
+            after = pool.transmit(MAIL)
+        finally:
+            pool.close()
+        assert refused.verdict is Verdict.PERMANENT and "line break" in refused.text
+        assert after.verdict is Verdict.SENT
+        assert [m["rcpt_tos"] for m in sink.messages] == [["jane@example.org"]]
+
+
 # --- the send ledger (PostgreSQL only) -------------------------------------------------------------
 
 
