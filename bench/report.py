@@ -75,6 +75,8 @@ def render_table(r: dict[str, Any]) -> Table:
         ("csv import (campaign)", _fmt(r["campaign_csv_import_rows_per_s"], " rows/s", 0),
          f"{r['campaign_csv_import_seconds']:.2f} s, importer's own clock, broker-acked"),
         ("end to end", _fmt(r["e2e_seconds"], " s", 2), "SendCampaign published -> read model completed"),
+        ("warm-up campaign", _fmt(r["warmup_seconds"], " s", 2),
+         f"{r['warmup_recipients']:,} recipients before the measured run, not measured"),
         ("send rate", _fmt(r["send_rate"], " mails/s", 0), "recipients / end to end"),
         ("raw SMTP rate", _fmt(r["raw_smtp_rate"], " mails/s", 0),
          f"smtplib straight to the sink, {r['smtp_connections']} connections"),

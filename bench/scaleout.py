@@ -114,13 +114,7 @@ def _one_run(base: Settings, processes: int, count: int, latency_ms: float,
             time.sleep(0.2)
         accepted = read_records(records)
     finally:
-        for process in reversed(started):
-            process.terminate()
-        for process in started:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(started)
         delete_topics(settings)
     recipients = {r["rcpt_tos"][0] for r in accepted}
     if len(accepted) != count or len(recipients) != count:
@@ -155,6 +149,18 @@ def process_env(settings: Settings, records: Path, *, concurrency: int,
 def spawn(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_processes(started: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process (last started first), then wait; kill one that ignores it for 30 s
+    (a wedged process must not hang the bench)."""
+    for process in reversed(started):
+        process.terminate()
+    for process in started:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def free_port() -> int:

@@ -38,6 +38,7 @@ from bench.scaleout import (
     produce_records,
     recipient_records,
     spawn,
+    stop_processes,
     wait_group,
     wait_listening,
 )
@@ -149,13 +150,7 @@ def one_run(base: Settings, count: int) -> MemoryRun:
         peak = _status_mb(sender.pid, "VmHWM")
         feeder.join(60)
     finally:
-        for process in reversed(started):
-            process.terminate()
-        for process in started:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(started)
         delete_topics(settings)
     _check_exactly_once(records, count)
     shutil.rmtree(folder, ignore_errors=True)  # hundreds of MiB at 200,000; kept on failure
