@@ -7,7 +7,7 @@ import pytest
 
 from schemas.base import normalise_email
 from schemas.contacts import ContactUpserted, contact_id_for, contact_key
-from schemas.envelope import wrap
+from schemas.envelope import Envelope, wrap
 from services.common.topics import CONTACTS, topic_name
 from services.hydrator.replica import Replicas
 from tests.integration.test_hydrator import snapshot
@@ -16,7 +16,7 @@ from tests.kafka_io import publish
 pytestmark = pytest.mark.integration
 
 
-def _contacts(tenant: str, count: int, start: int = 0) -> list[tuple[bytes, object]]:
+def _contacts(tenant: str, count: int, start: int = 0) -> list[tuple[bytes, Envelope]]:
     records = []
     for i in range(start, start + count):
         email = normalise_email(f"person{i}@example.com")
