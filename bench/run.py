@@ -25,9 +25,11 @@ Figures (bench/results/latest.json and bench/results/<UTC start>.json):
 - projection_visible_lag_p50_ms / _p99_ms: the matching upper bound: the first bench poll
   whose sent + failed counter included the row's transaction, minus occurred_at (see
   bench.figures.projection_lag). The truth lies between the two.
-- campaign_cpu_seconds: per service (and the broker), user + system CPU seconds from just
+- campaign_cpu_seconds: per service (and the broker, and PostgreSQL: the postmaster with all
+  its backends), user + system CPU seconds from just
   before SendCampaign to completion (/proc/<pid>/stat): where the machine's cores went.
-- peak_rss_mb: per service (command_handler, hydrator, sender, projector, smtp_sink, and the
+- peak_rss_mb: per service (command_handler, hydrator, sender, projector, completion, api,
+  smtp_sink, and the
   Kafka broker), VmHWM from /proc/<pid>/status. The peak is reset right before the CSV import
   and read right after completion, so it is this campaign's peak (`peak_rss_scope` says
   "since process start" if the kernel refused the reset).
@@ -116,7 +118,8 @@ LOG_TAIL_LINES = 8
 # to compile the produce/fetch paths and for the hydrator to finish its start-up.
 DEFAULT_WARMUP_RECIPIENTS = 2_000
 SMALL_WARMUP_RECIPIENTS = 200
-MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "smtp_sink")
+MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "completion", "api",
+                      "smtp_sink")
 # The separate steps after the campaign, in the order they run (BENCH_SKIP names them).
 SEPARATE_STEPS = ("projection", "audience", "scaleout", "sender_memory")
 
@@ -244,6 +247,8 @@ def main() -> int:
 
     read_since = datetime.now(UTC) - READ_BACK_MARGIN
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    postmaster = postmaster_pid(stack)
+    pg_before = postgres_cpu_seconds(postmaster) if postmaster else None
     timeout = BASE_TIMEOUT_SECONDS + SECONDS_PER_RECIPIENT_ALLOWED * count
     try:
         run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
@@ -255,6 +260,8 @@ def main() -> int:
     peaks = {name: peak_rss_mb(pid) for name, pid in pids.items()}
     cpu_used = {name: _cpu_delta(cpu_before.get(name), cpu_seconds(pid))
                 for name, pid in pids.items()}
+    if postmaster:
+        cpu_used["postgres"] = _cpu_delta(pg_before, postgres_cpu_seconds(postmaster))
     console.print(f"campaign {ids.campaign_id} completed in {run.e2e_seconds:.2f} s")
 
     since_ms = int(read_since.timestamp() * 1000)
@@ -429,6 +436,32 @@ def cpu_seconds(pid: int) -> float | None:
     # utime and stime are the 12th and 13th of them, in clock ticks.
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_pid(stack: Stack) -> int | None:
+    """The running PostgreSQL server's postmaster (first line of postmaster.pid)."""
+    try:
+        return int((stack.postgres.data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def postgres_cpu_seconds(postmaster: int) -> float | None:
+    """CPU of the whole server so far: the postmaster, its live children (backends, writers),
+    and the children it already reaped (cutime + cstime), so a backend that ends between two
+    readings is still counted. None if the server is gone."""
+    try:
+        stat = Path(f"/proc/{postmaster}/stat").read_text()
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    total = ticks / os.sysconf("SC_CLK_TCK")
+    for child in children:
+        used = cpu_seconds(int(child))
+        total += used or 0.0  # a child gone since the listing is in cutime next time
+    return total
 
 
 def _cpu_delta(before: float | None, after: float | None) -> float | None:
