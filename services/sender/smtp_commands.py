@@ -16,6 +16,8 @@ Guarantees:
   a line too long), so callers classify them exactly as before.
 - No command ever carries CR or LF from an address: `mailbox_path` refuses them (an address
   can never inject a command).
+- `send` writes its bytes whole or raises; several commands may go in one `send` (PIPELINING,
+  RFC 2920) and their replies are then read by as many `reply` calls, in order.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class CommandChannel:
         return self.reply()
 
     def send(self, data: bytes) -> None:
+        """Write `data` whole (one command, a pipelined group, or the content)."""
         try:
             self._sock.sendall(data)
         except OSError as exc:

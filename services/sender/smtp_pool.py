@@ -15,6 +15,13 @@ Guarantees:
 - `transmit` never raises for SMTP or network trouble: it returns an `Attempt` that says
   whether the message was sent, refused for good, refused for now, or possibly sent (the
   reply to the final "." was lost).
+- When the relay offers PIPELINING (RFC 2920; read from the last EHLO, i.e. after STARTTLS),
+  MAIL, RCPT and DATA go out in one write and their three replies are read in order: one
+  round trip instead of three, same outcome. The refusal is the first reply that is not OK,
+  classified as without pipelining; all three replies are read before anything else is said,
+  so no reply is left to be taken for the next transaction's; the content goes out only after
+  MAIL, RCPT and DATA were all accepted: a relay that answers 354 to DATA after refusing MAIL
+  or RCPT gets no content, its session is closed instead.
 - `send` says in addition whether the relay itself could not be used (`RelayResult.setup`):
   the failure happened while setting up the session (TCP connect, greeting, EHLO, TLS, AUTH),
   before MAIL FROM, so the relay cannot have taken the message and another relay may be
@@ -43,7 +50,7 @@ from pathlib import Path
 
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt, Stage, Verdict, classify_failure, classify_reply
-from services.sender.smtp_commands import CommandChannel, InvalidPath, mailbox_path
+from services.sender.smtp_commands import CRLF, CommandChannel, InvalidPath, mailbox_path
 
 # Every socket operation (connect, each command, each reply) gives up after this long: it
 # guards against a relay that accepts the connection and then hangs, which would otherwise
@@ -52,6 +59,7 @@ SMTP_TIMEOUT_SECONDS = 10.0
 # Lines starting with "." are dot-stuffed (RFC 5321 4.5.2) so they cannot end DATA early.
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _END_OF_DATA = b".\r\n"
+_DATA_COMMAND = b"DATA\r\n"
 
 
 class Security(enum.StrEnum):
@@ -130,10 +138,16 @@ class SmtpConnection:
         self._context = context if context is not None or security is Security.NONE else tls_context()
         self._smtp: smtplib.SMTP | None = None
         self._channel: CommandChannel | None = None
+        self._pipelining = False  # the open session's relay offered PIPELINING
 
     @property
     def is_open(self) -> bool:
         return self._smtp is not None
+
+    @property
+    def pipelining(self) -> bool:
+        """The open session writes MAIL, RCPT and DATA at once (its relay offers PIPELINING)."""
+        return self._smtp is not None and self._pipelining
 
     def transmit(self, mail: OutgoingMail) -> Attempt:
         """One MAIL / RCPT / DATA transaction."""
@@ -164,9 +178,10 @@ class SmtpConnection:
             return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
         channel = self._channel
         assert channel is not None  # set together with the session
+        envelope = self._pipelined_envelope if self._pipelining else self._envelope
         try:
-            refusal = self._envelope(channel, f"MAIL FROM:{sender}{options}",
-                                     f"RCPT TO:{recipient}", encoding)
+            refusal = envelope(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
+                               encoding)
         except (smtplib.SMTPException, OSError, UnicodeError) as exc:
             self.close()
             return classify_failure(Stage.ENVELOPE, exc)
@@ -199,13 +214,39 @@ class SmtpConnection:
             return self._refused(channel, code, text)
         return None
 
-    def _refused(self, channel: CommandChannel, code: int, text: bytes) -> Attempt:
-        refusal = classify_reply(code, text)
-        if refusal.verdict is Verdict.SENT:
-            # A 2xx where 354 (or 250) was due: a confused relay; another try may do better.
-            refusal = Attempt(Verdict.TRANSIENT, code, refusal.text)
+    def _pipelined_envelope(self, channel: CommandChannel, mail_from: str, rcpt_to: str,
+                            encoding: str) -> Attempt | None:
+        """`_envelope` in one round trip (RFC 2920): MAIL, RCPT and DATA written together,
+        then their three replies read in order."""
+        channel.send(mail_from.encode(encoding) + CRLF + rcpt_to.encode(encoding) + CRLF
+                     + _DATA_COMMAND)
+        refused: tuple[int, bytes] | None = None
+        code = -1
+        for accepted in ((250,), (250, 251), (354,)):
+            try:
+                code, text = channel.reply()
+            except (smtplib.SMTPException, OSError):
+                if refused is None:
+                    raise  # nothing refused yet: a lost envelope, as without pipelining
+                # The refusal already came (e.g. 421, then the relay hung up): it is the
+                # outcome, as when the RSET after it fails without pipelining.
+                self._abandon()
+                return _refusal(*refused)
+            if refused is None and code not in accepted:
+                refused = (code, text)
+        if refused is None:
+            return None
+        if code == 354:
+            # DATA accepted although MAIL or RCPT was refused: the relay now reads anything
+            # said as content (RSET, even QUIT) and would deliver it. Nothing more is said.
+            self._abandon()
+            return _refusal(*refused)
         self._reset(channel)
-        return refusal
+        return _refusal(*refused)
+
+    def _refused(self, channel: CommandChannel, code: int, text: bytes) -> Attempt:
+        self._reset(channel)
+        return _refusal(code, text)
 
     def _session(self) -> smtplib.SMTP:
         """The open session, set up first if needed; raises _SetupFailed."""
@@ -220,6 +261,8 @@ class SmtpConnection:
             # Transactions go straight to the socket from here on (see smtp_commands).
             assert smtp.sock is not None  # connected by the constructor
             self._channel = CommandChannel(smtp.sock)
+            # From the last EHLO: after STARTTLS, what the relay said in the clear is void.
+            self._pipelining = smtp.has_extn("pipelining")
             self._smtp = smtp
         return self._smtp
 
@@ -279,6 +322,13 @@ class SmtpConnection:
         if code != 250:
             self.close()
 
+    def _abandon(self) -> None:
+        """Close the session without a word: not even QUIT, which a relay waiting for
+        content would take as content (and a broken connection would only time out on)."""
+        smtp, self._smtp, self._channel = self._smtp, None, None
+        if smtp is not None:
+            smtp.close()
+
     def close(self) -> None:
         smtp, self._smtp, self._channel = self._smtp, None, None
         if smtp is None:
@@ -287,6 +337,15 @@ class SmtpConnection:
             smtp.quit()
         except (smtplib.SMTPException, OSError):
             smtp.close()
+
+
+def _refusal(code: int, text: bytes) -> Attempt:
+    """The attempt a refusal of MAIL, RCPT or DATA stands for."""
+    refusal = classify_reply(code, text)
+    if refusal.verdict is Verdict.SENT:
+        # A 2xx where 354 (or 250) was due: a confused relay; another try may do better.
+        refusal = Attempt(Verdict.TRANSIENT, code, refusal.text)
+    return refusal
 
 
 class SmtpPool:

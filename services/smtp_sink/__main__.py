@@ -70,6 +70,7 @@ def main() -> int:
         require_starttls=config.require_starttls,
         auth_users=len(config.auth_users),  # how many, never who or their passwords
         refuse_connections=config.refuse_connections,
+        pipelining=config.pipelining,
     )
     last_stats = sink.stats
     try:

@@ -9,7 +9,8 @@ Relay imitation (for the sender's TLS / AUTH / failover code): `tls_cert` + `tls
 STARTTLS, `require_starttls` refuses mail before it, `implicit_tls` speaks TLS from the first
 byte (SMTPS) instead; `auth_users` (name -> password) requires AUTH PLAIN or LOGIN before
 MAIL; `refuse_connections` answers every connection with 421 at the greeting and closes it
-(a relay that is up but not taking mail).
+(a relay that is up but not taking mail). `pipelining` (on by default, as on Postfix) offers
+RFC 2920 PIPELINING in the EHLO reply; off, the sink imitates a relay without it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class SinkConfig:
     auth_require_tls: bool = True
     # Answer every connection with "421" at the greeting and close it.
     refuse_connections: bool = False
+    # Offer PIPELINING (RFC 2920) in the EHLO reply, and send the replies to a pipelined
+    # group of MAIL / RCPT commands in one write (see server.py).
+    pipelining: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.record_path, str):
@@ -106,9 +110,10 @@ class SinkConfig:
     def from_env(cls, env: dict[str, str] | None = None) -> SinkConfig:
         """Build from SMTP_HOST, SMTP_PORT, SINK_RECORD_PATH, SINK_*_RATE, SINK_LATENCY_MS,
         SINK_SEED, SINK_TLS_CERT, SINK_TLS_KEY, SINK_REQUIRE_STARTTLS, SINK_IMPLICIT_TLS,
-        SINK_AUTH_USERS ("name:password,..."), SINK_AUTH_REQUIRE_TLS and
-        SINK_REFUSE_CONNECTIONS (booleans: 1/0, true/false, yes/no). Unset or empty variables
-        keep the defaults; unparsable ones raise ValueError naming the variable."""
+        SINK_AUTH_USERS ("name:password,..."), SINK_AUTH_REQUIRE_TLS,
+        SINK_REFUSE_CONNECTIONS and SINK_PIPELINING (booleans: 1/0, true/false, yes/no).
+        Unset or empty variables keep the defaults; unparsable ones raise ValueError naming
+        the variable."""
         source = os.environ if env is None else env
 
         def get(name: str) -> str | None:
@@ -175,4 +180,5 @@ class SinkConfig:
             auth_users=users("SINK_AUTH_USERS"),
             auth_require_tls=flag("SINK_AUTH_REQUIRE_TLS", True),
             refuse_connections=flag("SINK_REFUSE_CONNECTIONS", False),
+            pipelining=flag("SINK_PIPELINING", True),
         )

@@ -16,11 +16,19 @@ Guarantees:
   met them (aiosmtpd answers 530 otherwise), and its record says how it came:
   `record["session"] = {"tls": bool, "auth_user": str | None}`. Logins are counted in
   `SmtpSink.logins` ("ok" / "refused"); a refused login gets 535.
+- With `pipelining` on (the default) the EHLO reply offers PIPELINING (RFC 2920). Commands
+  that arrive together are answered one by one, in order, exactly as if they had come one per
+  segment (aiosmtpd reads them line by line from its buffer). The replies to MAIL, RCPT and
+  RSET are held back while the next command line is already buffered and go out with the
+  reply to the group's last command in one write (RFC 2920 3.1); a reply is never held when
+  no complete command is waiting, nor for any other command (EHLO, DATA, STARTTLS, QUIT...),
+  so a client waiting for a reply always gets it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -29,9 +37,9 @@ import ssl
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -93,14 +101,57 @@ class _SinkEnvelope(Envelope):
         self.outcome: Outcome | None = None
 
 
+def _grouped(command: Callable[[SMTP, str], Awaitable[None]]) -> Callable[[_SinkSMTP, str], Awaitable[None]]:
+    """aiosmtpd's `command`, its reply held back while more commands of its group wait."""
+
+    @functools.wraps(command)  # keeps aiosmtpd's HELP syntax attributes
+    async def answer(self: _SinkSMTP, arg: str) -> None:
+        self._in_group = self._pipelining
+        try:
+            await command(self, arg)
+        finally:
+            self._in_group = False
+
+    return answer
+
+
 class _SinkSMTP(SMTP):
-    """aiosmtpd's protocol, with our envelopes and a registry of open connections."""
+    """aiosmtpd's protocol, with our envelopes, a registry of open connections and the replies
+    to a pipelined group written together."""
 
     def __init__(self, handler: _Handler, connections: set[_SinkSMTP], *,
-                 refuse: bool = False, **kwargs: Any) -> None:
+                 refuse: bool = False, pipelining: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._connections = connections
         self._refuse = refuse
+        self._pipelining = pipelining
+        self._in_group = False  # answering MAIL / RCPT / RSET (see _grouped)
+        self._held: list[bytes] = []  # replies waiting for the rest of their group
+
+    # RFC 2920 3.1: the replies a server may hold back for its group's last command.
+    smtp_MAIL = _grouped(SMTP.smtp_MAIL)
+    smtp_RCPT = _grouped(SMTP.smtp_RCPT)
+    smtp_RSET = _grouped(SMTP.smtp_RSET)
+
+    async def push(self, status: AnyStr) -> None:
+        if self._in_group and self._command_waiting():
+            # One write (one send here, one wake-up of the client) for the whole group.
+            self._held.append(status if isinstance(status, bytes) else status.encode(
+                "utf-8" if self.enable_SMTPUTF8 else "ascii"))
+            return
+        if not self._held:
+            await super().push(status)  # nothing held: aiosmtpd's own path
+            return
+        reply = status if isinstance(status, bytes) else status.encode(
+            "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        replies, self._held = b"\r\n".join([*self._held, reply]), []
+        await super().push(replies)  # aiosmtpd adds the last CRLF
+
+    def _command_waiting(self) -> bool:
+        """A complete command line is already buffered: reading it will not wait for the
+        client, so a held reply is flushed before the sink ever waits on the client."""
+        buffered = getattr(self._reader, "_buffer", None)  # asyncio.StreamReader's buffer
+        return buffered is not None and b"\n" in buffered
 
     async def _handle_client(self) -> None:
         if not self._refuse:
@@ -159,6 +210,7 @@ class _Handler:
         self._accounts = {name.encode(): password.encode()
                           for name, password in config.auth_users.items()}
         self._describe_session = config.tls or bool(config.auth_users)
+        self._pipelining = config.pipelining
         self.logins: Counter[str] = logins if logins is not None else Counter()
 
     def authenticate(
@@ -173,6 +225,16 @@ class _Handler:
         self._emit("auth_succeeded" if ok else "auth_refused", {"user": user, "mechanism": mechanism})
         # handled=False: aiosmtpd writes the 235 / 535 reply itself.
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
+
+    async def handle_EHLO(  # name fixed by aiosmtpd
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """The EHLO reply lines, with PIPELINING offered when configured."""
+        session.host_name = hostname  # this hook's duty, says aiosmtpd
+        if self._pipelining:
+            responses.insert(1, "250-PIPELINING")  # after the greeting line, as Postfix does
+        return responses
 
     async def handle_RCPT(  # name fixed by aiosmtpd
         self,
@@ -444,6 +506,7 @@ class SmtpSink:
                     handler,
                     connections,
                     refuse=config.refuse_connections,
+                    pipelining=config.pipelining,
                     hostname=_HOSTNAME,
                     timeout=_IDLE_TIMEOUT_S,
                     data_size_limit=_DATA_SIZE_LIMIT,
