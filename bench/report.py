@@ -78,6 +78,8 @@ def render_table(r: dict[str, Any]) -> Table:
         ("warm-up campaign", _fmt(r["warmup_seconds"], " s", 2),
          f"{r['warmup_recipients']:,} recipients before the measured run, not measured"),
         ("send rate", _fmt(r["send_rate"], " mails/s", 0), "recipients / end to end"),
+        ("first delivery", _fmt(r.get("first_delivery_seconds"), " s", 2),
+         "send published -> first delivery event (event time)"),
         ("raw SMTP rate", _fmt(r["raw_smtp_rate"], " mails/s", 0),
          f"smtplib straight to the sink, {r['smtp_connections']} connections"),
         ("send / raw", _fmt(r["send_to_raw_ratio"], "", 3), "pipeline rate over sink capacity"),

@@ -15,6 +15,8 @@ Figures (bench/results/latest.json and bench/results/<UTC start>.json):
   hydrator, sender with its ledger and SMTP, projector).
 - e2e_event_seconds: the same start to the read model's completed_at, which is an event time
   (the last delivery's occurred_at): end to end without the final projection step.
+- first_delivery_seconds: the wall clock just before SendCampaign was published to the
+  occurred_at of the campaign's first delivery event: the start-up share of end to end.
 - hydration_seconds: CampaignSendRequested.occurred_at (command handler) to
   CampaignHydrated.occurred_at (hydrator), both read back from campaign.events by a
   throwaway consumer keyed on the campaign id.
@@ -345,6 +347,9 @@ def main() -> int:
         "raw_smtp_rate": round(raw.rate, 1),
         "send_to_raw_ratio": _round(send_rate / raw.rate if send_rate and raw.rate else None, 3),
         "hydration_seconds": _round(figures.hydration_seconds(events), 3),
+        "first_delivery_seconds": _round(
+            (min(deliveries.first_at.values()) - run.send_published_at).total_seconds()
+            if deliveries.first_at else None, 3),
         "e2e_event_seconds": _round((completed_at - run.send_published_at).total_seconds()
                                     if completed_at else None, 3),
         "projection_lag_p50_ms": lag.p50_ms,
