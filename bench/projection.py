@@ -21,11 +21,17 @@ against a plain COPY of the same rows.
   projection_to_unlogged_copy_ratio against the unlogged COPY.
 - projection.time_split_seconds: where the drain's time went inside the Projector. Driving
   thread: consume (Kafka fetch; the first one includes the group join), decode (JSON +
-  checks; the fast path for EmailSent/EmailFailed v2), wait (for the writer thread). Writer
-  thread, overlapping the next batch's consume and decode: plan (row changes), write (the
-  PostgreSQL transaction: positions, COPY into the staging table, the recipients statement
-  with its counters, commit). consume + decode + wait is about drain_seconds; the rest is
-  the end-offset checks.
+  checks; the fast path for EmailSent/EmailFailed v2), plan (row changes), wait (for the
+  writer thread). Writer thread, overlapping the next batch's consume, decode and plan: write
+  (the PostgreSQL transaction: positions, COPY into the staging table, the recipients
+  statement with its counters, commit). consume + decode + plan + wait is about
+  drain_seconds; the rest is the end-offset checks.
+- The process runs with the projector service's GIL switch interval
+  (projections.projector.shorten_gil_switch_interval, as run_lanes sets it).
+- projection.cpu_seconds: CPU time during the drain of the bench process (the projector's
+  threads, librdkafka's included; nothing else runs in it meanwhile) and of the PostgreSQL
+  backend serving the projector (from /proc, so only where the server runs on this machine;
+  else null). On a shared machine these say more than wall-clock rates.
 
 Run alone against a running platform (migrations applied on the way):
 `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 DATABASE_URL=postgresql://campaigns@127.0.0.1:35432/campaigns_test
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 import uuid
@@ -54,7 +61,7 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from bench.stats import rate
-from projections.projector import PROJECTED_TOPICS, Projector
+from projections.projector import PROJECTED_TOPICS, Projector, shorten_gil_switch_interval
 from schemas.base import Record
 from schemas.envelope import encode, wrap
 from schemas.events import (
@@ -106,6 +113,8 @@ class ProjectionRun:
     topic_prefix: str
     # Where the drain's time went (Projector.time_split): consume, decode, plan, write.
     time_split: dict[str, float] = field(default_factory=dict)
+    projector_cpu_seconds: float | None = None
+    postgres_backend_cpu_seconds: float | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -151,12 +160,20 @@ class ProjectionRun:
                 "completed_campaigns": self.completed_campaigns,
                 "topic_prefix": self.topic_prefix,
                 "time_split_seconds": {k: round(v, 3) for k, v in self.time_split.items()},
+                "cpu_seconds": {
+                    "projector_process": _rounded(self.projector_cpu_seconds),
+                    "postgres_backend": _rounded(self.postgres_backend_cpu_seconds),
+                },
                 "method": "cold drain of a fresh group by projections.projector.Projector, "
                           "Projector() -> caught_up(), vs psycopg COPY of the same rows into a "
                           "logged table LIKE campaign_recipients INCLUDING ALL (same storage "
                           "parameters); also into an UNLOGGED one",
             },
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def events_wanted(env: dict[str, str]) -> int:
@@ -243,25 +260,64 @@ def produce_backlog(settings: Settings, backlog: Backlog) -> float:
     return seconds
 
 
-def drain(settings: Settings, count: int) -> tuple[float, float | None, int, dict[str, float]]:
-    """Cold drain by a fresh Projector: (seconds to caught up, seconds to the first committed
-    batch, records applied, the projector's time split)."""
+@dataclass(frozen=True)
+class Drained:
+    seconds: float  # Projector() -> caught_up()
+    first_batch_seconds: float | None
+    records_applied: int
+    time_split: dict[str, float]
+    process_cpu_seconds: float
+    backend_cpu_seconds: float | None
+
+
+def backend_cpu_seconds(settings: Settings, application_name: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL backend of the session named
+    `application_name`, from /proc; None where the server is not on this machine (or /proc
+    does not tell)."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                           (application_name,)).fetchone()
+    if row is None:
+        return None
+    try:
+        with open(f"/proc/{row[0]}/stat") as stat:
+            # utime and stime: fields 14 and 15, counted after the parenthesised name.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def drain(settings: Settings, count: int) -> Drained:
+    """Cold drain by a fresh Projector (the clock and CPU counters as the module says)."""
     timeout = DRAIN_BASE_TIMEOUT_SECONDS + DRAIN_SECONDS_PER_EVENT * count
-    started = time.monotonic()
-    first: float | None = None
-    with Projector(settings, logger=_quiet_logger()) as projector:
-        deadline = started + timeout
-        while True:
-            if projector.poll_once() and first is None:
-                first = time.monotonic() - started
-            if projector.records_applied and projector.caught_up():
-                break
-            if time.monotonic() > deadline:
-                raise ProjectionBenchFailed(
-                    f"projector not caught up after {timeout:g} s"
-                    f" ({projector.records_applied:,} records applied)")
-        seconds = time.monotonic() - started
-        return seconds, first, projector.records_applied, dict(projector.time_split)
+    # As the projector service's run_lanes does; restored after, for the other bench steps.
+    interval = sys.getswitchinterval()
+    shorten_gil_switch_interval()
+    try:
+        cpu_started = time.process_time()
+        started = time.monotonic()
+        first: float | None = None
+        with Projector(settings, logger=_quiet_logger()) as projector:
+            deadline = started + timeout
+            while True:
+                if projector.poll_once() and first is None:
+                    first = time.monotonic() - started
+                if projector.records_applied and projector.caught_up():
+                    break
+                if time.monotonic() > deadline:
+                    raise ProjectionBenchFailed(
+                        f"projector not caught up after {timeout:g} s"
+                        f" ({projector.records_applied:,} records applied)")
+            seconds = time.monotonic() - started
+            process_cpu = time.process_time() - cpu_started
+            # The backend was started for this projector (on its first assignment): all its
+            # CPU time is the drain's.
+            backend_cpu = backend_cpu_seconds(settings, f"{projector.group}-projector"[:63])
+            return Drained(seconds, first, projector.records_applied,
+                           dict(projector.time_split), process_cpu, backend_cpu)
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def raw_copy(conn: psycopg.Connection[Any], backlog: Backlog, table: str, *,
@@ -365,7 +421,8 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
             f" {settings.topic_prefix}* …")
         produced = produce_backlog(settings, backlog)
         say(f"projection: produced in {produced:.2f} s; cold drain by a fresh Projector …")
-        drain_seconds, first_batch, applied, split = drain(settings, count)
+        drained = drain(settings, count)
+        drain_seconds, applied = drained.seconds, drained.records_applied
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             sent, failed, rows_sent, completed = read_model_counts(conn, backlog)
             say(f"projection: drained in {drain_seconds:.2f} s; COPY of {count:,} rows"
@@ -374,12 +431,13 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
             unlogged_seconds = raw_copy(conn, backlog, tables[1], logged=False)
         run = ProjectionRun(
             events=count, campaigns=CAMPAIGNS, produce_seconds=produced,
-            drain_seconds=drain_seconds, first_batch_seconds=first_batch,
+            drain_seconds=drain_seconds, first_batch_seconds=drained.first_batch_seconds,
             records_applied=applied, copy_seconds=copy_seconds, copy_rows=count,
             unlogged_copy_seconds=unlogged_seconds,
             projected_sent=sent, projected_failed=failed, projected_rows_sent=rows_sent,
             completed_campaigns=completed, topic_prefix=settings.topic_prefix,
-            time_split=split,
+            time_split=drained.time_split, projector_cpu_seconds=drained.process_cpu_seconds,
+            postgres_backend_cpu_seconds=drained.backend_cpu_seconds,
         )
         if sent != count or rows_sent != count or failed != 0:
             run.failures.append(
@@ -401,7 +459,6 @@ def main(argv: list[str]) -> int:
     """`python -m bench.projection [EVENTS]`: this step alone, against the platform that
     KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name (migrations applied); prints the figures."""
     import json
-    import os
 
     from projections.migrate import apply_migrations
 

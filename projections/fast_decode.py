@@ -13,6 +13,13 @@ brings one per recipient at once, ahead of the first deliveries.
 JSON is parsed by the same parser and options as the full decode (pydantic-core's `from_json`,
 NaN / Infinity refused, exact big integers), so both paths see the same document; it is about
 twice the speed of the stdlib scanner on these records.
+
+Two tiers: an EmailSent / EmailFailed v2 exactly as `schemas.envelope.encode` writes it
+(compact JSON, the models' key order, ASCII, no escapes) is matched by one regular expression
+over the whole text (`_CANONICAL_SENT`, `_CANONICAL_FAILED`: ~2 us instead of ~7 us for JSON
+parsing plus field checks); any other record goes the dict way below. Each sub-pattern is at
+least as strict as the schema's rule for that field, so a record the expression accepts is one
+the full decode accepts with the same values.
 """
 
 from __future__ import annotations
@@ -32,14 +39,52 @@ _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 # Only the canonical form; pydantic accepts more spellings, which take the full path.
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-# RFC 3339 with an offset, as pydantic writes it; fromisoformat alone accepts more forms.
-_AWARE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
+# RFC 3339 with an offset, as pydantic writes it; fromisoformat alone accepts more forms (an
+# offset of -05:90, say, which pydantic refuses), so hours, minutes and seconds are bounded here.
+_AWARE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
 
 # schemas.base's address rule with a lower-case domain and no surrounding whitespace: exactly
 # the addresses that normalise_email returns unchanged (anything else takes the full path).
 _NORMALISED_EMAIL = re.compile(
     r"[^@\s\x00-\x1f\x7f<>,;]{1,64}@[a-z0-9](?:[a-z0-9-]{0,62}\.)+[a-z0-9-]{2,63}"
 )
+# --- first tier: the canonical text of a delivery, matched as a whole -------------------------
+# Inside the expressions: JSON strings without escapes (so the text is the value) in printable
+# ASCII only (the document is ASCII, hence valid UTF-8; no lone surrogates), and JSON integers
+# without sign, leading zeros or exponent, short enough for any column.
+_ID_TEXT = _UUID.pattern
+_TENANT_TEXT = _TENANT.pattern
+_ENTITY_TEXT = _ENTITY.pattern
+_TIME_TEXT = _AWARE_TIME.pattern
+_ANY_TEXT = r'[ !#-\[\]-~]*'  # printable ASCII but " and \
+# _NORMALISED_EMAIL without " and \ (which JSON escapes) in the local part, ASCII only.
+_EMAIL_TEXT = r'[!#-+\--:=?A-\[\]-~]{1,64}@[a-z0-9](?:[a-z0-9-]{0,62}\.)+[a-z0-9-]{2,63}'
+_COUNT_TEXT = r"0|[1-9][0-9]{0,8}"  # 0 .. 999,999,999: fits an int column
+# The envelope, then the payload's fields the two deliveries share (TYPE: the wire name).
+_ENVELOPE_TEXT = (
+    r'\{"id":"(' + _ID_TEXT + r')","type":"TYPE","version":2,"tenant_id":"(' + _TENANT_TEXT
+    + r')","aggregate_id":"' + _ENTITY_TEXT + r'","occurred_at":"(' + _TIME_TEXT
+    + r')","correlation_id":"' + _ID_TEXT + r'","causation_id":(?:null|"' + _ID_TEXT
+    + r'"),"payload":\{"campaign_id":"(' + _ENTITY_TEXT + r')","contact_id":"(' + _ENTITY_TEXT
+    + r')","email":"(' + _EMAIL_TEXT + r')",'
+)
+_CANONICAL_SENT = re.compile(
+    _ENVELOPE_TEXT.replace("TYPE", "EmailSent")
+    + r'"message_id":"' + _ANY_TEXT + r'","attempt":([1-9][0-9]{0,8}),"smtp_reply":"'
+    + _ANY_TEXT + r'","ambiguous":(' + _COUNT_TEXT + r')\}\}'
+)
+_CANONICAL_FAILED = re.compile(
+    _ENVELOPE_TEXT.replace("TYPE", "EmailFailed")
+    + r'"attempt":([1-9][0-9]{0,8}),"reason":"(' + _ANY_TEXT
+    + r')","permanent":(?:true|false),"smtp_code":(null|0|-?[1-9][0-9]{0,8}),"ambiguous":('
+    + _COUNT_TEXT + r')\}\}'
+)
+# Longest address a row may hold (schemas.base: 254 characters).
+_EMAIL_MAX = 254
+
 # Tenant and campaign ids repeat on almost every record: validated once, then remembered
 # (bounded, so a stream of distinct ids cannot grow it without limit).
 _KNOWN_IDS_MAX = 10_000
@@ -66,6 +111,9 @@ def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
     """A recipient fact for a canonical EmailSent/EmailFailed v2 or RecipientQueued v1, else
     the full decode."""
     if raw is not None:
+        fact = _canonical_delivery(raw)
+        if fact is not None:
+            return fact
         try:
             # Only object keys are cached: they repeat on every record, most values do not.
             data = from_json(raw, allow_inf_nan=False, cache_strings="keys")
@@ -76,6 +124,37 @@ def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
             if fact is not None:
                 return fact
     return decode(raw)
+
+
+def _canonical_delivery(raw: bytes | str) -> RecipientFact | None:
+    """The fact of an EmailSent / EmailFailed v2 in `encode`'s exact text, else None."""
+    if not raw.isascii():
+        return None
+    text = raw.decode("ascii") if type(raw) is bytes else str(raw)
+    code: str | None = None
+    reason: str | None = None
+    # A mismatch is found at the type, ~50 characters in: trying both costs little.
+    sent = _CANONICAL_SENT.fullmatch(text)
+    if sent is not None:
+        event_id, tenant, occurred, campaign, contact, email, attempt, ambiguous = sent.groups()
+    else:
+        failed = _CANONICAL_FAILED.fullmatch(text)
+        if failed is None:
+            return None
+        (event_id, tenant, occurred, campaign, contact, email, attempt, reason, code,
+         ambiguous) = failed.groups()
+    if len(email) > _EMAIL_MAX:
+        return None
+    try:
+        occurred_at = datetime.fromisoformat(occurred)
+    except ValueError:
+        return None  # no such date or time (month 13, 25 o'clock): the full decode words it
+    if sent is not None:
+        return RecipientFact(event_id, "EmailSent", tenant, campaign, contact, email, "sent",
+                             int(attempt), occurred_at, ambiguous=int(ambiguous))
+    return RecipientFact(event_id, "EmailFailed", tenant, campaign, contact, email, "failed",
+                         int(attempt), occurred_at, ambiguous=int(ambiguous),
+                         smtp_code=None if code is None or code == "null" else int(code), detail=reason)
 
 
 def _fast_fact(data: dict[str, Any]) -> RecipientFact | None:

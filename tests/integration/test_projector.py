@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from projections import batch_writer
 from projections.projector import DELIVERY_LANE, MAIN_LANE, Projector, lane_projectors, run_lanes
@@ -353,6 +354,39 @@ def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
     assert (progress.status, progress.queued, progress.sent, progress.failed) == (
         "completed", 60, sent, failed
     )
+
+
+def test_a_partition_whose_log_no_longer_starts_at_zero_is_projected_from_its_start(
+        settings, db) -> None:
+    # A partition never stored starts at offset 0, not at the logical beginning (a faster
+    # first fetch); where retention has removed the head, it must still start at the first
+    # record there is, and skip nothing after it.
+    campaign = Campaign()
+    contacts = [f"contact-{i}" for i in range(10)]
+    produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(10)])
+    deliveries = topic_name(DELIVERIES, settings)
+    partitions: set[int | None] = set()
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "enable.idempotence": True})
+    for _, key, value in [campaign.sent(c, 1, T0 + timedelta(minutes=1)) for c in contacts]:
+        producer.produce(deliveries, key=key.encode(), value=value,
+                         on_delivery=lambda err, msg: partitions.add(msg.partition()))
+    assert producer.flush(30) == 0, "records not acknowledged"
+    (partition,) = partitions  # keyed by campaign: one partition, offsets 0-9
+    assert partition is not None
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for future in admin.delete_records([TopicPartition(deliveries, partition, 4)],
+                                       operation_timeout=30).values():
+        assert future.result().low_watermark == 4
+
+    applied = drain(settings)
+
+    assert applied == 3 + 6  # the campaign facts, and the deliveries from offset 4 on
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None
+    assert (progress.sent, progress.status) == (6, "sending")
+    assert recipient_status_counts(db, campaign.id) == {"queued": 0, "sent": 6, "failed": 0}
+    assert stored_positions(db, settings)[(deliveries, partition)] == 10
 
 
 def test_malformed_records_are_skipped_and_projection_goes_on(settings, db) -> None:

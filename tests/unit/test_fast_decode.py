@@ -4,12 +4,13 @@ everything that is not plainly canonical to the full decode (which keeps rejecti
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from projections.facts import RecipientFact, recipient_fact
-from projections.fast_decode import decode_record
+from projections.fast_decode import _canonical_delivery, decode_record
 from schemas.envelope import Message, SchemaViolation, decode, encode, wrap
 from schemas.events import EmailFailed, EmailSent, MessageTemplate, RecipientQueued
 
@@ -182,3 +183,105 @@ def test_unusual_recipient_queued_decodes_as_the_full_decoder_does(mutate) -> No
     result = decode_record(raw)
     fact = result if isinstance(result, RecipientFact) else recipient_fact(result)
     assert fact == expected
+
+
+# --- the first tier: the canonical text of a delivery, matched as a whole ----------------------
+
+def canonical_sent(**payload: object) -> bytes:
+    fields: dict[str, object] = dict(campaign_id="c-1", contact_id="k1", email="k1@example.com",
+                                     message_id="<k1@mx>", attempt=2, smtp_reply="250 ok",
+                                     ambiguous=1)
+    fields.update(payload)
+    return encode(wrap(EmailSent(**fields), tenant_id="acme", aggregate_id="c-1",
+                       occurred_at=T0, causation_id=uuid.UUID(int=7)))
+
+
+def canonical_failed(**payload: object) -> bytes:
+    fields: dict[str, object] = dict(campaign_id="c-1", contact_id="k1", email="k1@example.com",
+                                     attempt=3, reason="550 no such user", permanent=True,
+                                     smtp_code=550)
+    fields.update(payload)
+    return encode(wrap(EmailFailed(**fields), tenant_id="acme", aggregate_id="c-1",
+                       occurred_at=T0.astimezone(timezone(timedelta(hours=-5)))))
+
+
+def same_outcome(raw: bytes) -> None:
+    """decode_record(raw) refuses what decode refuses, else yields the same fact."""
+    try:
+        expected = recipient_fact(decode(raw))
+    except SchemaViolation:
+        with pytest.raises(SchemaViolation):
+            decode_record(raw)
+        return
+    result = decode_record(raw)
+    fact = result if isinstance(result, RecipientFact) else recipient_fact(result)
+    assert fact == expected, raw
+
+
+@pytest.mark.parametrize("raw", [
+    canonical_sent(), canonical_sent(ambiguous=0, smtp_reply="", message_id=""),
+    canonical_sent(email="O'Brien+news@mail.example.org", attempt=999_999_999),
+    canonical_failed(), canonical_failed(smtp_code=None, permanent=False, reason=""),
+    canonical_failed(smtp_code=-1),
+], ids=["sent", "sent-empty", "sent-odd-address", "failed", "failed-no-code", "failed-minus"])
+def test_the_canonical_text_of_a_delivery_is_matched_whole_and_equals_the_full_decode(
+        raw: bytes) -> None:
+    fact = _canonical_delivery(raw)
+    assert fact is not None
+    assert fact == recipient_fact(decode(raw))
+    assert decode_record(raw) == fact
+
+
+@pytest.mark.parametrize("raw", [
+    canonical_sent(smtp_reply='250 "queued"'),  # escaped quote: the dict way
+    canonical_sent(message_id="<k1@mx>\x01"),  # a control character, escaped by JSON
+    canonical_sent(smtp_reply="250 d\u00e9j\u00e0 vu"),  # non-ASCII
+    canonical_sent(email="k\u00e9@example.com"),
+    canonical_sent(attempt=1_000_000_000),  # beyond the expression's integers
+    canonical_failed(smtp_code=0),
+])
+def test_deliveries_outside_the_canonical_text_still_decode_as_the_full_decoder_does(
+        raw: bytes) -> None:
+    same_outcome(raw)
+
+
+# Substitutes that probe every rule: quotes and escapes, separators, case, digits, signs,
+# characters the address and id rules refuse, whitespace, non-ASCII, a NUL.
+_SUBSTITUTES = ['"', "\\", " ", ",", ":", "{", "}", "A", "z", "0", "9", "-", "+", ".", "@",
+                "_", "<", ";", "\x00", "\x7f", "\u00e9", ""]
+
+
+def spaced(raw: bytes) -> bytes:
+    """The same document with JSON's default separators: not the canonical text, so it
+    takes the second tier (the dict checks)."""
+    return json.dumps(json.loads(raw)).encode()
+
+
+@pytest.mark.parametrize("make", [
+    canonical_sent, canonical_failed, lambda: spaced(canonical_sent()),
+    lambda: spaced(canonical_failed()), raw_queued,
+], ids=["sent", "failed", "sent-dict", "failed-dict", "queued-dict"])
+def test_every_one_character_change_decodes_as_the_full_decoder_does(make) -> None:
+    text = make().decode()
+    for at in range(len(text)):
+        for substitute in _SUBSTITUTES:
+            if substitute != text[at]:
+                same_outcome((text[:at] + substitute + text[at + 1:]).encode())
+
+
+@pytest.mark.parametrize("change", [
+    ('"occurred_at":"2030-01-01T12:00:00.123456Z"', '"occurred_at":"2030-02-30T12:00:00Z"'),
+    ('"occurred_at":"2030-01-01T12:00:00.123456Z"', '"occurred_at":"2030-01-01T24:00:00Z"'),
+    ('"occurred_at":"2030-01-01T12:00:00.123456Z"', '"occurred_at":"2030-01-01T12:00:00+25:00"'),
+    ('"occurred_at":"2030-01-01T12:00:00.123456Z"', '"occurred_at":"2030-01-01T12:00:00+05:30"'),
+    ('"email":"k1@example.com"', '"email":"' + "k" * 64 + "@" + "d" * 60 + ".example.com" + '"'),
+    ('"email":"k1@example.com"', '"email":"k1@' + "d" * 62 + "." + "e" * 62 + "." + "f" * 62
+     + "." + "g" * 62 + '.com"'),  # over 254 characters
+    ('"causation_id":"00000000-0000-0000-0000-000000000007"', '"causation_id":null'),
+    ('"version":2', '"version":1'),
+])
+def test_dates_lengths_and_versions_decode_as_the_full_decoder_does(
+        change: tuple[str, str]) -> None:
+    text = canonical_sent().decode()
+    assert change[0] in text
+    same_outcome(text.replace(change[0], change[1]).encode())

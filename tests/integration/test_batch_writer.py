@@ -1,0 +1,171 @@
+"""The batch writer's two ways of writing staged recipients agree, against the real database.
+
+A staged batch is first tried as all new (a plain insert counted from the staging table) unless
+the connection's last staged batch found existing rows; these tests run the same batches once
+that way and once forced through the general statement, and compare every row and counter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from projections import batch_writer, read_models
+from projections.facts import RecipientFact, RecipientStatus
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2030, 5, 1, 8, 0, tzinfo=UTC)
+# Larger than ARRAY_BATCH_MAX: these batches go through the staging table.
+BATCH = batch_writer.ARRAY_BATCH_MAX + 100
+
+
+@pytest.fixture
+def db(platform_settings: Any) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(platform_settings.database_url, autocommit=True) as conn:
+        batch_writer.prepare_session(conn)
+        yield conn
+
+
+def fact(tenant: str, campaign: str, contact: str, status: RecipientStatus, *,
+         seconds: int, attempt: int = 1, ambiguous: int = 0) -> RecipientFact:
+    return RecipientFact(
+        str(uuid.uuid4()), "test", tenant, campaign, contact, f"{contact}@example.com", status,
+        attempt if status in ("sent", "failed", "retrying") else 0,
+        T0 + timedelta(seconds=seconds), ambiguous=ambiguous,
+        smtp_code=550 if status == "failed" else None,
+        detail="550 no such user" if status == "failed" else None,
+    )
+
+
+def first_status(i: int) -> RecipientStatus:
+    for divisor, status in ((7, "failed"), (11, "excluded"), (13, "skipped"), (17, "retrying"),
+                            (19, "queued")):
+        if i % divisor == 0:
+            return status  # type: ignore[return-value]
+    return "sent"
+
+
+def batches(tenant: str, campaign: str) -> list[list[RecipientFact]]:
+    """A backlog of new recipients in every status, then a batch mixing new ones (sorted
+    first, so a failed all-new try has already inserted some when it meets an existing row)
+    with duplicates and climbs of existing ones."""
+    first = [fact(tenant, campaign, f"k-b-{i:04d}", first_status(i), seconds=i % 3,
+                  ambiguous=i % 2) for i in range(BATCH)]
+    second = [fact(tenant, campaign, f"k-a-{i:04d}", "queued" if i % 5 else "excluded",
+                   seconds=10) for i in range(BATCH)]
+    second += [fact(tenant, campaign, f"k-b-{i:04d}", "sent", seconds=20) for i in range(100)]
+    second += [fact(tenant, campaign, f"k-a-{i:04d}", "sent", seconds=30)
+               for i in range(0, BATCH, 3)]
+    return [first, second]
+
+
+def final_statuses() -> list[str]:
+    """Each recipient's status after both batches (statuses only climb; terminal ones stay)."""
+    climbing = ("excluded", "queued", "retrying")
+    older = ["sent" if i < 100 and first_status(i) in climbing else first_status(i)
+             for i in range(BATCH)]
+    newer = ["sent" if i % 3 == 0 else "queued" if i % 5 else "excluded" for i in range(BATCH)]
+    return older + newer
+
+
+def apply_batches(conn: psycopg.Connection[Any], tenant: str, campaign: str, *,
+                  general_only: bool) -> None:
+    for facts in batches(tenant, campaign):
+        if general_only:
+            batch_writer._FOUND_EXISTING.add(conn)
+        with conn.transaction():
+            batch_writer.apply(conn, read_models.plan(facts))
+
+
+def snapshot(conn: psycopg.Connection[Any], tenant: str, campaign: str) -> dict[str, Any]:
+    counters = conn.execute(
+        "SELECT queued, excluded, retrying, sent, failed, skipped, ambiguous, last_delivery_at"
+        " FROM campaigns WHERE campaign_id = %s", (campaign,)).fetchone()
+    rows = conn.execute(
+        "SELECT contact_id, email, status, attempts, last_error, reason, smtp_code, ambiguous,"
+        " last_event_at FROM campaign_recipients WHERE campaign_id = %s ORDER BY contact_id",
+        (campaign,)).fetchall()
+    daily = conn.execute("SELECT day, sent, failed, skipped FROM tenant_daily_sends"
+                         " WHERE tenant_id = %s ORDER BY day", (tenant,)).fetchall()
+    throughput = conn.execute("SELECT second, settled FROM campaign_throughput"
+                              " WHERE campaign_id = %s ORDER BY second", (campaign,)).fetchall()
+    return {"counters": counters, "rows": rows, "daily": daily, "throughput": throughput}
+
+
+def test_the_all_new_insert_and_the_general_statement_write_the_same(db, monkeypatch) -> None:
+    tried: list[bool] = []
+    real_try = batch_writer._insert_all_new
+
+    def recording_try(cur: psycopg.Cursor[Any]) -> bool:
+        tried.append(real_try(cur))
+        return tried[-1]
+
+    monkeypatch.setattr(batch_writer, "_insert_all_new", recording_try)
+    runs = {}
+    for general_only in (False, True):
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        campaign = f"camp-{uuid.uuid4()}"
+        batch_writer._FOUND_EXISTING.discard(db)
+        try:
+            apply_batches(db, tenant, campaign, general_only=general_only)
+            runs[general_only] = snapshot(db, tenant, campaign)
+        finally:
+            db.execute("DELETE FROM campaign_recipients WHERE campaign_id = %s", (campaign,))
+            db.execute("DELETE FROM recipient_attempts WHERE campaign_id = %s", (campaign,))
+            db.execute("DELETE FROM campaign_throughput WHERE campaign_id = %s", (campaign,))
+            db.execute("DELETE FROM campaigns WHERE campaign_id = %s", (campaign,))
+            db.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
+        # The first batch went in by the all-new insert; the second one's try met existing
+        # rows after inserting some new ones, and was undone.
+        assert tried == ([] if general_only else [True, False])
+        tried.clear()
+
+    assert runs[False] == runs[True]
+    final = final_statuses()
+    queued, excluded, retrying, sent, failed, skipped, ambiguous, last = runs[True]["counters"]
+    assert (queued, excluded, retrying, sent, failed, skipped) == (
+        sum(f != "excluded" for f in final), final.count("excluded"), final.count("retrying"),
+        final.count("sent"), final.count("failed"), final.count("skipped"))
+    assert ambiguous == sum(i % 2 for i in range(BATCH) if first_status(i) in ("sent", "failed"))
+    assert last == T0 + timedelta(seconds=30)
+    assert sorted(row[2] for row in runs[True]["rows"]) == sorted(final)
+    assert sum(settled for _, settled in runs[True]["throughput"]) == (
+        final.count("sent") + final.count("failed") + final.count("skipped"))
+
+
+def test_only_a_connection_whose_last_staged_batch_found_no_rows_tries_the_all_new_insert(
+        db, monkeypatch) -> None:
+    calls: list[bool] = []
+
+    def declining_try(cur: psycopg.Cursor[Any]) -> bool:
+        calls.append(True)
+        return False  # as if some row existed: the general statement follows
+
+    monkeypatch.setattr(batch_writer, "_insert_all_new", declining_try)
+    tenant, campaign = f"tenant-{uuid.uuid4().hex[:8]}", f"camp-{uuid.uuid4()}"
+    first, second = batches(tenant, campaign)
+    try:
+        batch_writer._FOUND_EXISTING.add(db)
+        with db.transaction():
+            batch_writer.apply(db, read_models.plan(first))
+        # No row of it existed: the next batch tries the all-new insert again ...
+        assert calls == [] and db not in batch_writer._FOUND_EXISTING
+        with db.transaction():
+            batch_writer.apply(db, read_models.plan(second))
+        # ... which found existing rows, so the one after that does not.
+        assert calls == [True] and db in batch_writer._FOUND_EXISTING
+        with db.transaction():
+            batch_writer.apply(db, read_models.plan(second))
+        assert calls == [True]
+    finally:
+        db.execute("DELETE FROM campaign_recipients WHERE campaign_id = %s", (campaign,))
+        db.execute("DELETE FROM recipient_attempts WHERE campaign_id = %s", (campaign,))
+        db.execute("DELETE FROM campaign_throughput WHERE campaign_id = %s", (campaign,))
+        db.execute("DELETE FROM campaigns WHERE campaign_id = %s", (campaign,))
+        db.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
