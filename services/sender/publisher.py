@@ -28,6 +28,7 @@ from services.common.topics import (
 )
 from services.sender.delivery import Outcome, Status, delivery_event
 from services.sender.retries import tier_index
+from services.sender.sent_event import sent_record
 from services.sender.work import SenderStats, Work, message_id
 
 log = structlog.get_logger("sender")
@@ -84,9 +85,15 @@ class DeliveryPublisher:
             self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
                        wrap_caused_by(skipped, item.envelope, aggregate_id=recipient.campaign_id))
             return
-        event = delivery_event(recipient, outcome, message_id(recipient))
-        self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
-                   wrap_caused_by(event, item.envelope, aggregate_id=recipient.campaign_id))
+        mail_id = message_id(recipient)
+        # The common case (a mail sent) is written directly; the same bytes as the schema path.
+        sent = sent_record(recipient, outcome, mail_id, item.envelope)
+        if sent is not None:
+            self._produce(self._deliveries_topic, recipient.campaign_id.encode(), sent)
+        else:
+            event = delivery_event(recipient, outcome, mail_id)
+            self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
+                       wrap_caused_by(event, item.envelope, aggregate_id=recipient.campaign_id))
         if fresh:
             stats.ambiguous += outcome.ambiguous
             stats.sent += outcome.status is Status.SENT

@@ -1,0 +1,67 @@
+"""The EmailSent record of a sent mail, written straight to JSON bytes.
+
+Guarantee: `sent_record` returns exactly the bytes `schemas.envelope.encode` writes for
+`wrap_caused_by(delivery_event(recipient, outcome, message_id), cause,
+aggregate_id=campaign_id)` with the same event id and time (same keys, order, spelling and
+values), or None when any value is not plainly safe to write by hand (then the caller takes
+that schema path, which validates and escapes). Only printable ASCII strings without a quote
+or backslash are written here, so no JSON escaping is ever needed; ids and the address must
+already be in the schema's canonical form.
+
+Why: one EmailSent per mail went through two pydantic models, a dict dump and a JSON dump on
+the sender's main thread, which also decodes, claims, settles and publishes for all SMTP
+threads. Measured side by side on a loaded 2-core machine: 25-33 us per mail that way,
+16-18 us here (most of what is left is the new event id and formatting three UUIDs).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+
+from schemas.envelope import Envelope, envelope_timestamp
+from schemas.events import EmailSent, RecipientQueued
+from schemas.registry import wire_name
+from services.sender.delivery import Outcome, Status
+
+_TYPE, _VERSION = wire_name(EmailSent)
+# schemas.base's EntityId, and its address rule with a lower-case domain (what
+# normalise_email returns unchanged, so the schema would write the same address).
+_ENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_NORMALISED_EMAIL = re.compile(
+    r"[^@\s\x00-\x1f\x7f<>,;]{1,64}@[a-z0-9](?:[a-z0-9-]{0,62}\.)+[a-z0-9-]{2,63}")
+
+
+def sent_record(recipient: RecipientQueued, outcome: Outcome, message_id: str, cause: Envelope,
+                *, event_id: uuid.UUID | None = None,
+                occurred_at: datetime | None = None) -> bytes | None:
+    """The encoded EmailSent envelope of a SENT outcome caused by `cause`, or None (use the
+    schema path). `event_id` and `occurred_at` default to a new id and now, as `wrap` does."""
+    campaign, contact, email = recipient.campaign_id, recipient.contact_id, recipient.email
+    reply, ambiguous = outcome.detail, outcome.ambiguous
+    if not (outcome.status is Status.SENT
+            and type(outcome.attempt) is int and type(ambiguous) is int and ambiguous >= 0
+            and _plain(campaign) and _ENTITY.fullmatch(campaign)
+            and _plain(contact) and _ENTITY.fullmatch(contact)
+            and _plain(email) and len(email) <= 254 and _NORMALISED_EMAIL.fullmatch(email)
+            and _plain(message_id) and _plain(reply) and _plain(cause.tenant_id)):
+        return None
+    new_id = event_id or uuid.uuid4()
+    when = envelope_timestamp(occurred_at or datetime.now(UTC))
+    causation = cause.id
+    return (
+        f'{{"id":"{new_id}","type":"{_TYPE}","version":{_VERSION},'
+        f'"tenant_id":"{cause.tenant_id}","aggregate_id":"{campaign}",'
+        f'"occurred_at":"{when}","correlation_id":"{cause.correlation_id}",'
+        f'"causation_id":"{causation}",'
+        f'"payload":{{"campaign_id":"{campaign}","contact_id":"{contact}","email":"{email}",'
+        f'"message_id":"{message_id}","attempt":{max(outcome.attempt, 1)},'
+        f'"smtp_reply":"{reply}","ambiguous":{ambiguous}}}}}'
+    ).encode()
+
+
+def _plain(value: object) -> bool:
+    """A str JSON writes as itself between quotes: printable ASCII, no quote or backslash."""
+    return (type(value) is str and value.isascii() and value.isprintable()
+            and '"' not in value and "\\" not in value)
