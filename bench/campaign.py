@@ -5,6 +5,7 @@ CLI's importer, created and sent through the command topic, watched in the read 
 from __future__ import annotations
 
 import csv
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -83,6 +84,14 @@ def write_csv(people: list[RawContact], path: Path) -> None:
         for person in people:
             out.writerow([person.email, person.first_name, person.last_name,
                           person.attributes["city"]])
+
+
+def import_people(people: list[RawContact], ids: BenchIds, settings: Settings) -> ImportReport:
+    """Write `people` to a CSV file in a temporary folder and import it (`import_csv`)."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        path = Path(folder) / f"{ids.tenant_id}.csv"
+        write_csv(people, path)
+        return import_csv(path, ids, settings)
 
 
 def import_csv(path: Path, ids: BenchIds, settings: Settings) -> ImportReport:

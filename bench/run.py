@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import replace
@@ -155,18 +154,19 @@ def warmup_wanted(env: dict[str, str]) -> int:
     return DEFAULT_WARMUP_RECIPIENTS
 
 
+def campaign_timeout(count: int) -> float:
+    """How long a campaign of `count` recipients may take before the run gives up."""
+    return BASE_TIMEOUT_SECONDS + SECONDS_PER_RECIPIENT_ALLOWED * count
+
+
 def warm_up(settings: Settings, count: int, console: Console) -> float:
     """Run a `count`-recipient campaign of a fresh tenant to completion; its seconds from
     SendCampaign to completed. Raises campaign.CampaignFailed like the measured one."""
     ids = campaign.BenchIds.fresh()
-    with tempfile.TemporaryDirectory(prefix="bench-warmup-") as folder:
-        path = Path(folder) / f"{ids.tenant_id}.csv"
-        campaign.write_csv(campaign.contacts(ids, count), path)
-        imported = campaign.import_csv(path, ids, settings)
+    imported = campaign.import_people(campaign.contacts(ids, count), ids, settings)
     if imported.imported != count:
         raise campaign.CampaignFailed(f"warm-up import: {imported.imported} of {count} rows")
-    timeout = BASE_TIMEOUT_SECONDS + SECONDS_PER_RECIPIENT_ALLOWED * count
-    run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
+    run = campaign.run_campaign(ids, settings, recipients=count, timeout=campaign_timeout(count),
                                 console=console)
     return run.e2e_seconds
 
@@ -236,10 +236,7 @@ def main() -> int:
     sink_offset = figures.sink_size(stack.sink_records)
 
     peak_reset = reset_peak_rss(pids)
-    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
-        path = Path(folder) / f"{ids.tenant_id}.csv"
-        campaign.write_csv(people, path)
-        imported = campaign.import_csv(path, ids, settings)
+    imported = campaign.import_people(people, ids, settings)
     console.print(f"imported {imported.imported:,} contacts into {ids.tenant_id}/{ids.list_id}"
                   f" in {imported.seconds:.2f} s ({imported.rows_per_second:,.0f} rows/s)")
     if imported.imported != count:
@@ -251,10 +248,9 @@ def main() -> int:
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     postmaster = postmaster_pid(stack)
     pg_before = postgres_cpu_seconds(postmaster) if postmaster else None
-    timeout = BASE_TIMEOUT_SECONDS + SECONDS_PER_RECIPIENT_ALLOWED * count
     try:
-        run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
-                                    console=console)
+        run = campaign.run_campaign(ids, settings, recipients=count,
+                                    timeout=campaign_timeout(count), console=console)
     except campaign.CampaignFailed as exc:
         console.print(f"[bold red]campaign {ids.campaign_id} failed:[/] {exc}")
         show_logs(stack, console)

@@ -31,12 +31,12 @@ from typing import Any
 from pydantic_core import from_json
 
 from projections.facts import RecipientFact
-from schemas.base import Record
+from schemas.base import ENTITY_ID_RE, NORMALISED_EMAIL_RE, TENANT_ID_RE, Record
 from schemas.envelope import Message, decode
 
-# The same patterns as schemas.base (TenantId, EntityId); fullmatch, like pydantic's anchors.
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_ENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+# schemas.base's TenantId and EntityId rules; fullmatch, like pydantic's anchors.
+_TENANT = TENANT_ID_RE
+_ENTITY = ENTITY_ID_RE
 # Only the canonical form; pydantic accepts more spellings, which take the full path.
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # RFC 3339 with an offset, as pydantic writes it; fromisoformat alone accepts more forms (an
@@ -46,11 +46,9 @@ _AWARE_TIME = re.compile(
     r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 )
 
-# schemas.base's address rule with a lower-case domain and no surrounding whitespace: exactly
-# the addresses that normalise_email returns unchanged (anything else takes the full path).
-_NORMALISED_EMAIL = re.compile(
-    r"[^@\s\x00-\x1f\x7f<>,;]{1,64}@[a-z0-9](?:[a-z0-9-]{0,62}\.)+[a-z0-9-]{2,63}"
-)
+# Exactly the addresses that normalise_email returns unchanged (anything else takes the full
+# path).
+_NORMALISED_EMAIL = NORMALISED_EMAIL_RE
 # --- first tier: the canonical text of a delivery, matched as a whole -------------------------
 # Inside the expressions: JSON strings without escapes (so the text is the value) in printable
 # ASCII only (the document is ASCII, hence valid UTF-8; no lone surrogates), and JSON integers

@@ -9,11 +9,24 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 # Tenants and aggregates are named by callers; a tight alphabet keeps them safe as Kafka
 # keys, SQL values and log fields.
-TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-EntityId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+_TENANT_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_ENTITY_ID = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"
+TenantId = Annotated[str, StringConstraints(pattern=f"^{_TENANT_ID}$")]
+EntityId = Annotated[str, StringConstraints(pattern=f"^{_ENTITY_ID}$")]
+# The same rules for code that checks values without a model (use fullmatch: pydantic's
+# anchors): the projector's and the sender's fast paths.
+TENANT_ID_RE = re.compile(_TENANT_ID)
+ENTITY_ID_RE = re.compile(_ENTITY_ID)
 
 # Deliberately plain: one @, no whitespace or control characters, a dotted domain.
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f<>,;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+[A-Za-z0-9-]{2,63}$")
+
+
+# Exactly the addresses normalise_email returns unchanged (the address rule with a lower-case
+# domain, no surrounding whitespace): use fullmatch.
+NORMALISED_EMAIL_RE = re.compile(
+    r"[^@\s\x00-\x1f\x7f<>,;]{1,64}@[a-z0-9](?:[a-z0-9-]{0,62}\.)+[a-z0-9-]{2,63}"
+)
 
 
 class InvalidEmail(ValueError):

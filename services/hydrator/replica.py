@@ -39,6 +39,7 @@ from schemas.contacts import (
     ContactUpserted,
 )
 from schemas.envelope import SchemaViolation, decode
+from services.common.kafka import partition_reader
 from services.common.settings import Settings
 from services.hydrator.audience import StoredContact, apply_to_stored
 
@@ -255,13 +256,8 @@ class Replicas:
         """Each partition's end for a read_committed reader (its last stable offset)."""
         with self._lock:
             if self._probe is None:
-                self._probe = Consumer({
-                    "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                    # Required by the client; the probe never joins the group or commits.
-                    "group.id": self.settings.group(REPLICAS_GROUP),
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                })
+                # Never assigned nor committed: it only asks where partitions end.
+                self._probe = partition_reader(self.settings, self.settings.group(REPLICAS_GROUP))
             probe = self._probe
         # Timestamp OFFSET_END (-1) asks for the latest offset: one ListOffsets request.
         found = probe.offsets_for_times(

@@ -136,16 +136,20 @@ class _SinkSMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         if self._in_group and self._command_waiting():
             # One write (one send here, one wake-up of the client) for the whole group.
-            self._held.append(status if isinstance(status, bytes) else status.encode(
-                "utf-8" if self.enable_SMTPUTF8 else "ascii"))
+            self._held.append(self._reply_bytes(status))
             return
         if not self._held:
             await super().push(status)  # nothing held: aiosmtpd's own path
             return
-        reply = status if isinstance(status, bytes) else status.encode(
-            "utf-8" if self.enable_SMTPUTF8 else "ascii")
-        replies, self._held = b"\r\n".join([*self._held, reply]), []
+        replies = b"\r\n".join([*self._held, self._reply_bytes(status)])
+        self._held = []
         await super().push(replies)  # aiosmtpd adds the last CRLF
+
+    def _reply_bytes(self, status: AnyStr) -> bytes:
+        """A reply as aiosmtpd's push would encode it."""
+        if isinstance(status, bytes):
+            return status
+        return status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
 
     def _command_waiting(self) -> bool:
         """A complete command line is already buffered: reading it will not wait for the
