@@ -12,7 +12,8 @@ primary key, is rolled back to the savepoint, and the general statement runs: th
 either way.
 
 Lock order, the same in every transaction (so the projector's lanes, which write the same
-campaigns concurrently, and two instances during a rebalance cannot deadlock): first every
+campaigns concurrently, and two instances during a rebalance cannot deadlock): first contact,
+list-membership and segment rows (in key order; only the main lane writes them), then every
 campaign row of the batch, in campaign id order, then recipient rows in key order, then the
 per-tenant and per-campaign counter rows. Since a recipient row is only written under its
 campaign's lock, two transactions never race to insert the same recipient: the second one
@@ -379,6 +380,15 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
     if changes.is_empty():
         return []
     with conn.cursor() as cur:
+        # Contacts and segments first, before any campaign row is locked: no campaign work
+        # depends on them, and the delivery lane (which never touches them) waits for every
+        # campaign lock this transaction takes; a contacts import projected in the same
+        # batch as a campaign's start held deliveries up ~3 s under load (make bench).
+        if changes.contacts:
+            _write_contacts(cur, changes)
+            segment_projection.write_profiles(cur, changes.contacts)
+        if changes.segments:
+            segment_projection.write_segments(cur, changes.segments)
         ids = changes.campaign_ids()
         if ids:
             # One round trip for both (they still run one after the other, each with its own
@@ -413,11 +423,6 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
             ))
         if changes.recipients:
             _write_recipients(cur, changes)
-        if changes.contacts:
-            _write_contacts(cur, changes)
-            segment_projection.write_profiles(cur, changes.contacts)
-        if changes.segments:
-            segment_projection.write_segments(cur, changes.segments)
         completed: list[tuple[str, str]] = []
         ids = changes.campaign_ids()
         if ids:
