@@ -23,6 +23,15 @@ LOG4J = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
 # A broker that has not answered metadata requests by then failed to start.
 STARTUP_TIMEOUT_SECONDS = 90.0
 
+# The broker's JVM: heap bounds only, for now (KAFKA_JVM_OPTS replaces them, split on spaces).
+DEFAULT_JVM_OPTIONS = ("-Xms256m", "-Xmx1g")
+
+
+def jvm_options() -> list[str]:
+    """JVM options for the broker: KAFKA_JVM_OPTS if set, else DEFAULT_JVM_OPTIONS."""
+    override = os.environ.get("KAFKA_JVM_OPTS", "").split()
+    return override or list(DEFAULT_JVM_OPTIONS)
+
 
 def kafka_version() -> str:
     """The broker version: KAFKA_VERSION, else the pom's kafka.version property."""
@@ -103,7 +112,7 @@ class KafkaNode:
         libs = fetch_jars(self.libs_dir)
         conf = self._write_config()
         classpath = f"{libs}/*"
-        java = ["java", "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={LOG4J}", "-cp", classpath]
+        java = ["java", *jvm_options(), f"-Dlog4j2.configurationFile={LOG4J}", "-cp", classpath]
         if not (self.home / "data" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
