@@ -71,6 +71,7 @@ def main() -> int:
         auth_users=len(config.auth_users),  # how many, never who or their passwords
         refuse_connections=config.refuse_connections,
         pipelining=config.pipelining,
+        chunking=config.chunking,
     )
     last_stats = sink.stats
     try:

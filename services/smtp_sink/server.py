@@ -23,6 +23,16 @@ Guarantees:
   reply to the group's last command in one write (RFC 2920 3.1); a reply is never held when
   no complete command is waiting, nor for any other command (EHLO, DATA, STARTTLS, QUIT...),
   so a client waiting for a reply always gets it.
+- With `chunking` on (the default) the EHLO reply offers CHUNKING (RFC 3030) and BDAT is taken:
+  `BDAT <size> [LAST]` followed at once by exactly <size> octets of the message. The chunk is
+  always read whole before any reply (also when it is refused, so the session stays in step);
+  a message over the size limit is refused (552) and its transaction ended, as RFC 3030
+  prescribes. The LAST chunk goes through the same hook as DATA content: the same faults,
+  latency, record and reply (a dropped connection there also loses the MAIL and RCPT replies
+  held for the group: the client sees only the close, as from a relay that crashed). A BDAT
+  refused for want of RCPT leaves the MAIL transaction open, as DATA does. A BDAT line whose
+  size cannot be read is answered 501 and the
+  connection closed (the octets that follow could not be told from commands).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from services.smtp_sink.config import SinkConfig
 from services.smtp_sink.faults import FaultPlan, Outcome
@@ -82,6 +92,12 @@ _SIMPLE_ADDRESS = re.compile(
     re.DOTALL,
 )
 
+# "BDAT <size> [LAST]" (RFC 3030 2); ten digits hold any size the limit above lets through.
+_BDAT_ARGUMENTS = re.compile(r"(?P<size>[0-9]{1,10})(?:[ \t]+(?P<last>LAST))?", re.IGNORECASE)
+# A chunk over the size limit is read and dropped in pieces of this size: it is consumed
+# (the session stays in step) without being held in memory.
+_DISCARD_PIECE = 64 * 1024
+
 _TEMPFAIL_REPLY = "451 4.3.0 Temporary failure (injected by smtp-sink)"
 _PERMFAIL_REPLY = "550 5.1.1 Mailbox unavailable (injected by smtp-sink)"
 _ACCEPT_REPLY = "250 2.0.0 OK"
@@ -120,11 +136,16 @@ class _SinkSMTP(SMTP):
     to a pipelined group written together."""
 
     def __init__(self, handler: _Handler, connections: set[_SinkSMTP], *,
-                 refuse: bool = False, pipelining: bool = False, **kwargs: Any) -> None:
+                 refuse: bool = False, pipelining: bool = False, chunking: bool = False,
+                 **kwargs: Any) -> None:
+        # Before aiosmtpd's constructor, which resets the transaction state (see below).
+        self._chunks: list[bytes] = []  # BDAT chunks of the transaction so far
+        self._chunked_bytes = 0
         super().__init__(handler, **kwargs)
         self._connections = connections
         self._refuse = refuse
         self._pipelining = pipelining
+        self._chunking = chunking
         self._in_group = False  # answering MAIL / RCPT / RSET (see _grouped)
         self._held: list[bytes] = []  # replies waiting for the rest of their group
 
@@ -168,6 +189,72 @@ class _SinkSMTP(SMTP):
 
     def _create_envelope(self) -> _SinkEnvelope:
         return _SinkEnvelope()
+
+    # aiosmtpd resets a transaction through these two (RSET, a new EHLO, the end of DATA).
+    def _set_rset_state(self) -> None:
+        self._drop_chunks()
+        super()._set_rset_state()
+
+    def _set_post_data_state(self) -> None:
+        self._drop_chunks()
+        super()._set_post_data_state()
+
+    def _drop_chunks(self) -> None:
+        self._chunks = []
+        self._chunked_bytes = 0
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        """RFC 3030 CHUNKING: one chunk of the message; the LAST one completes it like DATA."""
+        if not self._chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        parsed = _BDAT_ARGUMENTS.fullmatch(arg.strip()) if arg else None
+        if parsed is None:
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        size, last = int(parsed["size"]), parsed["last"] is not None
+        try:
+            chunk = await self._read_chunk(size)
+        except asyncio.IncompleteReadError:
+            return  # the client closed mid-chunk: nothing to answer, nothing recorded
+        if await self.check_helo_needed() or await self.check_auth_needed("BDAT"):
+            self._drop_chunks()
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            self._drop_chunks()
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if chunk is None:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: Too much mail data")
+            return
+        self._chunks.append(chunk)
+        self._chunked_bytes += size
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        content = b"".join(self._chunks)
+        self._drop_chunks()
+        self.envelope.original_content = content
+        self.envelope.content = (
+            content.decode("utf-8", errors="surrogateescape") if self._decode_data else content)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_chunk(self, size: int) -> bytes | None:
+        """The chunk's octets, or None (read and dropped) when the message would exceed the
+        size limit."""
+        limit = self.data_size_limit
+        if not limit or self._chunked_bytes + size <= limit:
+            return await self._reader.readexactly(size)
+        remaining = size
+        while remaining:
+            remaining -= len(await self._reader.readexactly(min(remaining, _DISCARD_PIECE)))
+        return None
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL/RCPT address with the email package's RFC 5322 parser,
@@ -215,6 +302,7 @@ class _Handler:
                           for name, password in config.auth_users.items()}
         self._describe_session = config.tls or bool(config.auth_users)
         self._pipelining = config.pipelining
+        self._chunking = config.chunking
         self.logins: Counter[str] = logins if logins is not None else Counter()
 
     def authenticate(
@@ -234,8 +322,10 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """The EHLO reply lines, with PIPELINING offered when configured."""
+        """The EHLO reply lines, with PIPELINING and CHUNKING offered when configured."""
         session.host_name = hostname  # this hook's duty, says aiosmtpd
+        if self._chunking:
+            responses.insert(1, "250-CHUNKING")
         if self._pipelining:
             responses.insert(1, "250-PIPELINING")  # after the greeting line, as Postfix does
         return responses
@@ -511,6 +601,7 @@ class SmtpSink:
                     connections,
                     refuse=config.refuse_connections,
                     pipelining=config.pipelining,
+                    chunking=config.chunking,
                     hostname=_HOSTNAME,
                     timeout=_IDLE_TIMEOUT_S,
                     data_size_limit=_DATA_SIZE_LIMIT,
