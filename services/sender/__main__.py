@@ -12,6 +12,9 @@ relays, routed by From domain with failover (see services/sender/relay_config.py
 relays.py); without them mail goes to SMTP_HOST:SMTP_PORT. A configuration that cannot be used
 stops the start with exit code 2 and the reason.
 
+The cyclic garbage collector runs relaxed while the sender works (see
+services/sender/process_tuning.py).
+
 Test sends (TestEmailRequested) are mailed by a second worker on its own thread (see
 services/sender/test_mail.py) over the same relays; if it fails, the whole process stops
 (exit code 1) rather than silently dropping test sends.
@@ -27,6 +30,7 @@ from types import FrameType
 
 from services.common.logs import configure_logging
 from services.common.settings import Settings
+from services.sender.process_tuning import sending_process
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
 from services.sender.test_mail import TestSendWorker
@@ -67,7 +71,8 @@ def main() -> int:
     test_sends = threading.Thread(target=run_test_sends, name="sender-test-sends", daemon=True)
     test_sends.start()
     try:
-        SenderWorker(settings, concurrency=concurrency, transport=transport).run(stop)
+        with sending_process():
+            SenderWorker(settings, concurrency=concurrency, transport=transport).run(stop)
     finally:
         stop.set()
         test_sends.join(TEST_SENDS_STOP_SECONDS)

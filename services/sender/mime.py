@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import html
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import format_datetime, formataddr
 
 from schemas.events import RecipientQueued
@@ -46,7 +47,7 @@ _FOLD_AT = 78
 _WORD_BYTES = 39
 # A Message-ID's left part is dot-atom text: ':' (allowed in ids) is not, '=' (not allowed in
 # ids) is, so writing ':' as "=3A" stays unambiguous.
-_ID_ESCAPES = str.maketrans({":": "=3A"})
+_ID_COLON, _ID_COLON_ESCAPED = ":", "=3A"
 _TAG = re.compile(r"<[^>]*>")
 _INVISIBLE = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _BLOCK_END = re.compile(r"<br\s*/?>|</(p|div|h[1-6]|li|tr|table)\s*>", re.IGNORECASE)
@@ -71,7 +72,7 @@ class OutgoingMail:
 def message_id_for(campaign_id: str, contact_id: str, from_address: str) -> str:
     """The deterministic Message-ID of a campaign mail to a contact."""
     domain = from_address.rpartition("@")[2]
-    return f"<{campaign_id}.{contact_id}@{domain}>".translate(_ID_ESCAPES)
+    return f"<{campaign_id}.{contact_id}@{domain}>".replace(_ID_COLON, _ID_COLON_ESCAPED)
 
 
 def plain_from_html(markup: str) -> str:
@@ -89,22 +90,21 @@ def build_mail(recipient: RecipientQueued, content: RenderedContent, now: dateti
     e.g. List-Unsubscribe, checked like every other header)."""
     template = recipient.template
     message_id = message_id_for(recipient.campaign_id, recipient.contact_id, template.from_address)
-    headers = [
-        ("From", template.from_address),
-        ("To", _mailbox(f"{recipient.first_name} {recipient.last_name}", recipient.email)),
-        ("Subject", unstructured(content.subject, len("Subject: "))),
-        ("Message-ID", message_id),
-        ("Date", format_datetime(now)),
-        ("MIME-Version", "1.0"),
-        ("X-Campaign-ID", recipient.campaign_id),
-        *(extra_headers or []),
+    from_line, fixed_lines = _campaign_lines(template.from_address, recipient.campaign_id)
+    lines = [
+        from_line,
+        _header("To", _mailbox(f"{recipient.first_name} {recipient.last_name}", recipient.email)),
+        _header("Subject", unstructured(content.subject, len("Subject: "))),
+        _header("Message-ID", message_id),
+        _date_line(now.replace(microsecond=0), now.utcoffset()),
+        fixed_lines,
+        *(_header(name, value) for name, value in extra_headers or ()),
     ]
     text = content.text
     if text is None:
         text = plain_from_html(content.html) if content.html is not None else ""
-    lines = [_header(name, value) for name, value in headers]
     if content.html is None:
-        lines.extend(_text_part_headers("plain"))
+        lines.append(_PART_HEADERS["plain"])
         body = [CRLF, _quoted_printable(text)]
     else:
         boundary = "=_" + hashlib.blake2b(message_id.encode(), digest_size=12).hexdigest()
@@ -114,7 +114,7 @@ def build_mail(recipient: RecipientQueued, content: RenderedContent, now: dateti
         # The CRLF before each delimiter belongs to the delimiter (RFC 2046 5.1.1), hence the
         # extra one: without it every part would lose its final line break.
         for subtype, part in (("plain", text), ("html", content.html)):
-            body += [delimiter, CRLF, *_text_part_headers(subtype), CRLF, _quoted_printable(part),
+            body += [delimiter, CRLF, _PART_HEADERS[subtype], CRLF, _quoted_printable(part),
                      CRLF]
         body += [delimiter, b"--", CRLF]
     return OutgoingMail(
@@ -191,11 +191,29 @@ def _header(name: str, value: str) -> bytes:
     return f"{name}: {value}".encode() + CRLF
 
 
-def _text_part_headers(subtype: str) -> list[bytes]:
-    return [
-        _header("Content-Type", f'text/{subtype}; charset="utf-8"'),
-        _header("Content-Transfer-Encoding", "quoted-printable"),
-    ]
+def _text_part_headers(subtype: str) -> bytes:
+    return (_header("Content-Type", f'text/{subtype}; charset="utf-8"')
+            + _header("Content-Transfer-Encoding", "quoted-printable"))
+
+
+# The same for every mail: written once.
+_PART_HEADERS = {subtype: _text_part_headers(subtype) for subtype in ("plain", "html")}
+
+
+# Per campaign (and sender) the From line and the lines after Date are the same for every
+# recipient: written once per campaign, not once per mail.
+@functools.lru_cache(maxsize=256)
+def _campaign_lines(from_address: str, campaign_id: str) -> tuple[bytes, bytes]:
+    return (_header("From", from_address),
+            _header("MIME-Version", "1.0") + _header("X-Campaign-ID", campaign_id))
+
+
+# The Date header has whole seconds: every mail built within one second shares its line
+# (format_datetime costs a few microseconds). Keyed by the time without microseconds and its
+# UTC offset, which is all format_datetime reads: equal keys give equal lines.
+@functools.lru_cache(maxsize=16)
+def _date_line(second: datetime, _offset: timedelta | None) -> bytes:
+    return _header("Date", format_datetime(second))
 
 
 def _quoted_printable(text: str) -> bytes:

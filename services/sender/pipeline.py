@@ -3,8 +3,10 @@ offset commits of consecutive batches, overlapped so the SMTP connections never 
 database, the broker or the consumer.
 
 A batch of recipients is cut into chunks. A chunk is claimed in the send ledger, then each of
-its recipients that must be mailed goes to the SMTP threads as its own task (no barrier per
-chunk: a thread that finishes one mail takes the next, whichever chunk it belongs to). While
+its recipients that must be mailed goes to the SMTP threads as its own job (no barrier per
+chunk: a thread that finishes one mail takes the next, whichever chunk it belongs to); the
+chunk counts its mails still out, and the driving thread is woken when its oldest chunk's
+count reaches zero (no Future per mail). While
 one chunk is mailed the next one is claimed and queued behind it, so the threads always have
 work; chunks are reaped in order (settled in the ledger, their delivery events produced) as
 their last mail returns. When every chunk of a batch is reaped, its offsets join the commit
@@ -26,12 +28,13 @@ Guarantees (each one holds per recipient, whatever overlaps):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from services.sender.delivery import Outcome
 from services.sender.ledger import Claim, LedgerKey
@@ -138,27 +141,37 @@ class _Batch(Generic[Item]):
     mailed: int = 0
 
 
+class MailThreads(Protocol):
+    """Where mails run: `MailLanes` (services/sender/mail_lanes.py) or any Executor."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> object: ...
+
+
 @dataclass
 class _Chunk(Generic[Item]):
     batch: _Batch[Item]
     items: list[Item]
     claims: Mapping[LedgerKey, Claim]
-    mails: dict[LedgerKey, Future[Outcome]] = field(default_factory=dict)
-
-    def done(self) -> bool:
-        return all(future.done() for future in self.mails.values())
+    # Mails handed to the SMTP threads and not returned yet (changed under the pipeline's
+    # condition); their outcomes, or what a mail raised, keyed by recipient.
+    out: int = 0
+    outcomes: dict[LedgerKey, Outcome] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
 
 
 class SendPipeline(Generic[Item]):
     """Drives batches through claim -> mail -> settle -> publish -> commit; see the module
     docstring. Not thread-safe: one thread calls `add`, `step` and `drain`."""
 
-    def __init__(self, steps: SendSteps[Item], executor: Executor, *, chunk_size: int,
-                 lookahead: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, steps: SendSteps[Item], threads: MailThreads | Executor, *,
+                 chunk_size: int, lookahead: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if chunk_size < 1 or lookahead < 1:
             raise ValueError("chunk_size and lookahead must be at least 1")
         self._steps = steps
-        self._executor = executor
+        self._threads = threads
+        # Guards every chunk's `out` count; notified when a chunk's last mail returns.
+        self._returned = threading.Condition()
         self._chunk_size = chunk_size
         self._lookahead = lookahead
         self._clock = clock
@@ -200,8 +213,10 @@ class SendPipeline(Generic[Item]):
         for the oldest one first), commit what became safe."""
         self._feed()
         if block and self._in_flight:
-            wait(self._in_flight[0].mails.values())
-        while self._in_flight and self._in_flight[0].done():
+            oldest = self._in_flight[0]
+            with self._returned:
+                self._returned.wait_for(lambda: oldest.out == 0)
+        while self._in_flight and self._in_flight[0].out == 0:
             self._reap(self._in_flight.popleft())
             self._feed()
         self._commit()
@@ -226,16 +241,34 @@ class SendPipeline(Generic[Item]):
             self._unclaimed_items -= len(chunk)
             claims = self._steps.claim(chunk)
             flight = _Chunk(batch, chunk, claims)
+            mails = [item for item in chunk if claims[item.key].must_send]
+            flight.out = len(mails)  # before the first mail can return
             for item in chunk:
                 self._flying[item.key] = self._flying.get(item.key, 0) + 1
-                if claims[item.key].must_send:
-                    flight.mails[item.key] = self._executor.submit(
-                        self._steps.mail, item, batch.started)
             batch.open_chunks += 1
             self._in_flight.append(flight)
+            for item in mails:
+                self._threads.submit(self._mail, flight, item)
+
+    def _mail(self, chunk: _Chunk[Item], item: Item) -> None:
+        """Runs on an SMTP thread: one mail, its outcome (or what it raised) kept for the
+        driving thread."""
+        try:
+            chunk.outcomes[item.key] = self._steps.mail(item, chunk.batch.started)
+        except BaseException as exc:  # raised again on the driving thread, in _reap
+            chunk.errors.append(exc)
+        finally:
+            with self._returned:
+                chunk.out -= 1
+                if chunk.out == 0:
+                    self._returned.notify_all()
 
     def _reap(self, chunk: _Chunk[Item]) -> None:
-        outcomes = {key: future.result() for key, future in chunk.mails.items()}
+        if chunk.errors:
+            raise chunk.errors[0]
+        # In the chunk's order, as the mails were handed out.
+        outcomes = {item.key: chunk.outcomes[item.key] for item in chunk.items
+                    if item.key in chunk.outcomes}
         self._steps.settle(outcomes)
         for item in chunk.items:
             self._steps.publish(item, chunk.claims[item.key], outcomes.get(item.key))

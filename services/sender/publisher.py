@@ -29,7 +29,7 @@ from services.common.topics import (
 from services.sender.delivery import Outcome, Status, delivery_event
 from services.sender.retries import tier_index
 from services.sender.sent_event import sent_record
-from services.sender.work import SenderStats, Work, message_id
+from services.sender.work import SenderStats, Work
 
 log = structlog.get_logger("sender")
 
@@ -85,7 +85,7 @@ class DeliveryPublisher:
             self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
                        wrap_caused_by(skipped, item.envelope, aggregate_id=recipient.campaign_id))
             return
-        mail_id = message_id(recipient)
+        mail_id = item.message_id
         # The common case (a mail sent) is written directly; the same bytes as the schema path.
         sent = sent_record(recipient, outcome, mail_id, item.envelope)
         if sent is not None:

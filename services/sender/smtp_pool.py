@@ -187,8 +187,13 @@ class SmtpConnection:
             return classify_failure(Stage.ENVELOPE, exc)
         if refusal is not None:
             return refusal
+        content = mail.content
+        # Most mails have no line starting with "." (the regex costs ~3.5 us on a 1 KB mail,
+        # the test ~1 us): stuffed only when there is one, the same bytes either way.
+        if content.startswith(b".") or b"\n." in content:
+            content = _LEADING_DOT.sub(b"..", content)
         try:
-            channel.send(_LEADING_DOT.sub(b"..", mail.content) + _END_OF_DATA)
+            channel.send(content + _END_OF_DATA)
         except (smtplib.SMTPException, OSError) as exc:
             # The final "." did not go out whole, so the relay cannot have accepted it.
             self.close()

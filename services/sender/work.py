@@ -3,8 +3,9 @@ the worker's running totals (`SenderStats`). Plain values, no I/O."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 from confluent_kafka import Message
 
@@ -47,10 +48,18 @@ class Work:
     skip: str | None
     # Its rate-limit slot was booked when it was throttled: it takes no other token.
     prepaid: bool = False
+    # (campaign_id, contact_id): the recipient's ledger key, read many times per mail by the
+    # pipeline, so built once here rather than by a property at each read.
+    key: LedgerKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> LedgerKey:
-        return (self.recipient.campaign_id, self.recipient.contact_id)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.recipient.campaign_id, self.recipient.contact_id))
+
+    @cached_property
+    def message_id(self) -> str:
+        """`message_id(recipient)`, worked out once (the ledger claim and the delivery event
+        both need it)."""
+        return message_id(self.recipient)
 
 
 def message_id(recipient: RecipientQueued) -> str:

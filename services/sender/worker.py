@@ -48,7 +48,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -76,6 +75,7 @@ from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
 from services.sender.feeds import TopicFeed
 from services.sender.ledger import Claim, ClaimState, LedgerEntry, LedgerKey, SendLedger
 from services.sender.list_unsubscribe import ListUnsubscribe
+from services.sender.mail_lanes import MailLanes
 from services.sender.mime import build_mail
 from services.sender.pipeline import BatchReport, SendPipeline, Where
 from services.sender.publisher import FLUSH_TIMEOUT_SECONDS, DeliveryPublisher
@@ -84,7 +84,7 @@ from services.sender.retries import RetryPolicy
 from services.sender.smtp_pool import SmtpPool
 from services.sender.throttle import RateLimiter
 from services.sender.transport import MailTransport
-from services.sender.work import SenderStats, Work, message_id
+from services.sender.work import SenderStats, Work
 
 log = structlog.get_logger("sender")
 
@@ -226,7 +226,7 @@ class SenderWorker:
         producer = Producer(self._producer_config())
         publisher = DeliveryPublisher(producer, self.settings, self.stats)
         consumer = Consumer(self._consumer_config())
-        executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sender-smtp")
+        lanes = MailLanes(self.concurrency, name="sender-smtp")
         topics = [self._recipients_topic, *self._retry_topics, self._held_topic]
         metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_SECONDS).topics
         self._partitions_total = sum(len(metadata[t].partitions) for t in topics if t in metadata)
@@ -235,7 +235,7 @@ class SenderWorker:
         log.info("sender started", topics=topics, group=self.settings.group("sender"),
                  smtp=f"{self.settings.smtp_host}:{self.settings.smtp_port}",
                  concurrency=self.concurrency)
-        pipeline = SendPipeline(_SenderSteps(self, ledger, pool, publisher, consumer), executor,
+        pipeline = SendPipeline(_SenderSteps(self, ledger, pool, publisher, consumer), lanes,
                                 chunk_size=LEDGER_CHUNK, lookahead=LOOKAHEAD_CHUNKS)
         self._pipeline = pipeline
         try:
@@ -264,7 +264,7 @@ class SenderWorker:
             consumer.close()
             # Mails queued but not started are dropped: their claims stay unsettled and count
             # as possible duplicates when redelivered (never under-counted).
-            executor.shutdown(wait=True, cancel_futures=True)
+            lanes.shutdown(cancel=True)
             pool.close()
             producer.flush(FLUSH_TIMEOUT_SECONDS)  # anything parked or published after a failure
             ledger.close()
@@ -593,5 +593,5 @@ def _fair(items: list[Work]) -> list[Work]:
 def _ledger_entry(item: Work) -> LedgerEntry:
     recipient = item.recipient
     return LedgerEntry(recipient.campaign_id, recipient.contact_id, item.envelope.tenant_id,
-                       message_id(recipient), item.attempt, item.skip is not None)
+                       item.message_id, item.attempt, item.skip is not None)
 
