@@ -22,6 +22,13 @@ Guarantees:
   so no reply is left to be taken for the next transaction's; the content goes out only after
   MAIL, RCPT and DATA were all accepted: a relay that answers 354 to DATA after refusing MAIL
   or RCPT gets no content, its session is closed instead.
+- When it offers CHUNKING as well (RFC 3030), the whole transaction is one write: MAIL, RCPT
+  and `BDAT <size> LAST` followed by the message, then the three replies in order. One round
+  trip per mail, no dot-stuffing, same outcomes with one difference: a connection lost
+  before any reply came is ambiguous (the content was out, and a relay may hold the MAIL and
+  RCPT replies for the chunk's), where with DATA a loss before the 354 is a plain transient
+  failure. A refusal of MAIL or RCPT is the outcome as before (the relay drops the chunk);
+  after any refusal the session is reset (RSET) before the next mail.
 - `send` says in addition whether the relay itself could not be used (`RelayResult.setup`):
   the failure happened while setting up the session (TCP connect, greeting, EHLO, TLS, AUTH),
   before MAIL FROM, so the relay cannot have taken the message and another relay may be
@@ -139,6 +146,7 @@ class SmtpConnection:
         self._smtp: smtplib.SMTP | None = None
         self._channel: CommandChannel | None = None
         self._pipelining = False  # the open session's relay offered PIPELINING
+        self._chunking = False  # ... and CHUNKING too: one write per transaction (BDAT)
 
     @property
     def is_open(self) -> bool:
@@ -148,6 +156,12 @@ class SmtpConnection:
     def pipelining(self) -> bool:
         """The open session writes MAIL, RCPT and DATA at once (its relay offers PIPELINING)."""
         return self._smtp is not None and self._pipelining
+
+    @property
+    def chunking(self) -> bool:
+        """The open session writes each transaction at once, the message as one BDAT chunk
+        (its relay offers CHUNKING and PIPELINING)."""
+        return self._smtp is not None and self._chunking
 
     def transmit(self, mail: OutgoingMail) -> Attempt:
         """One MAIL / RCPT / DATA transaction."""
@@ -178,6 +192,9 @@ class SmtpConnection:
             return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
         channel = self._channel
         assert channel is not None  # set together with the session
+        if self._chunking:
+            return self._chunked(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
+                                 encoding, mail.content)
         envelope = self._pipelined_envelope if self._pipelining else self._envelope
         try:
             refusal = envelope(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
@@ -249,6 +266,54 @@ class SmtpConnection:
         self._reset(channel)
         return _refusal(*refused)
 
+    def _chunked(self, channel: CommandChannel, mail_from: str, rcpt_to: str, encoding: str,
+                 content: bytes) -> Attempt:
+        """The whole transaction in one write (RFC 3030 CHUNKING, pipelined as RFC 2920
+        allows): MAIL, RCPT and the message as one `BDAT <size> LAST` chunk, then the three
+        replies in order. No 354 round trip and no dot-stuffing (the size delimits the
+        content). The content goes out before MAIL and RCPT are answered: a relay that
+        refuses them reads the chunk and drops it (RFC 3030 4.2)."""
+        try:
+            head = (mail_from.encode(encoding) + CRLF + rcpt_to.encode(encoding) + CRLF
+                    + b"BDAT %d LAST\r\n" % len(content))
+        except UnicodeError as exc:
+            return classify_failure(Stage.ENVELOPE, exc)
+        try:
+            channel.send(head + content)
+        except (smtplib.SMTPException, OSError) as exc:
+            # The chunk did not go out whole, so the relay cannot have accepted the message.
+            self.close()
+            return classify_failure(Stage.CONTENT, exc)
+        refused: tuple[int, bytes] | None = None
+        code, text = -1, b""
+        for accepted in ((250,), (250, 251), None):
+            try:
+                code, text = channel.reply()
+            except (smtplib.SMTPException, OSError) as exc:
+                if refused is not None:
+                    # The refusal already came (e.g. 421, then the relay hung up): it is the
+                    # outcome, as in `_pipelined_envelope`.
+                    self._abandon()
+                    return _refusal(*refused)
+                # Everything was written and no refusal came: a relay may hold its MAIL and
+                # RCPT replies until the chunk's (RFC 2920), so it may have taken the message.
+                self.close()
+                return classify_failure(Stage.FINAL_REPLY, exc)
+            if refused is None and accepted is not None and code not in accepted:
+                refused = (code, text)
+        if refused is None:
+            outcome = classify_reply(code, text)
+            if outcome.verdict is not Verdict.SENT:
+                self._reset(channel)  # the message was refused: start the next one clean
+            return outcome
+        if 200 <= code < 300:
+            # The chunk was accepted although MAIL or RCPT was refused: a confused relay,
+            # not trusted with another transaction on this session.
+            self._abandon()
+        else:
+            self._reset(channel)  # MAIL may still be open (RCPT refused)
+        return _refusal(*refused)
+
     def _refused(self, channel: CommandChannel, code: int, text: bytes) -> Attempt:
         self._reset(channel)
         return _refusal(code, text)
@@ -268,6 +333,7 @@ class SmtpConnection:
             self._channel = CommandChannel(smtp.sock)
             # From the last EHLO: after STARTTLS, what the relay said in the clear is void.
             self._pipelining = smtp.has_extn("pipelining")
+            self._chunking = self._pipelining and smtp.has_extn("chunking")
             self._smtp = smtp
         return self._smtp
 

@@ -1,4 +1,5 @@
-"""SMTP PIPELINING (RFC 2920) in the sink and in the sender's SMTP connection.
+"""SMTP PIPELINING (RFC 2920) in the sink and in the sender's SMTP connection (the DATA path:
+sinks here do not offer CHUNKING; BDAT is in test_smtp_chunking.py).
 
 The sink (in-process, on a free loopback port) is driven over raw sockets, so commands really
 arrive together in one segment; the sender's `SmtpConnection` is checked against the sink with
@@ -207,7 +208,7 @@ def test_a_reply_is_never_held_when_no_complete_command_waits() -> None:
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_the_sender_pipelines_when_offered_and_each_mail_is_recorded_once(pipelining: bool) -> None:
     mails = [mail(n) for n in range(30)]
-    with SmtpSink(SinkConfig(port=0, pipelining=pipelining)) as sink:
+    with SmtpSink(SinkConfig(port=0, pipelining=pipelining, chunking=False)) as sink:
         smtp = connection(sink.port)
         try:
             attempts = [smtp.transmit(m) for m in mails]
@@ -230,7 +231,8 @@ def test_the_sender_pipelines_when_offered_and_each_mail_is_recorded_once(pipeli
 ])
 def test_the_sinks_faults_classify_alike_with_and_without_pipelining(
         pipelining: bool, fault: str, verdict: Verdict, code: int | None, ambiguous: bool) -> None:
-    config = SinkConfig(port=0, pipelining=pipelining, **{fault: 1.0})  # type: ignore[arg-type]
+    config = SinkConfig(port=0, pipelining=pipelining, chunking=False,
+                        **{fault: 1.0})  # type: ignore[arg-type]
     with SmtpSink(config) as sink:
         smtp = connection(sink.port)
         try:
@@ -254,7 +256,8 @@ def _mixed_mails() -> list[OutgoingMail]:
 
 
 def _outcomes(pipelining: bool, mails: list[OutgoingMail]) -> tuple[list[Attempt], list[str]]:
-    config = SinkConfig(port=0, pipelining=pipelining, tempfail_rate=0.2, permfail_rate=0.2,
+    config = SinkConfig(port=0, pipelining=pipelining, chunking=False, tempfail_rate=0.2,
+                        permfail_rate=0.2,
                         seed=2920)
     with SmtpSink(config) as sink:
         smtp = connection(sink.port)
@@ -294,7 +297,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
 
 def test_pipelining_over_starttls(certificate: Certificate) -> None:
     config = SinkConfig(port=0, tls_cert=certificate.cert, tls_key=certificate.key,
-                        require_starttls=True)
+                        require_starttls=True, chunking=False)
     with SmtpSink(config) as sink:
         smtp = connection(sink.port, security=Security.STARTTLS,
                           context=tls_context(certificate.cert))
@@ -313,12 +316,14 @@ def test_pipelining_over_starttls(certificate: Certificate) -> None:
 class ScriptedRelay:
     """One connection served by `script(relay)` on a loopback port; records what it read."""
 
-    def __init__(self, script: Callable[[ScriptedRelay], None], pipelining: bool = True) -> None:
+    def __init__(self, script: Callable[[ScriptedRelay], None], pipelining: bool = True,
+                 chunking: bool = False) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(TIMEOUT_S)
         self.port: int = self.listener.getsockname()[1]
         self.script = script
         self.pipelining = pipelining
+        self.chunking = chunking
         self.received = b""  # everything received, in order
         self.consumed = 0  # how much of it the script has read
         self.errors: list[BaseException] = []
@@ -334,7 +339,8 @@ class ScriptedRelay:
             with conn:
                 conn.sendall(b"220 scripted.localhost ESMTP\r\n")
                 self.read_until(b"\r\n")  # EHLO
-                extensions = b"250-PIPELINING\r\n" if self.pipelining else b""
+                extensions = ((b"250-PIPELINING\r\n" if self.pipelining else b"")
+                              + (b"250-CHUNKING\r\n" if self.chunking else b""))
                 conn.sendall(b"250-scripted.localhost\r\n" + extensions + b"250 8BITMIME\r\n")
                 self.script(self)
         except BaseException as error:  # surfaced by finish()
