@@ -26,8 +26,8 @@ against a plain COPY of the same rows.
   (the PostgreSQL transaction: positions, COPY into the staging table, the recipients
   statement with its counters, commit). consume + decode + plan + wait is about
   drain_seconds; the rest is the end-offset checks.
-- The process runs with the projector service's GIL switch interval
-  (projections.projector.shorten_gil_switch_interval, as run_lanes sets it).
+- The drain runs with the projector service's process settings (GIL switch interval, garbage
+  collection: projections.projector.projecting_process, as run_lanes sets them).
 - projection.cpu_seconds: CPU time during the drain of the bench process (the projector's
   threads, librdkafka's included; nothing else runs in it meanwhile) and of the PostgreSQL
   backend serving the projector (from /proc, so only where the server runs on this machine;
@@ -61,7 +61,7 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from bench.stats import rate
-from projections.projector import PROJECTED_TOPICS, Projector, shorten_gil_switch_interval
+from projections.projector import PROJECTED_TOPICS, Projector, projecting_process
 from schemas.base import Record
 from schemas.envelope import encode, wrap
 from schemas.events import (
@@ -292,9 +292,7 @@ def drain(settings: Settings, count: int) -> Drained:
     """Cold drain by a fresh Projector (the clock and CPU counters as the module says)."""
     timeout = DRAIN_BASE_TIMEOUT_SECONDS + DRAIN_SECONDS_PER_EVENT * count
     # As the projector service's run_lanes does; restored after, for the other bench steps.
-    interval = sys.getswitchinterval()
-    shorten_gil_switch_interval()
-    try:
+    with projecting_process():
         cpu_started = time.process_time()
         started = time.monotonic()
         first: float | None = None
@@ -316,8 +314,6 @@ def drain(settings: Settings, count: int) -> Drained:
             backend_cpu = backend_cpu_seconds(settings, f"{projector.group}-projector"[:63])
             return Drained(seconds, first, projector.records_applied,
                            dict(projector.time_split), process_cpu, backend_cpu)
-    finally:
-        sys.setswitchinterval(interval)
 
 
 def raw_copy(conn: psycopg.Connection[Any], backlog: Backlog, table: str, *,

@@ -12,7 +12,9 @@ every topic (`single`, the design before the lanes), on fresh topics (prefix `la
 Lag per recipient: campaign_recipients.updated_at (the projector transaction's now()) minus
 last_event_at (the EmailSent's occurred_at, stamped when the harness produced it): the same
 lower bound as `make bench`'s projection_lag (bench.figures). Printed: p50 / p90 / p99 / max
-in ms, and the worst lag in each second of the delivery stream (where the spikes are).
+in ms, the worst lag in each second of the delivery stream (where the spikes are), and per
+lane the CPU seconds its Python threads and its PostgreSQL backend used over the run and the
+transactions it committed.
 
 `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092 DATABASE_URL=postgresql://campaigns@127.0.0.1:35432/campaigns_test
 .venv/bin/python -m bench.projection_lag [RECIPIENTS] [DELIVERIES_PER_SECOND] [lanes|single]`
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,6 +37,7 @@ import psycopg
 import structlog
 from confluent_kafka.admin import AdminClient
 
+from bench.projection import backend_cpu_seconds
 from bench.stats import percentile
 from projections.projector import (
     LANES,
@@ -173,6 +177,7 @@ def measure(base: Settings, recipients: int, rate: float, mode: str = "lanes") -
                 "SELECT extract(epoch FROM updated_at - last_event_at) * 1000, last_event_at"
                 " FROM campaign_recipients WHERE campaign_id = %s AND status = 'sent'",
                 (campaign,)).fetchall()
+        cpu = _projector_cpu_seconds(settings, projectors)
     finally:
         stop.set()
         runner.join(ADMIN_TIMEOUT_SECONDS)
@@ -189,11 +194,43 @@ def measure(base: Settings, recipients: int, rate: float, mode: str = "lanes") -
         "lag_p99_ms": percentile(lags, 99), "lag_max_ms": max(lags),
         "worst_lag_ms_per_second": [round(worst[s]) for s in sorted(worst)],
         "mode": mode,
+        "cpu_seconds": cpu,
         "time_split_seconds": {
             projector.group.removeprefix(settings.topic_prefix): {
                 k: round(v, 3) for k, v in projector.time_split.items()}
             for projector in projectors},
     }
+
+
+def _thread_cpu_seconds(native_id: int | None) -> float:
+    """CPU seconds a thread of this process has used so far (0 where /proc does not tell)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # utime, stime: fields 14, 15
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _projector_cpu_seconds(settings: Settings,
+                           projectors: list[Projector]) -> dict[str, dict[str, float | None]]:
+    """Per projector (lane): CPU seconds so far of its Python threads (the driving thread and
+    its writer; librdkafka's own threads not included) and of its PostgreSQL backend (None
+    where the server is not on this machine), and the transactions it committed: everything
+    since it started, which is this campaign."""
+    threads = {t.name: t.native_id for t in threading.enumerate()}
+    figures: dict[str, dict[str, float | None]] = {}
+    for projector in projectors:
+        own = [native for name, native in threads.items()
+               if name == f"lane-{projector.group}"
+               or name.startswith(f"projector-writer-{projector.group}_")]
+        backend = backend_cpu_seconds(settings, f"{projector.group}-projector"[:63])
+        figures[projector.group.removeprefix(settings.topic_prefix)] = {
+            "python_threads": round(sum(_thread_cpu_seconds(n) for n in own), 3),
+            "postgres_backend": None if backend is None else round(backend, 3),
+            "transactions": projector.batches_committed,
+        }
+    return figures
 
 
 def _cleanup(settings: Settings, tenant: str, campaign: str) -> None:

@@ -18,26 +18,28 @@ campaign row of the batch, in campaign id order, then recipient rows in key orde
 per-tenant and per-campaign counter rows. Since a recipient row is only written under its
 campaign's lock, two transactions never race to insert the same recipient: the second one
 waits for the first to end and then finds its row.
+
+Array parameters are sent in binary (`%b`): psycopg's text array dumper quotes every element in
+Python, about three times the CPU (a live delivery batch: ~0.25 ms of its ~1.1 ms of Python).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 import psycopg
 
 from projections import segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
-from schemas.contacts import ContactState, apply_contact_event
+from schemas.contacts import ContactEvent, ContactState, apply_contact_event
 
 # Ensure a row per campaign of the batch (an insert racing ours waits for it, then does
 # nothing).
 _ENSURE_CAMPAIGNS = """
 INSERT INTO campaigns (tenant_id, campaign_id)
-SELECT * FROM unnest(%s::text[], %s::text[]) AS b(tenant_id, campaign_id) ORDER BY campaign_id
+SELECT * FROM unnest(%b::text[], %b::text[]) AS b(tenant_id, campaign_id) ORDER BY campaign_id
 ON CONFLICT (campaign_id) DO NOTHING
 """
 
@@ -45,7 +47,7 @@ ON CONFLICT (campaign_id) DO NOTHING
 # are taken in this order), and name their owners. A separate statement: its snapshot sees the
 # rows a concurrent transaction inserted while the one above waited for it.
 _LOCK_CAMPAIGNS = """
-SELECT campaign_id, tenant_id FROM campaigns WHERE campaign_id = ANY(%s::text[])
+SELECT campaign_id, tenant_id FROM campaigns WHERE campaign_id = ANY(%b::text[])
 ORDER BY campaign_id FOR UPDATE
 """
 
@@ -70,10 +72,10 @@ SET name = COALESCE(c.name, u.name),
                                   ELSE c.schedule_missed_reason END,
     schedule_missed_at = COALESCE(c.schedule_missed_at, u.schedule_missed_at),
     updated_at = now()
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-            %s::timestamptz[], %s::bigint[], %s::timestamptz[], %s::timestamptz[],
-            %s::boolean[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::boolean[],
-            %s::timestamptz[], %s::timestamptz[], %s::text[])
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[],
+            %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
+            %b::boolean[], %b::timestamptz[], %b::timestamptz[], %b::text[], %b::boolean[],
+            %b::timestamptz[], %b::timestamptz[], %b::text[])
      AS u(tenant_id, campaign_id, name, subject, created_at, started_at, total, hydrated_at,
           cancelled_at, paused, paused_at, resumed_at, pause_reason, paused_automatically,
           scheduled_for, schedule_missed_at, schedule_missed_reason)
@@ -90,16 +92,16 @@ _REJECTIONS = """
 INSERT INTO command_rejections
     (event_id, tenant_id, campaign_id, command_id, command_type, reason, occurred_at,
      correlation_id)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::text[], %s::text[],
-                     %s::timestamptz[], %s::uuid[])
+SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::uuid[], %b::text[], %b::text[],
+                     %b::timestamptz[], %b::uuid[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
 _OUTCOMES = """
 INSERT INTO command_outcomes
     (event_id, tenant_id, causation_id, aggregate_id, event_type, occurred_at)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::uuid[], %s::text[], %s::text[],
-                     %s::timestamptz[])
+SELECT * FROM unnest(%b::uuid[], %b::text[], %b::uuid[], %b::text[], %b::text[],
+                     %b::timestamptz[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -107,8 +109,8 @@ _ATTEMPTS = """
 INSERT INTO recipient_attempts
     (event_id, tenant_id, campaign_id, contact_id, attempt, smtp_code, detail, retry_at,
      occurred_at)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[],
-                     %s::text[], %s::timestamptz[], %s::timestamptz[])
+SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::int[], %b::int[],
+                     %b::text[], %b::timestamptz[], %b::timestamptz[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -279,8 +281,8 @@ SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM counted)
 ARRAY_BATCH_MAX = 500
 _RECIPIENTS = _RECIPIENTS_FROM.format(source="recipient_stage AS s")
 _RECIPIENTS_ARRAYS = _RECIPIENTS_FROM.format(source="""unnest(
-        %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[],
-        %s::text[], %s::int[], %s::int[], %s::timestamptz[])
+        %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int[], %b::text[],
+        %b::text[], %b::int[], %b::int[], %b::timestamptz[])
     AS s(tenant_id, campaign_id, contact_id, email, status, attempts, last_error, reason,
          smtp_code, ambiguous, event_at)""")
 
@@ -301,18 +303,24 @@ FROM campaigns o, LATERAL (SELECT CASE
         WHEN o.started_at IS NOT NULL OR o.hydrated_at IS NOT NULL THEN 'sending'
         WHEN o.scheduled_for IS NOT NULL AND o.schedule_missed_at IS NULL THEN 'scheduled'
         ELSE 'draft' END AS status) s
-WHERE c.campaign_id = ANY(%s::text[]) AND o.campaign_id = c.campaign_id
+WHERE c.campaign_id = ANY(%b::text[]) AND o.campaign_id = c.campaign_id
   AND c.status <> s.status
 RETURNING c.tenant_id, c.campaign_id, o.status, c.status
 """
 
+# Each touched contact's stored state: its contacts row with its memberships and its profile
+# row (segment_projection), either of them NULL where it does not exist.
 _LOAD_CONTACTS = """
-SELECT c.tenant_id, c.contact_id, c.deleted, c.globally_unsubscribed, c.suppressed_reason,
+SELECT k.tenant_id, k.contact_id,
+       c.contact_id IS NOT NULL, c.deleted, c.globally_unsubscribed, c.suppressed_reason,
        c.unsubscribed_lists,
-       ARRAY(SELECT m.list_id FROM contact_list_members m
-             WHERE m.tenant_id = c.tenant_id AND m.contact_id = c.contact_id)
-FROM contacts c
-JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, contact_id) USING (tenant_id, contact_id)
+       CASE WHEN c.contact_id IS NOT NULL THEN
+           ARRAY(SELECT m.list_id FROM contact_list_members m
+                 WHERE m.tenant_id = k.tenant_id AND m.contact_id = k.contact_id) END,
+       p.contact_id IS NOT NULL, p.email, p.first_name, p.last_name, p.attributes, p.deleted
+FROM unnest(%b::text[], %b::text[]) AS k(tenant_id, contact_id)
+LEFT JOIN contacts c ON c.tenant_id = k.tenant_id AND c.contact_id = k.contact_id
+LEFT JOIN contact_profiles p ON p.tenant_id = k.tenant_id AND p.contact_id = k.contact_id
 """
 
 _UPSERT_CONTACTS = """
@@ -321,7 +329,7 @@ INSERT INTO contacts AS c
      unsubscribed_lists)
 SELECT u.tenant_id, u.contact_id, u.deleted, u.unsub, u.suppressed,
        COALESCE(string_to_array(NULLIF(u.lists, ''), chr(31)), '{}')
-FROM unnest(%s::text[], %s::text[], %s::boolean[], %s::boolean[], %s::text[], %s::text[])
+FROM unnest(%b::text[], %b::text[], %b::boolean[], %b::boolean[], %b::text[], %b::text[])
      AS u(tenant_id, contact_id, deleted, unsub, suppressed, lists)
 ORDER BY 1, 2
 ON CONFLICT (tenant_id, contact_id) DO UPDATE
@@ -332,13 +340,13 @@ SET deleted = EXCLUDED.deleted, globally_unsubscribed = EXCLUDED.globally_unsubs
 
 _CLEAR_MEMBERSHIPS = """
 DELETE FROM contact_list_members m
-USING unnest(%s::text[], %s::text[]) AS k(tenant_id, contact_id)
+USING unnest(%b::text[], %b::text[]) AS k(tenant_id, contact_id)
 WHERE m.tenant_id = k.tenant_id AND m.contact_id = k.contact_id
 """
 
 _ADD_MEMBERSHIPS = """
 INSERT INTO contact_list_members (tenant_id, list_id, contact_id)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]) ORDER BY 1, 2, 3
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]) ORDER BY 1, 2, 3
 ON CONFLICT DO NOTHING
 """
 
@@ -385,8 +393,7 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
         # campaign lock this transaction takes; a contacts import projected in the same
         # batch as a campaign's start held deliveries up ~3 s under load (make bench).
         if changes.contacts:
-            _write_contacts(cur, changes)
-            segment_projection.write_profiles(cur, changes.contacts)
+            _write_contacts(cur, changes)  # and the contacts' profiles
         if changes.segments:
             segment_projection.write_segments(cur, changes.segments)
         ids = changes.campaign_ids()
@@ -478,32 +485,57 @@ def _insert_all_new(cur: psycopg.Cursor[Any]) -> bool:
     return True
 
 
+def _fold(state: ContactState | None, events: Iterable[ContactEvent]) -> ContactState | None:
+    for event in events:
+        state = apply_contact_event(state, event)
+    return state
+
+
 def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
-    """Fold each touched contact's events over its stored state, then store the result."""
+    """Fold each touched contact's events over its stored state, then store the result: the
+    contacts row with its memberships, and its profile (segment_projection).
+
+    One fold serves both tables where their stored rows agree (both there with the same
+    deleted flag, or neither): apply_contact_event moves each field by the event and that
+    field alone, deciding only on whether the state exists and is deleted, so the fold of
+    the whole state equals the two folds of its halves (and costs half: the fold is most of
+    a contact's Python time here). Where they disagree, each half is folded on its own, as
+    before the two were merged.
+    """
     keys = sorted(changes.contacts)
     cur.execute(_LOAD_CONTACTS, ([t for t, _ in keys], [c for _, c in keys]))
     states: dict[ContactKey, ContactState | None] = {}
-    for tenant, contact, deleted, unsub, suppressed, unsub_lists, lists in cur.fetchall():
-        states[(tenant, contact)] = ContactState(
-            contact, "", lists=frozenset(lists), unsubscribed_lists=frozenset(unsub_lists),
-            globally_unsubscribed=unsub, suppressed_reason=suppressed, deleted=deleted,
-        )
-    for key in keys:
-        state = states.get(key)
-        for event in changes.contacts[key]:
-            state = apply_contact_event(state, event)
-        states[key] = None if state is None else replace(state, attributes={})
+    profiles: dict[ContactKey, ContactState | None] = {}
+    for (tenant, contact, has_row, deleted, unsub, suppressed, unsub_lists, lists,
+         has_profile, email, first, last, attributes, profile_deleted) in cur.fetchall():
+        key = (tenant, contact)
+        events = changes.contacts[key]
+        if not has_row and not has_profile:
+            profiles[key] = states[key] = _fold(None, events)
+        elif has_row and has_profile and deleted == profile_deleted:
+            profiles[key] = states[key] = _fold(ContactState(
+                contact, email, first, last, attributes=dict(attributes),
+                lists=frozenset(lists), unsubscribed_lists=frozenset(unsub_lists),
+                globally_unsubscribed=unsub, suppressed_reason=suppressed, deleted=deleted,
+            ), events)
+        else:
+            states[key] = _fold(None if not has_row else ContactState(
+                contact, "", lists=frozenset(lists), unsubscribed_lists=frozenset(unsub_lists),
+                globally_unsubscribed=unsub, suppressed_reason=suppressed, deleted=deleted,
+            ), events)
+            profiles[key] = _fold(None if not has_profile else segment_projection.profile_state(
+                contact, email, first, last, attributes, profile_deleted), events)
     kept = [(key, s) for key, s in sorted(states.items()) if s is not None]
-    if not kept:
-        return
-    cur.execute(_UPSERT_CONTACTS, (
-        [t for (t, _), _ in kept], [c for (_, c), _ in kept],
-        [s.deleted for _, s in kept], [s.globally_unsubscribed for _, s in kept],
-        [s.suppressed_reason for _, s in kept],
-        [_LIST_SEPARATOR.join(sorted(s.unsubscribed_lists)) for _, s in kept],
-    ))
-    cur.execute(_CLEAR_MEMBERSHIPS, ([t for (t, _), _ in kept], [c for (_, c), _ in kept]))
-    members = [(t, list_id, c) for (t, c), s in kept for list_id in sorted(s.lists)]
-    if members:
-        cur.execute(_ADD_MEMBERSHIPS, ([m[0] for m in members], [m[1] for m in members],
-                                       [m[2] for m in members]))
+    if kept:
+        cur.execute(_UPSERT_CONTACTS, (
+            [t for (t, _), _ in kept], [c for (_, c), _ in kept],
+            [s.deleted for _, s in kept], [s.globally_unsubscribed for _, s in kept],
+            [s.suppressed_reason for _, s in kept],
+            [_LIST_SEPARATOR.join(sorted(s.unsubscribed_lists)) for _, s in kept],
+        ))
+        cur.execute(_CLEAR_MEMBERSHIPS, ([t for (t, _), _ in kept], [c for (_, c), _ in kept]))
+        members = [(t, list_id, c) for (t, c), s in kept for list_id in sorted(s.lists)]
+        if members:
+            cur.execute(_ADD_MEMBERSHIPS, ([m[0] for m in members], [m[1] for m in members],
+                                           [m[2] for m in members]))
+    segment_projection.store_profiles(cur, profiles)

@@ -105,6 +105,15 @@ _QUEUED_V1 = frozenset({
 _TEMPLATE = frozenset({"subject", "from_address", "body_text", "body_html"})
 
 
+# The wire names the dict tier handles, as JSON strings. A record without any of them goes
+# straight to the full decode: parsing it here first would parse it twice (~2 us of a
+# ContactUpserted's ~12). A record that merely contains one (in some other field) only takes
+# the dict tier's look; a name spelled with escapes only misses the fast path. Checked after
+# the first tier, which the bulk of the records (deliveries) pass.
+_FAST_TYPE_BYTES = (b'"EmailSent"', b'"EmailFailed"', b'"RecipientQueued"')
+_FAST_TYPE_TEXT = tuple(marker.decode() for marker in _FAST_TYPE_BYTES)
+
+
 def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
     """A recipient fact for a canonical EmailSent/EmailFailed v2 or RecipientQueued v1, else
     the full decode."""
@@ -112,6 +121,8 @@ def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
         fact = _canonical_delivery(raw)
         if fact is not None:
             return fact
+        if not _names_a_fast_type(raw):
+            return decode(raw)
         try:
             # Only object keys are cached: they repeat on every record, most values do not.
             data = from_json(raw, allow_inf_nan=False, cache_strings="keys")
@@ -122,6 +133,14 @@ def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
             if fact is not None:
                 return fact
     return decode(raw)
+
+
+def _names_a_fast_type(raw: bytes | str) -> bool:
+    if isinstance(raw, bytes):
+        sent, failed, queued = _FAST_TYPE_BYTES
+        return sent in raw or failed in raw or queued in raw
+    sent_text, failed_text, queued_text = _FAST_TYPE_TEXT
+    return sent_text in raw or failed_text in raw or queued_text in raw
 
 
 def _canonical_delivery(raw: bytes | str) -> RecipientFact | None:

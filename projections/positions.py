@@ -40,7 +40,7 @@ class PositionConflict(RuntimeError):
 
 _LOAD = """
 SELECT topic, partition, next_offset FROM projector_positions
-WHERE consumer_group = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))
+WHERE consumer_group = %s AND (topic, partition) IN (SELECT * FROM unnest(%b::text[], %b::int[]))
 """
 
 # Insert a first position, or update one whose stored value is still the expected one; the
@@ -48,7 +48,7 @@ WHERE consumer_group = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::te
 # makes a competing instance wait here, then see the new value and fail its comparison.
 _ADVANCE = """
 WITH move(topic, partition, expected, next_offset) AS (
-    SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])
+    SELECT * FROM unnest(%b::text[], %b::int[], %b::bigint[], %b::bigint[])
 )
 INSERT INTO projector_positions AS p (consumer_group, topic, partition, next_offset)
 SELECT %s, m.topic, m.partition, m.next_offset FROM move m ORDER BY m.topic, m.partition

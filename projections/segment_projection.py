@@ -41,8 +41,8 @@ def _criteria_json(event: SegmentDefined | SegmentChanged) -> str:
 
 _UPSERT_SEGMENTS = """
 INSERT INTO segments AS s (tenant_id, segment_id, name, criteria, deleted, defined_at, changed_at)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::boolean[],
-                     %s::timestamptz[], %s::timestamptz[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::boolean[],
+                     %b::timestamptz[], %b::timestamptz[])
 ORDER BY 1, 2
 ON CONFLICT (tenant_id, segment_id) DO UPDATE
 SET name = EXCLUDED.name, criteria = EXCLUDED.criteria, deleted = EXCLUDED.deleted,
@@ -53,13 +53,13 @@ SET name = EXCLUDED.name, criteria = EXCLUDED.criteria, deleted = EXCLUDED.delet
 # its time replaces defined_at; a batch with changes only keeps the stored one.
 _REDEFINED = """
 UPDATE segments SET defined_at = k.at
-FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS k(tenant_id, segment_id, at)
+FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS k(tenant_id, segment_id, at)
 WHERE segments.tenant_id = k.tenant_id AND segments.segment_id = k.segment_id
 """
 
 _DELETE_SEGMENTS = """
 UPDATE segments SET deleted = true, changed_at = k.at
-FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS k(tenant_id, segment_id, at)
+FROM unnest(%b::text[], %b::text[], %b::timestamptz[]) AS k(tenant_id, segment_id, at)
 WHERE segments.tenant_id = k.tenant_id AND segments.segment_id = k.segment_id
 """
 
@@ -101,14 +101,14 @@ def write_segments(
 _LOAD_PROFILES = """
 SELECT p.tenant_id, p.contact_id, p.email, p.first_name, p.last_name, p.attributes, p.deleted
 FROM contact_profiles p
-JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, contact_id) USING (tenant_id, contact_id)
+JOIN unnest(%b::text[], %b::text[]) AS k(tenant_id, contact_id) USING (tenant_id, contact_id)
 """
 
 _UPSERT_PROFILES = """
 INSERT INTO contact_profiles AS p
     (tenant_id, contact_id, email, first_name, last_name, attributes, deleted)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
-                     %s::boolean[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::jsonb[],
+                     %b::boolean[])
 ORDER BY 1, 2
 ON CONFLICT (tenant_id, contact_id) DO UPDATE
 SET email = EXCLUDED.email, first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name,
@@ -126,13 +126,26 @@ def write_profiles(
     cur.execute(_LOAD_PROFILES, ([t for t, _ in keys], [c for _, c in keys]))
     states: dict[ContactKey, ContactState | None] = {}
     for tenant, contact, email, first, last, attributes, deleted in cur.fetchall():
-        states[(tenant, contact)] = ContactState(
-            contact, email, first, last, attributes=dict(attributes), deleted=deleted)
+        states[(tenant, contact)] = profile_state(contact, email, first, last, attributes,
+                                                  deleted)
     for key in keys:
         state = states.get(key)
         for event in contacts[key]:
             state = apply_contact_event(state, event)
         states[key] = state
+    store_profiles(cur, states)
+
+
+def profile_state(contact_id: str, email: str, first_name: str, last_name: str,
+                  attributes: Mapping[str, str], deleted: bool) -> ContactState:
+    """A stored profile row as the state the fold starts from."""
+    return ContactState(contact_id, email, first_name, last_name, attributes=dict(attributes),
+                        deleted=deleted)
+
+
+def store_profiles(cur: psycopg.Cursor[Any],
+                   states: Mapping[ContactKey, ContactState | None]) -> None:
+    """Store folded profiles (None: the contact does not exist, nothing is written)."""
     kept = [(key, s) for key, s in sorted(states.items()) if s is not None]
     if not kept:
         return

@@ -13,7 +13,7 @@ relays.py); without them mail goes to SMTP_HOST:SMTP_PORT. A configuration that 
 stops the start with exit code 2 and the reason.
 
 The cyclic garbage collector runs relaxed while the sender works (see
-services/sender/process_tuning.py).
+services/common/gc_tuning.py).
 
 Test sends (TestEmailRequested) are mailed by a second worker on its own thread (see
 services/sender/test_mail.py) over the same relays; if it fails, the whole process stops
@@ -28,9 +28,9 @@ import sys
 import threading
 from types import FrameType
 
+from services.common.gc_tuning import relaxed_gc
 from services.common.logs import configure_logging
 from services.common.settings import Settings
-from services.sender.process_tuning import sending_process
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
 from services.sender.test_mail import TestSendWorker
@@ -71,7 +71,7 @@ def main() -> int:
     test_sends = threading.Thread(target=run_test_sends, name="sender-test-sends", daemon=True)
     test_sends.start()
     try:
-        with sending_process():
+        with relaxed_gc():
             SenderWorker(settings, concurrency=concurrency, transport=transport).run(stop)
     finally:
         stop.set()

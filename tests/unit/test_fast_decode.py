@@ -11,6 +11,7 @@ import pytest
 
 from projections.facts import RecipientFact, recipient_fact
 from projections.fast_decode import _canonical_delivery, decode_record
+from schemas.contacts import ContactUpserted
 from schemas.envelope import Message, SchemaViolation, decode, encode, wrap
 from schemas.events import EmailFailed, EmailSent, MessageTemplate, RecipientQueued
 
@@ -285,3 +286,32 @@ def test_dates_lengths_and_versions_decode_as_the_full_decoder_does(
     text = canonical_sent().decode()
     assert change[0] in text
     same_outcome(text.replace(change[0], change[1]).encode())
+
+
+def _contact_record(first_name: str) -> bytes:
+    return encode(wrap(ContactUpserted(contact_id="k1", email="k1@example.com",
+                                       first_name=first_name, lists=["all"]),
+                       tenant_id="acme", aggregate_id="k1", occurred_at=T0))
+
+
+@pytest.mark.parametrize("first_name", ["Ann", "EmailSent", '"RecipientQueued"'],
+                         ids=["no-fast-type-named", "fast-type-as-a-value", "quoted-fast-type"])
+def test_other_types_decode_as_the_full_decoder_does_whatever_their_values_say(
+        first_name: str) -> None:
+    raw = _contact_record(first_name)
+    fast, full = decode_record(raw), decode(raw)
+    assert isinstance(fast, Message) and isinstance(full, Message)
+    assert (fast.envelope, fast.payload) == (full.envelope, full.payload)
+    text = raw.decode()
+    from_text = decode_record(text)
+    assert isinstance(from_text, Message) and from_text.payload == full.payload
+
+
+@pytest.mark.parametrize("raw", [b'{"type":"ContactUpserted"', b'{"type":"EmailSent"', b"\xff"],
+                         ids=["other-type", "fast-type", "not-utf8"])
+def test_broken_records_are_refused_with_the_full_decoders_words(raw: bytes) -> None:
+    with pytest.raises(SchemaViolation) as full:
+        decode(raw)
+    with pytest.raises(SchemaViolation) as fast:
+        decode_record(raw)
+    assert str(fast.value) == str(full.value)
