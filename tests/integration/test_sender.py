@@ -22,7 +22,7 @@ from schemas.envelope import encode, wrap
 from schemas.events import EmailDeferred, EmailFailed, EmailSent, RecipientRetryScheduled
 from services.common.topics import CONTACTS, RETRY_TIERS
 from services.sender.delivery import Outcome, Status
-from services.sender.ledger import ClaimState, LedgerEntry, SendLedger
+from services.sender.ledger import _SETTLE, ClaimState, LedgerEntry, SendLedger
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Verdict
 from services.sender.smtp_pool import SmtpPool
@@ -152,6 +152,20 @@ def test_ledger_claim_states(settings):
     assert rows["k1"]["ambiguous"] == 2
     assert rows["k2"]["status"] == "failed" and rows["k2"]["reason"] == "550 no"
     assert "k3" not in rows  # a cancelled campaign's recipient is looked up, never claimed
+
+
+def test_ledger_statements_find_rows_by_key_even_when_statistics_say_the_table_is_tiny(settings):
+    # A fresh database: the planner believes send_ledger is empty, the plan the statement
+    # would get there is the one it keeps using while the table grows.
+    ledger = SendLedger(settings.database_url)
+    try:
+        conn = ledger._conn
+        assert conn.execute("SHOW enable_seqscan").fetchone() == ("off",)
+        plan = "\n".join(row[0] for row in conn.execute(
+            "EXPLAIN " + _SETTLE.replace("%s", "'[]'"), prepare=False))
+    finally:
+        ledger.close()
+    assert "Index Scan using send_ledger_pkey" in plan and "Seq Scan on send_ledger" not in plan
 
 
 # --- the worker --------------------------------------------------------------------------------
