@@ -27,7 +27,6 @@ before/after figures of a change to the sender.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -39,24 +38,22 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Producer
-
 from bench.campaign import BenchIds, contacts, template
 from bench.scaleout import (
     REPO_ROOT,
     delete_topics,
     fresh_settings,
     process_env,
+    produce_records,
     spawn,
     stop_processes,
     wait_listening,
 )
-from bench.sender_memory import LineCounter
+from bench.sender_memory import LineCounter, check_exactly_once
 from schemas.envelope import encode, wrap
 from schemas.events import RecipientQueued
-from services.common.kafka import producer_config
 from services.common.settings import Settings
-from services.common.topics import RECIPIENTS, ensure_topics, topic_name
+from services.common.topics import ensure_topics
 
 # The service default (services/sender/__main__.py).
 CONCURRENCY = 8
@@ -65,8 +62,6 @@ CONCURRENCY = 8
 POLL_SECONDS = 0.02
 # Guards against a run that never finishes (a sender that died or stalls).
 RUN_TIMEOUT_SECONDS = 300.0
-# Producing the backlog: guards against a broker that does not acknowledge.
-PRODUCE_TIMEOUT_SECONDS = 60.0
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -134,20 +129,6 @@ def backlog(count: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def produce(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
-    producer = Producer(producer_config(settings))
-    topic = topic_name(RECIPIENTS, settings)
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.1)
-    if producer.flush(PRODUCE_TIMEOUT_SECONDS):
-        raise RuntimeError("backlog not produced")
-
-
 def one_run(base: Settings, tree: Path, count: int, warm: int,
             profile: list[str] | None = None) -> tuple[Sample, Sample, float]:
     """(sample at `warm` accepted, sample at `count`, sink CPU per mail in between). With
@@ -160,7 +141,7 @@ def one_run(base: Settings, tree: Path, count: int, warm: int,
            # As on the platform (services/platform/stack.py): every mail carries
            # List-Unsubscribe headers.
            "UNSUBSCRIBE_SECRET": "bench-sender-cpu", "PYTHONPATH": str(tree)}
-    produce(settings, backlog(count))
+    produce_records(settings, backlog(count))
     started: list[subprocess.Popen[bytes]] = []
     counter = LineCounter(records)
     try:
@@ -194,24 +175,11 @@ def one_run(base: Settings, tree: Path, count: int, warm: int,
     finally:
         stop_processes(started)
         delete_topics(settings)
-    _check_exactly_once(records, count)
+    check_exactly_once(records, count)
     shutil.rmtree(folder, ignore_errors=True)
     if first is None:
         raise RuntimeError("the run finished before the first sample")
     return first, last, (sink_last - sink_first) / (last.accepted - first.accepted)
-
-
-def _check_exactly_once(records: Path, count: int) -> None:
-    recipients: set[str] = set()
-    accepted = 0
-    with records.open("rb") as handle:
-        for line in handle:
-            if line.strip():
-                accepted += 1
-                recipients.update(json.loads(line)["rcpt_tos"])
-    if accepted != count or len(recipients) != count:
-        raise RuntimeError(f"{accepted:,} mails to {len(recipients):,} recipients, "
-                           f"{count:,} expected exactly once")
 
 
 def main() -> None:

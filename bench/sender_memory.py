@@ -152,7 +152,7 @@ def one_run(base: Settings, count: int) -> MemoryRun:
     finally:
         stop_processes(started)
         delete_topics(settings)
-    _check_exactly_once(records, count)
+    check_exactly_once(records, count)
     shutil.rmtree(folder, ignore_errors=True)  # hundreds of MiB at 200,000; kept on failure
     if peak is None:
         raise SenderMemoryFailed("the sender's VmHWM could not be read from /proc")
@@ -191,7 +191,7 @@ def _produce_all(settings: Settings, count: int, errors: list[BaseException]) ->
         errors.append(exc)
 
 
-def _check_exactly_once(records: Path, count: int) -> None:
+def check_exactly_once(records: Path, count: int) -> None:
     """Every recipient accepted exactly once: N records to N distinct addresses."""
     recipients: set[str] = set()
     accepted = 0
