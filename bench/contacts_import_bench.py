@@ -44,6 +44,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.campaign import template
+from bench.proc_cpu import cpu_seconds, ticks_to_seconds
 from schemas.contacts import contact_id_for
 from schemas.envelope import encode, wrap
 from schemas.events import RecipientQueued
@@ -163,8 +164,7 @@ def _machine_cpu() -> Iterator[dict[str, float]]:
     yield figures
     after = _busy_and_total_ticks()
     if before is not None and after is not None:
-        ticks_per_second = os.sysconf("SC_CLK_TCK")
-        figures["busy_s"] = (after[0] - before[0]) / ticks_per_second
+        figures["busy_s"] = ticks_to_seconds(after[0] - before[0])
         figures["share"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
         figures["wall_s"] = time.monotonic() - started
 
@@ -191,13 +191,7 @@ def broker_pid(bootstrap_servers: str) -> int | None:
 
 def process_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a process so far (all its threads), from /proc."""
-    if pid is None:
-        return None
-    try:
-        fields = (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return None if pid is None else cpu_seconds(pid)
 
 
 def _busy_and_total_ticks() -> tuple[int, int] | None:

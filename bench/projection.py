@@ -60,6 +60,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
+from bench.proc_cpu import cpu_seconds
 from bench.stats import rate
 from projections.projector import PROJECTED_TOPICS, Projector, projecting_process
 from schemas.base import Record
@@ -279,13 +280,7 @@ def backend_cpu_seconds(settings: Settings, application_name: str) -> float | No
                            (application_name,)).fetchone()
     if row is None:
         return None
-    try:
-        with open(f"/proc/{row[0]}/stat") as stat:
-            # utime and stime: fields 14 and 15, counted after the parenthesised name.
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    return cpu_seconds(row[0])
 
 
 def drain(settings: Settings, count: int) -> Drained:

@@ -37,6 +37,7 @@ import psycopg
 import structlog
 from confluent_kafka.admin import AdminClient
 
+from bench.proc_cpu import cpu_seconds
 from bench.projection import backend_cpu_seconds
 from bench.stats import percentile
 from projections.projector import (
@@ -202,16 +203,6 @@ def measure(base: Settings, recipients: int, rate: float, mode: str = "lanes") -
     }
 
 
-def _thread_cpu_seconds(native_id: int | None) -> float:
-    """CPU seconds a thread of this process has used so far (0 where /proc does not tell)."""
-    try:
-        with open(f"/proc/self/task/{native_id}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()  # utime, stime: fields 14, 15
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def _projector_cpu_seconds(settings: Settings,
                            projectors: list[Projector]) -> dict[str, dict[str, float | None]]:
     """Per projector (lane): CPU seconds so far of its Python threads (the driving thread and
@@ -226,7 +217,7 @@ def _projector_cpu_seconds(settings: Settings,
                or name.startswith(f"projector-writer-{projector.group}_")]
         backend = backend_cpu_seconds(settings, f"{projector.group}-projector"[:63])
         figures[projector.group.removeprefix(settings.topic_prefix)] = {
-            "python_threads": round(sum(_thread_cpu_seconds(n) for n in own), 3),
+            "python_threads": round(sum(cpu_seconds(os.getpid(), n) or 0.0 for n in own), 3),
             "postgres_backend": None if backend is None else round(backend, 3),
             "transactions": projector.batches_committed,
         }

@@ -88,6 +88,7 @@ from rich.console import Console
 
 from bench import campaign, figures, hydration, projection, raw_smtp
 from bench.event_log import read_campaign_messages
+from bench.proc_cpu import cpu_seconds, stat_fields, ticks_to_seconds
 from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
 from bench.report import machine_info, render_table, write_results
 from bench.scaleout import measure_scaleout
@@ -427,18 +428,6 @@ def _failures(results: dict[str, Any], count: int) -> list[str]:
     return failures
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a process has used so far (/proc/<pid>/stat), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the command name (which may hold spaces, hence the split at ")"):
-    # utime and stime are the 12th and 13th of them, in clock ticks.
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def postmaster_pid(stack: Stack) -> int | None:
     """The running PostgreSQL server's postmaster (first line of postmaster.pid)."""
     try:
@@ -456,9 +445,8 @@ def postgres_cpu_seconds(postmaster: int) -> float | None:
         children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    total = ticks / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(f) for f in stat_fields(stat)[11:15])  # utime, stime, cutime, cstime
+    total = ticks_to_seconds(ticks)
     for child in children:
         used = cpu_seconds(int(child))
         total += used or 0.0  # a child gone since the listing is in cutime next time

@@ -27,7 +27,6 @@ before/after figures of a change to the sender.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import signal
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.campaign import BenchIds, contacts, template
+from bench.proc_cpu import stat_cpu_seconds, stat_fields, ticks_to_seconds
 from bench.scaleout import (
     REPO_ROOT,
     delete_topics,
@@ -62,7 +62,6 @@ CONCURRENCY = 8
 POLL_SECONDS = 0.02
 # Guards against a run that never finishes (a sender that died or stalls).
 RUN_TIMEOUT_SECONDS = 300.0
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
         except OSError:
             continue  # the thread ended meanwhile
         name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / _TICK
+        fields = stat_fields(stat)
+        seconds = stat_cpu_seconds(stat)
         if task.name == str(pid):
             group = "main"
         elif name.startswith("rdk:"):
@@ -98,7 +97,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
         else:
             group = "python-threads"
         groups[group] += seconds
-        system[group] += int(fields[12]) / _TICK
+        system[group] += ticks_to_seconds(int(fields[12]))
         try:
             status = (task / "status").read_text()
         except OSError:
@@ -106,9 +105,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
         for line in status.splitlines():
             if "ctxt_switches:" in line:  # voluntary and nonvoluntary
                 switches[group] += int(line.split()[1])
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # The process's own figure includes threads that have ended already.
-    total = (int(fields[11]) + int(fields[12])) / _TICK
+    total = stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
     groups["ended-threads"] = max(0.0, total - sum(groups.values()))
     return {**groups, **{f"{group}.sys": seconds for group, seconds in system.items()},
             **{f"{group}.switches": count for group, count in switches.items()}}

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import campaign, raw_smtp
+from bench.proc_cpu import stat_cpu_seconds
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Verdict
 from services.sender.smtp_pool import SMTP_TIMEOUT_SECONDS, SmtpConnection
@@ -73,9 +74,7 @@ class Figures:
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime: the 12th and 13th fields after the command name, in clock ticks.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
 
 
 def own_cpu_seconds() -> float:

@@ -33,7 +33,7 @@ import psycopg
 
 from projections import segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
-from schemas.contacts import ContactEvent, ContactState, apply_contact_event
+from schemas.contacts import ContactState, fold_contact
 
 # Ensure a row per campaign of the batch (an insert racing ours waits for it, then does
 # nothing).
@@ -485,12 +485,6 @@ def _insert_all_new(cur: psycopg.Cursor[Any]) -> bool:
     return True
 
 
-def _fold(state: ContactState | None, events: Iterable[ContactEvent]) -> ContactState | None:
-    for event in events:
-        state = apply_contact_event(state, event)
-    return state
-
-
 def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
     """Fold each touched contact's events over its stored state, then store the result: the
     contacts row with its memberships, and its profile (segment_projection).
@@ -511,20 +505,21 @@ def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
         key = (tenant, contact)
         events = changes.contacts[key]
         if not has_row and not has_profile:
-            profiles[key] = states[key] = _fold(None, events)
+            profiles[key] = states[key] = fold_contact(events)
         elif has_row and has_profile and deleted == profile_deleted:
-            profiles[key] = states[key] = _fold(ContactState(
+            profiles[key] = states[key] = fold_contact(events, ContactState(
                 contact, email, first, last, attributes=dict(attributes),
                 lists=frozenset(lists), unsubscribed_lists=frozenset(unsub_lists),
                 globally_unsubscribed=unsub, suppressed_reason=suppressed, deleted=deleted,
-            ), events)
+            ))
         else:
-            states[key] = _fold(None if not has_row else ContactState(
+            states[key] = fold_contact(events, None if not has_row else ContactState(
                 contact, "", lists=frozenset(lists), unsubscribed_lists=frozenset(unsub_lists),
                 globally_unsubscribed=unsub, suppressed_reason=suppressed, deleted=deleted,
-            ), events)
-            profiles[key] = _fold(None if not has_profile else segment_projection.profile_state(
-                contact, email, first, last, attributes, profile_deleted), events)
+            ))
+            profiles[key] = fold_contact(events, None if not has_profile else (
+                segment_projection.profile_state(contact, email, first, last, attributes,
+                                                 profile_deleted)))
     kept = [(key, s) for key, s in sorted(states.items()) if s is not None]
     if kept:
         cur.execute(_UPSERT_CONTACTS, (

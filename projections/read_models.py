@@ -276,7 +276,7 @@ def _plan_recipient(changes: BatchChanges, fact: RecipientFact) -> None:
         attempt = INT_MAX
     if ambiguous > INT_MAX:
         ambiguous = INT_MAX
-    if code is not None:
+    if code is not None and not INT_MIN <= code <= INT_MAX:
         code = _int_column(code)
     recipients[key] = _new_row(RecipientRow, (
         tenant, campaign_id, fact.contact_id, email, status, attempt, error, reason, code,

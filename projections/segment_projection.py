@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from schemas.contacts import ContactEvent, ContactState, apply_contact_event
+from schemas.contacts import ContactEvent, ContactState, fold_contact
 from schemas.segments import SegmentChanged, SegmentDefined, SegmentDeleted, SegmentEvent
 
 ContactKey = tuple[str, str]  # (tenant_id, contact_id)
@@ -129,10 +129,7 @@ def write_profiles(
         states[(tenant, contact)] = profile_state(contact, email, first, last, attributes,
                                                   deleted)
     for key in keys:
-        state = states.get(key)
-        for event in contacts[key]:
-            state = apply_contact_event(state, event)
-        states[key] = state
+        states[key] = fold_contact(contacts[key], states.get(key))
     store_profiles(cur, states)
 
 

@@ -175,9 +175,9 @@ def apply_contact_event(state: ContactState | None, event: ContactEvent) -> Cont
                    deleted=True)
 
 
-def fold_contact(events: Iterable[ContactEvent]) -> ContactState | None:
-    """The state after every event in order, from nothing."""
-    state: ContactState | None = None
+def fold_contact(events: Iterable[ContactEvent],
+                 state: ContactState | None = None) -> ContactState | None:
+    """The state after every event in order, from `state` (default: nothing)."""
     for event in events:
         state = apply_contact_event(state, event)
     return state

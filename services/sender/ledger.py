@@ -215,7 +215,7 @@ class SendLedger:
         """Claim distinct recipients; what each one's history says to do now."""
         if not entries:
             return {}
-        ordered = sorted(entries, key=_entry_key)
+        ordered = sorted(entries, key=lambda e: e.key)
         verdicts: dict[LedgerKey, Claim] = {}
         writes: list[tuple[str, str, int, int, bool]] = []
         with self._conn.transaction():
@@ -278,10 +278,6 @@ def claim_row(r: tuple[Any, ...] | None, attempt: int,
         return _FRESH, _FRESH_WRITE
     claim, after = judge_claim(None if r is None else _row(r), attempt, cancelled=cancelled)
     return claim, None if after is None else (after.claims, after.ambiguous, after.in_flight)
-
-
-def _entry_key(entry: LedgerEntry) -> LedgerKey:
-    return (entry.campaign_id, entry.contact_id)
 
 
 def _row(r: tuple[Any, ...]) -> LedgerRow:

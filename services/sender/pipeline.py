@@ -32,7 +32,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -142,7 +141,8 @@ class _Batch(Generic[Item]):
 
 
 class MailThreads(Protocol):
-    """Where mails run: `MailLanes` (services/sender/mail_lanes.py) or any Executor."""
+    """Where mails run: `MailLanes` (services/sender/mail_lanes.py) or any Executor (its
+    `submit` fits)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> object: ...
 
@@ -163,7 +163,7 @@ class SendPipeline(Generic[Item]):
     """Drives batches through claim -> mail -> settle -> publish -> commit; see the module
     docstring. Not thread-safe: one thread calls `add`, `step` and `drain`."""
 
-    def __init__(self, steps: SendSteps[Item], threads: MailThreads | Executor, *,
+    def __init__(self, steps: SendSteps[Item], threads: MailThreads, *,
                  chunk_size: int, lookahead: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if chunk_size < 1 or lookahead < 1:

@@ -3,7 +3,7 @@ the worker's running totals (`SenderStats`). Plain values, no I/O."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 
@@ -48,12 +48,11 @@ class Work:
     skip: str | None
     # Its rate-limit slot was booked when it was throttled: it takes no other token.
     prepaid: bool = False
-    # (campaign_id, contact_id): the recipient's ledger key, read many times per mail by the
-    # pipeline, so built once here rather than by a property at each read.
-    key: LedgerKey = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key", (self.recipient.campaign_id, self.recipient.contact_id))
+    @cached_property
+    def key(self) -> LedgerKey:
+        """(campaign_id, contact_id): the recipient's ledger key, read many times per mail by
+        the pipeline, so built once."""
+        return (self.recipient.campaign_id, self.recipient.contact_id)
 
     @cached_property
     def message_id(self) -> str:
