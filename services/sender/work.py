@@ -46,8 +46,6 @@ class Work:
     first_attempt_at: datetime
     # Why it must not be mailed now ("cancelled", "suppressed:<reason>", ...), or None.
     skip: str | None
-    # Its rate-limit slot was booked when it was throttled: it takes no other token.
-    prepaid: bool = False
     @cached_property
     def key(self) -> LedgerKey:
         """(campaign_id, contact_id): the recipient's ledger key, read many times per mail by

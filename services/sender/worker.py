@@ -139,9 +139,10 @@ LOOKAHEAD_CHUNKS = 2
 # the next one claimed) promptly when no new records arrive.
 BUSY_POLL_SECONDS = 0.02
 # Longest a send thread waits for its rate-limit slot, and latest (into the batch) a slot may
-# be: beyond either, the recipient goes to a delay topic for that slot instead, so a tight
-# limit neither stretches a batch (and the partitions it holds) towards max.poll.interval.ms
-# nor runs into the batch deadline, which would count as a failed attempt.
+# be: beyond either, the recipient goes to a delay topic for about that moment instead (its
+# tokens given back), so a tight limit neither stretches a batch (and the partitions it holds)
+# towards max.poll.interval.ms nor runs into the batch deadline, which would count as a
+# failed attempt.
 MAX_THROTTLE_WAIT_SECONDS = 2.0
 THROTTLED_BATCH_SECONDS = 5.0
 
@@ -370,15 +371,15 @@ class SenderWorker:
         if isinstance(payload, RecipientExcluded):
             return None  # an audience member the hydrator excluded: nothing to send, by design
         if isinstance(payload, RecipientQueued):
-            recipient, attempt, first, prepaid = payload, 1, now, False
+            recipient, attempt, first = payload, 1, now
         elif isinstance(payload, RecipientRetryScheduled):
             recipient, attempt = payload.recipient, payload.attempt
-            first, prepaid = payload.first_attempt_at, payload.throttled
+            first = payload.first_attempt_at
         else:
             publisher.dead_letter(record, f"not a recipient: {message.envelope.type}")
             return None
         return Work(record, message.envelope, payload, recipient, attempt, first,
-                    self._skip_reason(message.envelope.tenant_id, recipient), prepaid)
+                    self._skip_reason(message.envelope.tenant_id, recipient))
 
     def _skip_reason(self, tenant_id: str, recipient: RecipientQueued) -> str | None:
         if self.board.state(recipient.campaign_id) is Control.CANCELLED:
@@ -441,11 +442,12 @@ class SenderWorker:
             return transient(item.attempt, None, "batch deadline passed before this attempt",
                              first_attempt_at=item.first_attempt_at, now=now, policy=self.policy,
                              draw=self._rng.random())
-        if self.limiter.active and not item.prepaid:
+        if self.limiter.active:
             clock = time.monotonic()
-            wait = self.limiter.book(item.envelope.tenant_id,
-                                     pool.server_for(recipient.template.from_address), clock)
+            tenant, server = item.envelope.tenant_id, pool.server_for(recipient.template.from_address)
+            wait = self.limiter.book(tenant, server, clock)
             if wait > MAX_THROTTLE_WAIT_SECONDS or clock + wait > started + THROTTLED_BATCH_SECONDS:
+                self.limiter.refund(tenant, server, clock)  # it books again when it comes back
                 return Outcome(Status.THROTTLED, item.attempt,
                                retry_at=now + timedelta(seconds=wait))
             if wait > 0:

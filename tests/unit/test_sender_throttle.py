@@ -53,3 +53,13 @@ def test_the_share_scales_every_limit() -> None:
     drained = [limiter.book("acme", "relay", 0.0) for _ in range(3)]
     assert drained == pytest.approx([0.0, 0.0, 0.2])
     assert not RateLimiter().active and RateLimiter(server_limits=(1.0,)).active
+
+
+def test_a_refund_gives_the_booked_slot_back():
+    limiter = RateLimiter(tenant_limits=(2.0,))
+    assert limiter.book("t", "relay", 0.0) == 0.0
+    assert limiter.book("t", "relay", 0.0) == 0.0
+    assert limiter.book("t", "relay", 0.0) == pytest.approx(0.5)
+    limiter.refund("t", "relay", 0.0)  # that third message was re-queued instead
+    assert limiter.book("t", "relay", 0.0) == pytest.approx(0.5)
+    assert limiter.book("t", "relay", 0.0) == pytest.approx(1.0)
