@@ -26,7 +26,12 @@ Python, about three times the CPU (a live delivery batch: ~0.25 ms of its ~1.1 m
 from __future__ import annotations
 
 import weakref
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable
+from datetime import UTC, datetime
+from itertools import compress
+from math import floor
 from typing import Any
 
 import psycopg
@@ -273,6 +278,35 @@ WITH inserted AS (
 SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM counted)
 """  # noqa: S608
 
+# The all-new try when the session may COPY straight into campaign_recipients (row-level
+# security does not apply to it: a superuser, a BYPASSRLS login, or the table's owner without
+# FORCE; PostgreSQL refuses COPY FROM into a table whose policies apply to the copier). COPY
+# inserts in bulk (one WAL record per page of rows instead of one per row) and skips the
+# staging table: a cold drain of 200,000 deliveries spent ~0.15 s of PostgreSQL CPU on the
+# staging COPY, ~0.65 s on the insert from it and ~0.15 s on counting the staged rows. The
+# counters then come from the rows as sent (`_totals`): every row is new, so each transition
+# is from nothing to its status, as in _RECIPIENTS_NEW.
+_RECIPIENT_COLUMNS = ("tenant_id", "campaign_id", "contact_id", "email", "status", "attempts",
+                      "last_error", "reason", "smtp_code", "ambiguous", "last_event_at")
+_COPY_RECIPIENTS = (f"COPY campaign_recipients ({', '.join(_RECIPIENT_COLUMNS)})"
+                    " FROM STDIN (FORMAT BINARY)")
+_COUNT_COPIED = f"""
+WITH per_second AS (
+    SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[], %b::int8[], %b::int8[],
+                         %b::int8[], %b::int8[], %b::int8[], %b::int8[], %b::int8[],
+                         %b::timestamptz[])
+        AS p(tenant_id, campaign_id, second, queued, excluded, retrying, sent, failed, skipped,
+             ambiguous, last_delivery_at)
+{_COUNTERS}
+SELECT (SELECT count(*) FROM counted)
+"""
+# Whether this session may COPY into campaign_recipients (asked once per connection).
+_MAY_COPY_DIRECT = "SELECT NOT row_security_active('campaign_recipients')"
+_TERMINAL = frozenset({"sent", "failed", "skipped"})
+_AMBIGUOUS_COUNTED = frozenset({"sent", "failed"})
+# _COUNT_COPIED's per_second column (after queued, 0) each status adds to.
+_COUNTED_SLOT = {"excluded": 1, "retrying": 2, "sent": 3, "failed": 4, "skipped": 5}
+
 # Up to this many recipients a batch passes them as arrays; more go through COPY into the
 # staging table. Touching a temporary table makes PostgreSQL truncate the ON COMMIT DELETE
 # ROWS tables at commit (a few file operations, ~1-3 ms): negligible for a backlog batch of
@@ -362,6 +396,9 @@ _LIST_SEPARATOR = "\x1f"
 _FOUND_EXISTING: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 # Connections whose session already holds the staging table (`prepare_session`).
 _PREPARED: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+# Connection -> whether it may COPY straight into campaign_recipients (_MAY_COPY_DIRECT).
+_COPIES_DIRECT: weakref.WeakKeyDictionary[psycopg.Connection[Any], bool] = (
+    weakref.WeakKeyDictionary())
 
 
 def prepare_session(conn: psycopg.Connection[Any]) -> None:
@@ -373,6 +410,15 @@ def prepare_session(conn: psycopg.Connection[Any]) -> None:
     """
     conn.execute(_STAGE_TABLE)
     _PREPARED.add(conn)
+    _may_copy_direct(conn)
+
+
+def _may_copy_direct(conn: psycopg.Connection[Any]) -> bool:
+    known = _COPIES_DIRECT.get(conn)
+    if known is None:
+        row = conn.execute(_MAY_COPY_DIRECT).fetchone()
+        known = _COPIES_DIRECT[conn] = bool(row and row[0])
+    return known
 
 
 def _columns(rows: Iterable[Any], *names: str) -> list[list[Any]]:
@@ -446,7 +492,13 @@ def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
         rows = [recipients[key] for key in sorted(recipients)]
         cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
         return
-    if cur.connection not in _PREPARED:
+    conn = cur.connection
+    if conn not in _FOUND_EXISTING and _may_copy_direct(conn):
+        # In key order: the rows are then inserted (and their keys locked) in one global order.
+        rows = [recipients[key] for key in sorted(recipients)]
+        if _copy_all_new(cur, rows):
+            return
+    if conn not in _PREPARED:
         cur.execute(_STAGE_TABLE)
     columns = ", ".join(_STAGE_COLUMNS)
     with cur.copy(  # noqa: S608
@@ -456,8 +508,7 @@ def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
         # In key order: the rows are then locked in one global order (see _RECIPIENTS_FROM).
         for key in sorted(recipients):
             write(recipients[key])  # RecipientRow's fields are _STAGE_COLUMNS, in order
-    conn = cur.connection
-    if conn not in _FOUND_EXISTING and _insert_all_new(cur):
+    if conn not in _FOUND_EXISTING and not _COPIES_DIRECT.get(conn) and _insert_all_new(cur):
         return
     cur.execute(_RECIPIENTS)
     row = cur.fetchone()
@@ -465,6 +516,76 @@ def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
         _FOUND_EXISTING.add(conn)
     else:
         _FOUND_EXISTING.discard(conn)
+
+
+def _copy_all_new(cur: psycopg.Cursor[Any], rows: list[RecipientRow]) -> bool:
+    """COPY the rows straight into campaign_recipients and count them: True if that did it;
+    False if some row existed, in which case nothing of the attempt remains (rolled back to
+    a savepoint)."""
+    conn = cur.connection
+    cur.execute("SAVEPOINT all_new")
+    try:
+        with cur.copy(_COPY_RECIPIENTS) as copy:
+            copy.set_types(_STAGE_TYPES)  # the same types, in the same order
+            write = copy.write_row
+            for row in rows:
+                write(row)
+    except psycopg.errors.UniqueViolation:
+        with conn.pipeline():
+            cur.execute("ROLLBACK TO SAVEPOINT all_new")
+            cur.execute("RELEASE SAVEPOINT all_new")
+        _FOUND_EXISTING.add(conn)
+        return False
+    with conn.pipeline():
+        cur.execute(_COUNT_COPIED, _totals(rows))
+        cur.execute("RELEASE SAVEPOINT all_new")
+    return True
+
+
+def _totals(rows: list[RecipientRow]) -> list[list[Any]]:
+    """_COUNTERS' per_second rows (as columns) for rows that are all new: per tenant,
+    campaign and second of a terminal event (None for the others), the transitions from
+    nothing to each status, and the latest terminal event (on each of the campaign's rows).
+
+    Counted with Counter over one key per row (~0.5 us a row; a loop keeping the groups
+    took ~1.4 us)."""
+    # Seconds since the epoch: floor(timestamp()) is exact for microsecond datetimes of this
+    # era, and ~3x cheaper than replace(microsecond=0).
+    counted = Counter([(tenant, campaign, status, floor(at.timestamp()))
+                       for tenant, campaign, _, _, status, _, _, _, _, _, at in rows])
+    extra = Counter[tuple[str, str, int | None]]()  # ambiguous outcomes of sent and failed rows
+    for row in rows:
+        if row.ambiguous and row.status in _AMBIGUOUS_COUNTED:
+            extra[(row.tenant_id, row.campaign_id, floor(row.event_at.timestamp()))] += (
+                row.ambiguous)
+    # The latest terminal event per campaign: rows come in (campaign, contact) order, so each
+    # campaign's rows are one slice.
+    campaigns = [row.campaign_id for row in rows]
+    event_at = [row.event_at for row in rows]
+    terminal = [row.status in _TERMINAL for row in rows]
+    latest: dict[str, Any] = {}
+    start = 0
+    for campaign in sorted(set(campaigns)):
+        end = bisect_right(campaigns, campaign, lo=start)
+        latest[campaign] = max(compress(event_at[start:end], terminal[start:end]), default=None)
+        start = end
+    groups: dict[tuple[str, str, int | None], list[Any]] = {}
+    for (tenant, campaign, status, second), count in counted.items():
+        is_terminal = status in _TERMINAL
+        key = (tenant, campaign, second if is_terminal else None)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = [0, 0, 0, 0, 0, 0, extra.get(key, 0), latest[campaign]]
+        if status != "excluded":
+            group[0] += count
+        slot = _COUNTED_SLOT.get(status)
+        if slot is not None:
+            group[slot] += count
+    keys = list(groups)
+    values = list(groups.values())
+    return [[k[0] for k in keys], [k[1] for k in keys],
+            [None if k[2] is None else datetime.fromtimestamp(k[2], UTC) for k in keys],
+            *([v[i] for v in values] for i in range(8))]
 
 
 def _insert_all_new(cur: psycopg.Cursor[Any]) -> bool:

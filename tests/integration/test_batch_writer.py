@@ -1,8 +1,11 @@
-"""The batch writer's two ways of writing staged recipients agree, against the real database.
+"""The batch writer's ways of writing a large batch of recipients agree, against the real
+database.
 
-A staged batch is first tried as all new (a plain insert counted from the staging table) unless
-the connection's last staged batch found existing rows; these tests run the same batches once
-that way and once forced through the general statement, and compare every row and counter.
+A large batch is first tried as all new unless the connection's last such batch found existing
+rows: a COPY straight into campaign_recipients where the session may (row-level security does
+not apply to it: the test platform's superuser), else a plain insert counted from the staging
+table. These tests run the same batches each of those ways and forced through the general
+statement, and compare every row and counter.
 """
 
 from __future__ import annotations
@@ -98,15 +101,22 @@ def snapshot(conn: psycopg.Connection[Any], tenant: str, campaign: str) -> dict[
     return {"counters": counters, "rows": rows, "daily": daily, "throughput": throughput}
 
 
-def test_the_all_new_insert_and_the_general_statement_write_the_same(db, monkeypatch) -> None:
-    tried: list[bool] = []
-    real_try = batch_writer._insert_all_new
+# The two all-new tries: (the function, whether the session copies straight into the table).
+TRIES = {"copy": ("_copy_all_new", True), "staged": ("_insert_all_new", False)}
 
-    def recording_try(cur: psycopg.Cursor[Any]) -> bool:
-        tried.append(real_try(cur))
+
+@pytest.mark.parametrize("way", sorted(TRIES))
+def test_the_all_new_try_and_the_general_statement_write_the_same(db, monkeypatch, way) -> None:
+    name, direct = TRIES[way]
+    tried: list[bool] = []
+    real_try = getattr(batch_writer, name)
+
+    def recording_try(*args: Any) -> bool:
+        tried.append(real_try(*args))
         return tried[-1]
 
-    monkeypatch.setattr(batch_writer, "_insert_all_new", recording_try)
+    monkeypatch.setattr(batch_writer, name, recording_try)
+    monkeypatch.setitem(batch_writer._COPIES_DIRECT, db, direct)
     runs = {}
     for general_only in (False, True):
         tenant = f"tenant-{uuid.uuid4().hex[:8]}"
@@ -121,7 +131,7 @@ def test_the_all_new_insert_and_the_general_statement_write_the_same(db, monkeyp
             db.execute("DELETE FROM campaign_throughput WHERE campaign_id = %s", (campaign,))
             db.execute("DELETE FROM campaigns WHERE campaign_id = %s", (campaign,))
             db.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
-        # The first batch went in by the all-new insert; the second one's try met existing
+        # The first batch went in by the all-new try; the second one's try met existing
         # rows after inserting some new ones, and was undone.
         assert tried == ([] if general_only else [True, False])
         tried.clear()
@@ -139,15 +149,22 @@ def test_the_all_new_insert_and_the_general_statement_write_the_same(db, monkeyp
         final.count("sent") + final.count("failed") + final.count("skipped"))
 
 
-def test_only_a_connection_whose_last_staged_batch_found_no_rows_tries_the_all_new_insert(
-        db, monkeypatch) -> None:
+def test_a_superuser_session_copies_straight_into_the_table(db) -> None:
+    assert batch_writer._may_copy_direct(db) is True
+
+
+@pytest.mark.parametrize("way", sorted(TRIES))
+def test_only_a_connection_whose_last_large_batch_found_no_rows_tries_all_new(
+        db, monkeypatch, way) -> None:
+    name, direct = TRIES[way]
     calls: list[bool] = []
 
-    def declining_try(cur: psycopg.Cursor[Any]) -> bool:
+    def declining_try(*args: Any) -> bool:
         calls.append(True)
         return False  # as if some row existed: the general statement follows
 
-    monkeypatch.setattr(batch_writer, "_insert_all_new", declining_try)
+    monkeypatch.setattr(batch_writer, name, declining_try)
+    monkeypatch.setitem(batch_writer._COPIES_DIRECT, db, direct)
     tenant, campaign = f"tenant-{uuid.uuid4().hex[:8]}", f"camp-{uuid.uuid4()}"
     first, second = batches(tenant, campaign)
     try:
