@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import compress
-from math import floor
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import psycopg
@@ -304,6 +304,10 @@ SELECT (SELECT count(*) FROM counted)
 _MAY_COPY_DIRECT = "SELECT NOT row_security_active('campaign_recipients')"
 _TERMINAL = frozenset({"sent", "failed", "skipped"})
 _AMBIGUOUS_COUNTED = frozenset({"sent", "failed"})
+_TENANT_OF, _CAMPAIGN_OF, _STATUS_OF, _EVENT_AT_OF = (
+    itemgetter(RecipientRow._fields.index(name))
+    for name in ("tenant_id", "campaign_id", "status", "event_at"))
+_TIMESTAMP = methodcaller("timestamp")
 # _COUNT_COPIED's per_second column (after queued, 0) each status adds to.
 _COUNTED_SLOT = {"excluded": 1, "retrying": 2, "sent": 3, "failed": 4, "skipped": 5}
 
@@ -547,16 +551,16 @@ def _totals(rows: list[RecipientRow]) -> list[list[Any]]:
     campaign and second of a terminal event (None for the others), the transitions from
     nothing to each status, and the latest terminal event (on each of the campaign's rows).
 
-    Counted with Counter over one key per row (~0.5 us a row; a loop keeping the groups
-    took ~1.4 us)."""
-    # Seconds since the epoch: floor(timestamp()) is exact for microsecond datetimes of this
-    # era, and ~3x cheaper than replace(microsecond=0).
-    counted = Counter([(tenant, campaign, status, floor(at.timestamp()))
-                       for tenant, campaign, _, _, status, _, _, _, _, _, at in rows])
+    Counted with Counter over one key per row, built by C-level maps (~0.5 us a row; a
+    loop keeping the groups took ~1.4 us)."""
+    # Seconds since the epoch: int(timestamp()) is exact for microsecond datetimes of this
+    # era (after 1970: it truncates), and ~3x cheaper than replace(microsecond=0).
+    counted = Counter(zip(map(_TENANT_OF, rows), map(_CAMPAIGN_OF, rows), map(_STATUS_OF, rows),
+                          map(int, map(_TIMESTAMP, map(_EVENT_AT_OF, rows))), strict=True))
     extra = Counter[tuple[str, str, int | None]]()  # ambiguous outcomes of sent and failed rows
     for row in rows:
         if row.ambiguous and row.status in _AMBIGUOUS_COUNTED:
-            extra[(row.tenant_id, row.campaign_id, floor(row.event_at.timestamp()))] += (
+            extra[(row.tenant_id, row.campaign_id, int(row.event_at.timestamp()))] += (
                 row.ambiguous)
     # The latest terminal event per campaign: rows come in (campaign, contact) order, so each
     # campaign's rows are one slice.

@@ -8,9 +8,8 @@ the fast decoder (projections.fast_decode) can build one without a pydantic mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from schemas.base import Record
 from schemas.envelope import Message
@@ -32,10 +31,9 @@ RANK: dict[str, int] = {
 }
 
 
-# Not frozen: a frozen dataclass's __init__ costs ~3 µs more per event on the hot path.
-# Treat it as immutable all the same.
-@dataclass(slots=True)
-class RecipientFact:
+# A named tuple: immutable, and the fast decoder builds one with tuple.__new__ (no Python
+# __init__ frame: ~0.4 us less per event than the slots dataclass it was).
+class RecipientFact(NamedTuple):
     """One event about one recipient, reduced to what the read models keep."""
 
     event_id: str
