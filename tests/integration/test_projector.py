@@ -795,3 +795,27 @@ def test_a_row_conflict_is_retried_at_once_other_failures_back_off(
     assert (progress.status, progress.queued, progress.sent, progress.failed) == (
         "completed", 10, sent, failed)
     assert stored_positions(db, settings) == end_offsets(settings)
+
+
+def test_a_batch_in_flight_is_taken_as_soon_as_it_is_done_not_after_an_idle_poll(
+        settings, db) -> None:
+    """With nothing more to consume, a poll returns once the batch in flight has committed,
+    with its records, not after the whole poll timeout (a drain's last batch)."""
+    campaign = Campaign()
+    produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(2),
+                       campaign.queued("contact-001"), campaign.queued("contact-002")])
+    poll_timeout = 60.0
+    with Projector(settings, poll_timeout=poll_timeout) as projector:
+        covered = 0
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        # Until everything was consumed, handed over and taken back from the writer.
+        while not (covered == 5 and projector._in_flight is None):
+            assert time.monotonic() < deadline, f"only {covered} records covered"
+            started = time.monotonic()
+            covered += projector.poll_once()
+            waited = time.monotonic() - started
+            # Every record was there before the first poll: no poll needs its whole timeout
+            # (the assignment aside, which comes within the first).
+            assert covered == 0 or waited < poll_timeout / 4, (
+                f"a poll waited {waited:.1f} s with a batch done")
+        assert projector.caught_up()
