@@ -275,8 +275,9 @@ class RecipientSkipped(Record):
 @message("RecipientRetryScheduled", 1)
 class RecipientRetryScheduled(Record):
     """A recipient queued on a delay topic: the sender makes attempt `attempt` once `retry_at`
-    has come. Either attempt `attempt - 1` failed transiently, or (`throttled`) a rate limit had
-    no slot for it before about `retry_at` (it books one again then: attempt unchanged).
+    has come. Either attempt `attempt - 1` failed transiently, or (`throttled`) a rate limit
+    booked this recipient's slot at `retry_at`, which is then already paid for (attempt
+    unchanged; the sender takes it back a little early and waits for the slot).
     `first_attempt_at` bounds the total age of the delivery."""
 
     recipient: RecipientQueued

@@ -10,12 +10,13 @@ Guarantees:
 - Split across instances: each instance runs its buckets at limit x its share of the group's
   partitions (assigned / total), so the sum over a group whose assignment covers every
   partition once never exceeds the limit.
-- `book` never waits: it takes the tokens and says when the message may go. A caller that
-  does not want to wait that long gives them back (`refund`) and re-queues the message for
-  about that moment (RecipientRetryScheduled.throttled); it books again when it comes back.
-  A slot is never carried across the delay topic: a message that came back late and spent a
-  slot from the past would go out together with the messages booked for now, over the
-  limit.
+- `book` never waits: it takes the tokens and says when the message may go (its slot); a
+  caller that does not want to wait that long re-queues the message for that slot, already
+  paid for (RecipientRetryScheduled.throttled). The slot is only good at its time: the sender
+  has the message back a little before it (THROTTLED_EARLY_SECONDS) and waits for it, so the
+  message is neither charged twice nor sent early; one that comes back after its slot books a
+  new one (that slot went unused: sending then, on top of the messages booked for now, would
+  go over the limit).
 - Pure given the `now` readings passed in (no clock, no sleep inside).
 """
 
@@ -111,13 +112,6 @@ class RateLimiter:
             for bucket in buckets:
                 bucket.tokens -= 1.0
             return wait
-
-    def refund(self, tenant: str, server: str, now: float) -> None:
-        """Give back the tokens of a booking that will not be used (the message was
-        re-queued instead of waiting for its slot)."""
-        with self._lock:
-            for bucket in self._for(tenant, server, now):
-                bucket.tokens = min(bucket.capacity, bucket.tokens + 1.0)
 
     def _for(self, tenant: str, server: str, now: float) -> list[TokenBucket]:
         wanted = [("tenant", tenant, i) for i in range(len(self.tenant_limits))]

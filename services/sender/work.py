@@ -46,6 +46,8 @@ class Work:
     first_attempt_at: datetime
     # Why it must not be mailed now ("cancelled", "suppressed:<reason>", ...), or None.
     skip: str | None
+    # Throttled before: the rate-limit slot it booked then (its retry_at), already paid for.
+    slot: datetime | None = None
     @cached_property
     def key(self) -> LedgerKey:
         """(campaign_id, contact_id): the recipient's ledger key, read many times per mail by

@@ -31,7 +31,8 @@ def test_two_instances_share_a_tenant_limit_and_mail_everyone_once(settings, mon
     # batch's 5 s) is reached only when one batch holds more than ~6 s of one instance's
     # share, which depends on how the consumer happens to split the backlog into batches
     # (CI once saw batches of 96 + 24: no throttling). With 8 send threads booking at
-    # 20/s each, a wait of 0.1 s is passed as soon as the burst is spent.
+    # 20/s each, a wait of 0.1 s is passed as soon as the burst is spent: most of the
+    # backlog goes through a delay topic and back.
     monkeypatch.setattr(worker, "MAX_THROTTLE_WAIT_SECONDS", 0.1)
     batch = recipients(COUNT)
     with SmtpSink(SinkConfig(port=0)) as sink:
@@ -50,6 +51,11 @@ def test_two_instances_share_a_tenant_limit_and_mail_everyone_once(settings, mon
     assert Counter(rec["rcpt_tos"][0] for rec in records) == Counter({r.email: 1 for r in batch})
     assert all(sent_by), "one instance sent nothing: the test says nothing about the split"
     assert throttled > 0  # the bookings ran past the in-thread wait and went to a delay topic
+    # A throttled recipient keeps its booked slot and is sent at it when it comes back in
+    # time: the backlog goes through the delay topics about once (279-321 throttles here;
+    # some come back late, behind a later slot at the head of their delay partition, and book
+    # again), it does not cycle through them (giving the tokens back at once instead: 863).
+    assert throttled <= 2 * COUNT, f"{throttled} throttles for {COUNT} recipients"
     # Group-wide bucket: a burst of at most LIMIT (one second's tokens per instance share),
     # then LIMIT per second.
     times = sorted(datetime.fromisoformat(rec["received_at"]).timestamp() for rec in records)

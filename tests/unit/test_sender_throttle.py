@@ -55,11 +55,20 @@ def test_the_share_scales_every_limit() -> None:
     assert not RateLimiter().active and RateLimiter(server_limits=(1.0,)).active
 
 
-def test_a_refund_gives_the_booked_slot_back():
-    limiter = RateLimiter(tenant_limits=(2.0,))
-    assert limiter.book("t", "relay", 0.0) == 0.0
-    assert limiter.book("t", "relay", 0.0) == 0.0
-    assert limiter.book("t", "relay", 0.0) == pytest.approx(0.5)
-    limiter.refund("t", "relay", 0.0)  # that third message was re-queued instead
-    assert limiter.book("t", "relay", 0.0) == pytest.approx(0.5)
-    assert limiter.book("t", "relay", 0.0) == pytest.approx(1.0)
+
+def test_a_throttled_recipient_is_taken_back_early_enough_to_wait_for_its_slot():
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.events import MessageTemplate, RecipientQueued, RecipientRetryScheduled
+    from services.sender.worker import THROTTLED_EARLY_SECONDS, due_at
+
+    slot = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    recipient = RecipientQueued(campaign_id="c1", contact_id="k1", email="k1@example.com",
+                                template=MessageTemplate(subject="s", from_address="n@example.com",
+                                                         body_text="hi"))
+    retry = RecipientRetryScheduled(recipient=recipient, attempt=2, retry_at=slot,
+                                    first_attempt_at=slot - timedelta(minutes=1))
+    throttled = retry.model_copy(update={"attempt": 1, "throttled": True})
+    assert due_at(retry) == slot  # a transient failure's retry: at its time
+    assert due_at(throttled) == slot - timedelta(seconds=THROTTLED_EARLY_SECONDS)
+    assert THROTTLED_EARLY_SECONDS > 0
