@@ -161,6 +161,7 @@ def due_at(payload: RecipientRetryScheduled) -> datetime:
         return payload.retry_at - timedelta(seconds=THROTTLED_EARLY_SECONDS)
     return payload.retry_at
 
+
 class SenderWorker:
     """Consumes the recipient topics in group `sender`, mails each recipient and publishes its
     delivery on campaign.deliveries: at-least-once events, at-most-once mail per attempt
@@ -459,9 +460,13 @@ class SenderWorker:
                              draw=self._rng.random())
         if self.limiter.active:
             ahead = None if item.slot is None else (item.slot - now).total_seconds()
+            if ahead is not None and ahead > THROTTLED_EARLY_SECONDS + MAX_THROTTLE_WAIT_SECONDS:
+                # Taken back far too early (clocks of two instances apart): back to its delay
+                # topic, still holding its slot; never sent before it.
+                return Outcome(Status.THROTTLED, item.attempt, retry_at=item.slot)
             if ahead is not None and ahead >= 0:
                 # Its slot, booked when it was throttled: taken back early, it waits for it.
-                time.sleep(min(ahead, THROTTLED_EARLY_SECONDS + MAX_THROTTLE_WAIT_SECONDS))
+                time.sleep(ahead)
                 now = datetime.now(UTC)
             else:  # not booked yet, or back after its slot (that one went unused): book
                 clock = time.monotonic()
