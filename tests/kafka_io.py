@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from confluent_kafka import Consumer, KafkaError
 
@@ -27,8 +27,9 @@ def publish(settings: Settings, spec: TopicSpec, records: Iterable[tuple[bytes, 
 
 
 def read_topic(settings: Settings, spec: TopicSpec, *, until: int | None = None, timeout: float = 30.0,
-               idle: float = 3.0) -> list[Message]:
-    """Committed records of a topic from the beginning: stops at `until` records or when idle."""
+               idle: float = 3.0, counting: Callable[[Message], bool] | None = None) -> list[Message]:
+    """Committed records of a topic from the beginning: stops at `until` records (of those
+    `counting` accepts, if given) or when idle."""
     consumer = Consumer({
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "group.id": f"reader-{uuid.uuid4()}",
@@ -38,6 +39,7 @@ def read_topic(settings: Settings, spec: TopicSpec, *, until: int | None = None,
     })
     consumer.subscribe([topic_name(spec, settings)])
     out: list[Message] = []
+    counted = 0
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     try:
@@ -51,8 +53,9 @@ def read_topic(settings: Settings, spec: TopicSpec, *, until: int | None = None,
                         raise RuntimeError(error)
                     continue
                 out.append(decode(m.value()))
+                counted += counting is None or counting(out[-1])
                 last = time.monotonic()
-            if until is not None and len(out) >= until:
+            if until is not None and counted >= until:
                 # Linger a moment: an extra (duplicate) record must be seen, not missed.
                 if time.monotonic() - last > 1.0:
                     break

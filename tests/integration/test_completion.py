@@ -56,7 +56,10 @@ def completions(settings: Settings, *, until: int | None = None,
     if uncommitted:
         records = read_uncommitted(settings, EVENTS)
     else:
-        records = read_topic(settings, EVENTS, until=until, timeout=DRAIN_TIMEOUT_SECONDS)
+        # `until` completions, not records: the topic also holds the campaign's own events,
+        # and a completion published a second after them was missed.
+        records = read_topic(settings, EVENTS, until=until, timeout=DRAIN_TIMEOUT_SECONDS,
+                             counting=lambda m: isinstance(m.payload, CampaignCompleted))
     return [m for m in records if isinstance(m.payload, CampaignCompleted)]
 
 
