@@ -33,6 +33,18 @@ def jvm_options() -> list[str]:
     return override or list(DEFAULT_JVM_OPTIONS)
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: 16 bytes, URL-safe base64, never starting with '-'.
+
+    Kafka's own Uuid.randomUuid redraws such ids: StorageTool's argument parser takes
+    "-t -abc..." for a missing value and an unknown option (CI hit it, 1 format in 64).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def kafka_version() -> str:
     """The broker version: KAFKA_VERSION, else the pom's kafka.version property."""
     override = os.environ.get("KAFKA_VERSION")
@@ -114,9 +126,9 @@ class KafkaNode:
         classpath = f"{libs}/*"
         java = ["java", *jvm_options(), f"-Dlog4j2.configurationFile={LOG4J}", "-cp", classpath]
         if not (self.home / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(conf)],
+                [*java, "kafka.tools.StorageTool", "format",
+                 f"--cluster-id={new_cluster_id()}", "-c", str(conf)],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
