@@ -20,6 +20,11 @@ over the whole text (`_CANONICAL_SENT`, `_CANONICAL_FAILED`: ~2 us instead of ~7
 parsing plus field checks); any other record goes the dict way below. Each sub-pattern is at
 least as strict as the schema's rule for that field, so a record the expression accepts is one
 the full decode accepts with the same values.
+
+The first tier runs natively where the extension projections._canonical is built (it is, at
+install): the same grammar in one pass over the bytes, ~1 us instead of ~3.5 us a delivery.
+`_canonical_delivery` below stays the reference it is tested against (and the fallback in a
+source tree nobody installed).
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ from typing import Any
 from pydantic_core import from_json
 
 from projections.facts import RecipientFact
+
+try:
+    from projections import _canonical
+except ImportError:  # not built (a source tree nobody installed): the expression does the same
+    _canonical = None  # type: ignore[assignment]
 from schemas.base import ENTITY_ID_RE, NORMALISED_EMAIL_RE, TENANT_ID_RE, Record
 from schemas.envelope import Message, decode
 
@@ -127,7 +137,7 @@ def decode_record(raw: bytes | str | None) -> Message[Record] | RecipientFact:
     """A recipient fact for a canonical EmailSent/EmailFailed v2 or RecipientQueued v1, else
     the full decode."""
     if raw is not None:
-        fact = _canonical_delivery(raw)
+        fact = _match_canonical(raw)
         if fact is not None:
             return fact
         if not _names_a_fast_type(raw):
@@ -189,6 +199,13 @@ def _canonical_delivery(raw: bytes | str) -> RecipientFact | None:
         event_id, "EmailFailed", tenant, campaign, contact, email, "failed", int(attempt),
         occurred_at, int(ambiguous), None if code is None or code == "null" else int(code),
         reason, None))
+
+
+if _canonical is not None:
+    _canonical.configure(RecipientFact)
+    _match_canonical = _canonical.match
+else:
+    _match_canonical = _canonical_delivery
 
 
 def _fast_fact(data: dict[str, Any]) -> RecipientFact | None:
