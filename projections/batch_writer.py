@@ -29,9 +29,10 @@ import weakref
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from itertools import compress
-from operator import itemgetter, methodcaller
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter, sub
 from typing import Any
 
 import psycopg
@@ -305,10 +306,11 @@ SELECT (SELECT count(*) FROM counted)
 _MAY_COPY_DIRECT = "SELECT NOT row_security_active('campaign_recipients')"
 _TERMINAL = frozenset({"sent", "failed", "skipped"})
 _AMBIGUOUS_COUNTED = frozenset({"sent", "failed"})
-_TENANT_OF, _CAMPAIGN_OF, _STATUS_OF, _EVENT_AT_OF = (
+_TENANT_OF, _CAMPAIGN_OF, _STATUS_OF, _EVENT_AT_OF, _AMBIGUOUS_OF = (
     itemgetter(RecipientRow._fields.index(name))
-    for name in ("tenant_id", "campaign_id", "status", "event_at"))
-_TIMESTAMP = methodcaller("timestamp")
+    for name in ("tenant_id", "campaign_id", "status", "event_at", "ambiguous"))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DAYS, _SECONDS = attrgetter("days"), attrgetter("seconds")
 # _COUNT_COPIED's per_second column (after queued, 0) each status adds to.
 _COUNTED_SLOT = {"excluded": 1, "retrying": 2, "sent": 3, "failed": 4, "skipped": 5}
 
@@ -490,16 +492,49 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
         return completed
 
 
-def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
+@dataclass(frozen=True, slots=True)
+class PreparedRecipients:
+    """A batch's recipient rows in key order and, if they are expected to go straight into
+    campaign_recipients as all new, their counters (`_totals`)."""
+
+    rows: list[RecipientRow]
+    totals: list[list[Any]] | None
+
+
+def prepare(changes: BatchChanges, conn: psycopg.Connection[Any] | None) -> None:
+    """Compute ahead, in the calling thread, what `apply` computes from the recipient rows
+    before and after their COPY (sorting, counting: ~10 ms of Python per 10,000 rows), and
+    keep it on `changes` for `apply`.
+
+    The projector calls it from its driving thread while the writer thread waits on
+    PostgreSQL for the previous batch; in the writer thread the same work held up the
+    transaction, and PostgreSQL idled meanwhile. `conn` is the connection `apply` will use
+    (None if not open yet): whether it takes the all-new COPY is read from it, a guess only
+    (a wrong one costs the work, never the result).
+    """
     recipients = changes.recipients
+    if len(recipients) <= ARRAY_BATCH_MAX:
+        return
+    rows = _sorted_rows(recipients)
+    all_new = conn is not None and conn not in _FOUND_EXISTING and bool(_COPIES_DIRECT.get(conn))
+    changes.prepared = PreparedRecipients(rows, _totals(rows) if all_new else None)
+
+
+def _sorted_rows(recipients: dict[tuple[str, str], RecipientRow]) -> list[RecipientRow]:
     # In key order: the rows are then inserted and locked in one global order (see
     # _RECIPIENTS_FROM).
-    rows = [recipients[key] for key in sorted(recipients)]
+    return [recipients[key] for key in sorted(recipients)]
+
+
+def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
+    prepared = changes.prepared
+    rows = prepared.rows if prepared is not None else _sorted_rows(changes.recipients)
     if len(rows) <= ARRAY_BATCH_MAX:
         cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
         return
     conn = cur.connection
-    if conn not in _FOUND_EXISTING and _may_copy_direct(conn) and _copy_all_new(cur, rows):
+    if (conn not in _FOUND_EXISTING and _may_copy_direct(conn)
+            and _copy_all_new(cur, rows, prepared.totals if prepared is not None else None)):
         return
     if conn not in _PREPARED:
         cur.execute(_STAGE_TABLE)
@@ -520,10 +555,11 @@ def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
         _FOUND_EXISTING.discard(conn)
 
 
-def _copy_all_new(cur: psycopg.Cursor[Any], rows: list[RecipientRow]) -> bool:
-    """COPY the rows straight into campaign_recipients and count them: True if that did it;
-    False if some row existed, in which case nothing of the attempt remains (rolled back to
-    a savepoint)."""
+def _copy_all_new(cur: psycopg.Cursor[Any], rows: list[RecipientRow],
+                  totals: list[list[Any]] | None) -> bool:
+    """COPY the rows straight into campaign_recipients and count them (`totals`: their
+    `_totals`, if computed ahead): True if that did it; False if some row existed, in which
+    case nothing of the attempt remains (rolled back to a savepoint)."""
     conn = cur.connection
     cur.execute("SAVEPOINT all_new")
     try:
@@ -539,7 +575,7 @@ def _copy_all_new(cur: psycopg.Cursor[Any], rows: list[RecipientRow]) -> bool:
         _FOUND_EXISTING.add(conn)
         return False
     with conn.pipeline():
-        cur.execute(_COUNT_COPIED, _totals(rows))
+        cur.execute(_COUNT_COPIED, totals if totals is not None else _totals(rows))
         cur.execute("RELEASE SAVEPOINT all_new")
     return True
 
@@ -549,44 +585,51 @@ def _totals(rows: list[RecipientRow]) -> list[list[Any]]:
     campaign and second of a terminal event (None for the others), the transitions from
     nothing to each status, and the latest terminal event (on each of the campaign's rows).
 
-    Counted with Counter over one key per row, built by C-level maps (~0.5 us a row; a
-    loop keeping the groups took ~1.4 us)."""
-    # Seconds since the epoch: int(timestamp()) is exact for microsecond datetimes of this
-    # era (after 1970: it truncates), and ~3x cheaper than replace(microsecond=0).
-    counted = Counter(zip(map(_TENANT_OF, rows), map(_CAMPAIGN_OF, rows), map(_STATUS_OF, rows),
-                          map(int, map(_TIMESTAMP, map(_EVENT_AT_OF, rows))), strict=True))
-    extra = Counter[tuple[str, str, int | None]]()  # ambiguous outcomes of sent and failed rows
-    for row in rows:
-        if row.ambiguous and row.status in _AMBIGUOUS_COUNTED:
-            extra[(row.tenant_id, row.campaign_id, int(row.event_at.timestamp()))] += (
-                row.ambiguous)
-    # The latest terminal event per campaign: rows come in (campaign, contact) order, so each
-    # campaign's rows are one slice.
-    campaigns = [row.campaign_id for row in rows]
-    event_at = [row.event_at for row in rows]
-    terminal = [row.status in _TERMINAL for row in rows]
-    latest: dict[str, Any] = {}
+    Rows come in (campaign, contact) order, so each campaign's rows are one slice; within
+    it, rows are counted by C-level maps over (status, days, seconds) keys, the whole
+    seconds since the epoch as a timedelta holds them (by (tenant, status, days, seconds)
+    only in a slice naming several tenants): ~0.6 us a row, where one Counter over
+    (tenant, campaign, status, int(timestamp())) took ~1.05 us."""
+    groups: dict[tuple[str, str, tuple[int, int] | None], list[Any]] = {}
+    campaigns = list(map(_CAMPAIGN_OF, rows))
     start = 0
     for campaign in sorted(set(campaigns)):
         end = bisect_right(campaigns, campaign, lo=start)
-        latest[campaign] = max(compress(event_at[start:end], terminal[start:end]), default=None)
+        part = rows[start:end]
         start = end
-    groups: dict[tuple[str, str, int | None], list[Any]] = {}
-    for (tenant, campaign, status, second), count in counted.items():
-        is_terminal = status in _TERMINAL
-        key = (tenant, campaign, second if is_terminal else None)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = [0, 0, 0, 0, 0, 0, extra.get(key, 0), latest[campaign]]
-        if status != "excluded":
-            group[0] += count
-        slot = _COUNTED_SLOT.get(status)
-        if slot is not None:
-            group[slot] += count
+        statuses = list(map(_STATUS_OF, part))
+        since_epoch = list(map(sub, map(_EVENT_AT_OF, part), repeat(_EPOCH)))
+        days, seconds = map(_DAYS, since_epoch), map(_SECONDS, since_epoch)
+        latest = max(compress(map(_EVENT_AT_OF, part), map(_TERMINAL.__contains__, statuses)),
+                     default=None)
+        tenants = set(map(_TENANT_OF, part))
+        if len(tenants) == 1:
+            tenant = tenants.pop()
+            counted = [((tenant, status, day, second), count) for (status, day, second), count
+                       in Counter(zip(statuses, days, seconds, strict=True)).items()]
+        else:
+            counted = list(Counter(zip(map(_TENANT_OF, part), statuses, days, seconds,
+                                       strict=True)).items())
+        for (tenant, status, day, second), count in counted:
+            key = (tenant, campaign, (day, second) if status in _TERMINAL else None)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = [0, 0, 0, 0, 0, 0, 0, latest]
+            if status != "excluded":
+                group[0] += count
+            slot = _COUNTED_SLOT.get(status)
+            if slot is not None:
+                group[slot] += count
+    # Ambiguous outcomes of sent and failed rows: few rows carry any.
+    for row in compress(rows, map(_AMBIGUOUS_OF, rows)):
+        if row.status in _AMBIGUOUS_COUNTED:
+            delta = row.event_at - _EPOCH
+            groups[(row.tenant_id, row.campaign_id, (delta.days, delta.seconds))][6] += (
+                row.ambiguous)
     keys = list(groups)
     values = list(groups.values())
     return [[k[0] for k in keys], [k[1] for k in keys],
-            [None if k[2] is None else datetime.fromtimestamp(k[2], UTC) for k in keys],
+            [None if k[2] is None else _EPOCH + timedelta(*k[2]) for k in keys],
             *([v[i] for v in values] for i in range(8))]
 
 

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple, cast, get_args
+from typing import Any, NamedTuple, cast, get_args
 
 from projections.facts import RANK, RecipientFact, recipient_fact
 from schemas.base import Record
@@ -183,6 +183,9 @@ class BatchChanges:
     ignored: int = 0
     # campaign id -> tenant that named it first in this batch.
     owners: dict[str, str] = field(default_factory=dict)
+    # What batch_writer.prepare computed from `recipients` ahead of the write (the rows in key
+    # order, their counters); cleared whenever `recipients` changes after it.
+    prepared: Any = None
 
     def campaign_ids(self) -> list[str]:
         """Every campaign the batch may have moved, sorted (a stable lock order)."""
@@ -203,6 +206,7 @@ class BatchChanges:
                 self.dropped.append(DroppedFact("-", "campaign facts", reason))
             for key in [k for k in self.recipients if k[0] == campaign_id]:
                 del self.recipients[key]
+                self.prepared = None
                 self.dropped.append(DroppedFact("-", f"recipient {key[1]}", reason))
             for event_id in [e for e, a in self.attempts.items() if a.campaign_id == campaign_id]:
                 del self.attempts[event_id]
