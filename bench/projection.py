@@ -24,8 +24,9 @@ against a plain COPY of the same rows.
   checks; the fast path for EmailSent/EmailFailed v2), plan (row changes), wait (for the
   writer thread). Writer thread, overlapping the next batch's consume, decode and plan: write
   (the PostgreSQL transaction: positions, COPY into the staging table, the recipients
-  statement with its counters, commit). consume + decode + plan + wait is about
-  drain_seconds; the rest is the end-offset checks.
+  statement with its counters, commit). end_checks: the drain loop's caught_up() calls (an
+  end-offset look-up at the broker after each batch). consume + decode + plan + wait +
+  end_checks is about drain_seconds.
 - The drain runs with the projector service's process settings (GIL switch interval, garbage
   collection: projections.projector.projecting_process, as run_lanes sets them).
 - projection.cpu_seconds: CPU time during the drain of the bench process (the projector's
@@ -291,13 +292,18 @@ def drain(settings: Settings, count: int) -> Drained:
         cpu_started = time.process_time()
         started = time.monotonic()
         first: float | None = None
+        checks = 0.0  # in caught_up(): the end-offset look-ups
         with Projector(settings, logger=_quiet_logger()) as projector:
             deadline = started + timeout
             while True:
                 if projector.poll_once() and first is None:
                     first = time.monotonic() - started
-                if projector.records_applied and projector.caught_up():
-                    break
+                if projector.records_applied:
+                    checked = time.monotonic()
+                    done = projector.caught_up()
+                    checks += time.monotonic() - checked
+                    if done:
+                        break
                 if time.monotonic() > deadline:
                     raise ProjectionBenchFailed(
                         f"projector not caught up after {timeout:g} s"
@@ -308,7 +314,8 @@ def drain(settings: Settings, count: int) -> Drained:
             # CPU time is the drain's.
             backend_cpu = backend_cpu_seconds(settings, f"{projector.group}-projector"[:63])
             return Drained(seconds, first, projector.records_applied,
-                           dict(projector.time_split), process_cpu, backend_cpu)
+                           {**projector.time_split, "end_checks": checks}, process_cpu,
+                           backend_cpu)
 
 
 def raw_copy(conn: psycopg.Connection[Any], backlog: Backlog, table: str, *,
