@@ -38,6 +38,11 @@ from typing import Any
 import psycopg
 
 from projections import segment_projection
+
+try:
+    from projections import _copy_binary
+except ImportError:  # not built (a source tree nobody installed): psycopg writes the rows
+    _copy_binary = None  # type: ignore[assignment]
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
 from schemas.contacts import ContactState, fold_contact
 
@@ -126,6 +131,8 @@ _STAGE_COLUMNS = RecipientRow._fields
 # with a dumper looked up per value) and spares the server parsing timestamps.
 _STAGE_TYPES = ("text", "text", "text", "text", "text", "int4", "text", "text", "int4", "int4",
                 "timestamptz")
+# The same types for the native encoder (projections/_copy_binary.c): one letter a column.
+_STAGE_LAYOUT = "".join({"text": "t", "int4": "i", "timestamptz": "T"}[t] for t in _STAGE_TYPES)
 
 # ON COMMIT DELETE ROWS: the staging table is empty at the start of every batch.
 _STAGE_TABLE = """
@@ -494,17 +501,19 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
 
 @dataclass(frozen=True, slots=True)
 class PreparedRecipients:
-    """A batch's recipient rows in key order and, if they are expected to go straight into
-    campaign_recipients as all new, their counters (`_totals`)."""
+    """A batch's recipient rows in key order, as binary COPY data (`_copy_data`) and, if they
+    are expected to go straight into campaign_recipients as all new, their counters
+    (`_totals`)."""
 
     rows: list[RecipientRow]
+    data: bytes | None
     totals: list[list[Any]] | None
 
 
 def prepare(changes: BatchChanges, conn: psycopg.Connection[Any] | None) -> None:
     """Compute ahead, in the calling thread, what `apply` computes from the recipient rows
-    before and after their COPY (sorting, counting: ~10 ms of Python per 10,000 rows), and
-    keep it on `changes` for `apply`.
+    before and after their COPY (sorting, encoding, counting: ~10 ms of Python per 10,000
+    rows), and keep it on `changes` for `apply`.
 
     The projector calls it from its driving thread while the writer thread waits on
     PostgreSQL for the previous batch; in the writer thread the same work held up the
@@ -517,7 +526,32 @@ def prepare(changes: BatchChanges, conn: psycopg.Connection[Any] | None) -> None
         return
     rows = _sorted_rows(recipients)
     all_new = conn is not None and conn not in _FOUND_EXISTING and bool(_COPIES_DIRECT.get(conn))
-    changes.prepared = PreparedRecipients(rows, _totals(rows) if all_new else None)
+    changes.prepared = PreparedRecipients(rows, _copy_data(rows),
+                                          _totals(rows) if all_new else None)
+
+
+def _copy_data(rows: list[RecipientRow]) -> bytes | None:
+    """The rows as binary COPY data for _STAGE_TYPES, natively (~0.2 us a row); None where the
+    extension is not built or a value is not one it takes: psycopg then writes those rows
+    (and words any error)."""
+    if _copy_binary is None:
+        return None
+    try:
+        return _copy_binary.encode_rows(rows, _STAGE_LAYOUT)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _copy_rows(copy: psycopg.Copy, rows: list[RecipientRow], data: bytes | None) -> None:
+    """Send the rows (in _STAGE_COLUMNS order) into a binary COPY: as `data` if given (the
+    native encoder writes UTF-8 text, so only on a UTF-8 connection), else row by row."""
+    if data is not None and copy.connection.info.encoding == "utf-8":
+        copy.write(data)  # signature, rows and trailer
+        return
+    copy.set_types(_STAGE_TYPES)
+    write = copy.write_row
+    for row in rows:
+        write(row)  # RecipientRow's fields are _STAGE_COLUMNS, in order
 
 
 def _sorted_rows(recipients: dict[tuple[str, str], RecipientRow]) -> list[RecipientRow]:
@@ -528,23 +562,23 @@ def _sorted_rows(recipients: dict[tuple[str, str], RecipientRow]) -> list[Recipi
 
 def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
     prepared = changes.prepared
-    rows = prepared.rows if prepared is not None else _sorted_rows(changes.recipients)
-    if len(rows) <= ARRAY_BATCH_MAX:
-        cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
-        return
+    if prepared is None:
+        rows = _sorted_rows(changes.recipients)
+        if len(rows) <= ARRAY_BATCH_MAX:
+            cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
+            return
+        prepared = PreparedRecipients(rows, _copy_data(rows), None)
+    rows = prepared.rows
     conn = cur.connection
     if (conn not in _FOUND_EXISTING and _may_copy_direct(conn)
-            and _copy_all_new(cur, rows, prepared.totals if prepared is not None else None)):
+            and _copy_all_new(cur, prepared)):
         return
     if conn not in _PREPARED:
         cur.execute(_STAGE_TABLE)
     columns = ", ".join(_STAGE_COLUMNS)
     with cur.copy(  # noqa: S608
             f"COPY recipient_stage ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types(_STAGE_TYPES)
-        write = copy.write_row
-        for row in rows:
-            write(row)  # RecipientRow's fields are _STAGE_COLUMNS, in order
+        _copy_rows(copy, rows, prepared.data)
     if conn not in _FOUND_EXISTING and not _COPIES_DIRECT.get(conn) and _insert_all_new(cur):
         return
     cur.execute(_RECIPIENTS)
@@ -555,19 +589,16 @@ def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
         _FOUND_EXISTING.discard(conn)
 
 
-def _copy_all_new(cur: psycopg.Cursor[Any], rows: list[RecipientRow],
-                  totals: list[list[Any]] | None) -> bool:
-    """COPY the rows straight into campaign_recipients and count them (`totals`: their
-    `_totals`, if computed ahead): True if that did it; False if some row existed, in which
-    case nothing of the attempt remains (rolled back to a savepoint)."""
+def _copy_all_new(cur: psycopg.Cursor[Any], prepared: PreparedRecipients) -> bool:
+    """COPY the rows straight into campaign_recipients and count them (with the totals
+    computed ahead, if any): True if that did it; False if some row existed, in which case
+    nothing of the attempt remains (rolled back to a savepoint)."""
     conn = cur.connection
+    rows, totals = prepared.rows, prepared.totals
     cur.execute("SAVEPOINT all_new")
     try:
         with cur.copy(_COPY_RECIPIENTS) as copy:
-            copy.set_types(_STAGE_TYPES)  # the same types, in the same order
-            write = copy.write_row
-            for row in rows:
-                write(row)
+            _copy_rows(copy, rows, prepared.data)  # the same columns, types and order
     except psycopg.errors.UniqueViolation:
         with conn.pipeline():
             cur.execute("ROLLBACK TO SAVEPOINT all_new")
