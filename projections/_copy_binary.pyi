@@ -1,5 +1,5 @@
 """projections/_copy_binary.c: rows of plain values as PostgreSQL binary COPY data."""
 
-from collections.abc import Sequence
+from typing import Any
 
-def encode_rows(rows: list[Sequence[object]], layout: str, /) -> bytes: ...
+def encode_rows(rows: list[Any], layout: str, /) -> bytes: ...  # rows: tuples, layout's length

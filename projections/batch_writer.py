@@ -537,7 +537,7 @@ def _copy_data(rows: list[RecipientRow]) -> bytes | None:
     if _copy_binary is None:
         return None
     try:
-        return _copy_binary.encode_rows(rows, _STAGE_LAYOUT)  # type: ignore[arg-type]
+        return _copy_binary.encode_rows(rows, _STAGE_LAYOUT)
     except (TypeError, ValueError, OverflowError):
         return None
 
