@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -107,3 +108,36 @@ def test_the_batch_writer_falls_back_to_psycopg_on_such_values() -> None:
                         datetime(2026, 1, 1, tzinfo=UTC))
     assert batch_writer._copy_data([good]) == psycopg_bytes([good])
     assert batch_writer._copy_data([good._replace(attempts=2**40)]) is None
+
+
+class RecordingCopy:
+    """Stands in for a psycopg Copy: records how the rows were sent."""
+
+    def __init__(self, encoding: str) -> None:
+        self.connection = SimpleNamespace(info=SimpleNamespace(encoding=encoding))
+        self.calls: list[tuple[str, Any]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def set_types(self, types: Any) -> None:
+        self.calls.append(("set_types", tuple(types)))
+
+    def write_row(self, row: Any) -> None:
+        self.calls.append(("write_row", row))
+
+
+def test_the_encoded_rows_go_in_one_write_on_a_utf8_connection_only() -> None:
+    row = RecipientRow("t", "c", "k", "é", "sent", 1, None, None, None, 0,
+                       datetime(2026, 1, 1, tzinfo=UTC))
+    data = batch_writer._copy_data([row])
+    assert data is not None
+    utf8 = RecordingCopy("utf-8")
+    batch_writer._copy_rows(utf8, [row], data)  # type: ignore[arg-type]
+    assert utf8.calls == [("write", data)]
+    latin = RecordingCopy("iso8859-1")
+    batch_writer._copy_rows(latin, [row], data)  # type: ignore[arg-type]
+    assert latin.calls == [("set_types", _STAGE_TYPES), ("write_row", row)]
+    missing = RecordingCopy("utf-8")
+    batch_writer._copy_rows(missing, [row], None)  # type: ignore[arg-type]
+    assert missing.calls == [("set_types", _STAGE_TYPES), ("write_row", row)]
