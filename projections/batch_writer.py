@@ -521,13 +521,18 @@ def prepare(changes: BatchChanges, conn: psycopg.Connection[Any] | None) -> None
     (None if not open yet): whether it takes the all-new COPY is read from it, a guess only
     (a wrong one costs the work, never the result).
     """
-    recipients = changes.recipients
+    changes.prepared = _prepared(changes.recipients, conn)
+
+
+def _prepared(recipients: dict[tuple[str, str], RecipientRow],
+              conn: psycopg.Connection[Any] | None) -> PreparedRecipients | None:
+    """The recipients of a batch that goes through COPY, prepared; None for a small batch
+    (passed as arrays). Counted only if `conn` is expected to take the all-new COPY."""
     if len(recipients) <= ARRAY_BATCH_MAX:
-        return
+        return None
     rows = _sorted_rows(recipients)
     all_new = conn is not None and conn not in _FOUND_EXISTING and bool(_COPIES_DIRECT.get(conn))
-    changes.prepared = PreparedRecipients(rows, _copy_data(rows),
-                                          _totals(rows) if all_new else None)
+    return PreparedRecipients(rows, _copy_data(rows), _totals(rows) if all_new else None)
 
 
 def _copy_data(rows: list[RecipientRow]) -> bytes | None:
@@ -561,13 +566,12 @@ def _sorted_rows(recipients: dict[tuple[str, str], RecipientRow]) -> list[Recipi
 
 
 def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
-    prepared = changes.prepared
+    # Not prepared ahead (a caller other than the projector): counted later, if need be.
+    prepared = changes.prepared or _prepared(changes.recipients, None)
     if prepared is None:
         rows = _sorted_rows(changes.recipients)
-        if len(rows) <= ARRAY_BATCH_MAX:
-            cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
-            return
-        prepared = PreparedRecipients(rows, _copy_data(rows), None)
+        cur.execute(_RECIPIENTS_ARRAYS, [list(column) for column in zip(*rows, strict=True)])
+        return
     rows = prepared.rows
     conn = cur.connection
     if (conn not in _FOUND_EXISTING and _may_copy_direct(conn)
