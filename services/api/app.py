@@ -31,7 +31,7 @@ from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
 from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, PathId, Pool, Tenant
-from services.api.gateway import DB_RETRY_AFTER_S, gateway_router
+from services.api.gateway import DB_RETRY_AFTER_S, Schedule, gateway_router, schedule_out
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
@@ -53,7 +53,9 @@ class Campaign(BaseModel):
     """A campaign's progress; rates are recipients settled (sent, failed or skipped) per
     second. `total` is the queued audience (None until hydrated); `excluded` recipients were
     never part of it; `pending` = total - sent - failed - skipped, of which `retrying` wait for
-    a retry; `ambiguous` counts possible duplicate mailings (connection lost after DATA)."""
+    a retry; `ambiguous` counts possible duplicate mailings (connection lost after DATA).
+    `schedule`: its scheduled send, if it was scheduled (a missed one returns the campaign to
+    `draft`; `schedule.state` is then `missed` and `schedule.reason` says why)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -82,6 +84,7 @@ class Campaign(BaseModel):
     pause_reason: str | None
     paused_automatically: bool | None
     cancelled_at: datetime | None
+    schedule: Schedule | None
 
 
 class CampaignList(BaseModel):
@@ -215,6 +218,7 @@ def campaign_out(view: queries.CampaignView) -> Campaign:
         pause_reason=p.pause_reason,
         paused_automatically=p.paused_automatically,
         cancelled_at=p.cancelled_at,
+        schedule=schedule_out(view.schedule),
     )
 
 
