@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.heartbeat import Heartbeat
+
 # Ports of the local platform started by `make up`; tests start their own on other ports.
 DEFAULT_KAFKA_PORT = 29092
 DEFAULT_POSTGRES_PORT = 25432
@@ -38,6 +40,12 @@ class Settings:
     # Prefix for every topic and consumer group: lets tests run isolated pipelines on one broker.
     topic_prefix: str = field(default_factory=lambda: _env("TOPIC_PREFIX", ""))
     state_dir: Path = field(default_factory=lambda: Path(_env("CAMPAIGN_STATE_DIR", ".state")))
+    # The file a service's loop touches to show it is not stuck ("" = no heartbeat); the
+    # supervisor gives each program its own (services/common/heartbeat.py).
+    heartbeat_file: str = field(default_factory=lambda: _env("HEARTBEAT_FILE", ""))
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(self.heartbeat_file or None)
 
     def group(self, name: str) -> str:
         """Consumer group id for a service, namespaced like the topics."""

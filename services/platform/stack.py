@@ -1,7 +1,10 @@
-"""The whole local stack: Kafka, PostgreSQL, the SMTP sink and the four services.
+"""The whole local stack: Kafka, PostgreSQL, the SMTP sink and the engine's services.
 
-`up` is idempotent (starts only what is not running), `down` stops exactly what `up` started
-(tracked by pid files under the state folder), `status` says what runs where.
+`up` is idempotent (starts only what is not running): Kafka and PostgreSQL as pid-tracked
+processes, the SMTP sink and the services under supervisord (services/platform/supervision.py),
+which restarts any that crashes, and through its watchdog any whose heartbeat goes stale.
+`down` stops exactly what `up` started; `status` says what runs where, with each service's
+state, uptime and restart count.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from services.common.settings import (
 from services.common.topics import ensure_topics
 from services.platform.kafka import KafkaNode
 from services.platform.postgres import PostgresServer
-from services.platform.processes import ManagedProcess
+from services.platform.supervision import Program, Supervision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion", "api")
@@ -103,11 +106,17 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def process(self, name: str) -> ManagedProcess:
-        module = "services.smtp_sink" if name == "smtp_sink" else f"services.{name}"
-        return ManagedProcess(
-            name, [sys.executable, "-m", module], self.state_dir, env=self.env(), cwd=REPO_ROOT
-        )
+    def supervision(self) -> Supervision:
+        programs = [Program("smtp_sink", [sys.executable, "-m", "services.smtp_sink"], heartbeat=False)]
+        programs += [Program(name, [sys.executable, "-m", f"services.{name}"]) for name in SERVICES]
+        return Supervision(self.state_dir, programs, env=self.env(), cwd=REPO_ROOT)
+
+    def pid(self, name: str) -> int | None:
+        """The running process of a supervised program (a service or the SMTP sink)."""
+        return self.supervision().pid(name)
+
+    def log_file(self, name: str) -> Path:
+        return self.supervision().log_file(name)
 
     def up(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,14 +129,15 @@ class Stack:
         created = ensure_topics(self.settings())
         print(f"topics     {len(created)} created", flush=True)
         self.sink_records.parent.mkdir(parents=True, exist_ok=True)
-        for name in ("smtp_sink", *SERVICES):
-            pid = self.process(name).start()
-            print(f"{name:<10} pid {pid}", flush=True)
+        supervision = self.supervision()
+        supervision.start()
+        print(f"supervisor {supervision.socket}", flush=True)
+        for line in supervision.status_lines():
+            print(line, flush=True)
 
     def down(self) -> None:
-        for name in (*reversed(SERVICES), "smtp_sink"):
-            if self.process(name).stop():
-                print(f"{name:<10} stopped", flush=True)
+        if self.supervision().stop():
+            print("services   stopped (supervisor and every program)", flush=True)
         if self.kafka.stop():
             print("kafka      stopped", flush=True)
         if self.postgres.stop():
@@ -135,11 +145,14 @@ class Stack:
 
     def status(self) -> bool:
         """Print what runs; True when everything does."""
-        ok = True
-        for name in ("smtp_sink", *SERVICES):
-            pid = self.process(name).pid()
-            ok &= pid is not None
-            print(f"{name:<16} {'running pid ' + str(pid) if pid else 'stopped'}")
+        supervision = self.supervision()
+        states = {info["name"]: info["statename"] for info in supervision.processes()}
+        ok = all(states.get(name) == "RUNNING" for name in ("smtp_sink", *SERVICES))
+        if states:
+            for line in supervision.status_lines():
+                print(line)
+        else:
+            print(f"{'services':<16} stopped (no supervisor)")
         kpid = self.kafka.process.pid()
         ok &= kpid is not None
         print(f"{'kafka':<16} {'running pid ' + str(kpid) if kpid else 'stopped'} ({self.kafka.bootstrap})")
