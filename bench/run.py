@@ -181,9 +181,7 @@ def service_pids(stack: Stack) -> dict[str, int]:
         pid = stack.pid(name)
         if pid is not None:
             pids[name] = pid
-    broker = stack.kafka.process.pid()
-    if broker is not None:
-        pids["kafka"] = broker
+    pids.update(stack.kafka.pids())
     return pids
 
 

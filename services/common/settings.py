@@ -39,6 +39,10 @@ class Settings:
     smtp_port: int = field(default_factory=lambda: int(_env("SMTP_PORT", str(DEFAULT_SMTP_PORT))))
     # Prefix for every topic and consumer group: lets tests run isolated pipelines on one broker.
     topic_prefix: str = field(default_factory=lambda: _env("TOPIC_PREFIX", ""))
+    # Replicas of the topics ensure_topics creates: -1 takes the cluster's
+    # default.replication.factor (3 on the local 3-node cluster, 1 on a single node).
+    topic_replication_factor: int = field(
+        default_factory=lambda: int(_env("KAFKA_TOPIC_REPLICATION_FACTOR", "-1")))
     state_dir: Path = field(default_factory=lambda: Path(_env("CAMPAIGN_STATE_DIR", ".state")))
     # The file a service's loop touches to show it is not stuck ("" = no heartbeat); the
     # supervisor gives each program its own (services/common/heartbeat.py).

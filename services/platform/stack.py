@@ -23,7 +23,7 @@ from services.common.settings import (
     Settings,
 )
 from services.common.topics import ensure_topics
-from services.platform.kafka import KafkaNode
+from services.platform.kafka import KafkaCluster
 from services.platform.postgres import PostgresServer
 from services.platform.supervision import Program, Supervision
 
@@ -37,16 +37,19 @@ class StackPorts:
     kafka_controller: int = int(os.environ.get("KAFKA_CONTROLLER_PORT", DEFAULT_KAFKA_PORT + 1))
     postgres: int = int(os.environ.get("POSTGRES_PORT", DEFAULT_POSTGRES_PORT))
     smtp: int = int(os.environ.get("SMTP_PORT", DEFAULT_SMTP_PORT))
+    # KAFKA_BROKERS=3: a 3-node KRaft cluster on KAFKA_PORT, +2, +4 (controllers on +1, +3, +5).
+    kafka_brokers: int = int(os.environ.get("KAFKA_BROKERS", "1"))
 
 
 class Stack:
     def __init__(self, state_dir: Path, ports: StackPorts | None = None) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or StackPorts()
-        self.kafka = KafkaNode(
-            self.state_dir, self.ports.kafka, self.ports.kafka_controller,
-            libs_dir=self.state_dir / "kafka-libs",
-        )
+        kafka_ports = [(self.ports.kafka, self.ports.kafka_controller)]
+        if self.ports.kafka_brokers > 1:
+            kafka_ports = [(self.ports.kafka + 2 * i, self.ports.kafka + 2 * i + 1)
+                           for i in range(self.ports.kafka_brokers)]
+        self.kafka = KafkaCluster(self.state_dir, kafka_ports, self.state_dir / "kafka-libs")
         self.postgres = PostgresServer(self.state_dir, self.ports.postgres)
 
     @property
@@ -153,9 +156,11 @@ class Stack:
                 print(line)
         else:
             print(f"{'services':<16} stopped (no supervisor)")
-        kpid = self.kafka.process.pid()
-        ok &= kpid is not None
-        print(f"{'kafka':<16} {'running pid ' + str(kpid) if kpid else 'stopped'} ({self.kafka.bootstrap})")
+        kafka = self.kafka.pids()
+        for node in self.kafka.nodes:
+            kpid = kafka.get(node.name)
+            ok &= kpid is not None
+            print(f"{node.name:<16} {'running pid ' + str(kpid) if kpid else 'stopped'} ({node.bootstrap})")
         pg = self.postgres.running()
         ok &= pg
         print(f"{'postgres':<16} {'running' if pg else 'stopped'} (127.0.0.1:{self.ports.postgres})")
