@@ -132,6 +132,9 @@ class KafkaNode:
                     # Topics come from the catalogue; a typo must fail, not create a topic.
                     "auto.create.topics.enable=false",
                     "group.initial.rebalance.delay.ms=0",
+                    # A killed node's partitions get new leaders after this, not the default 9 s.
+                    "broker.heartbeat.interval.ms=500",
+                    "broker.session.timeout.ms=3000",
                     "",
                 ]
             )
