@@ -68,6 +68,7 @@ from projections.positions import (
 from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc
+from services.common.heartbeat import Heartbeat
 from services.common.settings import Settings
 from services.common.topics import (
     CONTACTS,
@@ -747,12 +748,14 @@ def projecting_process() -> Iterator[None]:
         sys.setswitchinterval(interval)  # as it was, for whatever the process does next
 
 
-def run_lanes(projectors: Sequence[Projector], stop: threading.Event) -> None:
+def run_lanes(projectors: Sequence[Projector], stop: threading.Event,
+              heartbeat: Heartbeat | None = None) -> None:
     """Run each projector in a thread of its own until `stop` is set, in a
     `projecting_process` (short GIL switch interval, relaxed garbage collection).
 
     A lane that fails sets `stop` for the others (a process with one dead lane would look
     alive while half the topics go unprojected) and its error is raised once all have closed.
+    `heartbeat` beats while every lane's loop comes round.
     """
     errors: list[BaseException] = []
 
@@ -765,7 +768,6 @@ def run_lanes(projectors: Sequence[Projector], stop: threading.Event) -> None:
 
     threads = [threading.Thread(target=drive, args=(p,), name=f"lane-{p.group}", daemon=True)
                for p in projectors]
-    heartbeat = projectors[0].settings.heartbeat() if projectors else None
     with projecting_process():
         for thread in threads:
             thread.start()

@@ -205,7 +205,8 @@ class RecipientExcluded(Record):
 
 @message("EmailSent", 2)
 class EmailSent(Record):
-    """Terminal: the relay accepted the mail. `ambiguous` counts earlier attempts for this
+    """Terminal: the relay accepted the mail. Terminal events are published at least once;
+    every copy of a recipient's terminal event has the same envelope id (see the README). `ambiguous` counts earlier attempts for this
     recipient whose outcome was unknown (a crash between claim and settle, or a connection
     lost after the final "."): each is a possible duplicate in the recipient's inbox."""
 
