@@ -220,6 +220,18 @@ class KafkaCluster:
         for node in self.nodes:
             node.wait_ready()
 
+    def restart(self, node_id: int) -> None:
+        """Start one node again (after a crash) and wait until it answers."""
+        node = self.node(node_id)
+        node.launch(self._cluster_id())
+        node.wait_ready()
+
+    def controller(self) -> int:
+        """The node id of the active controller, as the cluster reports it."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        found: int = admin.describe_cluster(request_timeout=10).result(timeout=15).controller.id
+        return found
+
     def stop(self) -> bool:
         stopped = [node.stop() for node in self.nodes]
         return any(stopped)
