@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import CampaignSendRequested, HydrationRequested
@@ -40,7 +41,7 @@ from services.common.settings import Settings
 from services.common.topics import CONTACTS, EVENTS, HYDRATION_REQUESTS, topic_name
 from services.hydrator.audience import resolve_audience
 from services.hydrator.fanout import FanoutAborted, PartitionFanout
-from services.hydrator.replica import Replicas
+from services.hydrator.replica import CatchUpStalled, Replicas
 
 log = configure_logging("hydrator")
 
@@ -98,7 +99,12 @@ def create_app(settings: Settings) -> faust.App:
     async def refresh_replicas() -> None:
         partitions = held()
         if partitions:
-            await asyncio.to_thread(replicas.catch_up_all, partitions)
+            try:
+                await asyncio.to_thread(replicas.catch_up_all, partitions)
+            except (CatchUpStalled, KafkaException) as exc:
+                # Only a head start for fan-outs (each catches up to its snapshot anyway):
+                # the next round tries again.
+                log.warning("replica refresh failed", reason=str(exc))
 
     @app.agent(events_topic)
     async def scatter(stream: faust.StreamT) -> None:
@@ -156,7 +162,10 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 await asyncio.to_thread(write)
                 return
-            except FanoutAborted:
+            except (FanoutAborted, CatchUpStalled) as exc:
+                if isinstance(exc, CatchUpStalled):
+                    log.warning("replica catch-up stalled", campaign=request.campaign_id,
+                                partition=request.partition, reason=str(exc))
                 if request.partition not in held():
                     return  # its new owner redoes it (faust did not commit the request)
                 await asyncio.sleep(FANOUT_RETRY_SECONDS)
