@@ -230,6 +230,11 @@ class ContactReplica:
         self.db.write(batch)
         return next_offset
 
+    def contact(self, key: bytes) -> StoredContact | None:
+        """The stored contact of one record key (`tenant:contact`), or None."""
+        raw = self.db.get(key)
+        return orjson.loads(raw) if raw is not None else None
+
     def tenant_contacts(self, tenant_id: str) -> Iterator[tuple[bytes, StoredContact]]:
         """The stored contacts of `tenant_id`, in key order, from a consistent view."""
         prefix = f"{tenant_id}:".encode()
