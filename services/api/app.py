@@ -83,6 +83,10 @@ class Campaign(BaseModel):
     pause_reason: str | None
     paused_automatically: bool | None
     cancelled_at: datetime | None
+    # Hand-picked ids that named no contact of this tenant (the first 1,000, sorted) and how
+    # many there were; None until hydrated.
+    unknown_contact_ids: list[str] | None
+    unknown_contact_count: int | None
 
 
 class CampaignList(BaseModel):
@@ -216,6 +220,8 @@ def campaign_out(view: queries.CampaignView) -> Campaign:
         pause_reason=p.pause_reason,
         paused_automatically=p.paused_automatically,
         cancelled_at=p.cancelled_at,
+        unknown_contact_ids=p.unknown_contact_ids,
+        unknown_contact_count=p.unknown_contact_count,
     )
 
 
