@@ -4,7 +4,8 @@ can be told from one that works.
 `Heartbeat.beat()` touches the heartbeat file (its modification time is the signal) at most
 once per `interval`, so a hot loop pays one clock read per call. The watchdog
 (services/platform/watchdog.py) restarts a supervised process whose file went stale. Without
-a file configured (HEARTBEAT_FILE unset: tests, a service run by hand) `beat()` does nothing.
+a file configured (HEARTBEAT_FILE unset: tests, a service run by hand) `beat()` only records
+the time in the process, for the liveness probe.
 
 Guarantee: a fresh file means the loop that calls `beat()` ran within `interval` of that
 time; it says nothing about the work itself being right.
@@ -27,12 +28,12 @@ class Heartbeat:
         self._last = float("-inf")
 
     def beat(self) -> None:
-        if self.path is None:
-            return
         now = time.monotonic()
         if now - self._last < self.interval:
             return
         self._last = now
+        if self.path is None:
+            return
         try:
             os.utime(self.path)
         except FileNotFoundError:
@@ -43,6 +44,13 @@ class Heartbeat:
                 pass  # an unwritable state folder must not stop the service; the watchdog will tell
         except OSError:
             pass
+
+    def seconds_since_beat(self) -> float | None:
+        """Seconds since this process last beat (None: never), within `interval`; the
+        liveness probe of services/common/observability.py reads it."""
+        if self._last == float("-inf"):
+            return None
+        return time.monotonic() - self._last
 
     def age(self) -> float | None:
         """Seconds since the last beat reached the file (None: no file, or never beaten)."""
