@@ -13,6 +13,7 @@ time; it says nothing about the work itself being right.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -60,3 +61,10 @@ class Heartbeat:
             return max(0.0, time.time() - self.path.stat().st_mtime)
         except OSError:
             return None
+
+
+@functools.cache
+def shared_heartbeat(path: str | None) -> Heartbeat:
+    """The one Heartbeat of this process for `path`: every loop that beats it and the liveness
+    probe that reads it (services/common/observability.py) see the same last beat."""
+    return Heartbeat(path)

@@ -15,6 +15,7 @@ its result is reused for `CHECK_CACHE_SECONDS` so a scraping load cannot multipl
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import threading
 import time
@@ -27,6 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
 from services.common.heartbeat import Heartbeat
+from services.common.settings import Settings
 
 # A loop that has not beaten for this long is taken as stuck (the watchdog waits longer:
 # a probe failure only marks the pod, the watchdog kills).
@@ -116,8 +118,12 @@ class ObservabilityServer:
         host: str = "127.0.0.1",
         registry: CollectorRegistry = REGISTRY,
         stale_after: float = LIVENESS_STALE_SECONDS,
+        about: Mapping[str, str] | None = None,
+        assignment: Callable[[], list[str]] | None = None,
     ) -> None:
         self.heartbeat = heartbeat
+        self.about = dict(about or {})
+        self.assignment = assignment
         self.checks: dict[str, ReadinessCheck] = dict(checks or {})
         self.stale_after = stale_after
         self._metrics = make_wsgi_app(registry)
@@ -161,10 +167,42 @@ class ObservabilityServer:
                          {"alive": alive, "detail": detail})
         if path == "/readyz":
             state = self.readiness()
-            return _json(start_response, 200 if state.ready else 503,
-                         {"ready": state.ready, "checks": dict(state.checks)})
+            body: dict[str, object] = {**self.about, "ready": state.ready,
+                                       "checks": dict(state.checks)}
+            if self.assignment is not None:
+                body["assignment"] = self.assignment()
+            return _json(start_response, 200 if state.ready else 503, body)
         return _json(start_response, 404,
                      {"error": f"no such path {path!r}: try /metrics, /healthz or /readyz"})
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("campaign-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def start_observability(
+    settings: Settings, service: str, checks: Mapping[str, ReadinessCheck],
+    *, assignment: Callable[[], list[str]] | None = None,
+) -> ObservabilityServer | None:
+    """Serve the process's endpoint on settings.metrics_port (None when it is 0). A port
+    that cannot be bound raises OSError: a misconfigured probe port must show at start."""
+    if not settings.metrics_port:
+        return None
+    server = ObservabilityServer(
+        settings.metrics_port, settings.heartbeat(), checks, host=settings.metrics_host,
+        about={"service": service, "version": version()}, assignment=assignment)
+    return server.start()
+
+
+def standard_checks(settings: Settings, *, database: bool = True) -> dict[str, ReadinessCheck]:
+    """Broker reachable, and PostgreSQL reachable for services that use it."""
+    checks = {"broker": broker_check(settings.kafka_bootstrap_servers)}
+    if database:
+        checks["database"] = database_check(settings.database_url)
+    return checks
 
 
 def _json(start_response: Callable[..., Any], status: int, body: object) -> list[bytes]:

@@ -203,7 +203,8 @@ class Supervision:
         return restarts(read_counts(self.folder).get(name, {}))
 
     def status_lines(self) -> list[str]:
-        """One line per program: state, pid, uptime, restarts (watchdog restarts among them)."""
+        """One line per program, its name first: state, pid, uptime, restarts (watchdog
+        restarts among them)."""
         counts = read_counts(self.folder)
         lines = []
         for info in self.processes():
