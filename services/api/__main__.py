@@ -40,7 +40,8 @@ def main() -> int:
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
     # shutdown (closing the pool) and returns.
     uvicorn.run(
-        app, host="127.0.0.1", port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info"
+        app, host="127.0.0.1", port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info",
+        log_config=None,  # uvicorn's records go to the root logger's JSON handler
     )
     log.info("stopped")
     return 0

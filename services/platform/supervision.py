@@ -121,6 +121,7 @@ class Supervision:
             f"command={_quote(shlex.join(watchdog))}",
             f"directory={_quote(str(self.cwd))}",
             "events=PROCESS_STATE,TICK_5", "autorestart=true", "buffer_size=100",
+            "stdout_logfile=NONE",  # stdout is the listener protocol, not a log
             f"stderr_logfile={_quote(str(self.log_file('watchdog')))}",
             "stderr_logfile_maxbytes=10MB",
         ]
