@@ -19,6 +19,8 @@ import importlib.metadata
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -203,6 +205,26 @@ def standard_checks(settings: Settings, *, database: bool = True) -> dict[str, R
     if database:
         checks["database"] = database_check(settings.database_url)
     return checks
+
+
+def ask_readiness(base_url: str, timeout: float = CHECK_TIMEOUT_SECONDS * 2) -> dict[str, object]:
+    """A service's /readyz answer as a dict; {"ready": False, "error": ...} when it does not
+    answer within `timeout` (the client side of `ops status` and `make status`)."""
+    if not base_url.startswith(("http://", "https://")):
+        return {"ready": False, "error": f"not an http(s) address: {base_url!r}"}
+    url = f"{base_url.rstrip('/')}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - scheme checked
+            return dict(json.load(answer))
+    except urllib.error.HTTPError as exc:  # 503 carries the failed checks
+        try:
+            return dict(json.load(exc))
+        except ValueError:
+            return {"ready": False, "error": f"HTTP {exc.code}"}
+    except urllib.error.URLError as exc:
+        return {"ready": False, "error": str(exc.reason)}
+    except (OSError, ValueError) as exc:
+        return {"ready": False, "error": str(exc)}
 
 
 def _json(start_response: Callable[..., Any], status: int, body: object) -> list[bytes]:

@@ -9,16 +9,14 @@ state, uptime and restart count.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from projections.migrate import apply_migrations
+from services.common.observability import ask_readiness
 from services.common.settings import (
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
@@ -128,14 +126,10 @@ class Stack:
 
     def readiness(self, service: str) -> dict[str, object]:
         """The service's /readyz answer ({"ready": False, "error": ...} when it does not answer)."""
-        url = f"http://127.0.0.1:{self.metrics_port(service)}/readyz"
-        try:
-            with urllib.request.urlopen(url, timeout=READINESS_TIMEOUT_SECONDS) as answer:
-                return dict(json.load(answer))
-        except urllib.error.HTTPError as exc:  # 503 carries the failed checks
-            return dict(json.load(exc))
-        except (OSError, ValueError) as exc:
-            return {"ready": False, "error": str(exc)}
+        return ask_readiness(self.probe_url(service), READINESS_TIMEOUT_SECONDS)
+
+    def probe_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port(service)}"
 
     def pid(self, name: str) -> int | None:
         """The running process of a supervised program (a service or the SMTP sink)."""

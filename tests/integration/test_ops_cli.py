@@ -1,5 +1,6 @@
-"""`campaignctl ops lag` against a real backlog on the test broker: its committed offsets, log
-ends and lags equal those read independently with a consumer."""
+"""`campaignctl ops`: `lag` against a real backlog on the test broker (its committed offsets,
+log ends and lags equal those read independently with a consumer), and `status` against live
+service endpoints."""
 
 from __future__ import annotations
 
@@ -58,3 +59,43 @@ def test_ops_lag_fails_clearly_when_the_cluster_is_away(settings: Settings) -> N
     result = CliRunner().invoke(app, ["ops", "lag", "--timeout", "1"], env=env)
     assert result.exit_code == 1
     assert "the cluster did not answer" in result.output
+
+
+def test_ops_status_shows_readiness_version_and_assignment(settings: Settings) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.common.heartbeat import Heartbeat
+    from services.common.observability import ObservabilityServer, broker_check
+
+    ready = ObservabilityServer(
+        0, Heartbeat(None), {"broker": broker_check(settings.kafka_bootstrap_servers)},
+        registry=CollectorRegistry(), about={"service": "sender", "version": "9.9.9"},
+        assignment=lambda: ["campaign.recipients[0]", "campaign.recipients[3]"]).start()
+    failing = ObservabilityServer(
+        0, Heartbeat(None), {"database": lambda: "connection refused"},
+        registry=CollectorRegistry(), about={"service": "projector", "version": "9.9.9"}).start()
+    try:
+        both = ["ops", "status", "--json",
+                "--endpoint", f"sender=http://127.0.0.1:{ready.port}",
+                "--endpoint", f"projector=http://127.0.0.1:{failing.port}"]
+        result = CliRunner().invoke(app, both, env=service_env(settings))
+        assert result.exit_code == 1, result.output
+        rows = {row["service"]: row for row in json.loads(result.stdout)["services"]}
+        assert rows["sender"]["ready"] is True and rows["sender"]["version"] == "9.9.9"
+        assert rows["sender"]["assignment"] == ["campaign.recipients[0]", "campaign.recipients[3]"]
+        assert rows["projector"]["ready"] is False
+        assert rows["projector"]["problem"] == "database: connection refused"
+        only_ready = CliRunner().invoke(
+            app, ["ops", "status", "--endpoint", f"sender=http://127.0.0.1:{ready.port}"],
+            env=service_env(settings))
+        assert only_ready.exit_code == 0, only_ready.output
+    finally:
+        ready.close()
+        failing.close()
+
+
+def test_ops_status_refuses_a_malformed_endpoint(settings: Settings) -> None:
+    result = CliRunner().invoke(app, ["ops", "status", "--endpoint", "sender"],
+                                env=service_env(settings))
+    assert result.exit_code == 2
+    assert "expected NAME=http://HOST:PORT" in result.output
