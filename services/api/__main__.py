@@ -16,6 +16,7 @@ import uvicorn
 from services.api.app import create_app
 from services.api.auth import load_api_keys
 from services.common.logs import configure_logging
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 
 DEFAULT_API_PORT = 28080
@@ -33,11 +34,14 @@ def main() -> int:
     secret = os.environ.get("UNSUBSCRIBE_SECRET", "").encode() or None
     if secret is None:
         log.warning("UNSUBSCRIBE_SECRET not set: /unsubscribe answers 503")
-    app = create_app(Settings(), api_keys, unsubscribe_secret=secret)
+    settings = Settings()
+    start_observability(settings, "api", standard_checks(settings))
+    app = create_app(settings, api_keys, unsubscribe_secret=secret)
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
     # shutdown (closing the pool) and returns.
     uvicorn.run(
-        app, host="127.0.0.1", port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info"
+        app, host="127.0.0.1", port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info",
+        log_config=None,  # uvicorn's records go to the root logger's JSON handler
     )
     log.info("stopped")
     return 0

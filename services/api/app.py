@@ -13,6 +13,7 @@ before the first request is served).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date, datetime
@@ -35,6 +36,7 @@ from services.api.gateway import DB_RETRY_AFTER_S, Schedule, gateway_router, sch
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
+from services.common.heartbeat import BEAT_INTERVAL_SECONDS, Heartbeat
 from services.common.settings import Settings
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -84,6 +86,10 @@ class Campaign(BaseModel):
     pause_reason: str | None
     paused_automatically: bool | None
     cancelled_at: datetime | None
+    # Hand-picked ids that named no contact of this tenant (the first 1,000, sorted) and how
+    # many there were; None until hydrated.
+    unknown_contact_ids: list[str] | None
+    unknown_contact_count: int | None
     schedule: Schedule | None
 
 
@@ -218,6 +224,8 @@ def campaign_out(view: queries.CampaignView) -> Campaign:
         pause_reason=p.pause_reason,
         paused_automatically=p.paused_automatically,
         cancelled_at=p.cancelled_at,
+        unknown_contact_ids=p.unknown_contact_ids,
+        unknown_contact_count=p.unknown_contact_count,
         schedule=schedule_out(view.schedule),
     )
 
@@ -256,6 +264,13 @@ def _segments(pool: Pool, tenant: str, segment_id: str | None) -> list[SegmentCo
     return found
 
 
+async def _beat(heartbeat: Heartbeat) -> None:
+    """The API's heartbeat, from its event loop: it stops when that loop is stuck."""
+    while True:
+        heartbeat.beat()
+        await asyncio.sleep(BEAT_INTERVAL_SECONDS)
+
+
 def create_app(
     settings: Settings,
     api_keys: ApiKeys,
@@ -282,9 +297,11 @@ def create_app(
         app.state.relay = OutboxRelay(settings) if relay else None
         if app.state.relay is not None:
             app.state.relay.start()
+        beating = asyncio.create_task(_beat(settings.heartbeat()))
         try:
             yield
         finally:
+            beating.cancel()
             if app.state.relay is not None:
                 await run_in_threadpool(app.state.relay.stop)
             await run_in_threadpool(pool.close)

@@ -40,6 +40,7 @@ from schemas.commands import (
 from schemas.events import TestEmailFailed, TestEmailSent
 from services.cli.contact_csv import column_mapping
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
+from services.cli.ops_cmd import ops_app
 from services.cli.progress import (
     CommandWasRejected,
     ScheduleWasMissed,
@@ -72,6 +73,7 @@ app.add_typer(campaign_app, name="campaign")
 app.add_typer(segment_app, name="segment")
 segment_app.command("counts")(segment_counts_command)
 app.add_typer(projections_app, name="projections")
+app.add_typer(ops_app, name="ops")
 
 # soft_wrap: ids and reasons stay on one line, whatever the terminal width, so they can be copied.
 out = Console(soft_wrap=True)

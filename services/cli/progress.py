@@ -19,10 +19,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from projections.queries import CampaignProgress, campaign_progress
 from projections.schedules import CampaignSchedule, campaign_schedules, caused_events
@@ -225,8 +226,10 @@ def render_summary(progress: CampaignProgress, seconds: float) -> Table:
     return table
 
 
-def render_campaign(progress: CampaignProgress, schedule: CampaignSchedule | None = None) -> Table:
-    """The read model of one campaign, field by field, with its schedule if it was scheduled."""
+def render_campaign(progress: CampaignProgress, schedule: CampaignSchedule | None = None) -> Group:
+    """The read model of one campaign, field by field, with its schedule if it was scheduled;
+    then the hand-picked ids that named no contact of the tenant, one per line (whole, to be
+    copied, whatever the terminal width)."""
     table = Table(title=f"Campaign {progress.campaign_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -248,7 +251,16 @@ def render_campaign(progress: CampaignProgress, schedule: CampaignSchedule | Non
             table.add_row("missed because", schedule.reason or "-")
         if schedule.state == "missed":
             table.add_row("to send it", f"campaignctl campaign force-send {schedule.campaign_id}")
-    return table
+    table.add_row("unknown contacts", _count(progress.unknown_contact_count))
+    ids, count = progress.unknown_contact_ids or [], progress.unknown_contact_count or 0
+    if not ids:
+        return Group(table)
+    more = count - len(ids)
+    lines = [f"unknown contact ids (no contact of tenant {progress.tenant_id}):",
+             *(f"  {contact_id}" for contact_id in ids)]
+    if more > 0:
+        lines.append(f"  and {more:,} more")
+    return Group(table, Text("\n".join(lines)))
 
 
 def _count(value: int | None) -> str:
