@@ -9,6 +9,9 @@ classes, relay names, results): never a tenant's contact id or e-mail address.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS_CONSUMED = Counter(
@@ -47,11 +50,39 @@ TRANSACTIONS = Counter(
     ["result"])
 
 PROJECTION_LAG_SECONDS = Histogram(
-    "campaign_projection_lag_seconds", "From an event's time to the commit of the read model "
-    "that includes it.",
+    "campaign_projection_lag_seconds", "Per committed batch, from its oldest record's time "
+    "(the producer's timestamp) to the commit of the read model that includes it.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 CONSUMER_LAG = Gauge(
     "campaign_consumer_lag_records", "Records between this consumer's position and the log "
     "end, per assigned partition, as the consumer last saw it.", ["topic", "partition"])
 OUTBOX_DEPTH = Gauge(
     "campaign_outbox_depth_records", "Accepted commands not yet relayed to Kafka.")
+
+
+class LagSampler:
+    """Sets CONSUMER_LAG for a consumer's assigned partitions, at most once per `interval`:
+    the log end as last fetched (cached: no broker round trip) minus the consumer's position.
+    Call `sample` from the consumer's own loop (a confluent-kafka consumer is not shared across
+    threads); partitions no longer assigned keep their last value until reassigned."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = float("-inf")
+
+    def sample(self, consumer: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        try:
+            for tp in consumer.position(consumer.assignment()):
+                if tp.offset < 0:
+                    continue  # no position yet (nothing fetched on this partition)
+                _low, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    continue
+                CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, high - tp.offset))
+        except Exception:  # noqa: BLE001 - a gauge must never break the loop that feeds it
+            return
