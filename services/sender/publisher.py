@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from schemas.contacts import ContactSuppressed, contact_key
 from schemas.envelope import Envelope, encode, wrap_caused_by
 from schemas.events import RecipientRetryScheduled, RecipientSkipped
+from services.common import metrics
 from services.common.settings import Settings
 from services.common.topics import (
     CONTACTS,
@@ -105,6 +106,8 @@ class DeliveryPublisher:
             stats.ambiguous += outcome.ambiguous
             stats.sent += outcome.status is Status.SENT
             stats.failed += outcome.status is Status.FAILED
+            # Fresh: settled in the ledger just now, so a redelivered copy is not counted again.
+            count_outcome(outcome)
         if outcome.status is Status.DEFERRED:
             assert outcome.retry_at is not None
             stats.deferred += 1
@@ -165,3 +168,14 @@ class DeliveryPublisher:
         if remaining or self._publish_errors:
             errors, self._publish_errors = self._publish_errors, []
             raise PublishFailed(f"{remaining} records unconfirmed; errors: {errors[:3]}")
+
+
+def count_outcome(outcome: Outcome) -> None:
+    """The deliveries metrics of one settled outcome (sent, failed or deferred)."""
+    code = outcome.smtp_code
+    reply_class = f"{code // 100}xx" if code is not None and 200 <= code < 600 else "none"
+    metrics.DELIVERIES.labels(outcome=outcome.status.value, reply_class=reply_class).inc()
+    if outcome.ambiguous:
+        metrics.AMBIGUOUS.inc(outcome.ambiguous)
+    if outcome.status is Status.DEFERRED:
+        metrics.RETRIES_SCHEDULED.inc()

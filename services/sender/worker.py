@@ -61,6 +61,7 @@ from schemas.events import (
     RecipientQueued,
     RecipientRetryScheduled,
 )
+from services.common import metrics
 from services.common.kafka import consumer_config, producer_config
 from services.common.settings import Settings
 from services.common.topics import (
@@ -256,9 +257,11 @@ class SenderWorker:
                                 chunk_size=LEDGER_CHUNK, lookahead=LOOKAHEAD_CHUNKS)
         self._pipeline = pipeline
         heartbeat = self.settings.heartbeat()
+        lag = metrics.LagSampler()
         try:
             while not stop_event.is_set():
                 heartbeat.beat()
+                lag.sample(consumer)
                 _check(feeds)
                 self._wake(consumer)
                 if not pipeline.wants_records(self.batch_size):
@@ -269,6 +272,7 @@ class SenderWorker:
                     timeout = min(timeout, BUSY_POLL_SECONDS)
                 records = consumer.consume(self.batch_size, timeout)
                 if records:
+                    _count_consumed(records)
                     work, done = self._route(records, consumer, publisher)
                     pipeline.add(_fair(work), _positions(done + [w.record for w in work]),
                                  records=len(work))
@@ -588,6 +592,8 @@ class _SenderSteps:
 
     def batch_done(self, report: BatchReport) -> None:
         self._worker.stats.batches += 1
+        metrics.BATCH_SIZE.observe(report.records)
+        metrics.BATCH_SECONDS.observe(report.seconds)
         log.info("batch done", records=report.records, recipients=report.recipients,
                  mailed=report.mailed, seconds=round(report.seconds, 3))
 
@@ -599,6 +605,15 @@ def _positions(records: list[Message]) -> dict[Where, int]:
         where = (record.topic() or "", record.partition() or 0)
         positions[where] = max(positions.get(where, 0), (record.offset() or 0) + 1)
     return positions
+
+
+def _count_consumed(records: list[Message]) -> None:
+    counts: dict[str, int] = {}
+    for record in records:
+        topic = record.topic() or ""
+        counts[topic] = counts.get(topic, 0) + 1
+    for topic, count in counts.items():
+        metrics.RECORDS_CONSUMED.labels(topic=topic).inc(count)
 
 
 def _check(feeds: list[TopicFeed]) -> None:
