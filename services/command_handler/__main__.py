@@ -1,4 +1,9 @@
-"""`python -m services.command_handler`: run until SIGTERM or SIGINT."""
+"""`python -m services.command_handler`: run until SIGTERM or SIGINT.
+
+COMMAND_HANDLER_INSTANCE (default "0") names this instance: its static group membership and
+its transactional id, so a restarted instance takes over at once (see handler.py). Run one
+instance; a second one needs another name.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import signal
 import threading
 
 from services.command_handler.handler import CommandHandler
+from services.common.kafka import instance_id
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 
@@ -16,7 +22,7 @@ def main() -> None:
         signal.signal(sig, lambda *_: stop.set())
     settings = Settings()
     start_observability(settings, "command_handler", standard_checks(settings, database=False))
-    CommandHandler(settings).run(stop)
+    CommandHandler(settings, instance=instance_id("COMMAND_HANDLER_INSTANCE")).run(stop)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,21 @@ Guarantee: exactly-once — each command's events (or its CommandRejected) and t
 offset are committed in one Kafka transaction; a command id seen before is ignored, so a
 command published twice causes its events once. Bad records never stop the loop: malformed
 JSON and schema violations go to campaign.commands.dlq with the reason and are answered with
-CommandRejected.
+CommandRejected. "command accepted" / "command rejected" are logged only once their
+transaction committed.
+
+Faults: every Kafka call is bounded (services/common/kafka.py, `TransactionalProducer`). A
+transaction that cannot commit (broker gone mid-call, fenced, timed out) is aborted (or its
+producer re-created) and its batch redone from the committed offsets, with the aggregates of
+its partitions rebuilt from campaign.events: a broker outage of any length is waited out and
+the loop resumes by itself, nothing accepted is lost, and no command is decided twice. A stop
+request is honoured within a few seconds in every state (a transaction left unfinished then
+is aborted by the successor's init_transactions).
+
+Fail-over: one instance runs at a time, as a static member of its group
+(`group.instance.id`, COMMAND_HANDLER_INSTANCE, default "0") with a 10 s session, under the
+transactional id of that instance: a replacement takes the partitions over at once and
+aborts its predecessor's open transaction instead of waiting for it to time out.
 
 State: campaign aggregates live in memory, rebuilt on partition assignment by replaying the
 same-numbered partition of campaign.events (both topics are keyed by campaign id with the
@@ -17,12 +31,15 @@ murmur2 partitioner, so a campaign's commands and events share a partition numbe
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -56,7 +73,17 @@ from services.command_handler.campaign import (
     send_order,
 )
 from services.command_handler.segments import SegmentDirectory, UnknownSegments
-from services.common.kafka import make_consumer, make_producer
+from services.common.kafka import (
+    SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
+    Stopping,
+    TransactionalProducer,
+    TransactionFailed,
+    make_consumer,
+    partition_reader,
+    producer_config,
+    retry_until_stopped,
+    static_member_config,
+)
 from services.common.logs import configure_logging
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, COMMANDS_DLQ, CONTACTS, EVENTS, SEGMENTS, topic_name
@@ -74,6 +101,9 @@ POLL_SECONDS = 0.5
 SCHEDULE_TICK_SECONDS = 1.0
 # Bounds a replay read that sees no record: guards against a stuck partition at start-up.
 REPLAY_IDLE_SECONDS = 10.0
+# Committed-offset look-ups and the contacts snapshot (metadata, end offsets): guards against a
+# coordinator or broker that does not answer; the batch is then aborted and redone.
+LOOKUP_TIMEOUT_SECONDS = 5.0
 # Tenant and aggregate used when a record is too broken to name its own.
 UNKNOWN = "unknown"
 
@@ -89,65 +119,110 @@ class PartitionState:
 
 
 class CommandHandler:
-    """Consumes commands, decides, and produces events transactionally."""
+    """Consumes commands, decides, and produces events transactionally.
 
-    def __init__(self, settings: Settings) -> None:
+    `instance` names a static group member and its transactional id (see the module
+    docstring); None (tests running several at once) joins as a dynamic member under a fresh
+    transactional id.
+    """
+
+    def __init__(self, settings: Settings, *, instance: str | None = None) -> None:
         self.settings = settings
         self.commands_topic = topic_name(COMMANDS, settings)
         self.events_topic = topic_name(EVENTS, settings)
         self.dlq_topic = topic_name(COMMANDS_DLQ, settings)
         self.contacts_topic = topic_name(CONTACTS, settings)
         self.segments_topic = topic_name(SEGMENTS, settings)
-        self.segments = SegmentDirectory(settings)
+        # Set by run(): every wait on the broker looks at it.
+        self.stop = threading.Event()
+        self.segments = SegmentDirectory(settings, stop=self.stop)
         self.partitions: dict[int, PartitionState] = {}
-        self.consumer: Consumer = make_consumer(settings, "command-handler")
+        group = settings.group("command-handler")
+        self._membership: dict[str, Any] = (
+            static_member_config(settings, "command-handler", instance) if instance is not None
+            else {"session.timeout.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
+                  "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4})
+        self.consumer: Consumer = self._new_consumer()
         self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-        self.producer: Producer = make_producer(
-            settings,
-            **{"transactional.id": f"{settings.group('command-handler')}-{uuid.uuid4()}"},
-        )
+        transactional_id = f"{group}-{instance if instance is not None else uuid.uuid4()}"
+        self.txn = TransactionalProducer(
+            producer_config(settings, **{"transactional.id": transactional_id}), self.stop,
+            logger=log)
+        # What the open transaction decided, logged once it committed.
+        self._decided: list[Callable[[], None]] = []
+        self._next_tick = 0.0
+
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(self.settings, "command-handler", **self._membership)
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.commands_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    def _renew_consumer(self, error: KafkaError) -> None:
+        """Replace a consumer that failed for good (a static member fenced after its session
+        timed out during a broker outage): the new one joins, and its assignment replays the
+        partitions from the committed offsets. Nothing uncommitted is lost: the batch in hand
+        was not committed and is read again."""
+        log.error("consumer failed for good; re-creating it", error=str(error))
+        old, self.consumer = self.consumer, self._new_consumer()
+        try:
+            old.close()
+        except (KafkaException, RuntimeError):
+            pass  # a failed consumer may refuse even that; it is dropped either way
+        self.partitions.clear()
+        self._subscribe()
+
+    @property
+    def producer(self) -> Producer:
+        """The transactional producer of the moment (re-created after a fatal error)."""
+        return self.txn.producer
 
     # --- state ----------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.partitions[tp.partition] = self._replay(tp.partition)
+        numbers = sorted(tp.partition for tp in partitions)
+        self.partitions.update(retry_until_stopped(
+            self.stop, f"replay of {self.events_topic}{numbers}",
+            functools.partial(self._replay, numbers), logger=log))
         log.info("partitions assigned", partitions=[tp.partition for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
 
-    def _replay(self, partition: int) -> PartitionState:
-        """Rebuild a partition's aggregates from campaign.events (committed records only)."""
-        state = PartitionState()
-        reader = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": f"{self.settings.group('command-handler')}-replay",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-            }
-        )
+    def _replay(self, partitions: list[int]) -> dict[int, PartitionState]:
+        """Rebuild the partitions' aggregates from campaign.events (committed records only),
+        all with one reader: a (re)assignment costs one fetch session, not one per partition."""
+        states = {p: PartitionState() for p in partitions}
+        if not partitions:
+            return states
+        reader = partition_reader(self.settings, f"{self.settings.group('command-handler')}-replay")
+        pending = set(partitions)
         try:
-            reader.assign([TopicPartition(self.events_topic, partition, OFFSET_BEGINNING)])
+            reader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
             idle = 0.0
-            while idle < REPLAY_IDLE_SECONDS:
+            while pending:
+                if self.stop.is_set():
+                    raise Stopping(f"replay of {self.events_topic}{sorted(pending)}")
                 msg = reader.poll(0.5)
                 if msg is None:
                     idle += 0.5
+                    if idle >= REPLAY_IDLE_SECONDS:
+                        raise KafkaException(KafkaError(
+                            KafkaError._TIMED_OUT, f"{self.events_topic}{sorted(pending)} silent"))
                     continue
                 idle = 0.0
                 error = msg.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
-                        break
+                        pending.discard(msg.partition() or 0)
+                        continue
                     raise KafkaException(error)
-                self._apply_stored(state, msg.value())
+                self._apply_stored(states[msg.partition() or 0], msg.value())
         finally:
             reader.close()
-        return state
+        return states
 
     @staticmethod
     def _apply_stored(state: PartitionState, raw: bytes | None) -> None:
@@ -171,13 +246,14 @@ class CommandHandler:
 
     def _contacts_snapshot(self) -> dict[int, int]:
         """contacts.events end offsets now: the audience of a send starting now."""
-        meta = self.admin.list_topics(self.contacts_topic, timeout=10)
+        meta = self.admin.list_topics(self.contacts_topic, timeout=LOOKUP_TIMEOUT_SECONDS)
         request = {
             TopicPartition(self.contacts_topic, p): OffsetSpec.latest()
             for p in meta.topics[self.contacts_topic].partitions
         }
-        futures = self.admin.list_offsets(request, request_timeout=10)
-        return {tp.partition: future.result().offset for tp, future in futures.items()}
+        futures = self.admin.list_offsets(request, request_timeout=LOOKUP_TIMEOUT_SECONDS)
+        return {tp.partition: future.result(timeout=2 * LOOKUP_TIMEOUT_SECONDS).offset
+                for tp, future in futures.items()}
 
     def handle(self, msg: Message) -> None:
         """Produce (inside the open transaction) what one command record causes."""
@@ -213,8 +289,10 @@ class CommandHandler:
                 segments=segments,
             )
         except Rejected as exc:
-            bound.info("command rejected", command=env.type, reason=str(exc))
-            self._reject(env, str(exc))
+            reason = str(exc)
+            self._decided.append(lambda: bound.info("command rejected", command=env.type,
+                                                    reason=reason))
+            self._reject(env, reason)
             return
         for event in events:
             out = self._emit(env, event)
@@ -223,7 +301,8 @@ class CommandHandler:
             current = evolve(current, event, campaign_id=env.aggregate_id, tenant_id=env.tenant_id)
         if current is not None:
             state.campaigns[env.aggregate_id] = current
-        bound.info("command accepted", command=env.type, events=[type(e).__name__ for e in events])
+        names = [type(e).__name__ for e in events]
+        self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
 
     def _named_segments(self, tenant_id: str, command: Record) -> dict[str, AudienceSegment]:
         """The criteria of the segments a send names, as defined now; Rejected if unknown."""
@@ -246,14 +325,17 @@ class CommandHandler:
         try:
             events = self.segments.decide(env.tenant_id, command)
         except SegmentRejected as exc:
-            bound.info("command rejected", command=env.type, reason=str(exc))
-            self._reject(env, str(exc))
+            reason = str(exc)
+            self._decided.append(lambda: bound.info("command rejected", command=env.type,
+                                                    reason=reason))
+            self._reject(env, reason)
             return
         for event in events:
             out = wrap_caused_by(event, env, aggregate_id=command.segment_id)
             self.producer.produce(self.segments_topic, key=command.segment_id.encode(), value=encode(out))
             self.segments.apply(env.tenant_id, event)
-        bound.info("command accepted", command=env.type, events=[type(e).__name__ for e in events])
+        names = [type(e).__name__ for e in events]
+        self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
 
     def _emit(self, cause: Envelope, event: Record) -> Envelope:
         out = wrap_caused_by(event, cause)
@@ -265,7 +347,9 @@ class CommandHandler:
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
         """Park an unreadable record with its reason and answer it with CommandRejected."""
-        log.warning("command dead-lettered", partition=msg.partition(), offset=msg.offset(), reason=reason)
+        partition, offset = msg.partition(), msg.offset()
+        self._decided.append(lambda: log.warning("command dead-lettered", partition=partition,
+                                                 offset=offset, reason=reason))
         headers: list[tuple[str, str | bytes | None]] = [
             ("reason", reason.encode()),
             ("source.offset", str(msg.offset()).encode()),
@@ -283,28 +367,49 @@ class CommandHandler:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until `stop` is set; each batch is one transaction."""
-        self.producer.init_transactions()
-        self.consumer.subscribe([self.commands_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        log.info("command handler started", topic=self.commands_topic)
-        next_tick = time.monotonic()
+        self.stop = self.txn.stop = self.segments.stop = stop
         heartbeat = self.settings.heartbeat()
         try:
+            # Fences a predecessor with this transactional id and aborts its open transaction.
+            self.txn.init()
+            self._subscribe()
+            log.info("command handler started", topic=self.commands_topic,
+                     transactional_id=self.txn.transactional_id)
+            self._next_tick = time.monotonic()
             while not stop.is_set():
                 heartbeat.beat()
-                batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
-                records = [m for m in batch if not m.error()]
-                for m in batch:
-                    if m.error():
-                        log.warning("consumer error", error=str(m.error()))
-                if records:
-                    self._transact(records)
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + SCHEDULE_TICK_SECONDS
-                    self._fire_due_schedules(datetime.now(UTC))
+                try:
+                    self._step()
+                except KafkaException as exc:
+                    error = exc.args[0]
+                    if not (isinstance(error, KafkaError) and error.fatal()):
+                        raise
+                    self._renew_consumer(error)  # producer failures never get here
+        except Stopping as exc:
+            # Nothing unfinished is lost: offsets were not committed, so the next start
+            # decides it again (a transaction left open is aborted by its init_transactions).
+            log.warning("stopping while the broker did not answer", waiting_for=str(exc))
         finally:
             self.consumer.close()
-            self.producer.flush(10)
+            self.txn.close()
+            self.segments.close()
             log.info("command handler stopped")
+
+    def _step(self) -> None:
+        """One batch (one transaction), then the clock when it is due."""
+        batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
+        records = [m for m in batch if not m.error()]
+        for m in batch:
+            error = m.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("consumer error", error=str(error))
+        if records:
+            self._transact(records)
+        if time.monotonic() >= self._next_tick:
+            self._next_tick = time.monotonic() + SCHEDULE_TICK_SECONDS
+            self._fire_due_schedules(datetime.now(UTC))
 
     def _fire_due_schedules(self, now: datetime) -> None:
         """Offer the clock to the scheduled campaigns of the assigned partitions: what fires
@@ -320,23 +425,29 @@ class CommandHandler:
         ]
         if not due:
             return
-        snapshot = self._contacts_snapshot()
-        self.producer.begin_transaction()
+        touched = sorted({p for p, _ in due})
         try:
+            snapshot = self._contacts_snapshot()
+        except KafkaException as exc:
+            log.warning("contacts snapshot failed; schedules fire at a later tick", error=str(exc))
+            return
+        self._decided = []
+        try:
+            self.txn.begin()
             for partition, campaign_id in due:
                 self._fire(self.partitions[partition], campaign_id, now, snapshot)
             positions = self.consumer.position(
-                [TopicPartition(self.commands_topic, p) for p in {p for p, _ in due}])
+                [TopicPartition(self.commands_topic, p) for p in touched])
             fenced = [tp for tp in positions if tp.offset >= 0]
-            if fenced:
-                self.producer.send_offsets_to_transaction(
-                    fenced, self.consumer.consumer_group_metadata())
-            self.producer.commit_transaction()
-        except KafkaException as exc:
-            log.error("schedule transaction failed; rebuilding", error=str(exc))
-            self.producer.abort_transaction()
-            for partition in {p for p, _ in due}:
-                self.partitions[partition] = self._replay(partition)
+            self.txn.commit(fenced, self.consumer.consumer_group_metadata())
+        except (TransactionFailed, KafkaException) as exc:
+            if not isinstance(exc, TransactionFailed):
+                self.txn.abort()
+            log.warning("schedule transaction not committed; rebuilding", error=str(exc))
+            self._rebuild(touched)
+            return
+        for entry in self._decided:
+            entry()
 
     def _fire(self, state: PartitionState, campaign_id: str, now: datetime,
               snapshot: dict[int, int]) -> None:
@@ -357,36 +468,59 @@ class CommandHandler:
             after = evolve(current, event, campaign_id=campaign_id, tenant_id=current.tenant_id)
             current = after or current
         state.campaigns[campaign_id] = current
-        log.info("schedule due", campaign=campaign_id, tenant=current.tenant_id,
-                 events=[type(e).__name__ for e in events])
+        tenant, names = current.tenant_id, [type(e).__name__ for e in events]
+        self._decided.append(lambda: log.info("schedule due", campaign=campaign_id, tenant=tenant,
+                                              events=names))
 
     def _transact(self, records: list[Message]) -> None:
-        self.producer.begin_transaction()
+        """One batch in one transaction; when it cannot commit, the batch is redone from the
+        committed offsets (its decisions are forgotten and rebuilt from the log)."""
+        self._decided = []
         try:
-            for msg in _segment_commands_first(records):
-                self.handle(msg)
-            self.producer.send_offsets_to_transaction(
-                _next_offsets(records), self.consumer.consumer_group_metadata()
-            )
-            self.producer.commit_transaction()
-        except KafkaException as exc:
-            log.error("transaction failed; rewinding", error=str(exc))
-            self.producer.abort_transaction()
+            self.txn.begin()
+            try:
+                for msg in _segment_commands_first(records):
+                    self.handle(msg)
+            except KafkaException as exc:  # a look-up inside the batch failed (broker away)
+                log.warning("batch failed; aborting it", error=str(exc), commands=len(records))
+                self.txn.abort()
+                raise TransactionFailed(str(exc)) from exc
+            self.txn.commit(_next_offsets(records), self.consumer.consumer_group_metadata())
+        except TransactionFailed as exc:
+            log.warning("transaction not committed; redoing its commands from the committed "
+                        "offsets", error=str(exc), commands=len(records))
             self._rewind(records)
+            return
         finally:
             self.segments.end_transaction()
+        for entry in self._decided:
+            entry()
 
     def _rewind(self, records: list[Message]) -> None:
-        """After an abort: forget in-memory effects and re-read from the committed offsets."""
-        touched = sorted({m.partition() or 0 for m in records})
-        committed = self.consumer.committed(
-            [TopicPartition(self.commands_topic, p) for p in touched], timeout=10
-        )
-        for tp in committed:
-            self.partitions[tp.partition] = self._replay(tp.partition)
-            self.consumer.seek(
-                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-            )
+        """After a transaction that did not commit: forget its in-memory effects and re-read
+        from the committed offsets (retried until it succeeds or a stop is requested)."""
+        self._rebuild(sorted({m.partition() or 0 for m in records}), seek=True)
+
+    def _rebuild(self, touched: list[int], *, seek: bool = False) -> None:
+        """Replay the aggregates of the `touched` partitions still assigned (and with `seek`,
+        move the consumer back to their committed offsets)."""
+        def attempt() -> None:
+            assigned = {tp.partition for tp in self.consumer.assignment()
+                        if tp.topic == self.commands_topic}
+            wanted = [TopicPartition(self.commands_topic, p) for p in touched if p in assigned]
+            if not wanted:
+                return  # moved to another member: its assignment replays them
+            committed = self.consumer.committed(wanted, timeout=LOOKUP_TIMEOUT_SECONDS)
+            for tp in committed:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+            self.partitions.update(self._replay([tp.partition for tp in committed]))
+            for tp in committed:
+                if seek:
+                    offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                    self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+        retry_until_stopped(self.stop, "rewind to the committed offsets", attempt, logger=log)
 
 
 def _segment_commands_first(records: list[Message]) -> list[Message]:

@@ -11,6 +11,8 @@ instance handles it, sees every segment defined before it was accepted.
 
 from __future__ import annotations
 
+import threading
+
 from confluent_kafka import Consumer
 
 from schemas.envelope import SchemaViolation, decode
@@ -31,8 +33,10 @@ class UnknownSegments(LookupError):
 class SegmentDirectory:
     """Every tenant's segments, folded from segments.events."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
         self.settings = settings
+        # A refresh waiting on an absent broker gives up (Stopping) once this is set.
+        self.stop = stop or threading.Event()
         self.topic = topic_name(SEGMENTS, settings)
         self.segments: dict[tuple[str, str], Segment] = {}
         self.pending: dict[tuple[str, str], Segment] = {}
@@ -45,7 +49,7 @@ class SegmentDirectory:
             self._reader = partition_reader(self.settings, self.settings.group("command-handler-segments"))
         self.position = read_to_end(self._reader, self.topic, 0, self.position,
                                     lambda msg: self._apply(msg.value()),
-                                    idle_timeout=REFRESH_TIMEOUT_SECONDS)
+                                    idle_timeout=REFRESH_TIMEOUT_SECONDS, stop=self.stop)
 
     def _apply(self, raw: bytes | None) -> None:
         try:

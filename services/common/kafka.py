@@ -1,22 +1,67 @@
-"""Thin confluent-kafka adapters: the client settings every service shares.
+"""Thin confluent-kafka adapters: the client settings every service shares, and transactions
+that never hang.
 
 All producers use the murmur2 partitioner (Java's default), so a key lands on the same
 partition whichever client wrote it, and topics keyed by campaign id stay co-partitioned.
+
+`TransactionalProducer` bounds every transactional call and handles its failures by
+confluent-kafka's rules (see `transaction_step`, pure): it guarantees that a transaction
+either commits, or raises `TransactionFailed` once its fate is settled (aborted, or fenced by
+a fresh producer), so the caller can rewind to the committed offsets and redo the batch, or
+raises `Stopping` when a stop was requested while the broker did not answer (the transaction
+is then left to the broker's timeout or to the successor's init_transactions, which aborts
+it). It never blocks longer than one call timeout without looking at the stop flag.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import enum
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from services.common.settings import Settings
+
+T = TypeVar("T")
+
+# One transactional call (init, send offsets, commit, abort) blocks at most this long before
+# the stop flag is looked at again: guards against a broker that went away mid-call (librdkafka
+# otherwise waits for the whole transaction timeout, or for ever with the default -1).
+TXN_CALL_TIMEOUT_SECONDS = 2.0
+# A call that keeps failing retriably (timeouts while the broker is away) is retried this
+# long, then the transaction is aborted (and, when the abort cannot finish either, the
+# producer is re-created): a client stuck on a request that never completes must not stall
+# the service silently.
+TXN_RETRY_BUDGET_SECONDS = 30.0
+# A transactional call that has not returned this long after its own timeout is hung (it does
+# happen: librdkafka's send_offsets_to_transaction ignores its timeout while the group
+# coordinator is away, and may never return, confluentinc/librdkafka#5456): it is left behind
+# on its thread and the producer re-created.
+TXN_HANG_GRACE_SECONDS = 3.0
+# Back-off between attempts of a call that failed at once (connection refused, no
+# coordinator), and between attempts of a read that failed: no busy loop during an outage.
+RETRY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
+# Single-instance services (command handler, completion tracker) join their group as static
+# members and leave it only by this timeout: a crashed member's replacement, with the same
+# instance id, takes its partitions at once, and any other one within this.
+SINGLE_INSTANCE_SESSION_TIMEOUT_MS = 10_000
+
+
+# librdkafka's longest pause between reconnect attempts to a broker that went away (default
+# 10 s): after a broker restart, clients are back within about a second, not ten.
+RECONNECT_BACKOFF_MAX_MS = 1_000
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
         "partitioner": "murmur2_random",
         "enable.idempotence": True,
         "acks": "all",
@@ -30,6 +75,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 def consumer_config(settings: Settings, group: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
         "group.id": settings.group(group),
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -66,18 +112,20 @@ def partition_reader(settings: Settings, group: str, **overrides: Any) -> Consum
 
 def read_to_end(
     reader: Consumer, topic: str, partition: int, start: int, on_message: Callable[[Message], None],
-    *, idle_timeout: float = 30.0,
+    *, idle_timeout: float = 30.0, stop: threading.Event | None = None,
 ) -> int:
     """Feed the records of one partition from `start` to its end (for read_committed readers,
     the last stable offset: an open transaction's records are not reached) to `on_message`;
     returns the next offset: where the broker says the partition ends, which lies past a
     transaction marker that ends it (never delivered as a record). Raises KafkaException when
-    the broker says nothing for `idle_timeout` seconds."""
+    the broker says nothing for `idle_timeout` seconds, Stopping as soon as `stop` is set."""
     reader.assign([TopicPartition(topic, partition, start)])
     position = start
     try:
         idle = 0.0
         while True:
+            if stop is not None and stop.is_set():
+                raise Stopping(f"reading {topic}[{partition}]")
             msg = reader.poll(0.2)
             if msg is None:
                 idle += 0.2
@@ -94,3 +142,272 @@ def read_to_end(
             on_message(msg)
     finally:
         reader.unassign()
+
+
+# --- single-instance services ----------------------------------------------------------------
+
+
+def instance_id(variable: str, env: Mapping[str, str] | None = None) -> str:
+    """The stable name of this instance of a single-instance service: `variable` from the
+    environment, default "0". A restarted instance with the same name takes over its
+    predecessor's group membership and transactional id at once; two instances running at once
+    need two names (else they fence each other)."""
+    value = (os.environ if env is None else env).get(variable, "").strip()
+    return value or "0"
+
+
+def static_member_config(settings: Settings, group: str, instance: str) -> dict[str, Any]:
+    """Consumer settings of a static group member named `instance`, with a short session."""
+    return {
+        "group.instance.id": f"{settings.group(group)}-{instance}",
+        "session.timeout.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4,
+    }
+
+
+# --- transactions ------------------------------------------------------------------------------
+
+
+class TxnCall(enum.Enum):
+    """The transactional calls of a producer."""
+
+    INIT = "init_transactions"
+    BEGIN = "begin_transaction"
+    SEND_OFFSETS = "send_offsets_to_transaction"
+    COMMIT = "commit_transaction"
+    ABORT = "abort_transaction"
+
+
+class TxnStep(enum.Enum):
+    """What to do after a transactional call failed."""
+
+    RETRY = "retry"  # call it again (the operation may go on in the background)
+    ABORT = "abort"  # abort the transaction, rewind to the committed offsets, redo the batch
+    RECREATE = "recreate"  # the producer is unusable: a new one (init_transactions fences the old)
+
+
+def transaction_step(call: TxnCall, error: KafkaError, *, elapsed: float,
+                     budget: float = TXN_RETRY_BUDGET_SECONDS) -> TxnStep:
+    """confluent-kafka's rules for a failed transactional call, `elapsed` seconds after its
+    first attempt: fatal -> re-create the producer; txn_requires_abort -> abort; retriable ->
+    the same call again, for up to `budget` seconds. Past the budget, and for an error the
+    client does not classify, the transaction is aborted; an abort or init that cannot
+    succeed leaves only a new producer. Pure."""
+    if error.fatal():
+        return TxnStep.RECREATE
+    if error.retriable() and not error.txn_requires_abort() and elapsed < budget:
+        return TxnStep.RETRY
+    if call in (TxnCall.ABORT, TxnCall.INIT):
+        return TxnStep.RECREATE
+    return TxnStep.ABORT
+
+
+class Stopping(Exception):
+    """A stop was requested while a call waited for the broker or the database."""
+
+
+class TransactionFailed(Exception):
+    """The transaction did not commit and its fate is settled (aborted, or its producer was
+    fenced by a new one): nothing of it is visible to read_committed readers; rewind to the
+    committed offsets and redo the batch."""
+
+
+class CallHung(Exception):
+    """A blocking client call did not return within its bound (it goes on on its thread)."""
+
+
+class CallThread:
+    """Runs blocking client calls on a daemon thread of their own, so that the caller can stop
+    waiting for one that never returns; a hung call is left behind with its thread (daemon:
+    it never holds up the process's exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event,
+                                            list[BaseException]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, function: Callable[[], None], bound: float) -> None:
+        """`function()` on the thread; its exception is raised here. CallHung after `bound`."""
+        done = threading.Event()
+        raised: list[BaseException] = []
+        self._jobs.put((function, done, raised))
+        if not done.wait(bound):
+            raise CallHung(f"no return after {bound:.1f}s")
+        if raised:
+            raise raised[0]
+
+    def close(self) -> None:
+        self._jobs.put(None)  # the thread ends after the call in hand, if any ever returns
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            function, done, raised = job
+            try:
+                function()
+            except BaseException as exc:  # handed to the caller
+                raised.append(exc)
+            finally:
+                done.set()
+
+
+class TransactionalProducer:
+    """A transactional producer whose calls are bounded and whose failures are handled (see
+    the module docstring). `producer` is the current confluent-kafka producer: produce through
+    it, inside `begin()` .. `commit()`. One thread uses it. The transactional calls run on a
+    `CallThread`: one that hangs past its own timeout re-creates the producer."""
+
+    def __init__(self, config: Mapping[str, Any], stop: threading.Event, *, logger: Any = None,
+                 call_timeout: float = TXN_CALL_TIMEOUT_SECONDS,
+                 retry_budget: float = TXN_RETRY_BUDGET_SECONDS,
+                 factory: Callable[[dict[str, Any]], Producer] = Producer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = dict(config)
+        self.stop = stop
+        self._log = logger or structlog.get_logger("kafka.transactions")
+        self._timeout = call_timeout
+        self._budget = retry_budget
+        self._factory = factory
+        self._clock = clock
+        self.producer: Producer = factory(self._config)
+        self._calls = CallThread(f"txn-{self.transactional_id}")
+        self.recreated = 0
+        self.aborted = 0
+        self.hung = 0
+
+    @property
+    def transactional_id(self) -> str:
+        return str(self._config["transactional.id"])
+
+    def init(self) -> None:
+        """init_transactions, retried (and the producer re-created) until it succeeds: fences
+        any older producer with this transactional id and settles its open transaction."""
+        while True:
+            try:
+                self._call(TxnCall.INIT, lambda: self.producer.init_transactions(self._timeout))
+                return
+            except TransactionFailed:
+                continue  # a new producer was made: initialise that one
+
+    def begin(self) -> None:
+        self._call(TxnCall.BEGIN, self.producer.begin_transaction)
+
+    def commit(self, offsets: list[TopicPartition], group_metadata: object) -> None:
+        """Send the consumed offsets into the transaction and commit it; raises
+        TransactionFailed (nothing committed, fate settled) or Stopping."""
+        self.send_offsets(offsets, group_metadata)
+        self.commit_transaction()
+
+    def send_offsets(self, offsets: list[TopicPartition], group_metadata: object) -> None:
+        """The consumed offsets into the open transaction (fenced by the group's generation)."""
+        if offsets:
+            self._call(TxnCall.SEND_OFFSETS, lambda: self.producer.send_offsets_to_transaction(
+                offsets, group_metadata, self._timeout))
+
+    def commit_transaction(self) -> None:
+        self._call(TxnCall.COMMIT, lambda: self.producer.commit_transaction(self._timeout))
+
+    def abort(self) -> None:
+        """Abort the open transaction (or re-create the producer when that cannot be done)."""
+        try:
+            self._call(TxnCall.ABORT, lambda: self.producer.abort_transaction(self._timeout))
+        except TransactionFailed:
+            pass  # re-created: the new producer's init settled the old transaction
+        self.aborted += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._calls.close()
+        self.producer.flush(timeout)
+
+    def _call(self, call: TxnCall, attempt: Callable[[], None]) -> None:
+        started = self._clock()
+        tries = 0
+        while True:
+            began = self._clock()
+            try:
+                self._calls.call(attempt, self._timeout + TXN_HANG_GRACE_SECONDS)
+                if tries:
+                    self._log.info("transactional call succeeded after retries", call=call.value,
+                                   tries=tries + 1, seconds=round(self._clock() - started, 1))
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                tries += 1
+                step = transaction_step(call, error, elapsed=self._clock() - started,
+                                        budget=self._budget)
+                self._log.warning("transactional call failed", call=call.value, error=str(error),
+                                  step=step.value, tries=tries,
+                                  transactional_id=self.transactional_id)
+                if step is TxnStep.RETRY:
+                    if self.stop.is_set():
+                        raise Stopping(f"{call.value} unfinished: {error}") from exc
+                    if self._clock() - began < self._timeout / 2:
+                        # Failed at once (no coordinator yet): do not spin.
+                        self.stop.wait(_backoff(tries))
+                    continue
+                if step is TxnStep.ABORT:
+                    self.abort()
+                    raise TransactionFailed(f"{call.value}: {error}") from exc
+                self._recreate()
+                if call is not TxnCall.INIT:
+                    self.init()  # (init itself loops on to the new producer: no recursion)
+                raise TransactionFailed(f"{call.value}: {error}") from exc
+            except CallHung as exc:
+                self.hung += 1
+                self._log.error("transactional call hung; re-creating the producer",
+                                call=call.value, error=str(exc),
+                                transactional_id=self.transactional_id)
+                self._recreate(hung=True)
+                if self.stop.is_set():
+                    raise Stopping(f"{call.value} hung") from exc
+                if call is not TxnCall.INIT:
+                    self.init()
+                raise TransactionFailed(f"{call.value} hung") from exc
+
+    def _recreate(self, *, hung: bool = False) -> None:
+        """Drop the producer for a new one with the same transactional id; its
+        init_transactions fences the old one and aborts (or completes) its transaction."""
+        old = self.producer
+        if hung:
+            # The old producer stays with its hung call; the new one gets a thread of its own.
+            self._calls.close()
+            self._calls = CallThread(f"txn-{self.transactional_id}")
+        else:
+            try:
+                old.purge()
+            except (KafkaException, RuntimeError):
+                pass  # a broken producer may refuse even that; it is dropped either way
+        self.producer = self._factory(self._config)
+        self.recreated += 1
+        self._log.warning("transactional producer re-created",
+                          transactional_id=self.transactional_id, times=self.recreated)
+        del old
+
+
+def _backoff(tries: int) -> float:
+    return RETRY_BACKOFF_SECONDS[min(tries, len(RETRY_BACKOFF_SECONDS)) - 1]
+
+
+def retry_until_stopped(stop: threading.Event, what: str, action: Callable[[], T], *,
+                        logger: Any = None,
+                        retry_on: tuple[type[BaseException], ...] = (KafkaException,)) -> T:
+    """`action()` until it returns, retrying what raised one of `retry_on` with back-off;
+    raises Stopping once `stop` is set. A fatal Kafka error is not retried. For reads (replays,
+    committed offsets, seeks) that a broker outage interrupts: waited out, never crashed on."""
+    log = logger or structlog.get_logger("kafka.retry")
+    tries = 0
+    while True:
+        if stop.is_set():
+            raise Stopping(what)
+        try:
+            result = action()
+            if tries:
+                log.info("succeeded after retries", what=what, tries=tries + 1)
+            return result
+        except retry_on as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                raise
+            tries += 1
+            log.warning("failed; retrying", what=what, error=str(exc), tries=tries)
+            stop.wait(_backoff(tries))

@@ -1,7 +1,9 @@
 """`python -m services.completion`: track campaign completion until SIGTERM or SIGINT.
 
-COMPLETION_TRACKER_TRANSACTIONAL_ID, when set, is the producer's transactional id: a restarted
-instance with the same id aborts the transaction its predecessor left open at once.
+COMPLETION_TRACKER_INSTANCE (default "0") names this instance: its static group membership and
+its transactional id, so a restarted instance takes over at once (see service.py). Run one
+instance; a second one needs another name. COMPLETION_TRACKER_TRANSACTIONAL_ID, when set,
+overrides the transactional id.
 AUTOPAUSE_FAILURE_RATE (default 0.5; "off" disables) and AUTOPAUSE_MIN_DELIVERIES (default
 100) configure the failure-rate guard that pauses a campaign failing too often.
 """
@@ -12,6 +14,7 @@ import os
 import signal
 import threading
 
+from services.common.kafka import instance_id
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
@@ -34,6 +37,7 @@ def main() -> None:
     service = CompletionService(
         settings,
         transactional_id=os.environ.get("COMPLETION_TRACKER_TRANSACTIONAL_ID") or None,
+        instance=instance_id("COMPLETION_TRACKER_INSTANCE"),
         logger=log.bind(component=SERVICE),
         guard=guard,
     )

@@ -20,6 +20,18 @@ the murmur2 partitioner, so partition N of either topic holds the same campaigns
 uses the range assignor, which assigns topic by topic in partition order, so one member owns
 the same partition numbers of both topics; state is kept per partition number.
 
+Faults: every Kafka call is bounded (services/common/kafka.py, `TransactionalProducer`). A
+transaction that cannot commit (broker gone mid-call, fenced, timed out) is aborted, or its
+producer re-created, and the state rebuilt and the consumer rewound to the committed offsets:
+a broker outage of any length is waited out and the tracker resumes by itself. A stop request
+is honoured within a few seconds in every state.
+
+Fail-over: run as a service (`python -m services.completion`), the tracker is a static member
+of its group (`group.instance.id`, COMPLETION_TRACKER_INSTANCE, default "0") with a 10 s
+session, under that instance's transactional id: a replacement takes the partitions over at
+once and aborts its predecessor's open transaction, instead of waiting out its session (45 s)
+and its transaction (TRANSACTION_TIMEOUT_MS).
+
 Limits: the replay reads both topics from offset zero (infinite retention), so a (re)assignment
 costs time proportional to the partitions' history. A transaction left open by a crashed
 instance holds back read_committed readers of campaign.events until the broker aborts it
@@ -45,7 +57,16 @@ from confluent_kafka import (
 
 from schemas.commands import AutoPauseCampaign
 from schemas.envelope import SchemaViolation, decode, encode, wrap
-from services.common.kafka import make_consumer, make_producer
+from services.common.kafka import (
+    SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
+    Stopping,
+    TransactionalProducer,
+    TransactionFailed,
+    make_consumer,
+    producer_config,
+    retry_until_stopped,
+    static_member_config,
+)
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, DELIVERIES, EVENTS, topic_name
 from services.completion.tracker import (
@@ -66,15 +87,13 @@ POLL_SECONDS = 0.5
 # A replay that receives nothing for this long is stuck (broker unreachable, partition without
 # leader): it fails the assignment instead of deciding on partial state.
 REPLAY_IDLE_SECONDS = 30.0
-# Committed-offset look-ups: a coordinator that does not answer within this fails the call.
-COMMITTED_TIMEOUT_SECONDS = 30.0
+# Committed-offset look-ups: a coordinator that does not answer within this fails the call
+# (retried with back-off; short, so a stop request is not held up by one).
+COMMITTED_TIMEOUT_SECONDS = 5.0
 # A transaction of a crashed instance is aborted by the broker after this; until then it holds
 # back read_committed readers of campaign.events. Far above a batch's duration (no I/O besides
 # Kafka), far below the broker's 15-minute maximum.
 TRANSACTION_TIMEOUT_MS = 30_000
-# commit_transaction() attempts after a retriable error (request timeout, coordinator moving)
-# before giving up and letting the process restart from the log.
-COMMIT_ATTEMPTS = 3
 
 TRACKED_TOPICS = (EVENTS, DELIVERIES)
 
@@ -87,8 +106,11 @@ class CompletionService:
     """Consumes campaign facts and deliveries, publishes CampaignCompleted transactionally.
 
     Drive it with `run(stop_event)`, or step by step with `poll_once()` in tests. One thread
-    drives one instance. `transactional_id` defaults to a fresh one per instance; give a
-    restarted instance its predecessor's id to abort the predecessor's open transaction at once.
+    drives one instance. `instance` names a static group member and its transactional id (a
+    restarted instance with the same name takes over at once); without it the instance joins
+    as a dynamic member. `transactional_id` (default: from `instance`, else a fresh one) can be
+    given on its own: a restarted instance with its predecessor's id aborts the predecessor's
+    open transaction at once.
     """
 
     def __init__(
@@ -100,6 +122,7 @@ class CompletionService:
         poll_timeout: float = POLL_SECONDS,
         logger: Any = None,
         guard: FailureGuard | None = None,
+        instance: str | None = None,
     ) -> None:
         self.settings = settings
         self.guard = guard or FailureGuard()
@@ -110,31 +133,36 @@ class CompletionService:
         self.deliveries_topic = topic_name(DELIVERIES, settings)
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
-        self.transactional_id = transactional_id or f"{self.group}-{uuid.uuid4()}"
+        self.transactional_id = transactional_id or (
+            f"{self.group}-{instance}" if instance is not None else f"{self.group}-{uuid.uuid4()}")
+        # Replaced by run()'s: every wait on the broker looks at it.
+        self._stop = threading.Event()
         self._log = logger or structlog.get_logger().bind(component=SERVICE)
         # Partition number -> state of the campaigns on that partition of both topics.
         self.trackers: dict[int, CompletionTracker] = {}
         self.completions_published = 0
         self._started = False
         self._closed = False
-        self.consumer: Consumer = make_consumer(
-            settings,
-            SERVICE,
-            **{
-                "client.id": f"{self.group}-consumer",
-                # Per-topic ranges: the same partition numbers of both topics to one member.
-                "partition.assignment.strategy": "range",
-                # Offsets are committed only inside our transactions.
-                "enable.auto.offset.store": False,
-            },
-        )
-        self.producer = make_producer(
-            settings,
-            **{
-                "transactional.id": self.transactional_id,
-                "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
-            },
-        )
+        self._consumer_config: dict[str, Any] = {
+            "client.id": f"{self.group}-consumer",
+            # Per-topic ranges: the same partition numbers of both topics to one member.
+            "partition.assignment.strategy": "range",
+            # Offsets are committed only inside our transactions.
+            "enable.auto.offset.store": False,
+            **(static_member_config(settings, SERVICE, instance) if instance is not None
+               else {"session.timeout.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
+                     "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4}),
+        }
+        self.consumer: Consumer = make_consumer(settings, SERVICE, **self._consumer_config)
+        self._txn = TransactionalProducer(
+            producer_config(settings, **{"transactional.id": self.transactional_id,
+                                         "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}),
+            self._stop, logger=self._log)
+
+    @property
+    def producer(self) -> Any:
+        """The transactional producer of the moment (re-created after a fatal error)."""
+        return self._txn.producer
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -143,7 +171,10 @@ class CompletionService:
         if self._started:
             return
         self._started = True
-        self.producer.init_transactions()
+        self._txn.init()
+        self._subscribe()
+
+    def _subscribe(self) -> None:
         self.consumer.subscribe(
             [self.events_topic, self.deliveries_topic],
             on_assign=self._on_assign,
@@ -151,16 +182,43 @@ class CompletionService:
             on_lost=self._on_revoke,
         )
 
+    def _renew_consumer(self, error: KafkaError) -> None:
+        """Replace a consumer that failed for good (a static member fenced after its session
+        timed out during a broker outage): the new one joins, and its assignment rebuilds the
+        state from the committed offsets; the batch in hand was not committed and is read
+        again."""
+        self._log.error("consumer failed for good; re-creating it", error=str(error))
+        old = self.consumer
+        self.consumer = make_consumer(self.settings, SERVICE, **self._consumer_config)
+        try:
+            old.close()
+        except (KafkaException, RuntimeError):
+            pass  # a failed consumer may refuse even that; it is dropped either way
+        self.trackers = {}
+        self._subscribe()
+
     def run(self, stop: threading.Event) -> None:
         """Track until `stop` is set; the batch in flight commits, then it closes."""
-        self.start()
-        self._log.info("completion tracker started", group=self.group,
-                       topics=[self.events_topic, self.deliveries_topic])
+        self._stop = self._txn.stop = stop
         heartbeat = self.settings.heartbeat()
         try:
+            self.start()
+            self._log.info("completion tracker started", group=self.group,
+                           topics=[self.events_topic, self.deliveries_topic],
+                           transactional_id=self.transactional_id)
             while not stop.is_set():
                 heartbeat.beat()
-                self.poll_once()
+                try:
+                    self.poll_once()
+                except KafkaException as exc:
+                    error = exc.args[0]
+                    if not (isinstance(error, KafkaError) and error.fatal()):
+                        raise
+                    self._renew_consumer(error)  # producer failures never get here
+        except Stopping as exc:
+            # Nothing is lost: offsets were not committed, the next start decides again (and
+            # its init_transactions aborts a transaction left open).
+            self._log.warning("stopping while the broker did not answer", waiting_for=str(exc))
         finally:
             self.close()
         self._log.info("completion tracker stopped", published=self.completions_published)
@@ -172,7 +230,7 @@ class CompletionService:
         try:
             self.consumer.close()
         finally:
-            self.producer.flush(10)
+            self._txn.close()
 
     def __enter__(self) -> CompletionService:
         return self
@@ -193,11 +251,14 @@ class CompletionService:
             # here; the range assignor over equal partition counts never does this.
             self._log.warning("assignment is not co-partitioned", events=sorted(events),
                               deliveries=sorted(deliveries))
-        committed = consumer.committed(
-            [TopicPartition(tp.topic, tp.partition) for tp in partitions],
-            timeout=COMMITTED_TIMEOUT_SECONDS,
-        )
-        self.trackers.update(self._replay(committed))
+        def rebuild() -> dict[int, CompletionTracker]:
+            committed = _committed(consumer, [TopicPartition(tp.topic, tp.partition)
+                                              for tp in partitions])
+            return self._replay(committed)
+
+        self.trackers.update(retry_until_stopped(
+            self._stop, "state rebuild on assignment", rebuild, logger=self._log,
+            retry_on=(KafkaException, ReplayStalled)))
         self._log.info(
             "partitions assigned", partitions=sorted(events | deliveries),
             campaigns=sum(len(t.campaigns) for t in self.trackers.values()),
@@ -230,6 +291,8 @@ class CompletionService:
             reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(ends)])
             deadline = time.monotonic() + REPLAY_IDLE_SECONDS
             while pending:
+                if self._stop.is_set():
+                    raise Stopping("state rebuild")
                 records = reader.consume(self.batch_size, POLL_SECONDS)
                 if not records:
                     if time.monotonic() > deadline:
@@ -306,26 +369,26 @@ class CompletionService:
     def _transact(self, records: list[Message]) -> list[Decision] | None:
         """Decide and publish in one transaction; None when it was aborted (state rebuilt)."""
         published: list[Decision] = []
-        self.producer.begin_transaction()
         try:
-            for record in records:
-                decision = self._decide(record)
-                if isinstance(decision, Completion):
-                    self._emit(decision)
-                elif isinstance(decision, AutoPause):
-                    self._request_pause(decision)
-                if decision is not None:
-                    published.append(decision)
-            self.producer.send_offsets_to_transaction(
-                _next_offsets(records), self.consumer.consumer_group_metadata()
-            )
+            self._txn.begin()
+            try:
+                for record in records:
+                    decision = self._decide(record)
+                    if isinstance(decision, Completion):
+                        self._emit(decision)
+                    elif isinstance(decision, AutoPause):
+                        self._request_pause(decision)
+                    if decision is not None:
+                        published.append(decision)
+            except KafkaException as exc:  # a produce refused (broker away, queue full)
+                self._log.warning("batch failed; aborting it", error=str(exc))
+                self._txn.abort()
+                raise TransactionFailed(str(exc)) from exc
+            self._txn.send_offsets(_next_offsets(records), self.consumer.consumer_group_metadata())
             self._commit_transaction()
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.fatal():
-                raise  # fenced or broken producer: restart; the successor rebuilds from the log
-            self._log.error("transaction failed; aborting and rebuilding", error=str(exc))
-            self.producer.abort_transaction()
+        except TransactionFailed as exc:
+            self._log.warning("transaction not committed; rebuilding from the committed offsets",
+                              error=str(exc), records=len(records))
             self._rebuild()
             return None
         return published
@@ -366,24 +429,32 @@ class CompletionService:
         )
 
     def _commit_transaction(self) -> None:
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                self.producer.commit_transaction()
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if not error.retriable() or attempt == COMMIT_ATTEMPTS:
-                    raise
-                self._log.warning("commit failed; retrying", error=str(exc), attempt=attempt)
+        self._txn.commit_transaction()
 
     def _rebuild(self) -> None:
-        """After an abort: the batch's in-memory effects are void; rebuild and rewind."""
-        assignment = self.consumer.assignment()
-        committed = self.consumer.committed(assignment, timeout=COMMITTED_TIMEOUT_SECONDS)
-        self.trackers = self._replay(committed)
-        for tp in committed:
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        """After a transaction that did not commit: its in-memory effects are void; rebuild and
+        rewind to the committed offsets (retried until done or a stop is requested)."""
+        def attempt() -> None:
+            assignment = self.consumer.assignment()
+            committed = _committed(self.consumer, assignment)
+            trackers = self._replay(committed)
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            self.trackers = trackers
+
+        retry_until_stopped(self._stop, "rewind to the committed offsets", attempt,
+                            logger=self._log, retry_on=(KafkaException, ReplayStalled))
+
+
+def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
+    """The group's committed offsets of `partitions`; raises KafkaException when the
+    coordinator does not answer or reports an error for one of them."""
+    committed = consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_SECONDS)
+    for tp in committed:
+        if tp.error is not None:
+            raise KafkaException(tp.error)
+    return committed
 
 
 def _next_offsets(records: list[Message]) -> list[TopicPartition]:

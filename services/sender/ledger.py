@@ -25,21 +25,35 @@ Guarantees:
   number of possible duplicates is never under-counted.
 - Claims lock their rows (in key order, so two senders never deadlock): two senders that
   race on one recipient during a rebalance see each other's claim (UNSETTLED), not two FRESH.
-- A database error is raised, never swallowed: the caller must then not commit its Kafka
-  offsets, and the redelivered batch meets the ledger state that did get committed.
+- A database outage is waited out, not crashed on: a claim or settlement whose connection
+  failed (server stopped or restarted, connection cut, refused, timed out) is retried on a
+  new connection with back-off until it succeeds, or until the stop event is set (then
+  `Stopping` is raised: the caller commits no offsets, and the redelivered batch meets the
+  ledger state that did get committed). Every call is bounded: connecting by
+  CONNECT_TIMEOUT_SECONDS, a statement by STATEMENT_TIMEOUT_MS, a server gone silent by TCP
+  keepalives. A retry after a connection lost during COMMIT may count one possible duplicate
+  too many (the claim then reads its own earlier claim as UNSETTLED, the settlement adds its
+  ambiguous count again), never one too few. Other database errors are raised, never
+  swallowed.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+import structlog
 
+from services.common.kafka import Stopping
 from services.sender.delivery import Outcome, Status
+
+T = TypeVar("T")
+log = structlog.get_logger("sender.ledger")
 
 LedgerKey = tuple[str, str]  # (campaign_id, contact_id)
 
@@ -198,6 +212,31 @@ def judge_claim(
 # ledger of one 20,000-recipient campaign did 1,716 sequential scans reading 49 million rows,
 # 8.5 s of PostgreSQL CPU against ~1 s with index look-ups (make bench, fresh platform).
 LEDGER_SESSION_OPTIONS = "-c enable_seqscan=off"
+# A claim waits for row locks another sender holds (a rebalance race) or for a server in
+# trouble at most this long; the statement then fails and is retried.
+STATEMENT_TIMEOUT_MS = 30_000
+# Connecting gives up after this (libpq's connect_timeout, whole seconds): guards against a
+# server host that does not answer at all; the attempt is retried.
+CONNECT_TIMEOUT_SECONDS = 5
+# TCP keepalives and unacknowledged-send limit: a connection whose server vanished without a
+# word (host down, network cut) is found dead in about 5 + 3 x 2 s instead of hanging a claim
+# for the kernel's two hours.
+KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+             "keepalives_count": 3, "tcp_user_timeout": 15_000}
+# Back-off between attempts while the database is away.
+RETRY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
+# SQLSTATE classes that mean "the database is away or busy for now", not "this is wrong":
+# 08 connection exception, 40 transaction rollback (deadlock, serialization), 53 insufficient
+# resources (too many connections), 57 operator intervention (shutdown, starting up,
+# statement timeout), 58 system error (I/O).
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def database_away(sqlstate: str | None) -> bool:
+    """Whether a failed call is worth retrying on a new connection: the connection broke or
+    never came up (no SQLSTATE: refused, reset, timed out, closed), or the server said it is
+    away or busy for now. A wrong database name, password or statement is not. Pure."""
+    return sqlstate is None or sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
 
 # judge_claim's verdict and write-back for a row just inserted (claims 0, status 'claimed').
 _FRESH = Claim(ClaimState.FRESH)
@@ -205,26 +244,77 @@ _FRESH_WRITE = (1, 0, True)
 
 
 class SendLedger:
-    """Claims and settlements of one sender process, over its own connection."""
+    """Claims and settlements of one sender process, over its own connection (opened at once,
+    and again after it failed). `stop`: set it to make a call waiting for the database give
+    up with `Stopping`."""
 
-    def __init__(self, database_url: str) -> None:
-        # Autocommit: settle is one statement; claim opens its own transaction.
-        self._conn = psycopg.connect(database_url, autocommit=True, options=LEDGER_SESSION_OPTIONS)
+    def __init__(self, database_url: str, *, stop: threading.Event | None = None) -> None:
+        self._url = database_url
+        self.stop = stop or threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self.reconnects = 0
+        # Connected now, waiting while the database is away (libpq reports a refused
+        # connection and a missing database alike, without SQLSTATE: both are waited on and
+        # logged, until a stop).
+        self._retried("connect", lambda conn: None)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            # Autocommit: settle is one statement; claim opens its own transaction.
+            self._conn = psycopg.connect(
+                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                options=f"{LEDGER_SESSION_OPTIONS} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                **KEEPALIVE)
+        return self._conn
+
+    def _retried(self, what: str, operation: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """`operation` on the connection, retried on a new one while the database is away."""
+        tries = 0
+        while True:
+            try:
+                result = operation(self._connection())
+            except psycopg.OperationalError as exc:
+                if not database_away(exc.sqlstate):
+                    raise
+                tries += 1
+                self._discard()
+                log.warning("send ledger unavailable; retrying", what=what, tries=tries,
+                            error=str(exc).strip())
+                if self.stop.is_set():
+                    raise Stopping(f"send ledger {what}: {exc}") from exc
+                self.stop.wait(RETRY_BACKOFF_SECONDS[min(tries, len(RETRY_BACKOFF_SECONDS)) - 1])
+                continue
+            if tries:
+                self.reconnects += 1
+                log.info("send ledger available again", what=what, tries=tries + 1)
+            return result
+
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass  # broken already: nothing to close cleanly
 
     def claim(self, entries: Sequence[LedgerEntry]) -> dict[LedgerKey, Claim]:
         """Claim distinct recipients; what each one's history says to do now."""
         if not entries:
             return {}
         ordered = sorted(entries, key=lambda e: e.key)
+        return self._retried("claim", lambda conn: self._claim(conn, ordered))
+
+    def _claim(self, conn: psycopg.Connection[Any],
+               ordered: list[LedgerEntry]) -> dict[LedgerKey, Claim]:
         verdicts: dict[LedgerKey, Claim] = {}
         writes: list[tuple[str, str, int, int, bool]] = []
-        with self._conn.transaction():
+        with conn.transaction():
             new = [(e.campaign_id, e.contact_id, e.tenant_id, e.message_id)
                    for e in ordered if not e.cancelled]
             if new:
-                self._conn.execute(_INSERT_NEW, _rows(new))
+                conn.execute(_INSERT_NEW, _rows(new))
             keys = [e.key for e in ordered]
-            rows = self._conn.execute(_LOCK, _rows(keys)).fetchall()
+            rows = conn.execute(_LOCK, _rows(keys)).fetchall()
             current = {(r[0], r[1]): r for r in rows}
             for key, entry in zip(keys, ordered, strict=True):
                 claim, write = claim_row(current.get(key), entry.attempt, entry.cancelled)
@@ -232,7 +322,7 @@ class SendLedger:
                 if write is not None:
                     writes.append((*key, *write))
             if writes:
-                self._conn.execute(_WRITE_CLAIMS, _rows(writes))
+                conn.execute(_WRITE_CLAIMS, _rows(writes))
         return verdicts
 
     def settle(self, outcomes: Mapping[LedgerKey, Outcome]) -> None:
@@ -252,10 +342,11 @@ class SendLedger:
             for (campaign_id, contact_id), o in outcomes.items()
         ]
         if rows:
-            self._conn.execute(_SETTLE, _rows(rows))
+            parameter = _rows(rows)
+            self._retried("settle", lambda conn: conn.execute(_SETTLE, parameter))
 
     def close(self) -> None:
-        self._conn.close()
+        self._discard()
 
 
 def _rows(rows: Sequence[tuple[Any, ...]]) -> tuple[str]:

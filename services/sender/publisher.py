@@ -4,11 +4,16 @@ records, suppressions, all through one idempotent producer.
 Guarantees: `produce` never drops a record for a full local queue (it waits for room);
 `flush` returns only when every record produced so far is acknowledged by the broker and
 raises `PublishFailed` otherwise, so the caller commits offsets only after their outcomes are
-durable. Copies (after a redelivery) carry the same outcome and Message-ID.
+durable. A broker outage is waited out: the producer never gives a record up for time
+(`message.timeout.ms` 0, see the worker's producer config) and `flush` waits in short steps
+until the broker is back, or raises `Stopping` STOP_FLUSH_SECONDS after a stop request.
+Copies (after a redelivery) carry the same outcome and Message-ID.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -19,6 +24,7 @@ from schemas.contacts import ContactSuppressed, contact_key
 from schemas.envelope import Envelope, encode, wrap_caused_by
 from schemas.events import RecipientRetryScheduled, RecipientSkipped
 from services.common import metrics
+from services.common.kafka import Stopping
 from services.common.settings import Settings
 from services.common.topics import (
     CONTACTS,
@@ -37,7 +43,15 @@ log = structlog.get_logger("sender")
 
 # Guards against a broker that cannot take the delivery events: the batch is then not
 # committed and the worker stops (a restart redelivers it; the ledger prevents re-mailing).
+# (Only for the final flush when the worker stops after a failure: a running worker waits.)
 FLUSH_TIMEOUT_SECONDS = 30.0
+# One wait of a flush: how often a flush that waits for an absent broker looks at the stop flag.
+FLUSH_STEP_SECONDS = 0.5
+# After a stop request, a flush still waits this long for the broker, then gives up: the
+# batch is not committed and is redelivered to the next sender (the ledger replays it).
+STOP_FLUSH_SECONDS = 3.0
+# A flush waiting for the broker says so this often.
+FLUSH_WAIT_LOG_SECONDS = 10.0
 
 
 class PublishFailed(RuntimeError):
@@ -47,8 +61,10 @@ class PublishFailed(RuntimeError):
 class DeliveryPublisher:
     """Produces the sender's records; one per worker, used by the thread that drives it."""
 
-    def __init__(self, producer: Producer, settings: Settings, stats: SenderStats) -> None:
+    def __init__(self, producer: Producer, settings: Settings, stats: SenderStats,
+                 stop: threading.Event | None = None) -> None:
         self._producer = producer
+        self._stop = stop or threading.Event()
         self.stats = stats
         self.retry_topics = [topic_name(t, settings) for t in RETRY_TIERS]
         self.held_topic = topic_name(HELD, settings)
@@ -162,12 +178,33 @@ class DeliveryPublisher:
             self._publish_errors.append(str(error))
 
     def flush(self) -> None:
-        """Wait until every record produced so far is acknowledged; raise PublishFailed if
-        one was not (the caller must then not commit)."""
-        remaining = self._producer.flush(FLUSH_TIMEOUT_SECONDS)
-        if remaining or self._publish_errors:
-            errors, self._publish_errors = self._publish_errors, []
-            raise PublishFailed(f"{remaining} records unconfirmed; errors: {errors[:3]}")
+        """Wait until every record produced so far is acknowledged, however long the broker
+        is away; raise PublishFailed if one failed for good, Stopping if a stop request came
+        and the broker still did not take them STOP_FLUSH_SECONDS later (the caller must then
+        not commit)."""
+        began = time.monotonic()
+        give_up_at: float | None = None
+        said_at = began
+        while True:
+            remaining = self._producer.flush(FLUSH_STEP_SECONDS)
+            if self._publish_errors:
+                errors, self._publish_errors = self._publish_errors, []
+                raise PublishFailed(f"{remaining} records unconfirmed; errors: {errors[:3]}")
+            if not remaining:
+                if time.monotonic() - began > FLUSH_WAIT_LOG_SECONDS:
+                    log.info("broker took the delivery events again",
+                             waited_seconds=round(time.monotonic() - began, 1))
+                return
+            now = time.monotonic()
+            if self._stop.is_set():
+                give_up_at = give_up_at or now + STOP_FLUSH_SECONDS
+                if now >= give_up_at:
+                    raise Stopping(f"{remaining} delivery records not acknowledged")
+            if now - said_at >= FLUSH_WAIT_LOG_SECONDS:
+                said_at = now
+                log.warning("waiting for the broker to take the delivery events",
+                            records=remaining, waited_seconds=round(now - began, 1))
+
 
 
 def count_outcome(outcome: Outcome) -> None:

@@ -12,6 +12,16 @@ Guarantees:
   connections stay open across messages (no TCP + EHLO per mail).
 - A connection that failed in any way is closed and replaced on next use, so one dropped
   connection costs one attempt, never a stuck worker.
+- A pooled session is checked before it carries a mail (`checkout`, pure): one the relay
+  closed or spoke on unasked (EOF, a 421 before hanging up: the socket is readable) is
+  replaced; one idle for NOOP_AFTER_IDLE_SECONDS is asked NOOP first (a relay that vanished
+  without closing it); one idle for MAX_IDLE_SECONDS is replaced outright (relays drop idle
+  sessions after a few minutes). A session found dead costs nothing: the mail goes out on a
+  fresh one. And when a reused session is lost before the relay can have taken anything (at
+  MAIL / RCPT / DATA, or while the content is still being written), the mail is tried once
+  more at once on a fresh session instead of being deferred: so a relay restarted between
+  two campaigns costs neither an ambiguous count nor a retry delay. A loss after the whole
+  message was out is still ambiguous and never retried here.
 - `transmit` never raises for SMTP or network trouble: it returns an `Attempt` that says
   whether the message was sent, refused for good, refused for now, or possibly sent (the
   reply to the final "." was lost).
@@ -46,10 +56,12 @@ from __future__ import annotations
 
 import enum
 import re
+import select
 import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -65,8 +77,35 @@ from services.sender.smtp_commands import CRLF, CommandChannel, InvalidPath, mai
 SMTP_TIMEOUT_SECONDS = 10.0
 # Lines starting with "." are dot-stuffed (RFC 5321 4.5.2) so they cannot end DATA early.
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+# A pooled session idle this long is asked NOOP before it carries a mail: finds a session whose
+# relay vanished without closing it (host down, a NAT entry expired) before MAIL, instead of
+# as a timeout after the content, which would count the mail ambiguous.
+NOOP_AFTER_IDLE_SECONDS = 15.0
+# A pooled session idle this long is closed and opened afresh: relays drop idle sessions after
+# a few minutes (RFC 5321 4.5.3.2.7 suggests 5; Postfix and the sink use 300 s).
+MAX_IDLE_SECONDS = 120.0
 _END_OF_DATA = b".\r\n"
 _DATA_COMMAND = b"DATA\r\n"
+
+
+class Checkout(enum.Enum):
+    """What to do with a pooled session before it carries a mail."""
+
+    USE = "use"  # as it is
+    PROBE = "probe"  # NOOP first; replace it unless the relay answers 250
+    REOPEN = "reopen"  # close it and set up a fresh session
+
+
+def checkout(idle_seconds: float, relay_spoke: bool, *,
+             noop_after: float = NOOP_AFTER_IDLE_SECONDS,
+             max_idle: float = MAX_IDLE_SECONDS) -> Checkout:
+    """The check of a session idle for `idle_seconds`; `relay_spoke`: its socket is readable
+    (EOF, or words unasked for, e.g. a 421 before the relay hangs up). Pure."""
+    if relay_spoke or idle_seconds >= max_idle:
+        return Checkout.REOPEN
+    if idle_seconds >= noop_after:
+        return Checkout.PROBE
+    return Checkout.USE
 
 
 class Security(enum.StrEnum):
@@ -147,6 +186,11 @@ class SmtpConnection:
         self._channel: CommandChannel | None = None
         self._pipelining = False  # the open session's relay offered PIPELINING
         self._chunking = False  # ... and CHUNKING too: one write per transaction (BDAT)
+        self._last_used = 0.0  # time.monotonic() when the open session last finished a command
+        # Set by the transaction when its session was lost before the relay could have taken
+        # the message (nothing accepted): the mail may go out again on a fresh session.
+        self._lost_unaccepted = False
+        self.replaced = 0  # pooled sessions found dead or stale at checkout and replaced
 
     @property
     def is_open(self) -> bool:
@@ -169,6 +213,17 @@ class SmtpConnection:
 
     def send(self, mail: OutgoingMail) -> RelayResult:
         """One MAIL / RCPT / DATA transaction, telling a relay that could not be used apart."""
+        reused = self._smtp is not None and self._check_out()
+        result = self._send_once(mail)
+        if reused and self._lost_unaccepted:
+            # The pooled session died under us before the relay could take anything: a fresh
+            # session, once, instead of a deferral.
+            self.replaced += 1
+            result = self._send_once(mail)
+        return result
+
+    def _send_once(self, mail: OutgoingMail) -> RelayResult:
+        self._lost_unaccepted = False
         try:
             smtp = self._session()
         except _SetupFailed as failed:
@@ -177,7 +232,35 @@ class SmtpConnection:
             if failed.phase is not SetupPhase.CONNECT:
                 attempt = replace(attempt, text=str(failed))
             return RelayResult(attempt, failed.phase)
-        return RelayResult(self._transaction(smtp, mail))
+        try:
+            return RelayResult(self._transaction(smtp, mail))
+        finally:
+            self._last_used = time.monotonic()
+
+    def _check_out(self) -> bool:
+        """Check the open session (see `checkout`); True when it is kept, False when it was
+        closed (the next transaction sets up a fresh one)."""
+        smtp = self._smtp
+        assert smtp is not None and smtp.sock is not None
+        action = checkout(time.monotonic() - self._last_used, _readable(smtp.sock),
+                          noop_after=NOOP_AFTER_IDLE_SECONDS, max_idle=MAX_IDLE_SECONDS)
+        if action is Checkout.USE:
+            return True
+        if action is Checkout.PROBE:
+            channel = self._channel
+            assert channel is not None
+            try:
+                code, _ = channel.command("NOOP")
+            except (smtplib.SMTPException, OSError):
+                code = -1
+            if code == 250:
+                self._last_used = time.monotonic()
+                return True
+        # No QUIT: the session is dead, or stale enough that a relay gone silent would keep
+        # us waiting for the answer for the whole timeout.
+        self._abandon()
+        self.replaced += 1
+        return False
 
     def _transaction(self, smtp: smtplib.SMTP, mail: OutgoingMail) -> Attempt:
         encoding = "ascii"
@@ -199,8 +282,13 @@ class SmtpConnection:
         try:
             refusal = envelope(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
                                encoding)
-        except (smtplib.SMTPException, OSError, UnicodeError) as exc:
+        except UnicodeError as exc:
             self.close()
+            return classify_failure(Stage.ENVELOPE, exc)
+        except (smtplib.SMTPException, OSError) as exc:
+            # Lost before the content: the relay cannot have taken the message.
+            self._lost_unaccepted = _connection_lost(exc)
+            self._abandon()
             return classify_failure(Stage.ENVELOPE, exc)
         if refusal is not None:
             return refusal
@@ -213,12 +301,13 @@ class SmtpConnection:
             channel.send(content + _END_OF_DATA)
         except (smtplib.SMTPException, OSError) as exc:
             # The final "." did not go out whole, so the relay cannot have accepted it.
-            self.close()
+            self._lost_unaccepted = _connection_lost(exc)
+            self._abandon()
             return classify_failure(Stage.CONTENT, exc)
         try:
             code, text = channel.reply()
         except (smtplib.SMTPException, OSError) as exc:
-            self.close()
+            self._abandon()
             return classify_failure(Stage.FINAL_REPLY, exc)
         return classify_reply(code, text)
 
@@ -282,7 +371,8 @@ class SmtpConnection:
             channel.send(head + content)
         except (smtplib.SMTPException, OSError) as exc:
             # The chunk did not go out whole, so the relay cannot have accepted the message.
-            self.close()
+            self._lost_unaccepted = _connection_lost(exc)
+            self._abandon()
             return classify_failure(Stage.CONTENT, exc)
         refused: tuple[int, bytes] | None = None
         code, text = -1, b""
@@ -297,7 +387,7 @@ class SmtpConnection:
                     return _refusal(*refused)
                 # Everything was written and no refusal came: a relay may hold its MAIL and
                 # RCPT replies until the chunk's (RFC 2920), so it may have taken the message.
-                self.close()
+                self._abandon()
                 return classify_failure(Stage.FINAL_REPLY, exc)
             if refused is None and accepted is not None and code not in accepted:
                 refused = (code, text)
@@ -410,6 +500,22 @@ class SmtpConnection:
             smtp.close()
 
 
+def _readable(sock: socket.socket) -> bool:
+    """The relay said something (or closed) while nobody asked: the socket is readable, or a
+    TLS record is waiting decrypted. Never blocks."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+def _connection_lost(error: BaseException) -> bool:
+    """The session broke (closed, reset, timed out), as opposed to a protocol error."""
+    return isinstance(error, smtplib.SMTPServerDisconnected | OSError) and not isinstance(
+        error, smtplib.SMTPResponseException)
+
+
 def _refusal(code: int, text: bytes) -> Attempt:
     """The attempt a refusal of MAIL, RCPT or DATA stands for."""
     refusal = classify_reply(code, text)
@@ -443,17 +549,23 @@ class SmtpPool:
         # One context for every connection: it is thread-safe, and loading CAs is not free.
         if context is None and security is not Security.NONE:
             context = tls_context()
-        self._idle = [
+        self._all = [
             SmtpConnection(host, port, hostname, timeout, security=security, context=context,
                            credentials=credentials)
             for _ in range(size)
         ]
+        self._idle = list(self._all)
         self._available = threading.Condition()
         self.name = name or f"{host}:{port}"
 
     def server_for(self, sender: str) -> str:
         """One relay: every mail books this relay's rate limit."""
         return self.name
+
+    @property
+    def replaced(self) -> int:
+        """Pooled sessions found dead or stale before a mail and replaced by fresh ones."""
+        return sum(connection.replaced for connection in self._all)
 
     def transmit(self, mail: OutgoingMail) -> Attempt:
         """Send one message over a free connection (waits for one if all are busy)."""

@@ -147,7 +147,7 @@ class TestSendWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Handle requests until `stop` is set; the batch in flight completes."""
-        ledger = SendLedger(self.settings.database_url)
+        ledger = SendLedger(self.settings.database_url, stop=stop)
         transport = self._transport_factory(self._connections)
         producer = Producer(producer_config(self.settings))
         consumer = Consumer(consumer_config(self.settings, GROUP))

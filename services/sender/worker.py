@@ -39,6 +39,12 @@ Control (pause / resume / cancel) comes from a `ControlFeed` over all of campaig
 contacts suppressed, unsubscribed or deleted after hydration from a `DoNotMailFeed` over all
 of contacts.events (they end as RecipientSkipped with that reason); the sender starts
 consuming recipients only once both feeds have caught up.
+
+Outages: a PostgreSQL outage is waited out by the send ledger (claims and settlements retried
+on a new connection, see ledger.py), a broker outage by the publisher (delivery events kept
+until the broker takes them, see publisher.py) and the consumer (which reconnects by itself);
+the sender resumes on its own. A stop request during an outage ends the sender within a few
+seconds, without committing what was not published (it is redelivered; the ledger replays it).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from schemas.events import (
     RecipientRetryScheduled,
 )
 from services.common import metrics
-from services.common.kafka import consumer_config, producer_config
+from services.common.kafka import Stopping, consumer_config, producer_config
 from services.common.settings import Settings
 from services.common.topics import (
     HELD,
@@ -79,7 +85,7 @@ from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mail_lanes import MailLanes
 from services.sender.mime import build_mail
 from services.sender.pipeline import BatchReport, SendPipeline, Where
-from services.sender.publisher import FLUSH_TIMEOUT_SECONDS, DeliveryPublisher
+from services.sender.publisher import FLUSH_TIMEOUT_SECONDS, STOP_FLUSH_SECONDS, DeliveryPublisher
 from services.sender.render import render
 from services.sender.retries import RetryPolicy
 from services.sender.smtp_pool import SmtpPool
@@ -223,6 +229,11 @@ class SenderWorker:
             if not self._await_feeds(feeds, stop_event):
                 return
             self._run(feeds, stop_event)
+        except Stopping as exc:
+            # Stopped while the broker or the database was away: what was not published is
+            # not committed, so it is redelivered (and replayed from the ledger).
+            log.warning("stopping while waiting for the broker or the database",
+                        waiting_for=str(exc))
         finally:
             for feed in feeds:
                 feed.stop()
@@ -239,10 +250,10 @@ class SenderWorker:
         return True
 
     def _run(self, feeds: list[TopicFeed], stop_event: threading.Event) -> None:
-        ledger = SendLedger(self.settings.database_url)
+        ledger = SendLedger(self.settings.database_url, stop=stop_event)
         pool = self._transport_factory(self.concurrency)
         producer = Producer(self._producer_config())
-        publisher = DeliveryPublisher(producer, self.settings, self.stats)
+        publisher = DeliveryPublisher(producer, self.settings, self.stats, stop_event)
         consumer = Consumer(self._consumer_config())
         lanes = MailLanes(self.concurrency, name="sender-smtp")
         topics = [self._recipients_topic, *self._retry_topics, self._held_topic]
@@ -289,7 +300,8 @@ class SenderWorker:
             # as possible duplicates when redelivered (never under-counted).
             lanes.shutdown(cancel=True)
             pool.close()
-            producer.flush(FLUSH_TIMEOUT_SECONDS)  # anything parked or published after a failure
+            # Anything parked or published after a failure (briefly when asked to stop).
+            producer.flush(STOP_FLUSH_SECONDS if stop_event.is_set() else FLUSH_TIMEOUT_SECONDS)
             ledger.close()
             log.info("sender stopped", **vars(self.stats))
 
@@ -308,15 +320,20 @@ class SenderWorker:
             del self._due_at[where]
         resweep = self._resweep_at is not None and time.monotonic() >= self._resweep_at
         if self.board.released != self._control_seen or resweep:
-            changed = self.board.released != self._control_seen
-            self._control_seen = self.board.released
-            self._resweep_at = time.monotonic() + RESWEEP_SECONDS if changed else None
-            for where in self._held_blocked:
-                _, high = consumer.get_watermark_offsets(
-                    TopicPartition(*where), timeout=METADATA_TIMEOUT_SECONDS, cached=False)
-                self._sweep_until[where] = high
-            due.extend(self._held_blocked)
-            self._held_blocked.clear()
+            try:
+                highs = {where: consumer.get_watermark_offsets(
+                    TopicPartition(*where), timeout=METADATA_TIMEOUT_SECONDS, cached=False)[1]
+                    for where in self._held_blocked}
+            except KafkaException as exc:  # broker away: sweep at a later turn of the loop
+                log.warning("held partitions not swept yet", error=str(exc))
+                highs = None
+            if highs is not None:
+                changed = self.board.released != self._control_seen
+                self._control_seen = self.board.released
+                self._resweep_at = time.monotonic() + RESWEEP_SECONDS if changed else None
+                self._sweep_until.update(highs)
+                due.extend(self._held_blocked)
+                self._held_blocked.clear()
         if due:
             consumer.resume([TopicPartition(t, p) for t, p in due])
 
@@ -550,7 +567,10 @@ class SenderWorker:
     def _producer_config(self) -> dict[str, Any]:
         # Shared settings: idempotent (a producer retry cannot double a delivery event),
         # acks=all, and the murmur2 partitioner that keeps campaign-keyed topics co-partitioned.
-        return producer_config(self.settings)
+        # No record is ever given up for time (0: no local timeout): a delivery event waits
+        # out a broker outage of any length in the producer, and the flush before each commit
+        # waits for it (publisher.py).
+        return producer_config(self.settings, **{"message.timeout.ms": 0})
 
 
 class _SenderSteps:

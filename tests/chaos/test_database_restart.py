@@ -1,0 +1,92 @@
+"""Chaos: PostgreSQL stopped with `pg_ctl stop -m immediate` mid-campaign, started 5 s later.
+
+The sender and the completion tracker run as processes; the send ledger lives on a
+PostgreSQL server of the test's own (the shared one is never touched). While a campaign is
+being mailed, the server is stopped the hard way (every backend killed, connections cut) and
+started again 5 s later. Then, exactly: the sender is still alive (it waited the outage out),
+the campaign completes with exactly one CampaignCompleted, nobody is lost, duplicates in the
+sink never exceed the ambiguous outcomes of the ledger, and every service stops on SIGTERM
+within STOP_BOUND_SECONDS with exit code 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from schemas.events import CampaignCompleted
+from services.smtp_sink import SinkConfig, SmtpSink
+from tests.chaos.fault_kit import (
+    RECIPIENTS_N,
+    STOP_BOUND_SECONDS,
+    Campaign,
+    EventWatch,
+    PrivatePostgres,
+    Services,
+    check_delivery,
+    isolated,
+    sink_latency_ms,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+
+OUTAGE_SECONDS = 5.0
+# After the database takes connections again: the rest of the campaign mailed and completed.
+COMPLETION_BOUND_SECONDS = 60.0
+
+
+@pytest.fixture
+def private_postgres(tmp_path):
+    postgres = PrivatePostgres(tmp_path / "platform")
+    postgres.start()
+    try:
+        yield postgres
+    finally:
+        postgres.stop()
+
+
+def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, platform_settings,
+                                                          tmp_path):
+    settings = isolated(replace(platform_settings, database_url=private_postgres.url,
+                                state_dir=tmp_path / "state"))
+    campaign = Campaign(RECIPIENTS_N)
+    with SmtpSink(SinkConfig(port=0, latency_ms=sink_latency_ms(campaign.size))) as sink:
+        settings = replace(settings, smtp_port=sink.port)
+        services = Services(settings, tmp_path / "logs", ["completion", "sender"])
+        watch = EventWatch(settings)
+        try:
+            campaign.hydrate(settings)
+            wait_for(lambda: campaign.mailed(sink) >= campaign.size // 3, 120,
+                     "a third of the campaign mailed", services)
+            private_postgres.stop_immediately()
+            stopped_at = time.monotonic()
+            mailed_at_stop = campaign.mailed(sink)
+            time.sleep(OUTAGE_SECONDS)
+            services.check_alive()
+            boot = private_postgres.restart()
+            ready_at = time.monotonic()
+            print(f"\ndatabase stopped at {mailed_at_stop}/{campaign.size} mailed; back after "
+                  f"{ready_at - stopped_at:.1f}s (start {boot:.1f}s)")
+            done = wait_for(lambda: watch.of_type(CampaignCompleted, campaign.id),
+                            COMPLETION_BOUND_SECONDS, "CampaignCompleted after the restart",
+                            services)
+            print(f"CampaignCompleted {done[0].at - ready_at:.1f}s after the restart")
+            time.sleep(3.0)  # a second completion must be seen, not missed
+            completions = watch.of_type(CampaignCompleted, campaign.id)
+            assert len(completions) == 1, f"{len(completions)} CampaignCompleted"
+            payload = completions[0].message.payload
+            assert isinstance(payload, CampaignCompleted)
+            assert (payload.total, payload.sent, payload.failed) == (campaign.size, campaign.size, 0)
+            delivery = check_delivery(campaign, [sink], settings.database_url)
+            print(f"delivery: {delivery}")
+            services.check_alive()
+        finally:
+            watch.close()
+            stopped = services.stop_all()
+            print(f"stop on SIGTERM: { {n: (s.code, round(s.seconds, 1)) for n, s in stopped.items()} }")
+        for name, how in stopped.items():
+            assert how.code == 0 and how.seconds < STOP_BOUND_SECONDS, (
+                f"{name} did not stop cleanly: {how}\n{services.logs(name)}")

@@ -1,0 +1,239 @@
+"""The rules for a failed transactional call, and the producer wrapper that follows them (with
+a fake producer: no broker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, cast
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from services.common import kafka
+from services.common.kafka import (
+    Stopping,
+    TransactionalProducer,
+    TransactionFailed,
+    TxnCall,
+    TxnStep,
+    instance_id,
+    retry_until_stopped,
+    transaction_step,
+)
+
+
+def error(code: int = KafkaError._TIMED_OUT, *, fatal: bool = False, retriable: bool = False,
+          abortable: bool = False) -> KafkaError:
+    return KafkaError(code, "test", fatal=fatal, retriable=retriable, txn_requires_abort=abortable)
+
+
+# --- transaction_step -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", list(TxnCall))
+def test_a_fatal_error_recreates_the_producer_whatever_the_call(call):
+    assert transaction_step(call, error(fatal=True, retriable=True), elapsed=0) is TxnStep.RECREATE
+
+
+@pytest.mark.parametrize("call", [TxnCall.SEND_OFFSETS, TxnCall.COMMIT, TxnCall.BEGIN])
+def test_an_abortable_error_aborts_even_when_also_marked_retriable(call):
+    assert transaction_step(call, error(abortable=True), elapsed=0) is TxnStep.ABORT
+    assert transaction_step(call, error(abortable=True, retriable=True), elapsed=0) is TxnStep.ABORT
+
+
+@pytest.mark.parametrize("call", list(TxnCall))
+def test_a_retriable_error_retries_the_same_call_within_the_budget(call):
+    assert transaction_step(call, error(retriable=True), elapsed=29.9, budget=30) is TxnStep.RETRY
+
+
+def test_past_the_budget_a_retriable_error_aborts_and_an_abort_recreates():
+    late = error(retriable=True)
+    assert transaction_step(TxnCall.COMMIT, late, elapsed=30, budget=30) is TxnStep.ABORT
+    assert transaction_step(TxnCall.SEND_OFFSETS, late, elapsed=31, budget=30) is TxnStep.ABORT
+    assert transaction_step(TxnCall.ABORT, late, elapsed=30, budget=30) is TxnStep.RECREATE
+    assert transaction_step(TxnCall.INIT, late, elapsed=30, budget=30) is TxnStep.RECREATE
+
+
+def test_an_unclassified_error_aborts_or_recreates_never_retries():
+    plain = error(KafkaError._STATE)
+    assert transaction_step(TxnCall.COMMIT, plain, elapsed=0) is TxnStep.ABORT
+    assert transaction_step(TxnCall.ABORT, plain, elapsed=0) is TxnStep.RECREATE
+
+
+# --- TransactionalProducer with a fake producer --------------------------------------------
+
+
+class FakeProducer:
+    """Fails its transactional calls as scripted: `script[name]` is a list of errors (or
+    "hang") consumed one per call; an empty list means success."""
+
+    made: list[FakeProducer] = []
+
+    def __init__(self, config: dict[str, Any], script: dict[str, list[Any]]) -> None:
+        self.config = config
+        self.script = script
+        self.calls: list[str] = []
+        self.purged = False
+        self.release = threading.Event()
+        FakeProducer.made.append(self)
+
+    def _do(self, name: str) -> None:
+        self.calls.append(name)
+        todo = self.script.get(name, [])
+        if todo:
+            outcome = todo.pop(0)
+            if isinstance(outcome, str):  # "hang"
+                self.release.wait(30)
+                return
+            raise KafkaException(outcome)
+
+    def init_transactions(self, timeout: float) -> None:
+        self._do("init")
+
+    def begin_transaction(self) -> None:
+        self._do("begin")
+
+    def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
+        self._do("send_offsets")
+
+    def commit_transaction(self, timeout: float) -> None:
+        self._do("commit")
+
+    def abort_transaction(self, timeout: float) -> None:
+        self._do("abort")
+
+    def purge(self) -> None:
+        self.purged = True
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+def wrapper(script: dict[str, list[Any]], stop: threading.Event | None = None,
+            **options: Any) -> TransactionalProducer:
+    FakeProducer.made = []
+    return TransactionalProducer(
+        {"transactional.id": "t-0"}, stop or threading.Event(),
+        factory=lambda config: cast(Producer, FakeProducer(config, script)), call_timeout=0.05, **options)
+
+
+OFFSETS = [TopicPartition("t", 0, 5)]
+
+
+def test_a_retriable_commit_is_called_again_until_it_succeeds():
+    txn = wrapper({"commit": [error(retriable=True), error(retriable=True)]})
+    txn.init()
+    txn.begin()
+    txn.commit(OFFSETS, object())
+    assert FakeProducer.made[0].calls == ["init", "begin", "send_offsets", "commit", "commit",
+                                          "commit"]
+    assert txn.aborted == txn.recreated == 0
+
+
+def test_an_abortable_send_offsets_aborts_and_fails_the_transaction():
+    txn = wrapper({"send_offsets": [error(abortable=True)]})
+    txn.init()
+    txn.begin()
+    with pytest.raises(TransactionFailed):
+        txn.commit(OFFSETS, object())
+    assert FakeProducer.made[0].calls == ["init", "begin", "send_offsets", "abort"]
+    assert txn.aborted == 1
+
+
+def test_a_fatal_commit_recreates_and_reinitialises_the_producer_then_fails_the_transaction():
+    txn = wrapper({"commit": [error(fatal=True)]})
+    txn.init()
+    txn.begin()
+    with pytest.raises(TransactionFailed):
+        txn.commit(OFFSETS, object())
+    old, new = FakeProducer.made
+    assert old.purged and txn.producer is new and txn.recreated == 1
+    assert new.calls == ["init"] and new.config == {"transactional.id": "t-0"}
+
+
+def test_an_abort_that_cannot_finish_recreates_the_producer():
+    txn = wrapper({"send_offsets": [error(abortable=True)], "abort": [error(KafkaError._STATE)]})
+    txn.init()
+    txn.begin()
+    with pytest.raises(TransactionFailed):
+        txn.commit(OFFSETS, object())
+    assert len(FakeProducer.made) == 2 and FakeProducer.made[1].calls == ["init"]
+
+
+def test_a_retriable_error_past_the_budget_aborts(monkeypatch):
+    script = {"commit": [error(retriable=True)] * 1000}
+    txn = wrapper(script, retry_budget=0.2)
+    monkeypatch.setattr(kafka, "RETRY_BACKOFF_SECONDS", (0.01,))
+    txn.init()
+    txn.begin()
+    began = time.monotonic()
+    with pytest.raises(TransactionFailed):
+        txn.commit(OFFSETS, object())
+    assert time.monotonic() - began < 2.0
+    assert FakeProducer.made[0].calls[-1] == "abort"
+
+
+def test_a_hung_call_is_left_behind_and_the_producer_recreated(monkeypatch):
+    monkeypatch.setattr(kafka, "TXN_HANG_GRACE_SECONDS", 0.1)
+    txn = wrapper({"send_offsets": ["hang"]})
+    txn.init()
+    txn.begin()
+    began = time.monotonic()
+    with pytest.raises(TransactionFailed, match="hung"):
+        txn.commit(OFFSETS, object())
+    assert time.monotonic() - began < 2.0, "the caller waited for the hung call"
+    old, new = FakeProducer.made
+    assert txn.hung == 1 and txn.producer is new and new.calls == ["init"]
+    assert not old.purged  # busy with its hung call: dropped as it is
+    old.release.set()
+
+
+def test_a_stop_request_ends_the_retries_with_stopping():
+    stop = threading.Event()
+    txn = wrapper({"commit": [error(retriable=True)] * 1000}, stop)
+    txn.init()
+    txn.begin()
+    threading.Timer(0.2, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(Stopping):
+        txn.commit(OFFSETS, object())
+    assert time.monotonic() - began < 2.0
+
+
+def test_init_goes_on_to_a_new_producer_when_the_first_cannot_be_initialised():
+    txn = wrapper({"init": [error(fatal=True)]})
+    txn.init()
+    old, new = FakeProducer.made
+    assert old.calls == ["init"] and new.calls == ["init"] and txn.producer is new
+
+
+# --- retry_until_stopped and instance ids ----------------------------------------------------
+
+
+def test_retry_until_stopped_waits_out_failures_but_not_fatal_ones(monkeypatch):
+    monkeypatch.setattr(kafka, "RETRY_BACKOFF_SECONDS", (0.01,))
+    failures = [KafkaException(error(retriable=True))] * 3
+
+    def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "done"
+
+    assert retry_until_stopped(threading.Event(), "flaky", flaky) == "done"
+
+    def fenced() -> None:
+        raise KafkaException(error(KafkaError.FENCED_INSTANCE_ID, fatal=True))
+
+    with pytest.raises(KafkaException):
+        retry_until_stopped(threading.Event(), "fenced", fenced)
+    stopped = threading.Event()
+    stopped.set()
+    with pytest.raises(Stopping):
+        retry_until_stopped(stopped, "never", flaky)
+
+
+def test_instance_id_comes_from_its_variable_with_a_stable_default():
+    assert instance_id("X_INSTANCE", {}) == "0"
+    assert instance_id("X_INSTANCE", {"X_INSTANCE": "  "}) == "0"
+    assert instance_id("X_INSTANCE", {"X_INSTANCE": "b"}) == "b"
