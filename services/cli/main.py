@@ -24,10 +24,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
 
 from projections.queries import campaign_progress
-from schemas.base import Record
+from schemas.base import InvalidEmail, Record
 from schemas.commands import CancelCampaign, CreateCampaign, SampleContact, SendCampaign, SendTestEmail
 from schemas.events import TestEmailFailed, TestEmailSent
 from services.cli.contact_csv import column_mapping
+from services.cli.contact_flags import lift_flag
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
 from services.cli.progress import (
     CommandWasRejected,
@@ -50,7 +51,8 @@ EXIT_INVALID = 2
 
 app = typer.Typer(help="Event-sourced e-mail campaigns: contacts and campaigns.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-contacts_app = typer.Typer(help="Contacts: import from CSV.", no_args_is_help=True)
+contacts_app = typer.Typer(help="Contacts: import from CSV, lift a suppression or an unsubscribe.",
+                           no_args_is_help=True)
 campaign_app = typer.Typer(help="Campaigns: create, send, test-send, cancel, watch, show.",
                            no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
@@ -95,6 +97,8 @@ def _fatal_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_FATAL) from None  # watch_campaign already printed it in red
     except (CsvImportError, PublishError, TimeoutError) as exc:
         _fail(str(exc))
+    except InvalidEmail as exc:
+        _fail(str(exc), EXIT_INVALID)
     except OSError as exc:
         _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except psycopg.Error as exc:
@@ -144,6 +148,9 @@ def _print_import_report(report: ImportReport) -> None:
         f" ({report.rows_per_second:,.0f} rows/s)",
         highlight=False,
     )
+    if report.merged:
+        out.print(f"merged {report.merged:,} contacts into the contact of the same address"
+                  " (they differed only in case)", highlight=False)
     if not report.rejected_count:
         return
     out.print(f"[yellow]rejected {report.rejected_count:,} rows:[/yellow]", highlight=False)
@@ -151,6 +158,30 @@ def _print_import_report(report: ImportReport) -> None:
         out.print(f"  line {row.line}: {escape(row.reason)}", highlight=False)
     if report.rejected_count > SHOWN_REJECTIONS:
         out.print(f"  ... and {report.rejected_count - SHOWN_REJECTIONS:,} more", highlight=False)
+
+
+ContactArg = Annotated[str, typer.Argument(help="Contact id, or e-mail address (any case).")]
+Detail = Annotated[str, typer.Option("--reason", help="Why, for the record.")]
+
+
+@contacts_app.command("unsuppress")
+def contacts_unsuppress(contact: ContactArg, tenant: Tenant, reason: Detail = "") -> None:
+    """Lift a contact's suppression (blocklist, hard bounce, complaint): ContactUnsuppressed."""
+    with _fatal_errors():
+        ids = lift_flag(Settings(), tenant, contact, "unsuppress", detail=reason)
+    out.print(f"unsuppressed {', '.join(ids)}", highlight=False)
+
+
+@contacts_app.command("resubscribe")
+def contacts_resubscribe(
+    contact: ContactArg, tenant: Tenant, reason: Detail = "",
+    list_id: Annotated[str | None, typer.Option("--list", help="Only this list (default: the global"
+                                                " unsubscribe).")] = None,
+) -> None:
+    """Lift a contact's unsubscribe (global, or from one list): ContactResubscribed."""
+    with _fatal_errors():
+        ids = lift_flag(Settings(), tenant, contact, "resubscribe", list_id=list_id, detail=reason)
+    out.print(f"resubscribed {', '.join(ids)}" + (f" to {list_id}" if list_id else ""), highlight=False)
 
 
 # --- campaigns -------------------------------------------------------------------------------
