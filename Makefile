@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down status demo test test-unit lint typecheck schemas bench clean
+.PHONY: help install up down status demo test test-unit chaos lint typecheck schemas bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ demo: $(STAMP) ## A real 10,000-recipient campaign end to end, with live progres
 
 test: $(STAMP) ## Run every test (starts its own Kafka and PostgreSQL on test ports)
 	$(PY) -m pytest -q
+
+chaos: $(STAMP) ## The chaos suite at full size (CHAOS_RECIPIENTS=20000; make test runs it smaller)
+	CHAOS_RECIPIENTS=$${CHAOS_RECIPIENTS:-20000} CHAOS_KILLS=$${CHAOS_KILLS:-5} $(PY) -m pytest -q -s tests/chaos
 
 test-unit: $(STAMP) ## Unit tests only (no I/O)
 	$(PY) -m pytest -q tests/unit

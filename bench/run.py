@@ -178,12 +178,10 @@ def warm_up(settings: Settings, count: int, console: Console) -> float:
 def service_pids(stack: Stack) -> dict[str, int]:
     pids: dict[str, int] = {}
     for name in MEASURED_PROCESSES:
-        pid = stack.process(name).pid()
+        pid = stack.pid(name)
         if pid is not None:
             pids[name] = pid
-    broker = stack.kafka.process.pid()
-    if broker is not None:
-        pids["kafka"] = broker
+    pids.update(stack.kafka.pids())
     return pids
 
 
@@ -197,7 +195,7 @@ def sender_concurrency(pids: dict[str, int]) -> int:
 def show_logs(stack: Stack, console: Console) -> None:
     """The last lines of each service's log: where a failed run's cause usually is."""
     for name in ("command_handler", "hydrator", "sender", "projector", "smtp_sink"):
-        path = stack.process(name).log_file
+        path = stack.log_file(name)
         try:
             with path.open(errors="replace") as fh:
                 tail = list(deque(fh, maxlen=LOG_TAIL_LINES))
@@ -219,7 +217,7 @@ def main() -> int:
     stack = Stack(Settings().state_dir)
     console.rule(f"[bold]bench: {count:,} recipients")
     stack.up()
-    if not all(stack.process(name).pid() for name in SERVICES):
+    if not all(stack.pid(name) for name in SERVICES):
         console.print("[red]a service did not start; see .state/logs/[/]")
         return 2
     settings = stack.settings()

@@ -71,6 +71,8 @@ SET name = COALESCE(c.name, u.name),
     started_at = COALESCE(c.started_at, u.started_at),
     total = COALESCE(c.total, u.total),
     hydrated_at = COALESCE(c.hydrated_at, u.hydrated_at),
+    unknown_contact_ids = COALESCE(c.unknown_contact_ids, u.unknown_contact_ids::jsonb),
+    unknown_contact_count = COALESCE(c.unknown_contact_count, u.unknown_contact_count),
     cancelled_at = COALESCE(c.cancelled_at, u.cancelled_at),
     paused = COALESCE(u.paused, c.paused),
     paused_at = COALESCE(u.paused_at, c.paused_at),
@@ -86,10 +88,11 @@ SET name = COALESCE(c.name, u.name),
 FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[],
             %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
             %b::boolean[], %b::timestamptz[], %b::timestamptz[], %b::text[], %b::boolean[],
-            %b::timestamptz[], %b::timestamptz[], %b::text[])
+            %b::timestamptz[], %b::timestamptz[], %b::text[], %b::text[], %b::bigint[])
      AS u(tenant_id, campaign_id, name, subject, created_at, started_at, total, hydrated_at,
           cancelled_at, paused, paused_at, resumed_at, pause_reason, paused_automatically,
-          scheduled_for, schedule_missed_at, schedule_missed_reason)
+          scheduled_for, schedule_missed_at, schedule_missed_reason, unknown_contact_ids,
+          unknown_contact_count)
 WHERE c.campaign_id = u.campaign_id AND c.tenant_id = u.tenant_id
 """
 
@@ -97,6 +100,7 @@ _CAMPAIGN_FACT_FIELDS = (
     "tenant_id", "campaign_id", "name", "subject", "created_at", "started_at", "total",
     "hydrated_at", "cancelled_at", "paused", "paused_at", "resumed_at", "pause_reason",
     "paused_automatically", "scheduled_for", "schedule_missed_at", "schedule_missed_reason",
+    "unknown_contact_ids", "unknown_contact_count",
 )
 
 _REJECTIONS = """

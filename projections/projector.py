@@ -68,6 +68,7 @@ from projections.positions import (
 from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc
+from services.common.heartbeat import Heartbeat
 from services.common.settings import Settings
 from services.common.topics import (
     CONTACTS,
@@ -161,6 +162,8 @@ GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 _ROW_CONFLICTS = (psycopg.errors.DeadlockDetected, psycopg.errors.UniqueViolation,
                   psycopg.errors.SerializationFailure)
 
+# A lane whose loop has not come round for this long is stuck: the process stops beating.
+LANE_SILENT_SECONDS = 30.0
 # Answers to an end-offset look-up while a partition's leadership settles (new topic, broker
 # restart): transient, the look-up is asked again.
 _LEADERSHIP_ERRORS = frozenset({
@@ -248,6 +251,7 @@ class Projector:
         fresh schema. `topics`: all projected topics, or one lane's. `positions_group`: the
         name its positions are stored under (default: `group`)."""
         self.settings = settings
+        self.looped_at = time.monotonic()  # each pass of the loop; read by run_lanes' heartbeat
         self.group = group or settings.group(POSITIONS_NAME)
         self.positions_group = positions_group or self.group
         self.schema = schema
@@ -292,6 +296,7 @@ class Projector:
         self._log.info("projector started", group=self.group, topics=self.topics)
         try:
             while not stop_event.is_set():
+                self.looped_at = time.monotonic()
                 self.poll_once()
         finally:
             self.close()
@@ -743,12 +748,14 @@ def projecting_process() -> Iterator[None]:
         sys.setswitchinterval(interval)  # as it was, for whatever the process does next
 
 
-def run_lanes(projectors: Sequence[Projector], stop: threading.Event) -> None:
+def run_lanes(projectors: Sequence[Projector], stop: threading.Event,
+              heartbeat: Heartbeat | None = None) -> None:
     """Run each projector in a thread of its own until `stop` is set, in a
     `projecting_process` (short GIL switch interval, relaxed garbage collection).
 
     A lane that fails sets `stop` for the others (a process with one dead lane would look
     alive while half the topics go unprojected) and its error is raised once all have closed.
+    `heartbeat` beats while every lane's loop comes round.
     """
     errors: list[BaseException] = []
 
@@ -768,5 +775,9 @@ def run_lanes(projectors: Sequence[Projector], stop: threading.Event) -> None:
             # Joined in slices: the calling (main) thread stays free to run signal handlers.
             while thread.is_alive():
                 thread.join(0.5)
+                # The process is alive while every lane's loop is: one stuck lane is a hang.
+                now = time.monotonic()
+                if heartbeat and all(now - p.looped_at < LANE_SILENT_SECONDS for p in projectors):
+                    heartbeat.beat()
     if errors:
         raise errors[0]

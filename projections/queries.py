@@ -44,12 +44,16 @@ class CampaignProgress:
     pause_reason: str | None = None
     paused_automatically: bool | None = None
     cancelled_at: datetime | None = None
+    # Hand-picked ids that named no contact of the tenant: the first of them (sorted) and how
+    # many; None until hydrated.
+    unknown_contact_ids: list[str] | None = None
+    unknown_contact_count: int | None = None
 
 
 _PROGRESS_COLUMNS = (
     "tenant_id, campaign_id, name, status, total, queued, sent, failed, pending, started_at,"
     " completed_at, skipped, excluded, retrying, ambiguous, paused_at, resumed_at,"
-    " pause_reason, paused_automatically, cancelled_at"
+    " pause_reason, paused_automatically, cancelled_at, unknown_contact_ids, unknown_contact_count"
 )
 
 

@@ -16,6 +16,7 @@ order by `schemas.contacts.apply_contact_event`.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ class CampaignChange:
     started_at: datetime | None = None
     total: int | None = None
     hydrated_at: datetime | None = None
+    # CampaignHydrated's hand-picked ids that named no contact of the tenant (a JSON array,
+    # as stored), and how many there were.
+    unknown_contact_ids: str | None = None
+    unknown_contact_count: int | None = None
     cancelled_at: datetime | None = None
     paused: bool | None = None  # the last pause (True) or resume (False) of the batch
     paused_at: datetime | None = None
@@ -336,6 +341,8 @@ def _plan_message(changes: BatchChanges, message: Message[Record]) -> None:
     elif isinstance(payload, CampaignHydrated):
         if change.hydrated_at is None:
             change.total, change.hydrated_at = min(payload.total, BIGINT_MAX), at
+            change.unknown_contact_ids = json.dumps(payload.unknown_contact_ids)
+            change.unknown_contact_count = min(payload.unknown_contact_count, BIGINT_MAX)
     elif isinstance(payload, CampaignCancelled):
         change.cancelled_at = change.cancelled_at or at
     elif isinstance(payload, CampaignScheduled):

@@ -78,15 +78,17 @@ def wrap(
     )
 
 
-def wrap_caused_by(payload: Record, cause: Envelope, *, aggregate_id: str | None = None) -> Envelope:
+def wrap_caused_by(payload: Record, cause: Envelope, *, aggregate_id: str | None = None,
+                   message_id: uuid.UUID | None = None) -> Envelope:
     """Wrap a payload caused by `cause`: same tenant and flow (correlation id), causation id
-    = the cause's id; the aggregate is the cause's unless named."""
+    = the cause's id; the aggregate is the cause's unless named; a new id unless given."""
     return wrap(
         payload,
         tenant_id=cause.tenant_id,
         aggregate_id=aggregate_id or cause.aggregate_id,
         correlation_id=cause.correlation_id,
         causation_id=cause.id,
+        message_id=message_id,
     )
 
 

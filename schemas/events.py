@@ -97,20 +97,39 @@ class CommandRejected(Record):
     reason: str = Field(min_length=1)
 
 
-@message("CampaignHydrated", 2)
+# Hand-picked contact ids named one by one in CampaignHydrated (and in each partition's
+# report): enough to show a person which picks were wrong; the count covers the rest (a send
+# may pick up to 100,000, and a record must stay far below Kafka's message size limit).
+MAX_UNKNOWN_CONTACT_IDS = 1_000
+
+
+@message("CampaignHydrated", 3)
 class CampaignHydrated(Record):
     """The audience is resolved: `total` distinct recipients were queued, and `excluded`
     counts, by reason, those of the audience that must not be mailed (unsubscribed,
-    suppressed:<reason>, deleted). total + sum(excluded) is the raw audience."""
+    suppressed:<reason>, deleted). total + sum(excluded) is the raw audience.
+
+    `unknown_contact_count` hand-picked contact ids named no contact of the campaign's tenant
+    when sending started (whether or not another tenant has a contact with that id: the
+    answer is the same); `unknown_contact_ids` names the first MAX_UNKNOWN_CONTACT_IDS of them
+    in sorted order (all of them when the count is not larger)."""
 
     total: int = Field(ge=0)
     excluded: dict[str, int] = Field(default_factory=dict)
+    unknown_contact_ids: list[EntityId] = Field(default_factory=list, max_length=MAX_UNKNOWN_CONTACT_IDS)
+    unknown_contact_count: int = Field(default=0, ge=0)
 
 
 @upcaster("CampaignHydrated", 1)
 def upcast_campaign_hydrated_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """v1 knew no exclusions: nobody was excluded."""
     return {**payload, "excluded": {}}
+
+
+@upcaster("CampaignHydrated", 2)
+def upcast_campaign_hydrated_v2_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 did not report hand-picked ids that named no contact: none are listed."""
+    return {**payload, "unknown_contact_ids": [], "unknown_contact_count": 0}
 
 
 @message("CampaignCompleted", 2)
@@ -156,21 +175,33 @@ def upcast_hydration_requested_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-@message("HydrationPartitionReported", 2)
+@message("HydrationPartitionReported", 3)
 class HydrationPartitionReported(Record):
-    """A partition's share of the audience has been queued (and its exclusions counted)."""
+    """A partition's share of the audience has been queued (and its exclusions counted).
+
+    `unknown_contact_ids` / `unknown_contact_count`: the hand-picked contact ids that belong
+    to this partition (by their record key, tenant + id) and name no contact of the tenant
+    known before the send's snapshot; at most MAX_UNKNOWN_CONTACT_IDS are named, sorted."""
 
     campaign_id: EntityId
     partition: int = Field(ge=0)
     partitions: int = Field(ge=1)
     queued: int = Field(ge=0)
     excluded: dict[str, int] = Field(default_factory=dict)
+    unknown_contact_ids: list[EntityId] = Field(default_factory=list, max_length=MAX_UNKNOWN_CONTACT_IDS)
+    unknown_contact_count: int = Field(default=0, ge=0)
 
 
 @upcaster("HydrationPartitionReported", 1)
 def upcast_partition_reported_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """v1 knew no exclusions: nobody was excluded."""
     return {**payload, "excluded": {}}
+
+
+@upcaster("HydrationPartitionReported", 2)
+def upcast_partition_reported_v2_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 did not report hand-picked ids that named no contact: none are listed."""
+    return {**payload, "unknown_contact_ids": [], "unknown_contact_count": 0}
 
 
 # --- campaign.recipients -----------------------------------------------------------------
@@ -205,9 +236,11 @@ class RecipientExcluded(Record):
 
 @message("EmailSent", 2)
 class EmailSent(Record):
-    """Terminal: the relay accepted the mail. `ambiguous` counts earlier attempts for this
-    recipient whose outcome was unknown (a crash between claim and settle, or a connection
-    lost after the final "."): each is a possible duplicate in the recipient's inbox."""
+    """Terminal: the relay accepted the mail. Terminal events are published at least once;
+    every copy of a recipient's terminal event has the same envelope id (see the README).
+    `ambiguous` counts earlier attempts for this recipient whose outcome was unknown (a crash
+    between claim and settle, or a connection lost after the final "."): each is a possible
+    duplicate in the recipient's inbox."""
 
     campaign_id: EntityId
     contact_id: EntityId

@@ -2,17 +2,22 @@
 
 Addresses come from KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL / SMTP_HOST+SMTP_PORT when set;
 otherwise, when a Docker engine answers, testcontainers could provide them; on these machines
-(no Docker engine) the fixtures start the local platform themselves on ports that do not
-collide with a running `make up`, and stop it at the end if they started it.
+(no Docker engine) the fixtures start the local platform themselves on free ports picked at
+random (kept in `.state/test-platform/ports.json`, so later pytest runs of this checkout reuse
+a platform left running), and stop it at the end under CI, only if they started it.
+TEST_KAFKA_BROKERS=3 makes that platform a 3-node KRaft cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -20,11 +25,11 @@ from confluent_kafka.admin import AdminClient
 from projections.migrate import apply_migrations
 from services.common.settings import Settings
 from services.common.topics import ensure_topics
+from tests.ports import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_STATE = REPO_ROOT / ".state" / "test-platform"
-TEST_KAFKA_PORT = 39092
-TEST_POSTGRES_PORT = 35432
+PORTS_FILE = TEST_STATE / "ports.json"
 
 
 def _docker_answers() -> bool:
@@ -47,6 +52,26 @@ def _containers() -> Iterator[Settings]:  # pragma: no cover - needs a Docker en
         yield Settings(kafka_bootstrap_servers=kafka.get_bootstrap_server(), database_url=url)
 
 
+def _platform_ports(brokers: int) -> dict[str, Any]:
+    """The ports of the platform this checkout left running, or new free ones."""
+    from services.platform.kafka import KafkaCluster
+    from services.platform.postgres import PostgresServer
+
+    try:
+        known = json.loads(PORTS_FILE.read_text())
+        pairs = [tuple(pair) for pair in known["kafka"]]
+        running = KafkaCluster(TEST_STATE, pairs, REPO_ROOT / ".state" / "kafka-libs").pids()
+        if len(pairs) == brokers and (running or PostgresServer(TEST_STATE, known["postgres"]).running()):
+            return {"kafka": pairs, "postgres": known["postgres"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    free = free_ports(2 * brokers + 1)
+    ports = {"kafka": [(free[2 * i], free[2 * i + 1]) for i in range(brokers)], "postgres": free[-1]}
+    PORTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    PORTS_FILE.write_text(json.dumps(ports))
+    return ports
+
+
 @pytest.fixture(scope="session")
 def platform_settings() -> Iterator[Settings]:
     """Kafka + PostgreSQL for the whole session, with migrations applied."""
@@ -59,13 +84,18 @@ def platform_settings() -> Iterator[Settings]:
         yield from _containers()
         return
 
-    from services.platform.kafka import KafkaNode
+    from services.platform.kafka import KafkaCluster
     from services.platform.postgres import PostgresServer
 
-    kafka = KafkaNode(TEST_STATE, TEST_KAFKA_PORT, TEST_KAFKA_PORT + 1, REPO_ROOT / ".state" / "kafka-libs")
-    postgres = PostgresServer(TEST_STATE, TEST_POSTGRES_PORT, durable=False)
-    started_kafka = kafka.process.pid() is None
+    brokers = int(os.environ.get("TEST_KAFKA_BROKERS", "1"))
+    ports = _platform_ports(brokers)
+    kafka = KafkaCluster(TEST_STATE, ports["kafka"], REPO_ROOT / ".state" / "kafka-libs")
+    postgres = PostgresServer(TEST_STATE, ports["postgres"], durable=False)
+    started_kafka = not kafka.pids()
     started_pg = not postgres.running()
+    if started_kafka:
+        for node in kafka.nodes:  # test data is disposable; a stale quorum is not
+            shutil.rmtree(node.home, ignore_errors=True)
     kafka.start()
     postgres.start()
     url = postgres.create_database("campaigns_test")

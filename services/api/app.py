@@ -13,6 +13,7 @@ before the first request is served).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date, datetime
@@ -20,20 +21,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import psycopg
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict
 
 from projections.segment_counts import CountsUnavailable, count_segment, segment_definitions
+from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
-from services.api.deps import DbPool, Pool, Tenant
+from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, PathId, Pool, Tenant
 from services.api.gateway import DB_RETRY_AFTER_S, gateway_router
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
+from services.common.heartbeat import BEAT_INTERVAL_SECONDS, Heartbeat
 from services.common.settings import Settings
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -81,6 +84,10 @@ class Campaign(BaseModel):
     pause_reason: str | None
     paused_automatically: bool | None
     cancelled_at: datetime | None
+    # Hand-picked ids that named no contact of this tenant (the first 1,000, sorted) and how
+    # many there were; None until hydrated.
+    unknown_contact_ids: list[str] | None
+    unknown_contact_count: int | None
 
 
 class CampaignList(BaseModel):
@@ -214,10 +221,13 @@ def campaign_out(view: queries.CampaignView) -> Campaign:
         pause_reason=p.pause_reason,
         paused_automatically=p.paused_automatically,
         cancelled_at=p.cancelled_at,
+        unknown_contact_ids=p.unknown_contact_ids,
+        unknown_contact_count=p.unknown_contact_count,
     )
 
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such campaign for this tenant"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "No such campaign for this tenant"}}
 
 
 def _not_found() -> HTTPException:
@@ -250,6 +260,13 @@ def _segments(pool: Pool, tenant: str, segment_id: str | None) -> list[SegmentCo
     return found
 
 
+async def _beat(heartbeat: Heartbeat) -> None:
+    """The API's heartbeat, from its event loop: it stops when that loop is stuck."""
+    while True:
+        heartbeat.beat()
+        await asyncio.sleep(BEAT_INTERVAL_SECONDS)
+
+
 def create_app(
     settings: Settings,
     api_keys: ApiKeys,
@@ -276,9 +293,11 @@ def create_app(
         app.state.relay = OutboxRelay(settings) if relay else None
         if app.state.relay is not None:
             app.state.relay.start()
+        beating = asyncio.create_task(_beat(settings.heartbeat()))
         try:
             yield
         finally:
+            beating.cancel()
             if app.state.relay is not None:
                 await run_in_threadpool(app.state.relay.stop)
             await run_in_threadpool(pool.close)
@@ -302,16 +321,18 @@ def create_app(
         return database_unavailable()
 
     dashboard_html = DASHBOARD.read_text(encoding="utf-8")
+    # The tenant's reads: each needs the key and the database.
+    reads = APIRouter(responses=TENANT_ERRORS)
 
-    @app.get("/campaigns", response_model=CampaignList)
+    @reads.get("/campaigns", response_model=CampaignList)
     def get_campaigns(tenant: Tenant, pool: DbPool) -> CampaignList:
         """The tenant's campaigns, newest first, with progress, rates and ETA."""
         with queries.tenant_snapshot(pool, tenant) as conn:
             views = queries.tenant_campaigns(conn, tenant)
         return CampaignList(campaigns=[campaign_out(v) for v in views])
 
-    @app.get("/campaigns/{campaign_id}", response_model=Campaign, responses=NOT_FOUND)
-    def get_campaign(campaign_id: str, tenant: Tenant, pool: DbPool) -> Campaign:
+    @reads.get("/campaigns/{campaign_id}", response_model=Campaign, responses=NOT_FOUND)
+    def get_campaign(campaign_id: PathId, tenant: Tenant, pool: DbPool) -> Campaign:
         """One campaign's progress: counters, rate over the last minute, average rate, ETA."""
         with queries.tenant_snapshot(pool, tenant) as conn:
             view = queries.tenant_campaign(conn, tenant, campaign_id)
@@ -319,14 +340,14 @@ def create_app(
             raise _not_found()
         return campaign_out(view)
 
-    @app.get("/campaigns/{campaign_id}/recipients", response_model=RecipientPage, responses=NOT_FOUND)
+    @reads.get("/campaigns/{campaign_id}/recipients", response_model=RecipientPage, responses=NOT_FOUND)
     def get_recipients(
-        campaign_id: str,
+        campaign_id: PathId,
         tenant: Tenant,
         pool: DbPool,
         status: Annotated[RecipientStatus | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        after: Annotated[str | None, Query(description="contact_id to continue after")] = None,
+        after: Annotated[EntityId | None, Query(description="contact_id to continue after")] = None,
     ) -> RecipientPage:
         """Recipients ordered by contact_id (keyset paging: pass `next_after` as `after`)."""
         with queries.tenant_snapshot(pool, tenant) as conn:
@@ -338,12 +359,15 @@ def create_app(
         recipients = [Recipient(**_fields(r)) for r in rows]
         return RecipientPage(recipients=recipients, next_after=rows[-1].contact_id if more else None)
 
-    @app.get(
+    @reads.get(
         "/campaigns/{campaign_id}/recipients/{contact_id}",
         response_model=RecipientDetail,
-        responses={404: {"description": "No such recipient of this tenant's campaign"}},
+        responses={404: {"model": ErrorDetail,
+                         "description": "No such recipient of this tenant's campaign"}},
     )
-    def get_recipient(campaign_id: str, contact_id: str, tenant: Tenant, pool: DbPool) -> RecipientDetail:
+    def get_recipient(
+        campaign_id: PathId, contact_id: PathId, tenant: Tenant, pool: DbPool
+    ) -> RecipientDetail:
         """One recipient's status with the history of its attempts."""
         with queries.tenant_snapshot(pool, tenant) as conn:
             row = queries.recipient(conn, tenant, campaign_id, contact_id)
@@ -354,7 +378,7 @@ def create_app(
             recipient=Recipient(**_fields(row)), attempts=[Attempt(**_fields(a)) for a in history]
         )
 
-    @app.get("/daily-sends", response_model=DailySendsList)
+    @reads.get("/daily-sends", response_model=DailySendsList)
     def get_daily_sends(
         tenant: Tenant,
         pool: DbPool,
@@ -366,7 +390,7 @@ def create_app(
             rows = queries.daily_sends(conn, tenant, since, until)
         return DailySendsList(days=[DailySends(**_fields(r)) for r in rows])
 
-    @app.get("/lists", response_model=ListCountsList)
+    @reads.get("/lists", response_model=ListCountsList)
     def get_lists(tenant: Tenant, pool: DbPool) -> ListCountsList:
         """Per contact list of the tenant: members, mailable, unsubscribed, suppressed."""
         with queries.tenant_snapshot(pool, tenant) as conn:
@@ -374,11 +398,12 @@ def create_app(
         return ListCountsList(lists=[ListCounts(**_fields(r)) for r in rows])
 
     segment_errors: dict[int | str, dict[str, Any]] = {
-        503: {"description": "Database unreachable, or contacts projected before segment counts "
+        503: {"model": ErrorDetail,
+              "description": "Database unreachable, or contacts projected before segment counts "
                              "existed (rebuild the projections)"},
     }
 
-    @app.get("/segments", response_model=SegmentCountsList, responses=segment_errors)
+    @reads.get("/segments", response_model=SegmentCountsList, responses=segment_errors)
     def get_segments(tenant: Tenant, pool: DbPool) -> Any:
         """The tenant's segments (deleted ones left out), by id, each with how many of the
         tenant's contacts match it now and how many of those may be mailed."""
@@ -387,9 +412,10 @@ def create_app(
         except CountsUnavailable as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503)
 
-    @app.get("/segments/{segment_id}", response_model=SegmentCounts,
-             responses={404: {"description": "No such segment for this tenant"}, **segment_errors})
-    def get_segment(segment_id: str, tenant: Tenant, pool: DbPool) -> Any:
+    @reads.get("/segments/{segment_id}", response_model=SegmentCounts,
+             responses={404: {"model": ErrorDetail, "description": "No such segment for this tenant"},
+                        **segment_errors})
+    def get_segment(segment_id: PathId, tenant: Tenant, pool: DbPool) -> Any:
         """One segment with its counts (see GET /segments)."""
         try:
             found = _segments(pool, tenant, segment_id)
@@ -399,8 +425,8 @@ def create_app(
             raise HTTPException(404, "segment not found")
         return found[0]
 
-    @app.get("/campaigns/{campaign_id}/rejections", response_model=RejectionList, responses=NOT_FOUND)
-    def get_rejections(campaign_id: str, tenant: Tenant, pool: DbPool) -> RejectionList:
+    @reads.get("/campaigns/{campaign_id}/rejections", response_model=RejectionList, responses=NOT_FOUND)
+    def get_rejections(campaign_id: PathId, tenant: Tenant, pool: DbPool) -> RejectionList:
         """Commands refused for this campaign, with the reason, oldest first. A campaign that
         was never created but had commands refused (e.g. a send for an unknown id) is found."""
         with queries.tenant_snapshot(pool, tenant) as conn:
@@ -423,13 +449,13 @@ def create_app(
         200: {"content": {"text/event-stream": {}}, "description": "SSE: `progress` events"},
     }
 
-    @app.get(
+    @reads.get(
         "/campaigns/{campaign_id}/events",
         response_class=StreamingResponse,
         responses={**sse_doc, **NOT_FOUND},
     )
     async def campaign_events(
-        campaign_id: str, request: Request, tenant: Tenant, pool: DbPool
+        campaign_id: PathId, request: Request, tenant: Tenant, pool: DbPool
     ) -> StreamingResponse:
         """Server-sent events: `progress` (a Campaign) whenever the numbers change, polled
         every 0.5 s, and a final `completed` once the campaign is completed or cancelled."""
@@ -441,7 +467,7 @@ def create_app(
 
         return _sse(progress_events(poll, request.is_disconnected, end_when_terminal=True))
 
-    @app.get("/events", response_class=StreamingResponse, responses=sse_doc)
+    @reads.get("/events", response_class=StreamingResponse, responses=sse_doc)
     async def tenant_events(request: Request, tenant: Tenant, pool: DbPool) -> StreamingResponse:
         """Server-sent `progress` events for every campaign of the tenant (new ones included);
         never ends by itself. The dashboard uses this one stream instead of one per campaign."""
@@ -456,6 +482,7 @@ def create_app(
         """The live dashboard (static; open it as /dashboard#key=<API key>)."""
         return HTMLResponse(dashboard_html, headers={"Cache-Control": "no-cache"})
 
+    app.include_router(reads)
     return app
 
 

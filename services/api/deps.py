@@ -1,14 +1,23 @@
-"""Request dependencies shared by the API's routers: the caller's tenant and the pool."""
+"""Request dependencies shared by the API's routers: the caller's tenant, the pool, and the
+one rule for every id a path or a query names.
+
+Guarantee: a route that takes its ids as `PathId` / `QueryId` never passes a value to SQL that
+is not a valid entity id (schemas.base.EntityId: the ids every event carries); anything else
+(a control character, a NUL PostgreSQL text cannot hold, a space, 200 characters) is answered
+422 with the parameter's location and the pattern it breaks, before any query runs.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
+from pydantic import BaseModel
 
+from schemas.base import EntityId
 from services.api.auth import ApiKeys
 
 Pool = ConnectionPool[psycopg.Connection[Any]]
@@ -33,3 +42,23 @@ def _pool(request: Request) -> Pool:
 
 Tenant = Annotated[str, Depends(_tenant)]
 DbPool = Annotated[Pool, Depends(_pool)]
+
+# Ids of campaigns, contacts, segments: the same pattern as the events that name them, so an
+# id that no event could carry is refused up front instead of reaching PostgreSQL.
+_ID_DOC = "An id: a letter or digit, then up to 127 of letters, digits, '_', '.', ':', '-'"
+PathId = Annotated[EntityId, Path(description=_ID_DOC)]
+QueryId = Annotated[EntityId | None, Query(description=_ID_DOC)]
+
+
+class ErrorDetail(BaseModel):
+    """The body of every error the API answers itself (422 lists faults, see FastAPI)."""
+
+    detail: str
+
+
+# What every route that needs the key and the database may answer besides its own results.
+TENANT_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "Missing or unknown API key"},
+    503: {"model": ErrorDetail,
+          "description": "The database is unreachable; retry after `Retry-After` seconds"},
+}

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from services.api import outbox, queries
 from services.api.commands import CommandInvalid, CommandRequest, build_envelope
-from services.api.deps import DbPool, Pool, Tenant
+from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
 from services.api.sse import RECONNECT_MS, format_event
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, topic_name
@@ -52,7 +52,7 @@ DB_RETRY_AFTER_S = 5
 CommandState = Literal["pending", "published", "accepted", "rejected"]
 FINAL_STATES = frozenset({"accepted", "rejected"})
 
-gateway_router = APIRouter(tags=["commands"])
+gateway_router = APIRouter(tags=["commands"], responses=TENANT_ERRORS)
 
 
 class CommandAccepted(BaseModel):
@@ -127,7 +127,8 @@ def _wait_published(pool: Pool, tenant: str, command_id: uuid.UUID) -> bool:
         time.sleep(PUBLISH_POLL_S)
 
 
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such command for this tenant"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "No such command for this tenant"}}
 
 
 @gateway_router.post(
@@ -135,7 +136,8 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such com
     status_code=202,
     response_model=CommandAccepted,
     responses={
-        409: {"description": "The command id was already used for another command"},
+        400: {"model": ErrorDetail, "description": "The body is not JSON"},
+        409: {"model": ErrorDetail, "description": "The command id was already used for another command"},
         422: {"description": "Not a valid command; `detail` lists each fault with its path"},
         503: {"description": "The outbox (PostgreSQL) is unavailable; nothing was published. "
                              "Retry with the same command_id after Retry-After seconds"},

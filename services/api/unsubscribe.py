@@ -61,7 +61,8 @@ def _store(pool: Pool, settings: Settings, envelope: Envelope) -> None:
 
 
 @unsubscribe_router.get("/unsubscribe", response_class=HTMLResponse,
-                        responses={400: {"description": "Invalid unsubscribe link"}})
+                        responses={400: {"description": "Invalid unsubscribe link"},
+                                   503: {"description": "Unsubscribe is not configured"}})
 def unsubscribe_form(request: Request, token: Token) -> HTMLResponse:
     """A confirmation page whose button POSTs the same link (nothing changes on GET)."""
     _claim(request, token)

@@ -17,10 +17,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from projections.queries import CampaignProgress, campaign_progress
 from services.common.settings import Settings
@@ -155,8 +156,9 @@ def render_summary(progress: CampaignProgress, seconds: float) -> Table:
     return table
 
 
-def render_campaign(progress: CampaignProgress) -> Table:
-    """The read model of one campaign, field by field."""
+def render_campaign(progress: CampaignProgress) -> Group:
+    """The read model of one campaign, field by field; then the hand-picked ids that named no
+    contact of the tenant, one per line (whole, to be copied, whatever the terminal width)."""
     table = Table(title=f"Campaign {progress.campaign_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -170,7 +172,16 @@ def render_campaign(progress: CampaignProgress) -> Table:
     table.add_row("pending", _count(progress.pending))
     table.add_row("started", _moment(progress.started_at))
     table.add_row("completed", _moment(progress.completed_at))
-    return table
+    table.add_row("unknown contacts", _count(progress.unknown_contact_count))
+    ids, count = progress.unknown_contact_ids or [], progress.unknown_contact_count or 0
+    if not ids:
+        return Group(table)
+    more = count - len(ids)
+    lines = [f"unknown contact ids (no contact of tenant {progress.tenant_id}):",
+             *(f"  {contact_id}" for contact_id in ids)]
+    if more > 0:
+        lines.append(f"  and {more:,} more")
+    return Group(table, Text("\n".join(lines)))
 
 
 def _count(value: int | None) -> str:

@@ -287,8 +287,10 @@ class CommandHandler:
         self.consumer.subscribe([self.commands_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("command handler started", topic=self.commands_topic)
         next_tick = time.monotonic()
+        heartbeat = self.settings.heartbeat()
         try:
             while not stop.is_set():
+                heartbeat.beat()
                 batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
                 records = [m for m in batch if not m.error()]
                 for m in batch:

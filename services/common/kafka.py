@@ -70,8 +70,9 @@ def read_to_end(
 ) -> int:
     """Feed the records of one partition from `start` to its end (for read_committed readers,
     the last stable offset: an open transaction's records are not reached) to `on_message`;
-    returns the next offset. Raises KafkaException when the broker says nothing for
-    `idle_timeout` seconds."""
+    returns the next offset: where the broker says the partition ends, which lies past a
+    transaction marker that ends it (never delivered as a record). Raises KafkaException when
+    the broker says nothing for `idle_timeout` seconds."""
     reader.assign([TopicPartition(topic, partition, start)])
     position = start
     try:
@@ -87,7 +88,7 @@ def read_to_end(
             error = msg.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
-                    return position
+                    return max(position, msg.offset() or 0)
                 raise KafkaException(error)
             position = (msg.offset() or 0) + 1
             on_message(msg)

@@ -85,11 +85,13 @@ def ensure_topics(
     settings: Settings, timeout: float = 30.0, specs: tuple[TopicSpec, ...] = CATALOGUE
 ) -> list[str]:
     """Create every topic of `specs` (default: the catalogue) that is missing; returns the
-    names it created, once the broker's metadata shows them."""
+    names it created, once the broker's metadata shows them. Replicas: the cluster's
+    default.replication.factor (and its min.insync.replicas), unless the settings name one."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
-        NewTopic(topic_name(spec, settings), spec.partitions, 1, config=dict(spec.config))
+        NewTopic(topic_name(spec, settings), spec.partitions, settings.topic_replication_factor,
+                 config=dict(spec.config))
         for spec in specs
         if topic_name(spec, settings) not in existing
     ]

@@ -156,8 +156,10 @@ class CompletionService:
         self.start()
         self._log.info("completion tracker started", group=self.group,
                        topics=[self.events_topic, self.deliveries_topic])
+        heartbeat = self.settings.heartbeat()
         try:
             while not stop.is_set():
+                heartbeat.beat()
                 self.poll_once()
         finally:
             self.close()

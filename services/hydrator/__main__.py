@@ -30,6 +30,13 @@ class HydratorWorker(faust.Worker):
 def main() -> None:
     settings = Settings()
     app = create_app(settings)
+    heartbeat = settings.heartbeat()
+
+    @app.timer(interval=1.0)
+    async def beat() -> None:
+        # Runs on faust's event loop: it stops when that loop is stuck.
+        heartbeat.beat()
+
     gather, _ = start_gather(settings, settings.group(APP_NAME), instance_name())
     worker = HydratorWorker(app, loglevel=os.environ.get("HYDRATOR_LOGLEVEL", "WARNING"), quiet=True)
     try:

@@ -6,9 +6,12 @@ read_committed readers, as RecipientQueued or as RecipientExcluded with the reas
 (unsubscribed, suppressed:<reason>, deleted), also after a SIGKILL, a restart or a rebalance
 mid fan-out: each (campaign, partition) is written in one Kafka transaction with a fenced,
 per-partition transactional id and a committed marker checked before writing (fanout.py).
-CampaignHydrated(total, excluded) is emitted exactly once, when every partition has reported
-(gather.py). faust itself runs at-least-once (its exactly-once mode stalled on this stack);
-what it may repeat — a scatter, a request — is absorbed by those two checks. Dedup by
+CampaignHydrated(total, excluded, unknown contact ids) is emitted exactly once, when every
+partition has reported (gather.py); each partition reports the hand-picked ids whose record
+key (tenant + id) it holds and that name no contact of the tenant before the snapshot, so an
+id is reported unknown by exactly one partition, the same whether another tenant has it or
+not. faust itself runs at-least-once (its exactly-once mode stalled on this stack); what it
+may repeat — a scatter, a request — is absorbed by those two checks. Dedup by
 normalised e-mail is structural: a contact id is derived from tenant + normalised e-mail,
 and each contact lives in one partition.
 
@@ -32,15 +35,16 @@ import os
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import CampaignSendRequested, HydrationRequested
 from services.common.logs import configure_logging
 from services.common.settings import Settings
 from services.common.topics import CONTACTS, EVENTS, HYDRATION_REQUESTS, topic_name
-from services.hydrator.audience import resolve_audience
+from services.hydrator.audience import resolve_audience, unknown_picks
 from services.hydrator.fanout import FanoutAborted, PartitionFanout
-from services.hydrator.replica import Replicas
+from services.hydrator.replica import CatchUpStalled, Replicas
 
 log = configure_logging("hydrator")
 
@@ -98,7 +102,12 @@ def create_app(settings: Settings) -> faust.App:
     async def refresh_replicas() -> None:
         partitions = held()
         if partitions:
-            await asyncio.to_thread(replicas.catch_up_all, partitions)
+            try:
+                await asyncio.to_thread(replicas.catch_up_all, partitions)
+            except (CatchUpStalled, KafkaException) as exc:
+                # Only a head start for fan-outs (each catches up to its snapshot anyway):
+                # the next round tries again.
+                log.warning("replica refresh failed", reason=str(exc))
 
     @app.agent(events_topic)
     async def scatter(stream: faust.StreamT) -> None:
@@ -141,22 +150,32 @@ def create_app(settings: Settings) -> faust.App:
         def write() -> None:
             replica = replicas.get(request.partition)
             replica.catch_up(request.snapshot_offset)
+            # Before the fan-out reads the partition: the picks that name nobody of the tenant.
+            unknown = unknown_picks(
+                request.audience.contact_ids, tenant_id=env.tenant_id, partition=request.partition,
+                partitions=request.partitions, snapshot_offset=request.snapshot_offset,
+                stored=replica.contact,
+            )
             resolved = resolve_audience(
                 replica.tenant_contacts(env.tenant_id),
                 tenant_id=env.tenant_id, partition=request.partition,
                 audience=request.audience, snapshot_offset=request.snapshot_offset,
                 now=request.requested_at or env.occurred_at,
             )
-            report = fanout.fan_out(request, env, resolved)
+            report = fanout.fan_out(request, env, resolved, unknown)
             if report is not None:
                 log.info("partition fanned out", tenant=env.tenant_id, campaign=request.campaign_id,
-                         partition=request.partition, queued=report.queued, excluded=report.excluded)
+                         partition=request.partition, queued=report.queued, excluded=report.excluded,
+                         unknown_contacts=report.unknown_contact_count)
 
         while True:
             try:
                 await asyncio.to_thread(write)
                 return
-            except FanoutAborted:
+            except (FanoutAborted, CatchUpStalled) as exc:
+                if isinstance(exc, CatchUpStalled):
+                    log.warning("replica catch-up stalled", campaign=request.campaign_id,
+                                partition=request.partition, reason=str(exc))
                 if request.partition not in held():
                     return  # its new owner redoes it (faust did not commit the request)
                 await asyncio.sleep(FANOUT_RETRY_SECONDS)

@@ -10,11 +10,19 @@ then excluded_list, excluded_segment (the campaign's exclusions).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from schemas.contacts import ContactEvent, ContactState, apply_contact_event, exclusion_reason
+from aiokafka.partitioner import murmur2
+
+from schemas.contacts import (
+    ContactEvent,
+    ContactState,
+    apply_contact_event,
+    contact_key,
+    exclusion_reason,
+)
 from schemas.events import Audience
 from schemas.segments import evaluate
 
@@ -112,6 +120,38 @@ def resolve_audience(
             if any(evaluate(criteria, state, moment) for criteria in excluded_segments):
                 reason = EXCLUDED_BY_SEGMENT
         yield key, contact, reason
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition every producer of contacts.events writes `key` to: murmur2, as Java's
+    default partitioner and librdkafka's murmur2_random (services/common/kafka.py)."""
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
+
+
+def unknown_picks(
+    contact_ids: Iterable[str],
+    *,
+    tenant_id: str,
+    partition: int,
+    partitions: int,
+    snapshot_offset: int,
+    stored: Callable[[bytes], StoredContact | None],
+) -> list[str]:
+    """The hand-picked `contact_ids` that live in `partition` (by their record key, tenant +
+    id) and name no contact of `tenant_id` known before the snapshot, sorted, each once.
+
+    `stored(key)` is the partition's stored contact of that key, or None. Keys are tenant-
+    scoped, so an id of another tenant's contact is unknown exactly like one that exists
+    nowhere. A deleted contact is known (the audience excludes it as `deleted`)."""
+    unknown: set[str] = set()
+    for contact_id in set(contact_ids):
+        key = contact_key(tenant_id, contact_id)
+        if key_partition(key, partitions) != partition:
+            continue  # another partition answers for it
+        contact = stored(key)
+        if contact is None or contact["first_offset"] >= snapshot_offset:
+            unknown.add(contact_id)
+    return sorted(unknown)
 
 
 def _exclusion(contact: StoredContact, list_ids: list[str]) -> str | None:

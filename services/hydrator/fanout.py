@@ -19,14 +19,14 @@ report goes to the reports topic keyed by campaign (so one gatherer sees a campa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 from confluent_kafka import Consumer, KafkaException, Message, Producer
 
 from schemas.envelope import Envelope, encode, wrap_caused_by
-from schemas.events import HydrationPartitionReported, HydrationRequested
+from schemas.events import MAX_UNKNOWN_CONTACT_IDS, HydrationPartitionReported, HydrationRequested
 from services.common.kafka import partition_reader, producer_config, read_to_end
 from services.common.settings import Settings
 from services.common.topics import HYDRATION_FANOUTS, HYDRATION_REPORTS, RECIPIENTS, topic_name
@@ -129,19 +129,22 @@ class PartitionFanout:
         request: HydrationRequested,
         cause: Envelope,
         resolved: Iterable[tuple[bytes, StoredContact, str | None]],
+        unknown: Sequence[str] = (),
     ) -> HydrationPartitionReported | None:
         """Write one partition's recipients and report in one transaction; None when this
-        (campaign, partition) was fanned out before. Raises FanoutAborted when the
+        (campaign, partition) was fanned out before. `unknown`: the partition's hand-picked
+        ids that name no contact (sorted), reported. Raises FanoutAborted when the
         transaction did not commit (nothing of it is visible)."""
         state = self._partition(request.partition)
         with state.lock:
-            return self._fan_out(request, cause, resolved, state)
+            return self._fan_out(request, cause, resolved, unknown, state)
 
     def _fan_out(
         self,
         request: HydrationRequested,
         cause: Envelope,
         resolved: Iterable[tuple[bytes, StoredContact, str | None]],
+        unknown: Sequence[str],
         state: _Partition,
     ) -> HydrationPartitionReported | None:
         partition = request.partition
@@ -166,6 +169,8 @@ class PartitionFanout:
             report = HydrationPartitionReported(
                 campaign_id=request.campaign_id, partition=partition,
                 partitions=request.partitions, queued=queued, excluded=excluded,
+                unknown_contact_ids=list(unknown[:MAX_UNKNOWN_CONTACT_IDS]),
+                unknown_contact_count=len(unknown),
             )
             value = encode(wrap_caused_by(report, cause, aggregate_id=request.campaign_id))
             self._produce(producer, self.reports_topic, request.campaign_id.encode(), value)

@@ -1,9 +1,10 @@
 """Gather: per-partition hydration reports -> one CampaignHydrated per campaign, exactly once.
 
-Guarantee: CampaignHydrated(total, excluded) is committed to campaign.events exactly once per
-campaign, after every contacts partition's report, in the same Kafka transaction as the
-consumed offsets of the reports topic. Reports are read read_committed, so only reports of
-committed fan-outs count (see fanout.py), each (campaign, partition) once.
+Guarantee: CampaignHydrated(total, excluded, unknown contact ids and their count) is committed
+to campaign.events exactly once per campaign, after every contacts partition's report, in the
+same Kafka transaction as the consumed offsets of the reports topic. Reports are read
+read_committed, so only reports of committed fan-outs count (see fanout.py), each (campaign,
+partition) once.
 
 State is rebuilt on assignment by re-reading each assigned reports partition from its start
 up to the group's committed offset: a campaign whose reports are all before that offset was
@@ -27,7 +28,7 @@ from confluent_kafka import (
 )
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
-from schemas.events import CampaignHydrated, HydrationPartitionReported
+from schemas.events import MAX_UNKNOWN_CONTACT_IDS, CampaignHydrated, HydrationPartitionReported
 from services.common.kafka import make_consumer, make_producer
 from services.common.logs import configure_logging
 from services.common.settings import Settings
@@ -44,7 +45,7 @@ REPLAY_IDLE_SECONDS = 10.0
 @dataclass
 class _Gathering:
     partitions: int
-    reported: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    reported: dict[int, HydrationPartitionReported] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,14 +61,19 @@ class ReportGatherer:
         if campaign in self.done:
             return None
         state = self.gathering.setdefault(campaign, _Gathering(report.partitions))
-        state.reported[report.partition] = (report.queued, report.excluded)
+        state.reported[report.partition] = report
         if len(state.reported) < state.partitions:
             return None
         del self.gathering[campaign]
         self.done.add(campaign)
+        reports = list(state.reported.values())
+        # Each partition names its own unknown ids (disjoint sets): the first of all, sorted.
+        unknown = sorted(i for r in reports for i in r.unknown_contact_ids)[:MAX_UNKNOWN_CONTACT_IDS]
         return CampaignHydrated(
-            total=sum(queued for queued, _ in state.reported.values()),
-            excluded=sum_exclusions(excluded for _, excluded in state.reported.values()),
+            total=sum(r.queued for r in reports),
+            excluded=sum_exclusions(r.excluded for r in reports),
+            unknown_contact_ids=unknown,
+            unknown_contact_count=sum(r.unknown_contact_count for r in reports),
         )
 
 
@@ -201,7 +207,7 @@ class GatherLoop:
             self.producer.produce(self.events_topic, key=report.campaign_id.encode(), value=encode(out))
             log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
                      correlation_id=str(env.correlation_id), total=hydrated.total,
-                     excluded=hydrated.excluded)
+                     excluded=hydrated.excluded, unknown_contacts=hydrated.unknown_contact_count)
         positions = self.consumer.position(self.consumer.assignment())
         self.producer.send_offsets_to_transaction(
             positions, self.consumer.consumer_group_metadata(), 30,

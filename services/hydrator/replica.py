@@ -13,14 +13,18 @@ Progress shows as the consumer group `<prefix>hydrator-replicas` (committed offs
 tools), though a replica resumes from its own stored offset.
 
 Guarantees: `catch_up(until)` returns once every record before `until` is applied (the
-snapshot of a send); memory stays flat (the working set is one consumer batch; RocksDB keeps
-the rest on disk, with a bounded block cache).
+snapshot of a send), whichever producer wrote the partition: the stored next offset is where
+the broker says the partition is read up to, past transaction markers and aborted records
+(never delivered as records), so a partition whose last offset is a marker (the API's outbox
+relay publishes transactionally) is caught up, not waited on; memory stays flat (the working
+set is one consumer batch; RocksDB keeps the rest on disk, with a bounded block cache).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -61,6 +65,31 @@ REFRESH_THREADS = 2
 END_OFFSETS_TIMEOUT_SECONDS = 10.0
 
 
+class CatchUpStalled(RuntimeError):
+    """A replica did not move for IDLE_TIMEOUT_SECONDS short of the offset it must reach:
+    the broker is silent, or a transaction on the partition stayed open that long. Nothing
+    half-applied: the replica stays the fold of a prefix of its partition; try again."""
+
+    def __init__(self, partition: int, position: int, until: int | None) -> None:
+        target = "its end" if until is None else f"offset {until}"
+        super().__init__(f"contacts partition {partition} stuck at offset {position} short of {target}"
+                         f" for {IDLE_TIMEOUT_SECONDS:g} s (broker silent or a transaction still open)")
+        self.partition, self.position, self.until = partition, position, until
+
+
+def next_position(position: int, offsets: Sequence[int], end: int | None) -> int:
+    """Where a replica at `position` stands after a batch: past its last record (`offsets`),
+    and at least at `end`, the partition's end the broker reported for read_committed
+    readers (the end-of-partition event), which lies past transaction markers and aborted
+    records that are never delivered. Never moves back."""
+    after = position
+    if offsets:
+        after = max(after, max(offsets) + 1)
+    if end is not None:
+        after = max(after, end)
+    return after
+
+
 def _options() -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
@@ -91,7 +120,13 @@ class ContactReplica:
 
     def catch_up(self, until: int | None = None) -> int:
         """Apply contacts.events of this partition up to `until` (exclusive), or up to its
-        current end when None; returns the next offset to apply."""
+        current end when None; returns the next offset to apply.
+
+        Where the partition ends comes from the broker (the end-of-partition event's offset),
+        not from the last record delivered: a transaction's commit or abort marker takes the
+        last offset and is never delivered, so a replica that counted only records would
+        wait for it forever. Raises CatchUpStalled when the replica has not moved for
+        IDLE_TIMEOUT_SECONDS (broker silent, or a transaction still open that long)."""
         with self.lock:
             position = self.next_offset()
             if until is not None and position >= until:
@@ -100,40 +135,38 @@ class ContactReplica:
             if until is None:
                 # The background refresh runs every half second over every held partition:
                 # one offsets request settles an idle one, instead of a fetch waiting for EOF.
-                _, end = consumer.get_watermark_offsets(
+                _, high = consumer.get_watermark_offsets(
                     TopicPartition(self.topic, self.partition), timeout=10, cached=False)
-                if position >= end:
+                if position >= high:
                     return position
             consumer.assign([TopicPartition(self.topic, self.partition, position)])
             try:
-                idle = 0.0
+                moved_at = time.monotonic()
                 while until is None or position < until:
                     batch = consumer.consume(BATCH_SIZE, POLL_SECONDS)
-                    if not batch:
-                        idle += POLL_SECONDS
-                        if idle >= IDLE_TIMEOUT_SECONDS:
-                            raise KafkaException(KafkaError(
-                                KafkaError._TIMED_OUT, f"contacts partition {self.partition} silent"))
-                        continue
-                    idle = 0.0
                     records = []
-                    end = False
+                    end: int | None = None
                     for msg in batch:
                         error = msg.error()
                         if error is None:
                             records.append((msg.offset() or 0, msg.key(), msg.value()))
                         elif error.code() == KafkaError._PARTITION_EOF:
-                            end = True
+                            end = msg.offset()
                         else:
                             raise KafkaException(error)
-                    if records:
-                        position = self._apply(records)
+                    after = next_position(position, [offset for offset, _, _ in records], end)
+                    if after > position:
+                        moved_at = time.monotonic()
+                        # The fold and the offset it reaches in one write, records or none.
+                        position = self._apply(records, after)
                         # Progress for operators (consumer lag of the group) and the bench;
                         # the replica's own offset, not this commit, is what resumes it.
                         consumer.commit(offsets=[TopicPartition(self.topic, self.partition, position)],
                                         asynchronous=True)
-                    if end and until is None:
-                        break
+                    elif time.monotonic() - moved_at >= IDLE_TIMEOUT_SECONDS:
+                        raise CatchUpStalled(self.partition, position, until)
+                    if end is not None and until is None:
+                        break  # the end of the partition as it stood when asked
             finally:
                 consumer.unassign()
             return position
@@ -157,12 +190,11 @@ class ContactReplica:
             })
         return self._consumer
 
-    def _apply(self, records: Iterable[tuple[int, bytes | None, bytes | None]]) -> int:
-        """Fold a batch into the database atomically (contacts and the next offset)."""
+    def _apply(self, records: Iterable[tuple[int, bytes | None, bytes | None]], next_offset: int) -> int:
+        """Fold a batch into the database atomically with `next_offset`, where the partition
+        is read up to (past the batch's records, and any transaction markers after them)."""
         touched: dict[bytes, StoredContact | None] = {}
-        next_offset = self.next_offset()
         for offset, key, value in records:
-            next_offset = offset + 1
             if key is None:
                 continue
             try:
@@ -189,6 +221,11 @@ class ContactReplica:
         batch.put(NEXT_OFFSET_KEY, str(next_offset).encode())
         self.db.write(batch)
         return next_offset
+
+    def contact(self, key: bytes) -> StoredContact | None:
+        """The stored contact of one record key (`tenant:contact`), or None."""
+        raw = self.db.get(key)
+        return orjson.loads(raw) if raw is not None else None
 
     def tenant_contacts(self, tenant_id: str) -> Iterator[tuple[bytes, StoredContact]]:
         """The stored contacts of `tenant_id`, in key order, from a consistent view."""

@@ -1,6 +1,11 @@
-"""A single-node Apache Kafka broker in KRaft mode, from jars that Maven resolves.
+"""Apache Kafka in KRaft mode, from jars that Maven resolves: one node, or a cluster of N.
 
-The version lives in deploy/kafka/pom.xml (property kafka.version); KAFKA_VERSION overrides it.
+Every node is broker and controller at once; a cluster's nodes are its controller quorum
+(static voters), so one of three may fail, the active controller included, and the cluster
+still elects a leader for every partition. Replication follows the size: with three or more
+nodes topics (and the offsets and transaction logs) get 3 replicas and min.insync.replicas 2,
+on one node 1 and 1. The version lives in deploy/kafka/pom.xml (property kafka.version);
+KAFKA_VERSION overrides it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -74,15 +80,22 @@ def fetch_jars(libs_dir: Path) -> Path:
 
 
 class KafkaNode:
-    """One broker+controller process with its own data folder and loopback ports."""
+    """One broker+controller process with its own data folder and loopback ports. Alone
+    (the default) it is a single-node cluster; `voters` makes it one node of a quorum."""
 
-    def __init__(self, state_dir: Path, port: int, controller_port: int, libs_dir: Path) -> None:
+    def __init__(self, state_dir: Path, port: int, controller_port: int, libs_dir: Path, *,
+                 node_id: int = 1, voters: str | None = None, cluster_size: int = 1) -> None:
         self.state_dir = state_dir
         self.port = port
         self.controller_port = controller_port
         self.libs_dir = libs_dir
-        self.home = state_dir / "kafka"
-        self.process = ManagedProcess("kafka", [], state_dir)
+        self.node_id = node_id
+        self.voters = voters or f"{node_id}@127.0.0.1:{controller_port}"
+        self.cluster_size = cluster_size
+        # A single node keeps the folder and pid file names it always had.
+        self.name = "kafka" if cluster_size == 1 else f"kafka-{node_id}"
+        self.home = state_dir / self.name
+        self.process = ManagedProcess(self.name, [], state_dir)
 
     @property
     def bootstrap(self) -> str:
@@ -91,12 +104,14 @@ class KafkaNode:
     def _write_config(self) -> Path:
         self.home.mkdir(parents=True, exist_ok=True)
         conf = self.home / "server.properties"
+        replicas = min(3, self.cluster_size)
+        min_isr = min(2, self.cluster_size)
         conf.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
-                    "node.id=1",
-                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                    f"node.id={self.node_id}",
+                    f"controller.quorum.voters={self.voters}",
                     f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
                     f"CONTROLLER://127.0.0.1:{self.controller_port}",
                     f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
@@ -105,15 +120,21 @@ class KafkaNode:
                     "inter.broker.listener.name=PLAINTEXT",
                     f"log.dirs={self.home / 'data'}",
                     "num.partitions=1",
-                    # One broker: the internal topics cannot have more than one replica.
-                    "offsets.topic.replication.factor=1",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
-                    "share.coordinator.state.topic.replication.factor=1",
-                    "share.coordinator.state.topic.min.isr=1",
+                    # Topics are created with the cluster's default replication (ensure_topics),
+                    # and so are the internal offsets and transaction logs.
+                    f"default.replication.factor={replicas}",
+                    f"min.insync.replicas={min_isr}",
+                    f"offsets.topic.replication.factor={replicas}",
+                    f"transaction.state.log.replication.factor={replicas}",
+                    f"transaction.state.log.min.isr={min_isr}",
+                    f"share.coordinator.state.topic.replication.factor={replicas}",
+                    f"share.coordinator.state.topic.min.isr={min_isr}",
                     # Topics come from the catalogue; a typo must fail, not create a topic.
                     "auto.create.topics.enable=false",
                     "group.initial.rebalance.delay.ms=0",
+                    # A killed node's partitions get new leaders after this, not the default 9 s.
+                    "broker.heartbeat.interval.ms=500",
+                    "broker.session.timeout.ms=3000",
                     "",
                 ]
             )
@@ -121,6 +142,12 @@ class KafkaNode:
         return conf
 
     def start(self) -> None:
+        self.launch(new_cluster_id())
+        self.wait_ready()
+
+    def launch(self, cluster_id: str) -> None:
+        """Format the data folder with `cluster_id` on first use and start the process,
+        without waiting: a quorum's nodes answer only once enough of them run."""
         libs = fetch_jars(self.libs_dir)
         conf = self._write_config()
         classpath = f"{libs}/*"
@@ -128,13 +155,12 @@ class KafkaNode:
         if not (self.home / "data" / "meta.properties").exists():
             subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format",
-                 f"--cluster-id={new_cluster_id()}", "-c", str(conf)],
+                 f"--cluster-id={cluster_id}", "-c", str(conf)],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
         self.process.argv = [*java, "kafka.Kafka", str(conf)]
         self.process.start()
-        self.wait_ready()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
         deadline = time.monotonic() + timeout
@@ -154,3 +180,67 @@ class KafkaNode:
 
     def stop(self) -> bool:
         return self.process.stop()
+
+
+class KafkaCluster:
+    """KafkaNodes on loopback, one per (broker port, controller port) pair, node ids from 1.
+    One pair is the single node of before, with the same folders."""
+
+    def __init__(self, state_dir: Path, ports: Sequence[tuple[int, int]], libs_dir: Path) -> None:
+        if not ports:
+            raise ValueError("a Kafka cluster needs at least one node")
+        self.state_dir = state_dir
+        voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
+        self.nodes = [
+            KafkaNode(state_dir, p, c, libs_dir, node_id=i + 1, voters=voters, cluster_size=len(ports))
+            for i, (p, c) in enumerate(ports)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaNode:
+        return self.nodes[node_id - 1]
+
+    def _cluster_id(self) -> str:
+        """The id the nodes were formatted with (kept in meta.properties), or a new one."""
+        for node in self.nodes:
+            meta = node.home / "data" / "meta.properties"
+            if meta.exists():
+                match = re.search(r"^cluster\.id=(.+)$", meta.read_text(), re.MULTILINE)
+                if match:
+                    return match.group(1).strip()
+        return new_cluster_id()
+
+    def start(self) -> None:
+        cluster_id = self._cluster_id()
+        for node in self.nodes:
+            node.launch(cluster_id)
+        for node in self.nodes:
+            node.wait_ready()
+
+    def restart(self, node_id: int) -> None:
+        """Start one node again (after a crash) and wait until it answers."""
+        node = self.node(node_id)
+        node.launch(self._cluster_id())
+        node.wait_ready()
+
+    def controller(self) -> int:
+        """The node id of the active controller, as the cluster reports it."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        found: int = admin.describe_cluster(request_timeout=10).result(timeout=15).controller.id
+        return found
+
+    def stop(self) -> bool:
+        stopped = [node.stop() for node in self.nodes]
+        return any(stopped)
+
+    def pids(self) -> dict[str, int]:
+        """Running nodes by name (`kafka`, or `kafka-1` ... in a cluster)."""
+        found = {}
+        for node in self.nodes:
+            pid = node.process.pid()
+            if pid is not None:
+                found[node.name] = pid
+        return found

@@ -1,7 +1,10 @@
-"""The whole local stack: Kafka, PostgreSQL, the SMTP sink and the four services.
+"""The whole local stack: Kafka, PostgreSQL, the SMTP sink and the engine's services.
 
-`up` is idempotent (starts only what is not running), `down` stops exactly what `up` started
-(tracked by pid files under the state folder), `status` says what runs where.
+`up` is idempotent (starts only what is not running): Kafka and PostgreSQL as pid-tracked
+processes, the SMTP sink and the services under supervisord (services/platform/supervision.py),
+which restarts any that crashes, and through its watchdog any whose heartbeat goes stale.
+`down` stops exactly what `up` started; `status` says what runs where, with each service's
+state, uptime and restart count.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from services.common.settings import (
     Settings,
 )
 from services.common.topics import ensure_topics
-from services.platform.kafka import KafkaNode
+from services.platform.kafka import KafkaCluster
 from services.platform.postgres import PostgresServer
-from services.platform.processes import ManagedProcess
+from services.platform.supervision import Program, Supervision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion", "api")
@@ -34,16 +37,19 @@ class StackPorts:
     kafka_controller: int = int(os.environ.get("KAFKA_CONTROLLER_PORT", DEFAULT_KAFKA_PORT + 1))
     postgres: int = int(os.environ.get("POSTGRES_PORT", DEFAULT_POSTGRES_PORT))
     smtp: int = int(os.environ.get("SMTP_PORT", DEFAULT_SMTP_PORT))
+    # KAFKA_BROKERS=3: a 3-node KRaft cluster on KAFKA_PORT, +2, +4 (controllers on +1, +3, +5).
+    kafka_brokers: int = int(os.environ.get("KAFKA_BROKERS", "1"))
 
 
 class Stack:
     def __init__(self, state_dir: Path, ports: StackPorts | None = None) -> None:
         self.state_dir = state_dir.resolve()
         self.ports = ports or StackPorts()
-        self.kafka = KafkaNode(
-            self.state_dir, self.ports.kafka, self.ports.kafka_controller,
-            libs_dir=self.state_dir / "kafka-libs",
-        )
+        kafka_ports = [(self.ports.kafka, self.ports.kafka_controller)]
+        if self.ports.kafka_brokers > 1:
+            kafka_ports = [(self.ports.kafka + 2 * i, self.ports.kafka + 2 * i + 1)
+                           for i in range(self.ports.kafka_brokers)]
+        self.kafka = KafkaCluster(self.state_dir, kafka_ports, self.state_dir / "kafka-libs")
         self.postgres = PostgresServer(self.state_dir, self.ports.postgres)
 
     @property
@@ -103,11 +109,17 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def process(self, name: str) -> ManagedProcess:
-        module = "services.smtp_sink" if name == "smtp_sink" else f"services.{name}"
-        return ManagedProcess(
-            name, [sys.executable, "-m", module], self.state_dir, env=self.env(), cwd=REPO_ROOT
-        )
+    def supervision(self) -> Supervision:
+        programs = [Program("smtp_sink", [sys.executable, "-m", "services.smtp_sink"], heartbeat=False)]
+        programs += [Program(name, [sys.executable, "-m", f"services.{name}"]) for name in SERVICES]
+        return Supervision(self.state_dir, programs, env=self.env(), cwd=REPO_ROOT)
+
+    def pid(self, name: str) -> int | None:
+        """The running process of a supervised program (a service or the SMTP sink)."""
+        return self.supervision().pid(name)
+
+    def log_file(self, name: str) -> Path:
+        return self.supervision().log_file(name)
 
     def up(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,14 +132,15 @@ class Stack:
         created = ensure_topics(self.settings())
         print(f"topics     {len(created)} created", flush=True)
         self.sink_records.parent.mkdir(parents=True, exist_ok=True)
-        for name in ("smtp_sink", *SERVICES):
-            pid = self.process(name).start()
-            print(f"{name:<10} pid {pid}", flush=True)
+        supervision = self.supervision()
+        supervision.start()
+        print(f"supervisor {supervision.socket}", flush=True)
+        for line in supervision.status_lines():
+            print(line, flush=True)
 
     def down(self) -> None:
-        for name in (*reversed(SERVICES), "smtp_sink"):
-            if self.process(name).stop():
-                print(f"{name:<10} stopped", flush=True)
+        if self.supervision().stop():
+            print("services   stopped (supervisor and every program)", flush=True)
         if self.kafka.stop():
             print("kafka      stopped", flush=True)
         if self.postgres.stop():
@@ -135,14 +148,19 @@ class Stack:
 
     def status(self) -> bool:
         """Print what runs; True when everything does."""
-        ok = True
-        for name in ("smtp_sink", *SERVICES):
-            pid = self.process(name).pid()
-            ok &= pid is not None
-            print(f"{name:<16} {'running pid ' + str(pid) if pid else 'stopped'}")
-        kpid = self.kafka.process.pid()
-        ok &= kpid is not None
-        print(f"{'kafka':<16} {'running pid ' + str(kpid) if kpid else 'stopped'} ({self.kafka.bootstrap})")
+        supervision = self.supervision()
+        states = {info["name"]: info["statename"] for info in supervision.processes()}
+        ok = all(states.get(name) == "RUNNING" for name in ("smtp_sink", *SERVICES))
+        if states:
+            for line in supervision.status_lines():
+                print(line)
+        else:
+            print(f"{'services':<16} stopped (no supervisor)")
+        kafka = self.kafka.pids()
+        for node in self.kafka.nodes:
+            kpid = kafka.get(node.name)
+            ok &= kpid is not None
+            print(f"{node.name:<16} {'running pid ' + str(kpid) if kpid else 'stopped'} ({node.bootstrap})")
         pg = self.postgres.running()
         ok &= pg
         print(f"{'postgres':<16} {'running' if pg else 'stopped'} (127.0.0.1:{self.ports.postgres})")

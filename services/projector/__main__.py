@@ -54,7 +54,7 @@ def main() -> int:
         projectors = [Projector(settings, logger=log)]
     else:
         projectors = lane_projectors(settings, logger=log)
-    run_lanes(projectors, stop)
+    run_lanes(projectors, stop, settings.heartbeat())
     return 0
 
 

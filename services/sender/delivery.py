@@ -11,17 +11,34 @@ Guarantees:
   recipient is deferred like any transient failure.
 - `delivery_event` is pure: the same recipient and outcome give the same payload, so an
   outcome re-published from the send ledger matches what was published the first time.
+- `delivery_event_id` names the event: a recipient's terminal event (sent, failed or
+  skipped) always has the same envelope id in its campaign, and so has each attempt's
+  deferral, so a re-published copy is recognisable by its id alone.
 """
 
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from schemas.events import EmailDeferred, EmailFailed, EmailSent, RecipientQueued
+from schemas.ids import Uuid5Names
 from services.sender.replies import Attempt, Verdict, is_hard_bounce
 from services.sender.retries import RetryPolicy
+
+# Namespace of delivery event ids (name-based: a copy of an event gets the same id).
+_DELIVERY_EVENTS = Uuid5Names(uuid.UUID("0c6f3d52-7a1e-4f0b-9d2c-5e8a41b7c3f9"))
+
+
+def delivery_event_id(campaign_id: str, contact_id: str, attempt: int | None = None) -> str:
+    """The envelope id of a recipient's terminal delivery event (`attempt` None: EmailSent,
+    EmailFailed, RecipientSkipped share it, since a recipient has one terminal outcome) or of
+    its EmailDeferred for `attempt`."""
+    if attempt is None:
+        return _DELIVERY_EVENTS(f"{campaign_id}\x00{contact_id}\x00terminal")
+    return _DELIVERY_EVENTS(f"{campaign_id}\x00{contact_id}\x00deferred\x00{attempt}")
 
 
 class Status(enum.StrEnum):

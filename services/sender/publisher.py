@@ -9,6 +9,7 @@ durable. Copies (after a redelivery) carry the same outcome and Message-ID.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import structlog
@@ -26,7 +27,7 @@ from services.common.topics import (
     RETRY_TIERS,
     topic_name,
 )
-from services.sender.delivery import Outcome, Status, delivery_event
+from services.sender.delivery import Outcome, Status, delivery_event, delivery_event_id
 from services.sender.retries import tier_index
 from services.sender.sent_event import sent_record
 from services.sender.work import SenderStats, Work
@@ -82,18 +83,24 @@ class DeliveryPublisher:
             skipped = RecipientSkipped(campaign_id=recipient.campaign_id,
                                        contact_id=recipient.contact_id, email=recipient.email,
                                        reason=outcome.detail or "cancelled")
+            skipped_id = uuid.UUID(delivery_event_id(recipient.campaign_id, recipient.contact_id))
             self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
-                       wrap_caused_by(skipped, item.envelope, aggregate_id=recipient.campaign_id))
+                       wrap_caused_by(skipped, item.envelope, aggregate_id=recipient.campaign_id,
+                                      message_id=skipped_id))
             return
         mail_id = item.message_id
         # The common case (a mail sent) is written directly; the same bytes as the schema path.
-        sent = sent_record(recipient, outcome, mail_id, item.envelope)
+        # A copy re-published after a redelivery carries the first one's id (see README).
+        event_id = delivery_event_id(recipient.campaign_id, recipient.contact_id,
+                                     outcome.attempt if outcome.status is Status.DEFERRED else None)
+        sent = sent_record(recipient, outcome, mail_id, item.envelope, event_id=event_id)
         if sent is not None:
             self._produce(self._deliveries_topic, recipient.campaign_id.encode(), sent)
         else:
             event = delivery_event(recipient, outcome, mail_id)
             self._emit(self._deliveries_topic, recipient.campaign_id.encode(),
-                       wrap_caused_by(event, item.envelope, aggregate_id=recipient.campaign_id))
+                       wrap_caused_by(event, item.envelope, aggregate_id=recipient.campaign_id,
+                                      message_id=uuid.UUID(event_id)))
         if fresh:
             stats.ambiguous += outcome.ambiguous
             stats.sent += outcome.status is Status.SENT

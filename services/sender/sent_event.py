@@ -36,7 +36,7 @@ _NORMALISED_EMAIL = NORMALISED_EMAIL_RE  # what normalise_email returns unchange
 
 
 def sent_record(recipient: RecipientQueued, outcome: Outcome, message_id: str, cause: Envelope,
-                *, event_id: uuid.UUID | None = None,
+                *, event_id: uuid.UUID | str | None = None,
                 occurred_at: datetime | None = None) -> bytes | None:
     """The encoded EmailSent envelope of a SENT outcome caused by `cause`, or None (use the
     schema path). `event_id` and `occurred_at` default to a new id and now, as `wrap` does."""

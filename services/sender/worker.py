@@ -255,8 +255,10 @@ class SenderWorker:
         pipeline = SendPipeline(_SenderSteps(self, ledger, pool, publisher, consumer), lanes,
                                 chunk_size=LEDGER_CHUNK, lookahead=LOOKAHEAD_CHUNKS)
         self._pipeline = pipeline
+        heartbeat = self.settings.heartbeat()
         try:
             while not stop_event.is_set():
+                heartbeat.beat()
                 _check(feeds)
                 self._wake(consumer)
                 if not pipeline.wants_records(self.batch_size):

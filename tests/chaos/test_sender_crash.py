@@ -29,9 +29,10 @@ from schemas.base import normalise_email
 from schemas.commands import CreateCampaign, SendCampaign
 from schemas.contacts import ContactUpserted, contact_id_for, contact_key
 from schemas.envelope import wrap
-from services.common.topics import COMMANDS, CONTACTS
+from schemas.events import EmailFailed, EmailSent, RecipientSkipped
+from services.common.topics import COMMANDS, CONTACTS, DELIVERIES
 from services.smtp_sink import SinkConfig, SmtpSink, header
-from tests.kafka_io import publish
+from tests.kafka_io import publish, read_topic
 from tests.service_process import ServiceProcess
 
 RECIPIENTS = int(os.environ.get("CHAOS_RECIPIENTS", "3000"))
@@ -145,6 +146,7 @@ def test_sender_sigkill_loses_nobody_and_duplicates_only_ambiguous(settings):
         finally:
             codes = pipeline.stop()
         mails = [m for m in sink.messages if header(m, "X-Campaign-ID") == campaign]
+        deliveries = read_topic(settings, DELIVERIES, timeout=60)
 
     by_rcpt = Counter(rcpt for m in mails for rcpt in m["rcpt_tos"])
     by_message_id = Counter(m["message_id"] for m in mails)
@@ -165,6 +167,17 @@ def test_sender_sigkill_loses_nobody_and_duplicates_only_ambiguous(settings):
     assert ledger_rows == RECIPIENTS and unsettled == 0, "send ledger incomplete"
     assert duplicates <= ambiguous, (
         f"{duplicates} duplicate mails but only {ambiguous} ambiguous outcomes in the send ledger")
+    # campaign.deliveries may hold copies re-published after a kill; each copy of a
+    # recipient's terminal event carries the same event id, so readers deduplicate by id.
+    terminal = [d for d in deliveries if isinstance(d.payload, EmailSent | EmailFailed | RecipientSkipped)
+                and d.payload.campaign_id == campaign]
+    ids_by_contact: dict[str, set] = {}
+    for d in terminal:
+        ids_by_contact.setdefault(d.payload.contact_id, set()).add(d.envelope.id)
+    print(f"chaos: {len(terminal)} terminal events on campaign.deliveries for {len(ids_by_contact)} "
+          f"recipients ({len(terminal) - len(ids_by_contact)} re-published copies)")
+    assert len(ids_by_contact) == RECIPIENTS
+    assert all(len(ids) == 1 for ids in ids_by_contact.values()), "a copy with another event id"
     assert len(pipeline.killed) == KILLS
     assert codes == {"command_handler": 0, "hydrator": 0, "projector": 0, "sender": 0}, \
         "a service did not exit cleanly on SIGTERM"

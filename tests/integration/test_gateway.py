@@ -9,7 +9,6 @@ the order it was accepted.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,23 +24,13 @@ from services.common.settings import Settings
 from services.common.topics import COMMANDS, ensure_topics
 from services.platform.kafka import KafkaNode
 from tests.kafka_io import read_topic
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A relay that has not published within this after the broker is back is stuck.
 PUBLISH_TIMEOUT_S = 90.0
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture

@@ -10,10 +10,17 @@ from schemas.contacts import (
     ContactSuppressed,
     ContactUnsubscribed,
     ContactUpserted,
+    contact_key,
 )
 from schemas.events import Audience, AudienceSegment
 from schemas.segments import parse_criteria
-from services.hydrator.audience import apply_to_stored, resolve_audience, sum_exclusions
+from services.hydrator.audience import (
+    apply_to_stored,
+    key_partition,
+    resolve_audience,
+    sum_exclusions,
+    unknown_picks,
+)
 
 
 def stored(events, offset=0, partition=0):
@@ -131,3 +138,62 @@ def test_relative_dates_are_read_against_the_send_time():
             table.items(), tenant_id="t", partition=0, audience=audience, snapshot_offset=100, now=now)]
     assert resolve_at(datetime(2026, 11, 29, tzinfo=UTC)) == ["t:e"]
     assert resolve_at(datetime(2027, 1, 29, tzinfo=UTC)) == []
+
+
+# --- hand-picked ids that name no contact ---------------------------------------------------
+
+PARTITIONS = 12
+
+
+def in_partition(tenant, partition, count, prefix="id"):
+    """`count` contact ids whose record key (tenant + id) lives in `partition`."""
+    found, i = [], 0
+    while len(found) < count:
+        cid = f"{prefix}-{i}"
+        if key_partition(contact_key(tenant, cid), PARTITIONS) == partition:
+            found.append(cid)
+        i += 1
+    return found
+
+
+def picks(ids, table, *, tenant="t", partition=0, snapshot=100):
+    return unknown_picks(ids, tenant_id=tenant, partition=partition, partitions=PARTITIONS,
+                         snapshot_offset=snapshot, stored=lambda key: table.get(key.decode()))
+
+
+def test_a_pick_is_unknown_where_its_key_lives_when_the_tenant_has_no_such_contact():
+    known, missing = in_partition("t", 3, 2)
+    elsewhere = in_partition("t", 4, 1)[0]
+    table = {f"t:{known}": stored([upsert(known)], partition=3)}
+    assert picks([known, missing, elsewhere, missing], table, partition=3) == [missing]
+    assert picks([known, missing, elsewhere], table, partition=4) == [elsewhere]
+    # Over every partition, each unknown pick is named exactly once.
+    everywhere = [i for p in range(PARTITIONS) for i in picks([known, missing, elsewhere], table, partition=p)]
+    assert sorted(everywhere) == sorted([missing, elsewhere])
+
+
+def test_another_tenants_contact_is_unknown_exactly_like_an_id_that_exists_nowhere():
+    theirs, nowhere = in_partition("t", 5, 2)
+    table = {f"other:{theirs}": stored([upsert(theirs)], partition=5)}  # tenant "other" has it
+    assert picks([theirs, nowhere], table, partition=5) == sorted([theirs, nowhere])
+
+
+def test_a_deleted_contact_is_known_and_one_that_joined_after_the_snapshot_is_not():
+    deleted, late = in_partition("t", 0, 2)
+    table = {f"t:{deleted}": stored([upsert(deleted), ContactDeleted(contact_id=deleted)], offset=3),
+             f"t:{late}": stored([upsert(late)], offset=150)}
+    assert picks([deleted, late], table, snapshot=100) == [late]
+    got = resolve(table, Audience(contact_ids=[deleted, late]), snapshot=100)
+    assert got == {f"t:{deleted}": "deleted"}  # the deleted pick is an exclusion, not unknown
+
+
+# Kafka's own test vectors for Java's Utils.murmur2 (clients' UtilsTest), as signed ints.
+JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+                b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}
+
+
+def test_the_partition_of_a_key_is_javas_murmur2_as_every_producer_uses():
+    for key, java in JAVA_MURMUR2.items():
+        for partitions in (1, 6, 12, 7):
+            assert key_partition(key, partitions) == (java & 0x7FFFFFFF) % partitions

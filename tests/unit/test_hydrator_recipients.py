@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from schemas.envelope import decode, encode, wrap, wrap_caused_by
 from schemas.events import (
+    MAX_UNKNOWN_CONTACT_IDS,
     Audience,
     CampaignHydrated,
     HydrationPartitionReported,
@@ -83,3 +84,31 @@ def test_gatherer_emits_once_after_the_last_partition():
         total=12, excluded={"deleted": 2, "unsubscribed": 2})
     assert gatherer.add(report("a", 1, 0)) is None  # after completion: nothing more
     assert "a" not in gatherer.gathering and "b" in gatherer.gathering
+
+
+def test_gatherer_names_every_partitions_unknown_ids_sorted_and_sums_their_count():
+    gatherer = ReportGatherer()
+    parts = [
+        HydrationPartitionReported(campaign_id="a", partition=0, partitions=3, queued=1,
+                                   unknown_contact_ids=["zed", "amy"], unknown_contact_count=2),
+        HydrationPartitionReported(campaign_id="a", partition=1, partitions=3, queued=0),
+        HydrationPartitionReported(campaign_id="a", partition=2, partitions=3, queued=2,
+                                   unknown_contact_ids=["kim"], unknown_contact_count=1),
+    ]
+    assert [gatherer.add(p) for p in parts[:2]] == [None, None]
+    assert gatherer.add(parts[2]) == CampaignHydrated(
+        total=3, unknown_contact_ids=["amy", "kim", "zed"], unknown_contact_count=3)
+
+
+def test_gatherer_names_at_most_the_bound_and_counts_every_unknown_id():
+    gatherer = ReportGatherer()
+    ids = sorted(f"id-{i:05d}" for i in range(2 * MAX_UNKNOWN_CONTACT_IDS))
+    halves = [ids[0::2], ids[1::2]]  # each partition's own ids, each within the bound
+    hydrated = None
+    for partition, mine in enumerate(halves):
+        hydrated = gatherer.add(HydrationPartitionReported(
+            campaign_id="a", partition=partition, partitions=2, queued=0,
+            unknown_contact_ids=mine, unknown_contact_count=len(mine) + 5))  # +5 beyond the list
+    assert hydrated is not None
+    assert hydrated.unknown_contact_ids == ids[:MAX_UNKNOWN_CONTACT_IDS]
+    assert hydrated.unknown_contact_count == 2 * MAX_UNKNOWN_CONTACT_IDS + 10

@@ -300,3 +300,13 @@ def test_the_projector_lanes_split_the_projected_topics_without_overlap() -> Non
     assert sorted(t.name for t in laned) == sorted(t.name for t in PROJECTED_TOPICS)
     assert DELIVERY_LANE.topics == (DELIVERIES,)
     assert len({lane.group for lane in LANES}) == len(LANES)
+
+
+def test_the_first_hydration_names_the_unknown_picks_as_a_json_array() -> None:
+    changes = plan([
+        msg(CampaignHydrated(total=1, unknown_contact_ids=["x-1", "x-2"], unknown_contact_count=7)),
+        msg(CampaignHydrated(total=9, unknown_contact_ids=["other"], unknown_contact_count=1)),
+    ])
+    change = changes.campaigns[CAMPAIGN]
+    assert (change.total, change.unknown_contact_ids, change.unknown_contact_count) == (
+        1, '["x-1", "x-2"]', 7)

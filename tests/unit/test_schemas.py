@@ -104,3 +104,27 @@ def test_an_event_caused_by_a_message_keeps_its_tenant_and_flow():
     assert (effect.tenant_id, effect.aggregate_id) == ("acme", "c2")
     assert effect.correlation_id == cause.correlation_id and effect.causation_id == cause.id
     assert wrap_caused_by(SendCampaign(list_ids=["m"]), cause).aggregate_id == "c1"
+
+
+@pytest.mark.parametrize("type_name", ["CampaignHydrated", "HydrationPartitionReported"])
+def test_hydration_facts_of_v1_and_v2_upcast_to_none_unknown(type_name):
+    from schemas.events import CampaignHydrated, HydrationPartitionReported
+
+    base = {"total": 4} if type_name == "CampaignHydrated" else {
+        "campaign_id": "c1", "partition": 0, "partitions": 12, "queued": 4}
+    for version, payload in ((1, base), (2, {**base, "excluded": {"deleted": 1}})):
+        loaded = registry.load(type_name, version, dict(payload))
+        assert isinstance(loaded, CampaignHydrated | HydrationPartitionReported)
+        assert (loaded.unknown_contact_ids, loaded.unknown_contact_count) == ([], 0)
+        assert loaded.excluded == payload.get("excluded", {})
+
+
+def test_unknown_contact_ids_are_bounded_and_well_formed():
+    from schemas.events import MAX_UNKNOWN_CONTACT_IDS, CampaignHydrated
+
+    CampaignHydrated(total=0, unknown_contact_ids=["a"] * MAX_UNKNOWN_CONTACT_IDS,
+                     unknown_contact_count=MAX_UNKNOWN_CONTACT_IDS * 3)
+    with pytest.raises(ValidationError):
+        CampaignHydrated(total=0, unknown_contact_ids=["a"] * (MAX_UNKNOWN_CONTACT_IDS + 1))
+    with pytest.raises(ValidationError):
+        CampaignHydrated(total=0, unknown_contact_ids=["not an id"], unknown_contact_count=1)

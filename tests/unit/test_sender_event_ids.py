@@ -28,3 +28,16 @@ def test_every_free_bit_varies() -> None:
         zeros |= ~v & ((1 << 128) - 1)
     varying = ones & zeros
     assert bin(varying).count("1") == 122
+
+
+def test_a_recipients_terminal_event_id_is_the_same_for_every_copy() -> None:
+    from services.sender.delivery import delivery_event_id
+
+    terminal = delivery_event_id("cmp-1", "c-1")
+    assert terminal == delivery_event_id("cmp-1", "c-1")  # a re-published copy
+    assert uuid.UUID(terminal).version == 5
+    # Another recipient, another campaign, and each attempt's deferral get their own ids.
+    others = {delivery_event_id("cmp-1", "c-2"), delivery_event_id("cmp-2", "c-1"),
+              delivery_event_id("cmp-1", "c-1", 1), delivery_event_id("cmp-1", "c-1", 2)}
+    assert terminal not in others and len(others) == 4
+    assert delivery_event_id("cmp-1", "c-1", 1) == delivery_event_id("cmp-1", "c-1", 1)

@@ -1,0 +1,70 @@
+"""The watchdog's pure rules: which programs are stuck, how (re)starts are counted, and the
+supervisord configuration the platform writes."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+from services.platform.supervision import Program, Supervision
+from services.platform.watchdog import ProgramView, count_event, restarts, stuck
+
+NOW = 10_000.0
+
+
+def view(name: str, *, state: str = "RUNNING", up: float = 500.0, beat_age: float | None = 1.0) -> ProgramView:
+    return ProgramView(name, state, NOW - up, None if beat_age is None else NOW - beat_age)
+
+
+def test_a_fresh_heartbeat_is_left_alone_and_a_stale_one_is_restarted() -> None:
+    programs = [view("fresh", beat_age=2.0), view("stale", beat_age=61.0)]
+    assert stuck(programs, NOW, stale_after=60.0, start_grace=120.0) == ["stale"]
+
+
+def test_a_program_that_never_beat_gets_the_start_grace_first() -> None:
+    young = view("young", up=100.0, beat_age=None)
+    old = view("old", up=121.0, beat_age=None)
+    assert stuck([young, old], NOW, stale_after=60.0, start_grace=120.0) == ["old"]
+
+
+def test_a_beat_from_before_the_current_start_does_not_count() -> None:
+    # The file's last touch is older than the process: the new process never beat.
+    previous_life = ProgramView("svc", "RUNNING", NOW - 30.0, NOW - 40.0)
+    assert stuck([previous_life], NOW, stale_after=10.0, start_grace=60.0) == []
+    assert stuck([previous_life], NOW, stale_after=10.0, start_grace=20.0) == ["svc"]
+
+
+def test_only_running_programs_are_judged() -> None:
+    programs = [view(n, state=n, beat_age=1_000.0) for n in ("STARTING", "BACKOFF", "EXITED", "FATAL")]
+    assert stuck(programs, NOW, stale_after=60.0, start_grace=120.0) == []
+
+
+def test_starts_and_crashes_are_counted_per_program() -> None:
+    counts: dict[str, dict[str, int]] = {}
+    for event in ("PROCESS_STATE_STARTING", "PROCESS_STATE_RUNNING", "PROCESS_STATE_EXITED",
+                  "PROCESS_STATE_STARTING", "PROCESS_STATE_BACKOFF", "PROCESS_STATE_STARTING"):
+        counts = count_event(counts, event, {"processname": "sender"})
+    counts = count_event(counts, "PROCESS_STATE_STARTING", {"processname": "api"})
+    assert counts["sender"] == {"starts": 3, "crashes": 2, "watchdog": 0}
+    assert restarts(counts["sender"]) == 2
+    assert restarts(counts["api"]) == 0
+    assert restarts({}) == 0
+
+
+def test_the_configuration_supervises_every_program_with_restarts(tmp_path: Path) -> None:
+    programs = [Program("sender", ["python", "-m", "services.sender"]),
+                Program("smtp_sink", ["python", "-m", "services.smtp_sink"], heartbeat=False,
+                        env={"SINK_NOTE": "100%"})]
+    text = Supervision(tmp_path, programs, env={}, cwd=tmp_path).config()
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    sender = parser["program:sender"]
+    assert sender["command"] == "python -m services.sender"
+    assert sender["autorestart"] == "true"
+    assert f'HEARTBEAT_FILE="{tmp_path}/heartbeats/sender"' in sender["environment"]
+    sink = parser["program:smtp_sink"]
+    assert "HEARTBEAT_FILE" not in sink["environment"]
+    assert 'SINK_NOTE="100%%"' in sink["environment"]  # supervisord reads %% as a literal %
+    listener = parser["eventlistener:watchdog"]
+    assert listener["command"].endswith(f"services.platform.watchdog {tmp_path} sender")
+    assert "TICK_5" in listener["events"]
