@@ -24,6 +24,7 @@ contact itself keeps it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -51,8 +52,11 @@ from services.common.topics import CONTACTS, topic_name
 SCAN_IDLE_TIMEOUT_SECONDS = 30.0
 # Consumer group named by the scan; it assigns partitions and never commits.
 SCAN_GROUP = "campaignctl-contacts-scan"
-# Records taken per consume() call.
+# Records taken per consume() call, and how long one call waits: consume() returns only once
+# it has the whole batch or the wait is over, so a short wait keeps the end of a small topic
+# from costing the whole idle timeout.
 SCAN_BATCH = 2_000
+SCAN_WAIT_SECONDS = 0.2
 _UPSERT = b'"ContactUpserted"'
 
 
@@ -191,10 +195,14 @@ def _read_topic(settings: Settings, topic: str, handle: Callable[[bytes | None, 
             raise TopicUnavailable(f"reading {topic} failed: {exc}") from None
         unread = set(metadata.topics[topic].partitions)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(unread)])
+        idle_since = time.monotonic()
         while unread:
-            batch = consumer.consume(SCAN_BATCH, SCAN_IDLE_TIMEOUT_SECONDS)
+            batch = consumer.consume(SCAN_BATCH, SCAN_WAIT_SECONDS)
             if not batch:
-                raise TopicUnavailable(f"reading {topic} stalled with {len(unread)} partitions unread")
+                if time.monotonic() - idle_since > SCAN_IDLE_TIMEOUT_SECONDS:
+                    raise TopicUnavailable(f"reading {topic} stalled with {len(unread)} partitions unread")
+                continue
+            idle_since = time.monotonic()
             for msg in batch:
                 err = msg.error()
                 if err is not None:
