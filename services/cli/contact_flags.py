@@ -11,6 +11,7 @@ back at a later merge.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from confluent_kafka import KafkaError, Message
@@ -49,6 +50,15 @@ def lift_flag(settings: Settings, tenant_id: str, contact: str, kind: FlagKind, 
         else ContactResubscribed(contact_id=cid, list_id=list_id, detail=detail)
         for cid in ids
     ]
+    publish_contact_facts(settings, tenant_id, list(zip(ids, payloads, strict=True)), f"{kind} of {contact}")
+    return ids
+
+
+def publish_contact_facts(settings: Settings, tenant_id: str, facts: Sequence[tuple[str, Record]],
+                          what: str) -> None:
+    """Write each (contact id, payload) onto contacts.events under the contact's key, in
+    order per contact; returns once the broker acknowledged every one, or raises
+    CommandNotAcknowledged naming `what`."""
     topic = topic_name(CONTACTS, settings)
     producer = cli_producer(settings)
     require_topic(producer, topic, settings)
@@ -58,7 +68,7 @@ def lift_flag(settings: Settings, tenant_id: str, contact: str, kind: FlagKind, 
         if err is not None:
             errors.append(err)
 
-    for cid, payload in zip(ids, payloads, strict=True):
+    for cid, payload in facts:
         envelope = wrap(payload, tenant_id=tenant_id, aggregate_id=cid)
         producer.produce(topic, key=contact_key(tenant_id, cid), value=encode(envelope),
                          on_delivery=on_delivery)
@@ -66,8 +76,7 @@ def lift_flag(settings: Settings, tenant_id: str, contact: str, kind: FlagKind, 
         producer.purge()
         producer.flush(0)
         raise CommandNotAcknowledged(
-            f"{kind} of {contact} was not acknowledged within {ACK_TIMEOUT_SECONDS:.0f} s; it may or may not"
+            f"{what} was not acknowledged within {ACK_TIMEOUT_SECONDS:.0f} s; it may or may not"
             " have arrived (repeating it is safe)")
     if errors:
-        raise CommandNotAcknowledged(f"{kind} of {contact} was refused: {errors[0].str()}")
-    return ids
+        raise CommandNotAcknowledged(f"{what} was refused: {errors[0].str()}")
