@@ -29,6 +29,7 @@ from schemas.commands import CancelCampaign, CreateCampaign, SampleContact, Send
 from schemas.events import TestEmailFailed, TestEmailSent
 from services.cli.contact_csv import column_mapping
 from services.cli.contact_flags import lift_flag
+from services.cli.contact_merge import merge_case_twins
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
 from services.cli.progress import (
     CommandWasRejected,
@@ -182,6 +183,23 @@ def contacts_resubscribe(
     with _fatal_errors():
         ids = lift_flag(Settings(), tenant, contact, "resubscribe", list_id=list_id, detail=reason)
     out.print(f"resubscribed {', '.join(ids)}" + (f" to {list_id}" if list_id else ""), highlight=False)
+
+
+@contacts_app.command("merge-case-twins")
+def contacts_merge_case_twins(
+    tenant: Tenant,
+    apply: Annotated[bool, typer.Option("--apply/--dry-run", help="Write the merges (default: only"
+                                        " say what they would be).")] = False,
+) -> None:
+    """Merge contacts an earlier version made twice for one address in two cases (the
+    migration of contact ids to the identity rule; imports also do it for the rows they name)."""
+    with _fatal_errors():
+        report = merge_case_twins(Settings(), tenant, apply=apply)
+    verb = "merged" if apply else "would merge"
+    out.print(f"{verb} {report.merged:,} contacts into {len(report.survivors):,}"
+              f" ({report.facts:,} events)", highlight=False)
+    for survivor in report.survivors:
+        out.print(f"  {survivor}", highlight=False)
 
 
 # --- campaigns -------------------------------------------------------------------------------
