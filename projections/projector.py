@@ -69,6 +69,7 @@ from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc
 from services.common.heartbeat import Heartbeat
+from services.common.metrics import PROJECTION_LAG_SECONDS, RECORDS_CONSUMED, LagSampler
 from services.common.settings import Settings
 from services.common.topics import (
     CONTACTS,
@@ -211,6 +212,9 @@ class ConsumedBatch:
     moves: dict[PartitionKey, PositionMove] = field(default_factory=dict)
     skipped: int = 0
     changes: read_models.BatchChanges = field(default_factory=read_models.BatchChanges)
+    # Milliseconds since the epoch of the oldest record (the first of each partition's run):
+    # the projection lag metric at commit.
+    oldest_ms: int | None = None
 
 
 Applied = tuple[list[tuple[str, str]], read_models.BatchChanges]
@@ -281,6 +285,7 @@ class Projector:
         self._retried_at_once = False
         self.records_applied = 0
         self.batches_committed = 0  # transactions that applied a batch
+        self._lag = LagSampler()  # the consumer lag gauge, sampled from this loop
         # Wall-clock seconds per step, summed (the projection bench reports where the time
         # goes): consume (Kafka), decode, plan (row changes) and wait (for the writer thread)
         # in the driving thread; write (the PostgreSQL transaction) in the writer thread,
@@ -329,6 +334,7 @@ class Projector:
         """Consume one batch and hand it to the writer thread once the batch in flight has
         committed; returns the records that batch covered (0 if none, or if it failed)."""
         started = time.perf_counter()
+        self._lag.sample(self._consumer)
         records = self._consume()
         consumed = time.perf_counter()
         self.time_split["consume"] += consumed - started
@@ -435,6 +441,8 @@ class Projector:
             if key in self._positions:  # else revoked meanwhile: the new owner goes on
                 self._positions[key] = move.next_offset
         self._commit_lag_gauge(batch.moves)
+        if batch.oldest_ms is not None:
+            PROJECTION_LAG_SECONDS.observe(max(0.0, time.time() - batch.oldest_ms / 1000))
         covered = len(batch.messages) + batch.skipped
         self.records_applied += covered
         self.batches_committed += 1
@@ -594,7 +602,10 @@ class Projector:
         run_topic, run_partition = None, -1
         key: PartitionKey = ("", -1)
         owned, expected = False, None
-        for record in records:
+        consumed: dict[str, int] = {}  # per topic, counted a run at a time
+        run_start = 0
+        oldest: int | None = None
+        for index, record in enumerate(records):
             error = record.error()
             if error is not None:
                 if error.fatal():
@@ -603,6 +614,12 @@ class Projector:
                 continue
             partition, topic = record.partition(), record.topic()
             if partition != run_partition or topic != run_topic:
+                if run_topic is not None:
+                    consumed[run_topic] = consumed.get(run_topic, 0) + index - run_start
+                run_start = index
+                stamp = record.timestamp()[1]
+                if stamp > 0 and (oldest is None or stamp < oldest):
+                    oldest = stamp
                 run_topic, run_partition = topic, partition
                 key = (topic, partition)
                 # Not in positions: revoked during this consume(), the new owner projects it.
@@ -622,6 +639,11 @@ class Projector:
                     "undecodable record skipped", topic=key[0], partition=key[1],
                     offset=offset, reason=str(exc),
                 )
+        if run_topic is not None:
+            consumed[run_topic] = consumed.get(run_topic, 0) + len(records) - run_start
+        for name, count in consumed.items():
+            RECORDS_CONSUMED.labels(topic=name).inc(count)
+        batch.oldest_ms = oldest
         batch.moves = {key: PositionMove(ahead.get(key, positions[key]), end)
                        for key, end in ends.items()}
         return batch

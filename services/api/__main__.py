@@ -1,5 +1,5 @@
 """`python -m services.api`: serve the read API, command gateway, one-click unsubscribe and
-dashboard on 127.0.0.1:$API_PORT (default 28080) until SIGTERM or SIGINT; API keys from
+dashboard on $API_HOST:$API_PORT (default 127.0.0.1:28080) until SIGTERM or SIGINT; API keys from
 API_KEYS / API_KEYS_FILE (see auth.py), the unsubscribe secret from UNSUBSCRIBE_SECRET.
 
 Open streams are given GRACEFUL_SHUTDOWN_S to finish, then closed: server-sent event streams
@@ -16,6 +16,7 @@ import uvicorn
 from services.api.app import create_app
 from services.api.auth import load_api_keys
 from services.common.logs import configure_logging
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 
 DEFAULT_API_PORT = 28080
@@ -29,15 +30,20 @@ def main() -> int:
     if not api_keys:
         log.warning("no API keys configured: every request will be refused (set API_KEYS)")
     port = int(os.environ.get("API_PORT", str(DEFAULT_API_PORT)))
+    # 127.0.0.1 on a workstation; 0.0.0.0 in a container, behind its Service.
+    host = os.environ.get("API_HOST", "127.0.0.1")
     # Signs and checks one-click unsubscribe links; the sender must use the same secret.
     secret = os.environ.get("UNSUBSCRIBE_SECRET", "").encode() or None
     if secret is None:
         log.warning("UNSUBSCRIBE_SECRET not set: /unsubscribe answers 503")
-    app = create_app(Settings(), api_keys, unsubscribe_secret=secret)
+    settings = Settings()
+    start_observability(settings, "api", standard_checks(settings))
+    app = create_app(settings, api_keys, unsubscribe_secret=secret)
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
     # shutdown (closing the pool) and returns.
     uvicorn.run(
-        app, host="127.0.0.1", port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info"
+        app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info",
+        log_config=None,  # uvicorn's records go to the root logger's JSON handler
     )
     log.info("stopped")
     return 0

@@ -32,7 +32,7 @@ from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
 from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, PathId, Pool, Tenant
-from services.api.gateway import DB_RETRY_AFTER_S, gateway_router
+from services.api.gateway import DB_RETRY_AFTER_S, Schedule, gateway_router, schedule_out
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
@@ -55,7 +55,9 @@ class Campaign(BaseModel):
     """A campaign's progress; rates are recipients settled (sent, failed or skipped) per
     second. `total` is the queued audience (None until hydrated); `excluded` recipients were
     never part of it; `pending` = total - sent - failed - skipped, of which `retrying` wait for
-    a retry; `ambiguous` counts possible duplicate mailings (connection lost after DATA)."""
+    a retry; `ambiguous` counts possible duplicate mailings (connection lost after DATA).
+    `schedule`: its scheduled send, if it was scheduled (a missed one returns the campaign to
+    `draft`; `schedule.state` is then `missed` and `schedule.reason` says why)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -88,6 +90,7 @@ class Campaign(BaseModel):
     # many there were; None until hydrated.
     unknown_contact_ids: list[str] | None
     unknown_contact_count: int | None
+    schedule: Schedule | None
 
 
 class CampaignList(BaseModel):
@@ -223,6 +226,7 @@ def campaign_out(view: queries.CampaignView) -> Campaign:
         cancelled_at=p.cancelled_at,
         unknown_contact_ids=p.unknown_contact_ids,
         unknown_contact_count=p.unknown_contact_count,
+        schedule=schedule_out(view.schedule),
     )
 
 

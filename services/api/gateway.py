@@ -32,6 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules
 from services.api import outbox, queries
 from services.api.commands import CommandInvalid, CommandRequest, build_envelope
 from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
@@ -63,15 +64,39 @@ class CommandAccepted(BaseModel):
     status_url: str
 
 
+class Schedule(BaseModel):
+    """A scheduled send: `scheduled` (waiting for `send_at`), `missed` (found too late, or its
+    audience no longer valid: not sent, `reason` says why; ForceScheduledSend sends it),
+    `fired` (the send started; a forced miss keeps `missed_at` and `reason`) or `cancelled`."""
+
+    send_at: datetime
+    state: ScheduleState
+    missed_at: datetime | None
+    reason: str | None
+
+
+def schedule_out(schedule: CampaignSchedule | None) -> Schedule | None:
+    if schedule is None:
+        return None
+    return Schedule(send_at=schedule.send_at, state=schedule.state, missed_at=schedule.missed_at,
+                    reason=schedule.reason)
+
+
 class CausedEvent(BaseModel):
+    """`caused_by`: set on what the command's schedule caused later (the CampaignScheduled
+    event's id), e.g. the CampaignScheduleMissed of a schedule found too late."""
+
     event_id: str
     type: str
     occurred_at: datetime
+    caused_by: str | None
 
 
 class CommandStatus(BaseModel):
     """Where a command stands: pending (in the outbox) -> published (on campaign.commands) ->
-    accepted (it caused `events`) or rejected (with `reason`)."""
+    accepted (it caused `events`) or rejected (with `reason`). An accepted ScheduleCampaign
+    carries its `schedule`: whether it is still waiting, fired, was cancelled, or was missed
+    and why; `events` then include what the schedule caused."""
 
     command_id: uuid.UUID
     status: CommandState
@@ -81,12 +106,24 @@ class CommandStatus(BaseModel):
     published_at: datetime | None
     events: list[CausedEvent]
     reason: str | None
+    schedule: Schedule | None
+
+
+def is_settled(status: CommandStatus) -> bool:
+    """Nothing more will come of the command: rejected, or accepted and, for a schedule, it
+    fired, was missed or was cancelled."""
+    waiting = status.schedule is not None and status.schedule.state == "scheduled"
+    return status.status in FINAL_STATES and not waiting
 
 
 def _status(pool: Pool, tenant: str, command_id: uuid.UUID) -> CommandStatus | None:
     with queries.tenant_snapshot(pool, tenant) as conn:
         entry = outbox.entry_of(conn, tenant, command_id)
         events, reason = queries.command_outcome(conn, tenant, str(command_id))
+        # A schedule this command made (one at most: a campaign is scheduled once).
+        scheduled = [e.aggregate_id for e in events
+                     if e.type == "CampaignScheduled" and e.caused_by is None][:1]
+        schedule = next(iter(campaign_schedules(conn, tenant, scheduled).values()), None)
     if entry is None and not events and reason is None:
         return None
     state: CommandState
@@ -101,12 +138,13 @@ def _status(pool: Pool, tenant: str, command_id: uuid.UUID) -> CommandStatus | N
     return CommandStatus(
         command_id=command_id, status=state,
         type=entry.command_type if entry else None,
-        aggregate_id=entry.aggregate_id if entry else None,
+        aggregate_id=entry.aggregate_id if entry else (events[0].aggregate_id if events else None),
         accepted_at=entry.accepted_at if entry else None,
         published_at=entry.published_at if entry else None,
-        events=[CausedEvent(event_id=e.event_id, type=e.type, occurred_at=e.occurred_at)
-                for e in events],
+        events=[CausedEvent(event_id=e.event_id, type=e.type, occurred_at=e.occurred_at,
+                            caused_by=e.caused_by) for e in events],
         reason=reason,
+        schedule=schedule_out(schedule),
     )
 
 
@@ -192,21 +230,23 @@ def get_command(command_id: uuid.UUID, tenant: Tenant, pool: DbPool) -> CommandS
 )
 async def command_events(command_id: uuid.UUID, request: Request, tenant: Tenant,
                          pool: DbPool) -> StreamingResponse:
-    """Server-sent `status` events whenever the command's status changes; the stream ends
-    once it is accepted or rejected."""
+    """Server-sent `status` events whenever the command's status (or what it caused) changes;
+    the stream ends once it is rejected, or accepted and, for a ScheduleCampaign, once the
+    schedule fired, was missed (with the reason) or was cancelled."""
     if await run_in_threadpool(_status, pool, tenant, command_id) is None:
         raise HTTPException(404, "command not found")
 
     async def frames() -> AsyncIterator[str]:
         yield f"retry: {RECONNECT_MS}\n\n"
-        last: str | None = None
+        last: dict[str, Any] | None = None
         event_id = 0
         while not await request.is_disconnected():
             status = await run_in_threadpool(_status, pool, tenant, command_id)
-            if status is not None and status.status != last:
-                last, event_id = status.status, event_id + 1
-                yield format_event("status", status.model_dump(mode="json"), event_id)
-                if status.status in FINAL_STATES:
+            body = None if status is None else status.model_dump(mode="json")
+            if status is not None and body is not None and body != last:
+                last, event_id = body, event_id + 1
+                yield format_event("status", body, event_id)
+                if is_settled(status):
                     return
             await asyncio.sleep(OUTCOME_POLL_S)
 

@@ -17,6 +17,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from projections.queries import CampaignProgress, campaign_progress, list_campaigns
+from projections.schedules import CampaignSchedule, CausedEvent, campaign_schedules, caused_events
 
 # Rate "over the last minute": recipients that reached a terminal status (sent, failed,
 # skipped) within this window, by event time (campaign_throughput's per-second buckets).
@@ -42,6 +43,7 @@ class CampaignView:
     progress: CampaignProgress
     as_of: datetime
     settled_last_minute: int
+    schedule: CampaignSchedule | None = None  # None: never scheduled
 
     @property
     def settled(self) -> int:
@@ -128,7 +130,9 @@ def tenant_campaigns(conn: psycopg.Connection[Any], tenant_id: str) -> list[Camp
     campaigns = list_campaigns(conn, tenant_id)
     active = [p.campaign_id for p in campaigns if _recently_active(p, as_of)]
     recent = _settled_since(conn, tenant_id, active)
-    return [CampaignView(p, as_of, recent.get(p.campaign_id, 0)) for p in campaigns]
+    schedules = campaign_schedules(conn, tenant_id, [p.campaign_id for p in campaigns])
+    return [CampaignView(p, as_of, recent.get(p.campaign_id, 0), schedules.get(p.campaign_id))
+            for p in campaigns]
 
 
 def tenant_campaign(conn: psycopg.Connection[Any], tenant_id: str, campaign_id: str) -> CampaignView | None:
@@ -138,7 +142,8 @@ def tenant_campaign(conn: psycopg.Connection[Any], tenant_id: str, campaign_id: 
         return None
     as_of = _now(conn)
     recent = _settled_since(conn, tenant_id, [campaign_id]) if _recently_active(progress, as_of) else {}
-    return CampaignView(progress, as_of, recent.get(campaign_id, 0))
+    schedule = campaign_schedules(conn, tenant_id, [campaign_id]).get(campaign_id)
+    return CampaignView(progress, as_of, recent.get(campaign_id, 0), schedule)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,21 +280,12 @@ def list_counts(conn: psycopg.Connection[Any], tenant_id: str) -> list[ListCount
     return [ListCountsRow(*row) for row in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class CausedEvent:
-    event_id: str
-    type: str
-    occurred_at: datetime
-
-
 def command_outcome(
     conn: psycopg.Connection[Any], tenant_id: str, command_id: str
 ) -> tuple[list[CausedEvent], str | None]:
-    """The events a command caused on campaign.events, and its rejection reason (if any)."""
-    events = [CausedEvent(*row) for row in conn.execute(
-        "SELECT event_id::text, event_type, occurred_at FROM command_outcomes"
-        " WHERE tenant_id = %s AND causation_id = %s ORDER BY occurred_at, event_id",
-        (tenant_id, command_id)).fetchall()]
+    """The events a command caused on campaign.events (with those its schedule caused later),
+    and its rejection reason (if any)."""
+    events = caused_events(conn, tenant_id, command_id)
     row = conn.execute(
         "SELECT reason FROM command_rejections WHERE tenant_id = %s AND command_id = %s"
         " ORDER BY occurred_at LIMIT 1", (tenant_id, command_id)).fetchone()

@@ -1,10 +1,12 @@
-"""`campaignctl`: import contacts, create, send, test-send, cancel, watch and show campaigns.
+"""`campaignctl`: import contacts, create, send, schedule, force-send, test-send, cancel, watch
+and show campaigns.
 
 Thin by design: each command parses its options, calls contacts_import, publishing or progress,
 and maps the outcome to an exit code. Exit codes: 0 done (an import with bad rows is done),
 1 a fatal error (missing file, unusable CSV, Kafka or PostgreSQL unreachable, campaign not
-found, command rejected, timeout), 2 invalid input (pydantic validation, usage). Errors are one
-red line on stderr, never a traceback. Settings come from the environment (`Settings()`).
+found, command rejected, schedule missed, timeout), 2 invalid input (pydantic validation,
+usage). Errors are one red line on stderr, never a traceback. Settings come from the
+environment (`Settings()`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,27 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
 
 from projections.queries import campaign_progress
+from projections.schedules import campaign_schedules
 from schemas.base import InvalidEmail, Record
-from schemas.commands import CancelCampaign, CreateCampaign, SampleContact, SendCampaign, SendTestEmail
+from schemas.commands import (
+    CancelCampaign,
+    CreateCampaign,
+    ForceScheduledSend,
+    SampleContact,
+    ScheduleCampaign,
+    SendCampaign,
+    SendTestEmail,
+)
 from schemas.events import TestEmailFailed, TestEmailSent
 from services.cli.contact_csv import column_mapping
 from services.cli.contact_flags import lift_flag
 from services.cli.contact_merge import merge_case_twins
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
+from services.cli.ops_cmd import ops_app
 from services.cli.progress import (
     CommandWasRejected,
+    ScheduleWasMissed,
+    await_schedule,
     elapsed_seconds,
     render_campaign,
     render_summary,
@@ -54,13 +68,15 @@ app = typer.Typer(help="Event-sourced e-mail campaigns: contacts and campaigns."
                   pretty_exceptions_show_locals=False)
 contacts_app = typer.Typer(help="Contacts: import from CSV, lift a suppression or an unsubscribe.",
                            no_args_is_help=True)
-campaign_app = typer.Typer(help="Campaigns: create, send, test-send, cancel, watch, show.",
-                           no_args_is_help=True)
+campaign_app = typer.Typer(
+    help="Campaigns: create, send, schedule, force-send, test-send, cancel, watch, show.",
+    no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(segment_app, name="segment")
 segment_app.command("counts")(segment_counts_command)
 app.add_typer(projections_app, name="projections")
+app.add_typer(ops_app, name="ops")
 
 # soft_wrap: ids and reasons stay on one line, whatever the terminal width, so they can be copied.
 out = Console(soft_wrap=True)
@@ -94,8 +110,8 @@ def _fatal_errors() -> Iterator[None]:
         yield
     except ValidationError as exc:
         _fail(_validation_message(exc), EXIT_INVALID)
-    except CommandWasRejected:
-        raise typer.Exit(EXIT_FATAL) from None  # watch_campaign already printed it in red
+    except (CommandWasRejected, ScheduleWasMissed):
+        raise typer.Exit(EXIT_FATAL) from None  # the watch already printed it in red
     except (CsvImportError, PublishError, TimeoutError) as exc:
         _fail(str(exc))
     except InvalidEmail as exc:
@@ -242,38 +258,100 @@ def campaign_create(
     out.print(campaign_id, highlight=False)
 
 
+Lists = Annotated[list[str] | None, typer.Option("--list", help="List to send to (repeatable).")]
+Contacts = Annotated[list[str] | None, typer.Option("--contact", help="Contact id to send to (repeatable).")]
+Segments = Annotated[list[str] | None, typer.Option("--segment", help="Segment to send to (repeatable).")]
+ExcludeLists = Annotated[
+    list[str] | None, typer.Option("--exclude-list", help="Leave out this list's members (repeatable).")
+]
+ExcludeSegments = Annotated[
+    list[str] | None,
+    typer.Option("--exclude-segment", help="Leave out this segment's matches (repeatable)."),
+]
+
+
+def _audience(lists: list[str] | None, contacts: list[str] | None, segments: list[str] | None,
+              exclude_lists: list[str] | None, exclude_segments: list[str] | None) -> SendCampaign:
+    if not lists and not contacts and not segments:
+        _fail("give at least one --list, --segment or --contact", EXIT_INVALID)
+    return SendCampaign(
+        list_ids=lists or [], contact_ids=contacts or [], segment_ids=segments or [],
+        exclude_list_ids=exclude_lists or [], exclude_segment_ids=exclude_segments or [],
+    )
+
+
 @campaign_app.command("send")
 def campaign_send(
     campaign_id: CampaignId,
     tenant: Tenant,
-    lists: Annotated[list[str] | None, typer.Option("--list", help="List to send to (repeatable).")] = None,
-    contacts: Annotated[
-        list[str] | None, typer.Option("--contact", help="Contact id to send to (repeatable).")
-    ] = None,
-    segments: Annotated[
-        list[str] | None, typer.Option("--segment", help="Segment to send to (repeatable).")
-    ] = None,
-    exclude_lists: Annotated[
-        list[str] | None, typer.Option("--exclude-list", help="Leave out this list's members (repeatable).")
-    ] = None,
-    exclude_segments: Annotated[
-        list[str] | None,
-        typer.Option("--exclude-segment", help="Leave out this segment's matches (repeatable)."),
-    ] = None,
+    lists: Lists = None,
+    contacts: Contacts = None,
+    segments: Segments = None,
+    exclude_lists: ExcludeLists = None,
+    exclude_segments: ExcludeSegments = None,
     watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow progress until done.")] = True,
     timeout: WatchTimeout = None,
 ) -> None:
     """Start sending a draft campaign to any mix of lists, segments and contacts, minus
     exclusion lists and segments."""
-    if not lists and not contacts and not segments:
-        _fail("give at least one --list, --segment or --contact", EXIT_INVALID)
     with _fatal_errors():
-        command = SendCampaign(
-            list_ids=lists or [], contact_ids=contacts or [], segment_ids=segments or [],
-            exclude_list_ids=exclude_lists or [], exclude_segment_ids=exclude_segments or [],
-        )
+        command = _audience(lists, contacts, segments, exclude_lists, exclude_segments)
         command_id = _publish(command, tenant, campaign_id)
         out.print(f"send requested for {campaign_id} (command {command_id})", highlight=False)
+        if watch:
+            _watch(campaign_id, tenant, timeout, command_id)
+
+
+@campaign_app.command("schedule")
+def campaign_schedule(
+    campaign_id: CampaignId,
+    tenant: Tenant,
+    at: Annotated[str, typer.Option("--at", help="When to send: ISO 8601 with a UTC offset, "
+                                                 "e.g. 2030-03-01T09:00:00+01:00.")],
+    grace: Annotated[int, typer.Option("--grace", help="Seconds late it may still fire; later "
+                                                       "it is reported missed, not sent.")] = 900,
+    lists: Lists = None,
+    contacts: Contacts = None,
+    segments: Segments = None,
+    exclude_lists: ExcludeLists = None,
+    exclude_segments: ExcludeSegments = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the outcome: recorded, "
+                                                                "and fired or missed once due.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up waiting after S seconds.")] = 30.0,
+) -> None:
+    """Schedule a draft campaign's send (the audience is fixed when it fires). Exits 1 when
+    it is rejected or its schedule is missed (found more than --grace seconds late), with
+    the reason."""
+    with _fatal_errors():
+        send = _audience(lists, contacts, segments, exclude_lists, exclude_segments)
+        command = ScheduleCampaign.model_validate({"send_at": at, "send": send, "grace_seconds": grace})
+        command_id = _publish(command, tenant, campaign_id)
+        out.print(f"schedule requested for {campaign_id} at {command.send_at.isoformat()}"
+                  f" (command {command_id})", highlight=False)
+        if not wait:
+            return
+        schedule = await_schedule(Settings(), campaign_id, tenant, command_id=command_id,
+                                  timeout=timeout, console=err)
+        if schedule.state == "fired":
+            out.print(f"schedule fired: {campaign_id} is sending", highlight=False)
+        elif schedule.state == "cancelled":
+            out.print(f"{campaign_id} was cancelled before its schedule fired", highlight=False)
+        else:
+            out.print(f"scheduled: {campaign_id} sends at {schedule.send_at.isoformat()}"
+                      f" (grace {grace} s)", highlight=False)
+
+
+@campaign_app.command("force-send")
+def campaign_force_send(
+    campaign_id: CampaignId,
+    tenant: Tenant,
+    watch: Annotated[bool, typer.Option("--watch/--no-watch", help="Follow progress until done.")] = True,
+    timeout: WatchTimeout = None,
+) -> None:
+    """Send a scheduled campaign now, whether its schedule is pending or was missed."""
+    with _fatal_errors():
+        command_id = _publish(ForceScheduledSend(), tenant, campaign_id)
+        out.print(f"forced send requested for {campaign_id} (command {command_id})", highlight=False)
         if watch:
             _watch(campaign_id, tenant, timeout, command_id)
 
@@ -365,11 +443,14 @@ def _watch(campaign_id: str, tenant: str, timeout: float | None, command_id: uui
 def campaign_show(campaign_id: CampaignId, tenant: Tenant) -> None:
     """Show a campaign's read model."""
     with _fatal_errors():
-        with psycopg.connect(Settings().database_url, autocommit=True) as conn:
+        with psycopg.connect(Settings().database_url) as conn:
+            # One snapshot for the progress and the schedule.
+            conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
             progress = campaign_progress(conn, campaign_id, tenant)
+            schedule = campaign_schedules(conn, tenant, [campaign_id]).get(campaign_id)
         if progress is None:
             _fail(f"campaign {campaign_id!r} not found for tenant {tenant!r}")
-        out.print(render_campaign(progress))
+        out.print(render_campaign(progress, schedule))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import signal
 import threading
 
 from services.command_handler.handler import CommandHandler
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 
 
@@ -13,7 +14,9 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    CommandHandler(Settings()).run(stop)
+    settings = Settings()
+    start_observability(settings, "command_handler", standard_checks(settings, database=False))
+    CommandHandler(settings).run(stop)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Schedule:
     grace_seconds: int
     send: SendCampaign
     missed: bool = False
+    missed_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,12 @@ def decide(
         case SendCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
-                raise Rejected(f"campaign {campaign_id!r} is {current.status}, not draft")
+                raise Rejected(_not_draft(current))
             return [_send_requested(current, command, contacts_snapshot, segments)]
         case ScheduleCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
-                raise Rejected(f"campaign {campaign_id!r} is {current.status}, not draft")
+                raise Rejected(_not_draft(current))
             _send_requested(current, command.send, contacts_snapshot, segments)  # valid now?
             return [CampaignScheduled(send_at=command.send_at, grace_seconds=command.grace_seconds,
                                       send=command.send)]
@@ -181,7 +182,8 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
             schedule = Schedule(event.send_at, event.grace_seconds, event.send)
             return replace(state, status=Status.SCHEDULED, schedule=schedule)
         case CampaignScheduleMissed() if state is not None and state.schedule is not None:
-            return replace(state, schedule=replace(state.schedule, missed=True))
+            return replace(state, schedule=replace(state.schedule, missed=True,
+                                                   missed_reason=event.reason))
         case CampaignCancelled() if state is not None:
             return replace(state, status=Status.CANCELLED)
         case CampaignPaused() if state is not None and state.status is Status.SENDING:
@@ -189,6 +191,18 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
         case CampaignResumed() if state is not None and state.status is Status.PAUSED:
             return replace(state, status=Status.SENDING)
     return state
+
+
+def _not_draft(current: Campaign) -> str:
+    """Why a send or schedule is refused; a missed schedule says what became of it and what
+    can be done, since the read models show such a campaign as a draft again."""
+    reason = f"campaign {current.campaign_id!r} is {current.status}, not draft"
+    schedule = current.schedule
+    if schedule is None or not schedule.missed:
+        return reason
+    return (f"{reason}: its schedule for {schedule.send_at.isoformat()} was missed"
+            f" ({schedule.missed_reason or 'no reason given'}); ForceScheduledSend sends it now,"
+            " CancelCampaign drops it")
 
 
 def _existing(state: Campaign | None, campaign_id: str, tenant_id: str) -> Campaign:

@@ -10,7 +10,8 @@ import structlog
 
 def configure_logging(service: str, level: str = "INFO") -> structlog.stdlib.BoundLogger:
     """Configure JSON-line logging and return a logger bound to the service name."""
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    # Libraries' stdlib records (uvicorn, psycopg, faust, ...) become JSON lines too.
+    logging.basicConfig(level=level, handlers=[json_log_handler()], force=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

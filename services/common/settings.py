@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.heartbeat import Heartbeat
+from services.common.heartbeat import Heartbeat, shared_heartbeat
 
 # Ports of the local platform started by `make up`; tests start their own on other ports.
 DEFAULT_KAFKA_PORT = 29092
@@ -48,8 +48,13 @@ class Settings:
     # supervisor gives each program its own (services/common/heartbeat.py).
     heartbeat_file: str = field(default_factory=lambda: _env("HEARTBEAT_FILE", ""))
 
+    # The port of the process's /metrics, /healthz and /readyz (0 = none; services/common/
+    # observability.py), and the address it listens on (0.0.0.0 in a container).
+    metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "0")))
+    metrics_host: str = field(default_factory=lambda: _env("METRICS_HOST", "127.0.0.1"))
+
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(self.heartbeat_file or None)
+        return shared_heartbeat(self.heartbeat_file or None)
 
     def group(self, name: str) -> str:
         """Consumer group id for a service, namespaced like the topics."""

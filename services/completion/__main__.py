@@ -13,6 +13,7 @@ import signal
 import threading
 
 from services.common.logs import configure_logging
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 from services.completion.service import SERVICE, CompletionService
 from services.completion.tracker import FailureGuard
@@ -28,8 +29,10 @@ def main() -> None:
         min_deliveries=int(os.environ.get("AUTOPAUSE_MIN_DELIVERIES", "100")),
         failure_rate=None if rate in ("", "off") else float(rate),
     )
+    settings = Settings()
+    start_observability(settings, SERVICE, standard_checks(settings, database=False))
     service = CompletionService(
-        Settings(),
+        settings,
         transactional_id=os.environ.get("COMPLETION_TRACKER_TRANSACTIONAL_ID") or None,
         logger=log.bind(component=SERVICE),
         guard=guard,

@@ -9,6 +9,7 @@ import os
 import faust
 
 from services.common.logs import json_log_handler
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 from services.hydrator.app import APP_NAME, create_app, instance_name
 from services.hydrator.gather import start_gather
@@ -37,6 +38,7 @@ def main() -> None:
         # Runs on faust's event loop: it stops when that loop is stuck.
         heartbeat.beat()
 
+    start_observability(settings, "hydrator", standard_checks(settings, database=False))
     gather, _ = start_gather(settings, settings.group(APP_NAME), instance_name())
     worker = HydratorWorker(app, loglevel=os.environ.get("HYDRATOR_LOGLEVEL", "WARNING"), quiet=True)
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from projections.migrate import apply_migrations
+from services.common.observability import ask_readiness
 from services.common.settings import (
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
@@ -29,6 +30,8 @@ from services.platform.supervision import Program, Supervision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion", "api")
+# Bounds `status` waiting for one service's readiness answer.
+READINESS_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class StackPorts:
     kafka_controller: int = int(os.environ.get("KAFKA_CONTROLLER_PORT", DEFAULT_KAFKA_PORT + 1))
     postgres: int = int(os.environ.get("POSTGRES_PORT", DEFAULT_POSTGRES_PORT))
     smtp: int = int(os.environ.get("SMTP_PORT", DEFAULT_SMTP_PORT))
+    # Each service's /metrics, /healthz, /readyz: METRICS_BASE_PORT + its index in SERVICES.
+    metrics: int = int(os.environ.get("METRICS_BASE_PORT", "29400"))
     # KAFKA_BROKERS=3: a 3-node KRaft cluster on KAFKA_PORT, +2, +4 (controllers on +1, +3, +5).
     kafka_brokers: int = int(os.environ.get("KAFKA_BROKERS", "1"))
 
@@ -111,8 +116,20 @@ class Stack:
 
     def supervision(self) -> Supervision:
         programs = [Program("smtp_sink", [sys.executable, "-m", "services.smtp_sink"], heartbeat=False)]
-        programs += [Program(name, [sys.executable, "-m", f"services.{name}"]) for name in SERVICES]
+        programs += [Program(name, [sys.executable, "-m", f"services.{name}"],
+                             env={"METRICS_PORT": str(self.metrics_port(name))})
+                     for name in SERVICES]
         return Supervision(self.state_dir, programs, env=self.env(), cwd=REPO_ROOT)
+
+    def metrics_port(self, service: str) -> int:
+        return self.ports.metrics + SERVICES.index(service)
+
+    def readiness(self, service: str) -> dict[str, object]:
+        """The service's /readyz answer ({"ready": False, "error": ...} when it does not answer)."""
+        return ask_readiness(self.probe_url(service), READINESS_TIMEOUT_SECONDS)
+
+    def probe_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port(service)}"
 
     def pid(self, name: str) -> int | None:
         """The running process of a supervised program (a service or the SMTP sink)."""
@@ -153,6 +170,9 @@ class Stack:
         ok = all(states.get(name) == "RUNNING" for name in ("smtp_sink", *SERVICES))
         if states:
             for line in supervision.status_lines():
+                name = line.split()[0]
+                if name in SERVICES and states.get(name) == "RUNNING":
+                    line += "  " + _readiness_text(self.readiness(name))
                 print(line)
         else:
             print(f"{'services':<16} stopped (no supervisor)")
@@ -165,3 +185,13 @@ class Stack:
         ok &= pg
         print(f"{'postgres':<16} {'running' if pg else 'stopped'} (127.0.0.1:{self.ports.postgres})")
         return ok
+
+
+def _readiness_text(answer: dict[str, object]) -> str:
+    if answer.get("ready"):
+        return "ready"
+    if "error" in answer:
+        return f"not answering ({answer['error']})"
+    checks = answer.get("checks")
+    failed = {k: v for k, v in checks.items() if v != "ok"} if isinstance(checks, dict) else {}
+    return "not ready: " + "; ".join(f"{k}: {v}" for k, v in failed.items())

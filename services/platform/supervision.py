@@ -121,6 +121,7 @@ class Supervision:
             f"command={_quote(shlex.join(watchdog))}",
             f"directory={_quote(str(self.cwd))}",
             "events=PROCESS_STATE,TICK_5", "autorestart=true", "buffer_size=100",
+            "stdout_logfile=NONE",  # stdout is the listener protocol, not a log
             f"stderr_logfile={_quote(str(self.log_file('watchdog')))}",
             "stderr_logfile_maxbytes=10MB",
         ]
@@ -203,7 +204,8 @@ class Supervision:
         return restarts(read_counts(self.folder).get(name, {}))
 
     def status_lines(self) -> list[str]:
-        """One line per program: state, pid, uptime, restarts (watchdog restarts among them)."""
+        """One line per program, its name first: state, pid, uptime, restarts (watchdog
+        restarts among them)."""
         counts = read_counts(self.folder)
         lines = []
         for info in self.processes():

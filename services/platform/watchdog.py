@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import xmlrpc.client
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ DEFAULT_STALE_SECONDS = 60.0
 # Start-up (migrations, topic checks, group joins, replica catch-up) may take a while first.
 DEFAULT_START_GRACE_SECONDS = 120.0
 RESTARTS_FILE = "restarts.json"
+# supervisord's fault code while it stops every program (supervisor.xmlrpc.Faults).
+SHUTDOWN_STATE = 6
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,13 @@ class Watchdog:
 
     def tick(self) -> None:
         now = time.time()
-        views = [self._view(info) for info in self.rpc.supervisor.getAllProcessInfo()]
+        try:
+            infos = self.rpc.supervisor.getAllProcessInfo()
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode == SHUTDOWN_STATE:
+                return  # supervisord is stopping every program: nothing to watch any more
+            raise
+        views = [self._view(info) for info in infos]
         watched = [v for v in views if v.name in self.watched]
         for name in stuck(watched, now, stale_after=self.stale_after, start_grace=self.start_grace):
             view = next(v for v in watched if v.name == name)
@@ -166,7 +175,7 @@ def main(argv: list[str]) -> int:
         try:
             watchdog.on_event(headers["eventname"], payload)
         except Exception:  # a failed tick must not end the listener; the next one tries again
-            watchdog.log.exception("watchdog event failed", event=headers.get("eventname"))
+            watchdog.log.exception("watchdog event failed", supervisor_event=headers.get("eventname"))
         childutils.listener.ok(sys.stdout)
 
 

@@ -24,6 +24,7 @@ from types import FrameType
 from projections.migrate import apply_migrations
 from projections.projector import Projector, lane_projectors, run_lanes
 from services.common.logs import configure_logging
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 from services.common.topics import ensure_topics
 
@@ -46,6 +47,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    start_observability(settings, "projector", standard_checks(settings))
     applied = apply_migrations(settings.database_url)
     if applied:
         log.info("migrations applied", versions=applied)

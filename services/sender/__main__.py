@@ -30,6 +30,7 @@ from types import FrameType
 
 from services.common.gc_tuning import relaxed_gc
 from services.common.logs import configure_logging
+from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
@@ -57,6 +58,7 @@ def main() -> int:
     except RelayConfigError as exc:
         log.error("relay configuration refused", error=str(exc))
         return 2
+    start_observability(settings, "sender", standard_checks(settings))
     concurrency = int(os.environ.get("SENDER_CONCURRENCY", "8"))
     failed = threading.Event()
 

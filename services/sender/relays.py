@@ -46,7 +46,7 @@ from services.sender.mime import OutgoingMail
 from services.sender.relay_config import RelaysConfig, RelaySettings, normalise_domain
 from services.sender.replies import Attempt, Verdict
 from services.sender.smtp_pool import RelayResult, Security, SetupPhase, SmtpPool, tls_context
-from services.sender.transport import MailTransport
+from services.sender.transport import MailTransport, TimedTransport
 
 log = structlog.get_logger("sender.relays")
 
@@ -233,9 +233,9 @@ def transport_factory(settings: Settings,
     Raises RelayConfigError (at start-up) for a configuration that cannot be used."""
     config = relay_config.load(os.environ if env is None else env)
     if config is None:
-        return lambda size: SmtpPool(settings.smtp_host, settings.smtp_port, size)
+        return lambda size: TimedTransport(SmtpPool(settings.smtp_host, settings.smtp_port, size))
     log.info("relays configured", default=config.default_relay, failover=config.failover,
              relays=[{"name": r.name, "host": r.host, "port": r.port, "security": r.security.value,
                       "auth": r.username is not None, "domains": len(r.domains)}
                      for r in config.relays])
-    return lambda size: RelayRouter(config, size)
+    return lambda size: TimedTransport(RelayRouter(config, size))

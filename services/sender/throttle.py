@@ -27,6 +27,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.common.metrics import THROTTLES
+
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
           "h": 3600.0, "hour": 3600.0}
 _LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
@@ -108,10 +110,15 @@ class RateLimiter:
         bookings get consecutive slots and a message sent at its slot needs no other token."""
         with self._lock:
             buckets = self._for(tenant, server, now)
-            wait = max((b.wait(now) for b in buckets), default=0.0)
+            waits = [b.wait(now) for b in buckets]
+            wait = max(waits, default=0.0)
             for bucket in buckets:
                 bucket.tokens -= 1.0
-            return wait
+        if wait > 0:
+            # The binding limit: tenant buckets come first in `buckets` (see _for).
+            binding = waits.index(wait)
+            THROTTLES.labels(scope="tenant" if binding < len(self.tenant_limits) else "relay").inc()
+        return wait
 
     def _for(self, tenant: str, server: str, now: float) -> list[TokenBucket]:
         wanted = [("tenant", tenant, i) for i in range(len(self.tenant_limits))]

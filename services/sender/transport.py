@@ -4,13 +4,16 @@ The worker only needs three things of whatever carries its mail: a server name t
 limits against, one SMTP transaction that never raises for SMTP or network trouble, and a way
 to close. `SmtpPool` (one relay, services/sender/smtp_pool.py) satisfies it, and so does
 `RelayRouter` (several relays routed by From domain, with failover; services/sender/relays.py).
-`relays.transport_factory` picks one of them from the environment at start-up.
+`relays.transport_factory` picks one of them from the environment at start-up, wrapped in
+`TimedTransport`, which records each transaction's duration per routed relay.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
+from services.common.metrics import SMTP_TRANSACTION_SECONDS
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt
 
@@ -30,3 +33,25 @@ class MailTransport(Protocol):
     def close(self) -> None:
         """Release connections; called when no thread is transmitting."""
         ...
+
+
+class TimedTransport:
+    """A `MailTransport` that observes every transaction's duration in
+    campaign_smtp_transaction_seconds{relay=<routed relay>} (connection set-up included)."""
+
+    def __init__(self, inner: MailTransport) -> None:
+        self.inner = inner
+
+    def server_for(self, sender: str) -> str:
+        return self.inner.server_for(sender)
+
+    def transmit(self, mail: OutgoingMail) -> Attempt:
+        started = time.perf_counter()
+        try:
+            return self.inner.transmit(mail)
+        finally:
+            SMTP_TRANSACTION_SECONDS.labels(relay=self.inner.server_for(mail.sender)).observe(
+                time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -184,3 +184,20 @@ def test_a_new_relay_fences_a_stale_leaders_open_transaction(
         zombie.commit_transaction(30)
     assert relay.published == len(expected)
     assert_published_once_in_order(settings, expected, campaigns)
+
+
+def test_the_outbox_depth_gauge_counts_what_waits_for_kafka(settings: Settings, relays: list[OutboxRelay]) -> None:
+    from services.common.metrics import OUTBOX_DEPTH
+
+    def depth() -> float:
+        return float(OUTBOX_DEPTH._value.get())  # the gauge's current value
+
+    away = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}")
+    accept_commands(settings, "acme", ["cmp-depth"], 7)
+    stranded = start(relays, away)
+    wait_for(lambda: stranded.leading and depth() == 7, "the gauge to show 7 pending rows")
+    stranded.stop()
+    relays.remove(stranded)
+    start(relays, settings)
+    wait_all_published(settings)
+    wait_for(lambda: depth() == 0, "the gauge to drop to 0 once published")

@@ -13,6 +13,7 @@ from services.sender.relay_config import RelayConfigError, RelaysConfig, load, p
 from services.sender.relays import RelayRouter, RoutingTable, transport_factory
 from services.sender.replies import Attempt, Verdict
 from services.sender.smtp_pool import RelayResult, Security, SetupPhase, SmtpPool
+from services.sender.transport import TimedTransport
 
 
 def relay(name: str, **extra) -> dict:
@@ -132,8 +133,32 @@ def test_a_file_of_unknown_format_is_refused(tmp_path):
 def test_without_relay_config_the_transport_is_the_single_smtp_relay():
     factory = transport_factory(Settings(smtp_host="127.0.0.1", smtp_port=2626), env={})
     transport = factory(2)
-    assert isinstance(transport, SmtpPool)
+    assert isinstance(transport, TimedTransport) and isinstance(transport.inner, SmtpPool)
     assert transport.server_for("a@example.com") == "127.0.0.1:2626"
+
+
+def test_every_transaction_is_timed_under_its_relay():
+    from services.common.metrics import SMTP_TRANSACTION_SECONDS
+
+    class Instant:
+        def server_for(self, sender: str) -> str:
+            return "relay-a"
+
+        def transmit(self, mail):
+            return Attempt(Verdict.SENT, 250, "ok")
+
+        def close(self) -> None:
+            pass
+
+    def observed() -> float:
+        return next(s.value for m in SMTP_TRANSACTION_SECONDS.collect() for s in m.samples
+                    if s.name.endswith("_count") and s.labels.get("relay") == "relay-a")
+
+    timed = TimedTransport(Instant())
+    timed.transmit(type("Mail", (), {"sender": "n@example.com"})())
+    before = observed()
+    timed.transmit(type("Mail", (), {"sender": "n@example.com"})())
+    assert observed() == before + 1
 
 
 # --- routing ---------------------------------------------------------------------------------

@@ -72,3 +72,20 @@ def test_a_throttled_recipient_is_taken_back_early_enough_to_wait_for_its_slot()
     assert due_at(retry) == slot  # a transient failure's retry: at its time
     assert due_at(throttled) == slot - timedelta(seconds=THROTTLED_EARLY_SECONDS)
     assert THROTTLED_EARLY_SECONDS > 0
+
+
+def test_each_wait_is_counted_under_the_limit_that_binds() -> None:
+    from services.common.metrics import THROTTLES
+
+    def count(scope: str) -> float:
+        return float(THROTTLES.labels(scope=scope)._value.get())
+
+    tenant, relay = count("tenant"), count("relay")
+    limiter = RateLimiter(tenant_limits=(100.0,), server_limits=(2.0,))
+    for name in "abc":
+        limiter.book(name, "relay", 0.0)  # the third waits on the relay's 2/s
+    assert (count("tenant") - tenant, count("relay") - relay) == (0, 1)
+    limiter = RateLimiter(tenant_limits=(1.0,))
+    limiter.book("acme", "relay", 0.0)
+    limiter.book("acme", "relay", 0.0)  # waits on the tenant's 1/s
+    assert (count("tenant") - tenant, count("relay") - relay) == (1, 1)

@@ -1,0 +1,88 @@
+"""The engine's Prometheus metrics, one definition each, shared by every service.
+
+Each process has one registry (prometheus_client's default), served by
+services/common/observability.py; which service a sample came from is the scrape target's
+label, not a metric label. Names follow Prometheus conventions (base units in the name,
+`_total` on counters). Labels carry only bounded values (topics, partitions, outcomes, reply
+classes, relay names, results): never a tenant's contact id or e-mail address.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS_CONSUMED = Counter(
+    "campaign_records_consumed", "Records this process consumed, by topic.", ["topic"])
+RECORDS_PRODUCED = Counter(
+    "campaign_records_produced", "Records this process produced (committed or not), by topic.",
+    ["topic"])
+
+DELIVERIES = Counter(
+    "campaign_deliveries", "Delivery outcomes settled by the sender, by outcome and SMTP reply "
+    "class (2xx, 4xx, 5xx, none).", ["outcome", "reply_class"])
+AMBIGUOUS = Counter(
+    "campaign_ambiguous_deliveries", "Transactions whose fate at the relay is unknown (the "
+    "connection was lost after DATA): the only possible duplicates.")
+RETRIES_SCHEDULED = Counter(
+    "campaign_retries_scheduled", "Transient failures parked for a later attempt.")
+THROTTLES = Counter(
+    "campaign_throttles", "Times a rate limit made the sender wait, by scope (tenant, relay).",
+    ["scope"])
+HELD_RECIPIENTS = Gauge(
+    "campaign_held_recipients", "Recipients held back by the sender right now (paused "
+    "campaigns, parked retries not yet due).")
+SMTP_TRANSACTION_SECONDS = Histogram(
+    "campaign_smtp_transaction_seconds", "Duration of one SMTP transaction (MAIL to the reply "
+    "after DATA), by relay.", ["relay"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+BATCH_SIZE = Histogram(
+    "campaign_batch_size_records", "Records handled per batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+BATCH_SECONDS = Histogram(
+    "campaign_batch_duration_seconds", "Time to handle one batch, fetch to commit.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+TRANSACTIONS = Counter(
+    "campaign_kafka_transactions", "Kafka transactions ended, by result (committed, aborted).",
+    ["result"])
+
+PROJECTION_LAG_SECONDS = Histogram(
+    "campaign_projection_lag_seconds", "Per committed batch, from its oldest record's time "
+    "(the producer's timestamp) to the commit of the read model that includes it.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+CONSUMER_LAG = Gauge(
+    "campaign_consumer_lag_records", "Records between this consumer's position and the log "
+    "end, per assigned partition, as the consumer last saw it.", ["topic", "partition"])
+OUTBOX_DEPTH = Gauge(
+    "campaign_outbox_depth_records", "Accepted commands not yet relayed to Kafka.")
+
+
+class LagSampler:
+    """Sets CONSUMER_LAG for a consumer's assigned partitions, at most once per `interval`:
+    the log end as last fetched (cached: no broker round trip) minus the consumer's position.
+    Call `sample` from the consumer's own loop (a confluent-kafka consumer is not shared across
+    threads); partitions no longer assigned keep their last value until reassigned."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = float("-inf")
+
+    def sample(self, consumer: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        try:
+            for tp in consumer.position(consumer.assignment()):
+                if tp.offset < 0:
+                    continue  # no position yet (nothing fetched on this partition)
+                _low, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    continue
+                CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, high - tp.offset))
+        except Exception:  # noqa: BLE001 - a gauge must never break the loop that feeds it
+            return
