@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, Field, field_validator, model_validator
 
-from schemas.base import Email, EntityId, HeaderText, Record
+from schemas.base import EntityId, HeaderText, InputEmail, Record
 from schemas.registry import message, upcaster
 
 
@@ -20,7 +20,7 @@ class CreateCampaign(Record):
 
     name: str = Field(min_length=1, max_length=200)
     subject: HeaderText
-    from_address: Email
+    from_address: InputEmail
     body_text: str | None = Field(default=None, max_length=1_000_000)
     body_html: str | None = Field(default=None, max_length=1_000_000)
 
@@ -117,7 +117,7 @@ class SendTestEmail(Record):
     each is mailed once (a repeated address is dropped); `test_id` names this test send in
     the events it causes."""
 
-    addresses: list[Email] = Field(min_length=1, max_length=MAX_TEST_ADDRESSES)
+    addresses: list[InputEmail] = Field(min_length=1, max_length=MAX_TEST_ADDRESSES)
     sample: SampleContact = Field(default_factory=SampleContact)
     test_id: uuid.UUID = Field(default_factory=uuid.uuid4)
 

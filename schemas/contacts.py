@@ -1,7 +1,18 @@
 """Contact events on contacts.events, keyed by tenant + contact id, and their pure fold.
 
 `apply_contact_event(state, event)` folds the events into a ContactState;
-`exclusion_reason(state, list_ids)` says why a contact must not be mailed (or None).
+`exclusion_reason(state, list_ids)` says why a contact must not be mailed (or None). Every
+reader of contacts.events folds with these two (the projector, the hydrator's replicas) or
+holds a subset of the same rules that the unit tests compare with them (the sender's
+do-not-mail list).
+
+Contact identity: a contact id is a name-based UUID of tenant + `email_identity` (the whole
+address lower-cased, IDN domains in ASCII form), so `Ann@Example.COM` and `ann@example.com`
+are one contact while the address is stored and delivered as given. Ids of addresses whose
+local part is lower-case are the same as before this rule (their identity string did not
+change). Contacts created earlier from a mixed-case local part keep their id: the import
+finds them by identity (`services.cli.existing_contacts`) and writes to them, and merges
+contacts that only differed in case (see `services.cli.identity_merge`).
 """
 
 from __future__ import annotations
@@ -9,20 +20,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
-from schemas.base import Email, EntityId, Record
+from schemas.base import Email, EntityId, Record, email_identity
 from schemas.registry import message
 
-# Namespace for contact ids derived from tenant + normalised e-mail.
+# Namespace for contact ids derived from tenant + e-mail identity.
 _CONTACT_NAMESPACE = uuid.UUID("6f1f5d4e-8a43-4c1e-9a37-2b8f3c0d5e21")
 
 
-def contact_id_for(tenant_id: str, normalised_email: str) -> str:
-    """Deterministic contact id: the same address in the same tenant is the same contact."""
-    return str(uuid.uuid5(_CONTACT_NAMESPACE, f"{tenant_id}\x00{normalised_email}"))
+def contact_id_for(tenant_id: str, email: str) -> str:
+    """Deterministic contact id: the same person (`email_identity`: the address regardless of
+    case) in the same tenant is the same contact."""
+    return str(uuid.uuid5(_CONTACT_NAMESPACE, f"{tenant_id}\x00{email_identity(email)}"))
 
 
 def contact_key(tenant_id: str, contact_id: str) -> bytes:
@@ -91,6 +103,25 @@ class ContactSuppressed(Record):
     detail: str = Field(default="", max_length=1000)
 
 
+@message("ContactUnsuppressed", 1)
+class ContactUnsuppressed(Record):
+    """An operator lifted the contact's suppression (whatever its reason): it may be mailed
+    again. The only fact that undoes a ContactSuppressed."""
+
+    contact_id: EntityId
+    detail: str = Field(default="", max_length=1000)
+
+
+@message("ContactResubscribed", 1)
+class ContactResubscribed(Record):
+    """The contact asked to be mailed again: to one list, or everything (list_id None lifts
+    the global unsubscribe). The only fact that undoes a ContactUnsubscribed."""
+
+    contact_id: EntityId
+    list_id: EntityId | None = None
+    detail: str = Field(default="", max_length=1000)
+
+
 @message("ContactDeleted", 1)
 class ContactDeleted(Record):
     """The contact is erased: its address, names, attributes and lists are forgotten."""
@@ -101,6 +132,13 @@ class ContactDeleted(Record):
 ContactEvent = (
     ContactUpserted | ContactAttributesChanged | ContactListMembershipAdded
     | ContactListMembershipRemoved | ContactUnsubscribed | ContactSuppressed | ContactDeleted
+    | ContactUnsuppressed | ContactResubscribed
+)
+# Every contact event class, for isinstance checks by readers of contacts.events.
+CONTACT_EVENT_TYPES: tuple[type[Record], ...] = get_args(ContactEvent)
+# The events that set or lift a do-not-mail flag (suppression, unsubscribe, deletion).
+FLAG_EVENT_TYPES = (
+    ContactUnsubscribed, ContactSuppressed, ContactDeleted, ContactUnsuppressed, ContactResubscribed,
 )
 
 
@@ -129,18 +167,24 @@ def apply_contact_event(state: ContactState | None, event: ContactEvent) -> Cont
     Rules:
     - ContactUpserted creates the contact, or replaces e-mail and names, adds its attributes
       (existing ones it does not name are kept) and adds its lists (as the hydrator merges).
-      On a deleted contact it starts afresh, keeping only unsubscribes and suppression.
-    - Any other event for a contact never upserted (state None) is ignored: there is no
-      address to attach it to (on contacts.events an upsert precedes them, same key).
+      On a deleted contact it starts afresh, keeping only unsubscribes and suppression. It
+      never touches a suppression or an unsubscribe: an import cannot lift them.
+    - Suppressions and unsubscribes are lifted only by their own explicit facts:
+      ContactUnsuppressed clears the suppression, ContactResubscribed the global unsubscribe
+      (list_id None) or that list's.
+    - ContactSuppressed records its reason (the latest suppression wins); ContactUnsubscribed
+      with a list id records that list, without one a global unsubscribe.
+    - A suppression or unsubscribe for a contact never upserted (state None) is kept on an
+      address-less contact, stored as deleted: a later upsert starts it afresh with the
+      flag, as after a deletion. Any other event for a contact never upserted is ignored:
+      there is no address to attach it to.
     - ContactAttributesChanged removes `unset` and writes `set`.
     - ContactListMembershipAdded / Removed add or remove one list. Adding a membership does
-      not undo an unsubscribe from that list: re-subscribing needs its own explicit fact.
-    - ContactUnsubscribed with a list id records that list; without one, a global unsubscribe.
-    - ContactSuppressed records its reason (the latest suppression wins).
+      not undo an unsubscribe from that list: re-subscribing needs ContactResubscribed.
     - ContactDeleted forgets address, names, attributes and lists but keeps unsubscribes and
       suppression, so a contact re-imported after deletion is still not mailed against them.
-    - Attribute and membership events on a deleted contact are ignored; unsubscribes and
-      suppressions are still recorded.
+    - Attribute and membership events on a deleted contact are ignored; flags are still
+      recorded and lifted.
     """
     if isinstance(event, ContactUpserted):
         if state is None or state.deleted:
@@ -154,13 +198,21 @@ def apply_contact_event(state: ContactState | None, event: ContactEvent) -> Cont
             attributes={**state.attributes, **event.attributes}, lists=state.lists | set(event.lists),
         )
     if state is None:
-        return None
+        if not isinstance(event, ContactSuppressed | ContactUnsubscribed):
+            return None
+        state = ContactState(event.contact_id, "", deleted=True)
     if isinstance(event, ContactUnsubscribed):
         if event.list_id is None:
             return replace(state, globally_unsubscribed=True)
         return replace(state, unsubscribed_lists=state.unsubscribed_lists | {event.list_id})
     if isinstance(event, ContactSuppressed):
         return replace(state, suppressed_reason=event.reason)
+    if isinstance(event, ContactUnsuppressed):
+        return replace(state, suppressed_reason=None)
+    if isinstance(event, ContactResubscribed):
+        if event.list_id is None:
+            return replace(state, globally_unsubscribed=False)
+        return replace(state, unsubscribed_lists=state.unsubscribed_lists - {event.list_id})
     if state.deleted:
         return state
     if isinstance(event, ContactAttributesChanged):

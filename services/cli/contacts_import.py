@@ -12,10 +12,19 @@ Guarantees:
 - Bad rows are reported with their line number and reason (bad e-mail, missing or extra
   column, oversized field, bad encoding, malformed CSV, bad list id) and skipped; the good rows
   of the same file are still imported. Only a file without a usable header is refused whole.
-- Idempotent: a contact's id (and Kafka key) is derived from tenant + normalised e-mail, so
-  importing a file twice upserts the same contacts with the same fields: the new events fold
-  to the same state (`schemas.contacts.apply_contact_event`). Every event is a new fact with
-  its own envelope id (see `contact_records.EnvelopeIds`).
+- Idempotent: a contact's id (and Kafka key) is derived from tenant + the address's identity
+  (the whole address lower-cased), so importing a file twice upserts the same contacts with
+  the same fields: the new events fold to the same state
+  (`schemas.contacts.apply_contact_event`). Every event is a new fact with its own envelope
+  id (see `contact_records.EnvelopeIds`).
+- One person, one contact: `Ann@Example.COM` and `ann@example.com` are the same contact; the
+  address is stored and delivered as given. Before the rows, the import scans contacts.events
+  (`existing_contacts.scan_contacts`) for contacts made before ids followed the identity (a
+  mixed-case local part): an address lands on such a contact instead of making a second one,
+  and contacts that differ only in case are merged into one when the file names them, every
+  flag (suppression, unsubscribe) of both kept (`identity_merge`). Reported as `merged`.
+- No import lifts a suppression or an unsubscribe: an upsert never touches them
+  (`campaignctl contacts unsuppress` / `resubscribe` write the explicit facts that do).
 
 Modes (`mode=`):
 - "upsert" (default): one ContactUpserted per good row, joining `list_id` and the row's lists.
@@ -54,7 +63,8 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.base import EntityId, TenantId
-from schemas.envelope import SchemaViolation, decode
+from schemas.contacts import contact_key
+from schemas.envelope import SchemaViolation, decode, encode, wrap
 from services.cli.contact_csv import (
     MAX_FIELD_CHARS,
     CsvImportError,
@@ -64,7 +74,8 @@ from services.cli.contact_csv import (
     parse_rows,
 )
 from services.cli.contact_records import BLOCKLIST_DETAIL, ContactRecordWriter, EnvelopeIds
-from services.cli.existing_contacts import existing_contact_ids
+from services.cli.existing_contacts import scan_contacts
+from services.cli.identity_merge import Resolution, resolve_identities
 from services.cli.publishing import cli_producer, require_topic
 from services.common.settings import Settings
 from services.common.topics import CONTACTS, topic_name
@@ -118,13 +129,15 @@ IMPORT_MODES: tuple[str, ...] = typing.get_args(ImportMode)
 class ImportReport:
     """Outcome of an import. `rejected` holds at most MAX_KEPT_REJECTIONS rows, sorted by line;
     `rejected_count` counts them all. `seconds` runs from start to the last acknowledgement.
-    `skipped` counts good rows left out because their contact already existed (skip-existing)."""
+    `skipped` counts good rows left out because their contact already existed (skip-existing);
+    `merged` the existing contacts merged into another of the same address (`identity_merge`)."""
 
     imported: int
     rejected: list[RejectedRow]
     seconds: float
     rejected_count: int
     skipped: int = 0
+    merged: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -257,8 +270,13 @@ def import_contacts(
                                      suppress=blocklist)
         producer = cli_producer(settings, on_delivery=failures, **BULK_PRODUCER_SETTINGS)
         require_topic(producer, topic, settings)
-        skip = existing_contact_ids(settings, tenant_id) if mode == "skip-existing" else None
-        skipped = produced = 0
+        known = scan_contacts(settings, tenant_id, present=mode == "skip-existing")
+        resolutions = resolve_identities(known.identities)
+        writer.aliases = {own: r.target for own, r in resolutions.items() if r.target != own}
+        # Merges are written once, after the first row of the identity that was produced.
+        merges = {r.target: r for r in resolutions.values() if r.merges}
+        skip = known.present
+        skipped = produced = merged = 0
         produce = producer.produce
         with DeliveryReportThread(producer):
             for item in writer.records(rows):
@@ -285,6 +303,11 @@ def import_contacts(
                     rejections.add(RejectedRow(line, refused))
                     continue
                 produced += 1
+                if merges and contact_id in merges:
+                    resolution = merges.pop(contact_id)
+                    for line_refused in _produce_merges(producer, topic, tenant_id, resolution):
+                        failures.fail(line, line_refused)
+                    merged += resolution.merged
                 if then is not None:
                     refused = _produce_when_room(producer, topic, key, then)
                     if refused is not None:  # its upsert is on its way: the row fails once
@@ -297,7 +320,19 @@ def import_contacts(
     rejections.merge(failures.rejections)
     rejected = sorted(rejections.kept, key=lambda r: r.line)
     imported = produced - len(failures.lines)
-    return ImportReport(imported, rejected, time.monotonic() - started, rejections.count, skipped)
+    return ImportReport(imported, rejected, time.monotonic() - started, rejections.count, skipped, merged)
+
+
+def _produce_merges(producer: Producer, topic: str, tenant_id: str, resolution: Resolution) -> list[str]:
+    """Queue the facts of one merge; the reasons of any the producer refused. They are few (a
+    handful per merged contact), so they take the schema path."""
+    refused = []
+    for contact_id, payload in resolution.merges:
+        value = encode(wrap(payload, tenant_id=tenant_id, aggregate_id=contact_id))
+        reason = _produce_when_room(producer, topic, contact_key(tenant_id, contact_id), value)
+        if reason is not None:
+            refused.append(reason)
+    return refused
 
 
 def _produce_when_room(producer: Producer, topic: str, key: bytes, value: bytes) -> str | None:

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 
 from projections.queries import campaign_progress
 from projections.schedules import campaign_schedules
-from schemas.base import Record
+from schemas.base import InvalidEmail, Record
 from schemas.commands import (
     CancelCampaign,
     CreateCampaign,
@@ -39,6 +39,8 @@ from schemas.commands import (
 )
 from schemas.events import TestEmailFailed, TestEmailSent
 from services.cli.contact_csv import column_mapping
+from services.cli.contact_flags import lift_flag
+from services.cli.contact_merge import merge_case_twins
 from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
 from services.cli.ops_cmd import ops_app
 from services.cli.progress import (
@@ -64,7 +66,8 @@ EXIT_INVALID = 2
 
 app = typer.Typer(help="Event-sourced e-mail campaigns: contacts and campaigns.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-contacts_app = typer.Typer(help="Contacts: import from CSV.", no_args_is_help=True)
+contacts_app = typer.Typer(help="Contacts: import from CSV, lift a suppression or an unsubscribe.",
+                           no_args_is_help=True)
 campaign_app = typer.Typer(
     help="Campaigns: create, send, schedule, force-send, test-send, cancel, watch, show.",
     no_args_is_help=True)
@@ -111,6 +114,8 @@ def _fatal_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_FATAL) from None  # the watch already printed it in red
     except (CsvImportError, PublishError, TimeoutError) as exc:
         _fail(str(exc))
+    except InvalidEmail as exc:
+        _fail(str(exc), EXIT_INVALID)
     except OSError as exc:
         _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except psycopg.Error as exc:
@@ -160,6 +165,9 @@ def _print_import_report(report: ImportReport) -> None:
         f" ({report.rows_per_second:,.0f} rows/s)",
         highlight=False,
     )
+    if report.merged:
+        out.print(f"merged {report.merged:,} contacts into the contact of the same address"
+                  " (they differed only in case)", highlight=False)
     if not report.rejected_count:
         return
     out.print(f"[yellow]rejected {report.rejected_count:,} rows:[/yellow]", highlight=False)
@@ -167,6 +175,47 @@ def _print_import_report(report: ImportReport) -> None:
         out.print(f"  line {row.line}: {escape(row.reason)}", highlight=False)
     if report.rejected_count > SHOWN_REJECTIONS:
         out.print(f"  ... and {report.rejected_count - SHOWN_REJECTIONS:,} more", highlight=False)
+
+
+ContactArg = Annotated[str, typer.Argument(help="Contact id, or e-mail address (any case).")]
+Detail = Annotated[str, typer.Option("--reason", help="Why, for the record.")]
+
+
+@contacts_app.command("unsuppress")
+def contacts_unsuppress(contact: ContactArg, tenant: Tenant, reason: Detail = "") -> None:
+    """Lift a contact's suppression (blocklist, hard bounce, complaint): ContactUnsuppressed."""
+    with _fatal_errors():
+        ids = lift_flag(Settings(), tenant, contact, "unsuppress", detail=reason)
+    out.print(f"unsuppressed {', '.join(ids)}", highlight=False)
+
+
+@contacts_app.command("resubscribe")
+def contacts_resubscribe(
+    contact: ContactArg, tenant: Tenant, reason: Detail = "",
+    list_id: Annotated[str | None, typer.Option("--list", help="Only this list (default: the global"
+                                                " unsubscribe).")] = None,
+) -> None:
+    """Lift a contact's unsubscribe (global, or from one list): ContactResubscribed."""
+    with _fatal_errors():
+        ids = lift_flag(Settings(), tenant, contact, "resubscribe", list_id=list_id, detail=reason)
+    out.print(f"resubscribed {', '.join(ids)}" + (f" to {list_id}" if list_id else ""), highlight=False)
+
+
+@contacts_app.command("merge-case-twins")
+def contacts_merge_case_twins(
+    tenant: Tenant,
+    apply: Annotated[bool, typer.Option("--apply/--dry-run", help="Write the merges (default: only"
+                                        " say what they would be).")] = False,
+) -> None:
+    """Merge contacts an earlier version made twice for one address in two cases (the
+    migration of contact ids to the identity rule; imports also do it for the rows they name)."""
+    with _fatal_errors():
+        report = merge_case_twins(Settings(), tenant, apply=apply)
+    verb = "merged" if apply else "would merge"
+    out.print(f"{verb} {report.merged:,} contacts into {len(report.survivors):,}"
+              f" ({report.facts:,} events)", highlight=False)
+    for survivor in report.survivors:
+        out.print(f"  {survivor}", highlight=False)
 
 
 # --- campaigns -------------------------------------------------------------------------------

@@ -27,21 +27,14 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import orjson
 import structlog
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-from schemas.contacts import (
-    ContactAttributesChanged,
-    ContactDeleted,
-    ContactListMembershipAdded,
-    ContactListMembershipRemoved,
-    ContactSuppressed,
-    ContactUnsubscribed,
-    ContactUpserted,
-)
+from schemas.contacts import CONTACT_EVENT_TYPES, ContactEvent
 from schemas.envelope import SchemaViolation, decode
 from services.common.kafka import partition_reader
 from services.common.settings import Settings
@@ -49,10 +42,8 @@ from services.hydrator.audience import StoredContact, apply_to_stored
 
 log = structlog.get_logger("hydrator.replica")
 
-CONTACT_EVENTS = (
-    ContactUpserted, ContactAttributesChanged, ContactListMembershipAdded,
-    ContactListMembershipRemoved, ContactUnsubscribed, ContactSuppressed, ContactDeleted,
-)
+# Every contact event, so a new one (e.g. ContactUnsuppressed) is never skipped here.
+CONTACT_EVENTS = CONTACT_EVENT_TYPES
 # Sorts before every record key (keys start with a tenant id), so prefix scans never meet it.
 NEXT_OFFSET_KEY = b"\x00next-offset"
 REPLICAS_GROUP = "hydrator-replicas"
@@ -219,7 +210,8 @@ class ContactReplica:
             else:
                 raw = self.db.get(key)
                 existing = orjson.loads(raw) if raw is not None else None
-            stored = apply_to_stored(existing, message.payload, offset=offset, partition=self.partition)
+            stored = apply_to_stored(existing, cast(ContactEvent, message.payload), offset=offset,
+                                     partition=self.partition)
             if stored is not None:
                 touched[key] = stored
         batch = WriteBatch(raw_mode=True)

@@ -6,10 +6,12 @@ globally unsubscribed or deleted after their campaign was hydrated.
 date from all of contacts.events (see feeds.TopicFeed). A recipient of such a contact ends
 as RecipientSkipped with that reason instead of being mailed.
 
-Guarantees: only contacts with a flag are held in memory; suppressions and unsubscribes are
-never undone (as in `schemas.contacts.apply_contact_event`), a deletion is undone by a later
-upsert. List-scoped unsubscribes are left to the hydrator: a recipient does not say through
-which lists it was reached.
+Guarantees: only contacts with a flag are held in memory; the flags move exactly as
+`schemas.contacts.apply_contact_event` moves them (the unit tests compare the two over
+random event sequences): a suppression is lifted only by ContactUnsuppressed, a global
+unsubscribe only by ContactResubscribed without a list, never by an upsert; a deletion is
+undone by a later upsert. List-scoped unsubscribes are left to the hydrator: a recipient
+does not say through which lists it was reached.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from confluent_kafka import Message
 
 from schemas.base import Record
 from schemas.contacts import (
+    FLAG_EVENT_TYPES,
     ContactDeleted,
+    ContactResubscribed,
     ContactSuppressed,
     ContactUnsubscribed,
+    ContactUnsuppressed,
     ContactUpserted,
     contact_key,
 )
 from schemas.envelope import SchemaViolation, decode
+from schemas.registry import wire_name
 from services.common.settings import Settings
 from services.common.topics import CONTACTS
 from services.sender.feeds import TopicFeed
@@ -35,7 +41,7 @@ from services.sender.feeds import TopicFeed
 # Upserts and attribute or list changes are the bulk of contacts.events and matter only for
 # contacts flagged deleted: a record that does not even mention a flagging type is never
 # decoded, so a feed over millions of upserts costs little.
-_FLAGGING = (b"ContactSuppressed", b"ContactUnsubscribed", b"ContactDeleted")
+_FLAGGING = tuple(f'"{wire_name(kind)[0]}"'.encode() for kind in FLAG_EVENT_TYPES)
 _UPSERT = b"ContactUpserted"
 
 
@@ -63,17 +69,27 @@ class DoNotMailList:
 
     def apply(self, tenant_id: str, event: Record) -> None:
         """Fold one contact event in (events that flag nothing are ignored)."""
-        if not isinstance(event, ContactSuppressed | ContactUnsubscribed | ContactDeleted):
+        if not isinstance(event, FLAG_EVENT_TYPES):
             return
         key = contact_key(tenant_id, event.contact_id)
         with self._lock:
-            flags = self._flags.setdefault(key, _Flags())
+            flags = self._flags.get(key)
+            if flags is None:
+                if isinstance(event, ContactUnsuppressed | ContactResubscribed):
+                    return  # nothing to lift
+                flags = self._flags[key] = _Flags()
             if isinstance(event, ContactSuppressed):
                 flags.suppressed = event.reason
+            elif isinstance(event, ContactUnsuppressed):
+                flags.suppressed = None
             elif isinstance(event, ContactUnsubscribed):
                 flags.unsubscribed = flags.unsubscribed or event.list_id is None
-            else:
+            elif isinstance(event, ContactResubscribed):
+                flags.unsubscribed = flags.unsubscribed and event.list_id is not None
+            elif isinstance(event, ContactDeleted):
                 flags.deleted = True
+            if flags.reason is None:
+                del self._flags[key]  # only flagged contacts are held
 
     def upserted(self, key: bytes) -> None:
         """A contact (re)created: a deletion no longer applies."""
@@ -81,6 +97,8 @@ class DoNotMailList:
             flags = self._flags.get(key)
             if flags is not None and flags.deleted:
                 flags.deleted = False
+                if flags.reason is None:
+                    del self._flags[key]
 
     def reason(self, tenant_id: str, contact_id: str) -> str | None:
         """Why this contact must not be mailed, or None."""

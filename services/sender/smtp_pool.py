@@ -32,6 +32,10 @@ Guarantees:
   so no reply is left to be taken for the next transaction's; the content goes out only after
   MAIL, RCPT and DATA were all accepted: a relay that answers 354 to DATA after refusing MAIL
   or RCPT gets no content, its session is closed instead.
+- An envelope address with a non-ASCII local part goes out with `SMTPUTF8` on MAIL FROM
+  (RFC 6531), UTF-8 on the wire, when the relay offers SMTPUTF8; otherwise the attempt is a
+  permanent failure with the reason SMTPUTF8_REFUSAL, decided before anything is sent (never
+  a retry loop, never a crash). Domains are in their IDNA ASCII form already.
 - When it offers CHUNKING as well (RFC 3030), the whole transaction is one write: MAIL, RCPT
   and `BDAT <size> LAST` followed by the message, then the three replies in order. One round
   trip per mail, no dot-stuffing, same outcomes with one difference: a connection lost
@@ -86,6 +90,9 @@ NOOP_AFTER_IDLE_SECONDS = 15.0
 MAX_IDLE_SECONDS = 120.0
 _END_OF_DATA = b".\r\n"
 _DATA_COMMAND = b"DATA\r\n"
+# The outcome of a mail whose envelope needs SMTPUTF8 (RFC 6531: an internationalised local
+# part) on a relay that does not offer it. Domains never need it: they go out in IDNA form.
+SMTPUTF8_REFUSAL = "smtputf8 not offered by relay: the address has a non-ASCII local part"
 
 
 class Checkout(enum.Enum):
@@ -267,7 +274,8 @@ class SmtpConnection:
         options = ""
         if mail.needs_smtputf8:
             if not smtp.has_extn("smtputf8"):
-                return Attempt(Verdict.PERMANENT, None, "non-ASCII address; relay lacks SMTPUTF8")
+                # Permanent for this relay, not a retry: asking again gets the same EHLO.
+                return Attempt(Verdict.PERMANENT, None, SMTPUTF8_REFUSAL)
             encoding, options = "utf-8", " SMTPUTF8"
         try:
             sender, recipient = mailbox_path(mail.sender), mailbox_path(mail.recipient)

@@ -72,6 +72,7 @@ def main() -> int:
         refuse_connections=config.refuse_connections,
         pipelining=config.pipelining,
         chunking=config.chunking,
+        smtputf8=config.smtputf8,
     )
     last_stats = sink.stats
     try:

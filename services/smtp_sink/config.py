@@ -11,7 +11,8 @@ byte (SMTPS) instead; `auth_users` (name -> password) requires AUTH PLAIN or LOG
 MAIL; `refuse_connections` answers every connection with 421 at the greeting and closes it
 (a relay that is up but not taking mail). `pipelining` (on by default, as on Postfix) offers
 RFC 2920 PIPELINING in the EHLO reply; off, the sink imitates a relay without it. `chunking`
-(on by default, as on Postfix >= 3.4) likewise offers RFC 3030 CHUNKING (BDAT).
+(on by default, as on Postfix >= 3.4) likewise offers RFC 3030 CHUNKING (BDAT), and
+`smtputf8` (on by default) RFC 6531 SMTPUTF8.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class SinkConfig:
     # Offer CHUNKING (RFC 3030) in the EHLO reply and take BDAT: the message as counted
     # octets, with no 354 round trip and no dot-stuffing (see server.py).
     chunking: bool = True
+    # Offer SMTPUTF8 (RFC 6531) in the EHLO reply: envelope addresses with a non-ASCII local
+    # part are taken only then. False imitates a relay that refuses them.
+    smtputf8: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.record_path, str):
@@ -187,4 +191,5 @@ class SinkConfig:
             refuse_connections=flag("SINK_REFUSE_CONNECTIONS", False),
             pipelining=flag("SINK_PIPELINING", True),
             chunking=flag("SINK_CHUNKING", True),
+            smtputf8=flag("SINK_SMTPUTF8", True),
         )

@@ -605,7 +605,7 @@ class SmtpSink:
                     hostname=_HOSTNAME,
                     timeout=_IDLE_TIMEOUT_S,
                     data_size_limit=_DATA_SIZE_LIMIT,
-                    enable_SMTPUTF8=True,
+                    enable_SMTPUTF8=config.smtputf8,
                     loop=loop,
                     **security,
                 )

@@ -30,7 +30,7 @@ GOOD_ROWS = 400
 # Bad rows appended after the good ones, by line (header = 1, good rows = 2..GOOD_ROWS+1).
 FIRST_BAD = GOOD_ROWS + 2
 BAD_ROWS: list[tuple[bytes, str]] = [
-    (b"not-an-address,A,B,l1,pro,2026-01-01,n\n", "not a valid e-mail address: 'not-an-address'"),
+    (b"not-an-address,A,B,l1,pro,2026-01-01,n\n", "not a valid e-mail address: 'not-an-address': An email address must have an @-sign."),
     (b"  ,A,B,l1,pro,2026-01-01,n\n", "empty email"),
     (b"short@example.com,A,B,l1,pro,2026-01-01\n", "expected 7 fields, found 6"),
     (b"long@example.com,A,B,l1,pro,2026-01-01,n,extra\n", "expected 7 fields, found 8"),
@@ -162,7 +162,8 @@ def test_blocklist_suppresses_each_contact_right_after_its_upsert(settings, tmp_
     path.write_text("email,lists\nspam@example.com,l1\nBad@Example.org,\nnot an address,\n")
     report = import_contacts(path, tenant_id=TENANT, list_id=None, settings=settings, mode="blocklist")
     assert report.imported == 2
-    assert [(r.line, r.reason) for r in report.rejected] == [(4, "not a valid e-mail address: 'not an address'")]
+    assert [(r.line, r.reason) for r in report.rejected] == [
+        (4, "not a valid e-mail address: 'not an address': An email address must have an @-sign.")]
     grouped = by_contact(read_records(settings))
     assert len(grouped) == 2
     for messages in grouped.values():

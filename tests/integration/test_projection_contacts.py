@@ -116,9 +116,10 @@ def test_a_contacts_row_without_its_profile_is_folded_on_its_own(
         ContactAttributesChanged(contact_id="old", set={"plan": "pro"}),
     ]))
     drain(settings)
-    # The contacts row moves; the profile, folded from nothing, ignores events before an
-    # upsert and stays absent.
-    assert _stored(db, tenant, "old") == ((False, True, None, ["a"], ["a"]), None)
+    # The contacts row moves; the profile, folded from nothing, keeps the unsubscribe on an
+    # address-less contact stored as deleted (a flag before the first upsert is never lost)
+    # and ignores the attribute change.
+    assert _stored(db, tenant, "old") == ((False, True, None, ["a"], ["a"]), ("", "", "", {}, True))
     produce(settings, _records(tenant, [
         ContactUpserted(contact_id="old", email="old@example.com", lists=["b"])]))
     drain(settings)

@@ -25,7 +25,7 @@ from services.sender.delivery import Outcome, Status
 from services.sender.ledger import _SETTLE, ClaimState, LedgerEntry, SendLedger
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Verdict
-from services.sender.smtp_pool import SmtpPool
+from services.sender.smtp_pool import SMTPUTF8_REFUSAL, SmtpPool
 from services.smtp_sink import SinkConfig, SmtpSink
 from tests.integration.sender_kit import (
     REPO_ROOT,
@@ -100,6 +100,22 @@ def test_pool_mails_non_ascii_addresses_with_smtputf8_and_keeps_the_envelope_exa
             ("news@example.com", ["jörg@example.de"]),
             ("news@example.com", ["o'neil+tag@example.org"]),
         ]
+
+
+def test_pool_refuses_a_non_ascii_local_part_when_the_relay_lacks_smtputf8():
+    utf8 = OutgoingMail("<c.k1@example.com>", "news@example.com", "jörg@example.de", MAIL.content)
+    idn = OutgoingMail("<c.k2@example.com>", "news@example.com", "ann@xn--bcher-kva.example",
+                       MAIL.content)
+    with SmtpSink(SinkConfig(port=0, smtputf8=False)) as sink:
+        pool = SmtpPool("127.0.0.1", sink.port, 1)
+        try:
+            refused, sent = pool.transmit(utf8), pool.transmit(idn)
+        finally:
+            pool.close()
+        assert (refused.verdict, refused.text) == (Verdict.PERMANENT, SMTPUTF8_REFUSAL)
+        # An IDN domain travels in its ASCII form: no SMTPUTF8 needed.
+        assert sent.verdict is Verdict.SENT
+        assert [m["rcpt_tos"] for m in sink.messages] == [["ann@xn--bcher-kva.example"]]
 
 
 def test_pool_refuses_an_address_that_would_inject_a_command_without_sending_anything():

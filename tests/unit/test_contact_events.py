@@ -10,9 +10,11 @@ from schemas.contacts import (
     ContactDeleted,
     ContactListMembershipAdded,
     ContactListMembershipRemoved,
+    ContactResubscribed,
     ContactState,
     ContactSuppressed,
     ContactUnsubscribed,
+    ContactUnsuppressed,
     ContactUpserted,
     apply_contact_event,
     contact_id_for,
@@ -47,6 +49,9 @@ def state(*events) -> ContactState:
         ContactUnsubscribed(contact_id=CID),
         ContactSuppressed(contact_id=CID, reason="hard_bounce", detail="550 no such user"),
         ContactDeleted(contact_id=CID),
+        ContactUnsuppressed(contact_id=CID, detail="ticket 42"),
+        ContactResubscribed(contact_id=CID, list_id="news", detail="asked by phone"),
+        ContactResubscribed(contact_id=CID),
     ],
 )
 def test_contact_events_round_trip_on_the_wire(event):
@@ -102,13 +107,28 @@ def test_upsert_replaces_fields_adds_attributes_and_lists():
         ContactAttributesChanged(contact_id=CID, set={"a": "b"}),
         ContactListMembershipAdded(contact_id=CID, list_id="l1"),
         ContactListMembershipRemoved(contact_id=CID, list_id="l1"),
-        ContactUnsubscribed(contact_id=CID),
-        ContactSuppressed(contact_id=CID, reason="complaint"),
         ContactDeleted(contact_id=CID),
+        ContactUnsuppressed(contact_id=CID),
+        ContactResubscribed(contact_id=CID),
     ],
 )
 def test_events_for_a_contact_never_upserted_are_ignored(event):
     assert apply_contact_event(None, event) is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "reason"),
+    [
+        (ContactSuppressed(contact_id=CID, reason="manual_blocklist"), "suppressed:manual_blocklist"),
+        (ContactUnsubscribed(contact_id=CID), "unsubscribed"),
+    ],
+)
+def test_a_flag_before_the_first_upsert_survives_it(flag, reason):
+    """A suppression or unsubscribe written before the contact exists (a blocklist by id) is
+    kept on an address-less contact, and the upsert that creates the contact keeps it."""
+    placeholder = apply_contact_event(None, flag)
+    assert placeholder is not None and placeholder.deleted and placeholder.email == ""
+    assert exclusion_reason(state(flag, upsert(lists=["news"])), ["news"]) == reason
 
 
 def test_attributes_changed_sets_and_unsets():
@@ -241,3 +261,65 @@ def test_a_list_unsubscribe_excludes_only_when_every_reaching_list_is_left(lists
                                                                            expected):
     events = [upsert(lists=lists)] + [ContactUnsubscribed(contact_id=CID, list_id=x) for x in unsubscribed]
     assert exclusion_reason(state(*events), targeted) == expected
+
+
+# --- only an explicit fact lifts a suppression or an unsubscribe ---------------------------------
+
+FLAGS = [
+    ContactSuppressed(contact_id=CID, reason="manual_blocklist"),
+    ContactSuppressed(contact_id=CID, reason="hard_bounce"),
+    ContactSuppressed(contact_id=CID, reason="complaint"),
+    ContactUnsubscribed(contact_id=CID),
+]
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+@pytest.mark.parametrize("later", [
+    upsert(lists=["news"]),
+    upsert(email="Ann@example.com", first_name="Ann", attributes={"plan": "pro"}, lists=["news", "vip"]),
+    ContactListMembershipAdded(contact_id=CID, list_id="news"),
+    ContactAttributesChanged(contact_id=CID, set={"plan": "free"}),
+    ContactListMembershipRemoved(contact_id=CID, list_id="news"),
+])
+def test_no_later_upsert_or_change_lifts_a_flag(flag, later):
+    before = state(upsert(lists=["news"]), flag)
+    after = apply_contact_event(before, later)
+    assert after is not None
+    assert (after.suppressed_reason, after.globally_unsubscribed) == (
+        before.suppressed_reason, before.globally_unsubscribed)
+    assert exclusion_reason(after, ["news"]) == exclusion_reason(before, ["news"]) is not None
+
+
+@pytest.mark.parametrize("flag", FLAGS[:3])
+def test_unsuppress_lifts_any_suppression_and_nothing_else(flag):
+    s = state(upsert(lists=["news"]), flag, ContactUnsubscribed(contact_id=CID, list_id="news"),
+              ContactUnsuppressed(contact_id=CID))
+    assert s.suppressed_reason is None
+    assert s.unsubscribed_lists == {"news"}  # an unsubscribe is not a suppression
+    assert exclusion_reason(s, ["news"]) == "unsubscribed"
+    assert exclusion_reason(apply_contact_event(s, ContactResubscribed(contact_id=CID, list_id="news")),
+                            ["news"]) is None
+
+
+def test_resubscribe_lifts_the_global_unsubscribe_or_one_list():
+    s = state(upsert(lists=["a", "b"]), ContactUnsubscribed(contact_id=CID),
+              ContactUnsubscribed(contact_id=CID, list_id="a"), ContactUnsubscribed(contact_id=CID, list_id="b"))
+    lifted = fold_contact([ContactResubscribed(contact_id=CID)], s)
+    assert lifted is not None and not lifted.globally_unsubscribed
+    assert lifted.unsubscribed_lists == {"a", "b"}  # list unsubscribes stay until lifted one by one
+    assert exclusion_reason(lifted, ["a", "b"]) == "unsubscribed"
+    one = fold_contact([ContactResubscribed(contact_id=CID, list_id="a")], lifted)
+    assert one is not None and one.unsubscribed_lists == {"b"}
+    assert exclusion_reason(one, ["a", "b"]) is None and exclusion_reason(one, ["b"]) == "unsubscribed"
+
+
+def test_a_suppression_lifted_on_a_deleted_contact_stays_lifted_after_reimport():
+    s = state(upsert(), ContactSuppressed(contact_id=CID, reason="complaint"), ContactDeleted(contact_id=CID),
+              ContactUnsuppressed(contact_id=CID), upsert(lists=["news"]))
+    assert s.suppressed_reason is None and exclusion_reason(s, ["news"]) is None
+
+
+def test_a_new_suppression_after_a_lift_applies_again():
+    s = state(upsert(), ContactSuppressed(contact_id=CID, reason="complaint"), ContactUnsuppressed(contact_id=CID),
+              ContactSuppressed(contact_id=CID, reason="hard_bounce"))
+    assert s.suppressed_reason == "hard_bounce"

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from schemas.contacts import (
     ContactDeleted,
+    ContactListMembershipAdded,
     ContactSuppressed,
     ContactUnsubscribed,
     ContactUpserted,
@@ -75,9 +76,15 @@ def test_first_offset_is_kept_across_updates():
     assert contact["first_offset"] == 3 and contact["lists"] == ["l", "m"]
 
 
-def test_events_before_any_upsert_store_nothing():
-    assert apply_to_stored(None, ContactSuppressed(contact_id="x", reason="complaint"), offset=0,
+def test_events_before_any_upsert_store_nothing_but_a_flag():
+    assert apply_to_stored(None, ContactListMembershipAdded(contact_id="x", list_id="l"), offset=0,
                            partition=0) is None
+    flagged = apply_to_stored(None, ContactSuppressed(contact_id="x", reason="complaint"), offset=0, partition=0)
+    assert flagged is not None and flagged["deleted"] and flagged["suppressed_reason"] == "complaint"
+    # The upsert that creates the contact keeps the flag: it is excluded, not mailed.
+    contact = apply_to_stored(flagged, upsert("x", ["l"]), offset=1, partition=0)
+    assert contact is not None and not contact["deleted"] and contact["suppressed_reason"] == "complaint"
+    assert resolve({"t:x": contact}, Audience(list_ids=["l"]), snapshot=50) == {"t:x": "suppressed:complaint"}
 
 
 def test_exclusions_are_summed_by_reason():
