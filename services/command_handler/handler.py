@@ -78,6 +78,7 @@ from services.common.kafka import (
     Stopping,
     TransactionalProducer,
     TransactionFailed,
+    close_within,
     make_consumer,
     partition_reader,
     producer_config,
@@ -390,7 +391,7 @@ class CommandHandler:
             # decides it again (a transaction left open is aborted by its init_transactions).
             log.warning("stopping while the broker did not answer", waiting_for=str(exc))
         finally:
-            self.consumer.close()
+            close_within(self.consumer.close, "command consumer")
             self.txn.close()
             self.segments.close()
             log.info("command handler stopped")

@@ -53,6 +53,9 @@ RETRY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
 SINGLE_INSTANCE_SESSION_TIMEOUT_MS = 10_000
 
 
+# A consumer's close() waits for its group coordinator; while the broker is away, for ever.
+CLOSE_BOUND_SECONDS = 5.0
+
 # librdkafka's longest pause between reconnect attempts to a broker that went away (default
 # 10 s): after a broker restart, clients are back within about a second, not ten.
 RECONNECT_BACKOFF_MAX_MS = 1_000
@@ -249,6 +252,28 @@ class CallThread:
                 raised.append(exc)
             finally:
                 done.set()
+
+
+def close_within(close: Callable[[], None], what: str, bound: float = CLOSE_BOUND_SECONDS) -> bool:
+    """`close()` (a consumer's: it leaves its group and waits for its commits) on a daemon
+    thread, waited for at most `bound` seconds: with the broker away it may never return, and
+    a stopping service must not wait for it. False (and a warning) when it was left behind."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            close()
+        except (KafkaException, RuntimeError) as exc:
+            structlog.get_logger().warning("close failed", client=what, error=str(exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"close-{what}", daemon=True).start()
+    if done.wait(bound):
+        return True
+    structlog.get_logger().warning("close did not return; left behind", client=what,
+                                   waited_seconds=bound)
+    return False
 
 
 class TransactionalProducer:

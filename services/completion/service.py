@@ -62,6 +62,7 @@ from services.common.kafka import (
     Stopping,
     TransactionalProducer,
     TransactionFailed,
+    close_within,
     make_consumer,
     producer_config,
     retry_until_stopped,
@@ -228,7 +229,7 @@ class CompletionService:
             return
         self._closed = True
         try:
-            self.consumer.close()
+            close_within(self.consumer.close, "completion consumer")
         finally:
             self._txn.close()
 

@@ -43,7 +43,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import RecipientQueued, TestEmailFailed, TestEmailRequested, TestEmailSent
-from services.common.kafka import consumer_config, producer_config
+from services.common.kafka import close_within, consumer_config, producer_config
 from services.common.settings import Settings
 from services.common.topics import EVENTS, topic_name
 from services.sender.delivery import Outcome, Status
@@ -164,7 +164,7 @@ class TestSendWorker:
                     self._flush(producer)
                     self._commit(consumer, records)
         finally:
-            consumer.close()
+            close_within(consumer.close, "test-send consumer")
             executor.shutdown(wait=True)
             transport.close()
             producer.flush(FLUSH_TIMEOUT_SECONDS)
@@ -257,8 +257,10 @@ class TestSendWorker:
         if not last:
             return
         try:
+            # Asynchronous: a synchronous commit waits for ever while the broker is away, and
+            # the ledger makes a request read again harmless (its outcome is re-published).
             consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
-                            asynchronous=False)
+                            asynchronous=True)
         except KafkaException as exc:
             # A rebalance took the partitions: their next owner reads the requests again and
             # the ledger turns them into re-published outcomes, not new mail.

@@ -68,7 +68,7 @@ from schemas.events import (
     RecipientRetryScheduled,
 )
 from services.common import metrics
-from services.common.kafka import Stopping, consumer_config, producer_config
+from services.common.kafka import Stopping, close_within, consumer_config, producer_config
 from services.common.settings import Settings
 from services.common.topics import (
     HELD,
@@ -295,7 +295,7 @@ class SenderWorker:
             self._pipeline = None
             # Close the consumer first: it leaves the group now, so the partitions move to
             # another sender without waiting for a session timeout.
-            consumer.close()
+            close_within(consumer.close, "sender consumer")
             # Mails queued but not started are dropped: their claims stay unsettled and count
             # as possible duplicates when redelivered (never under-counted).
             lanes.shutdown(cancel=True)

@@ -199,6 +199,8 @@ class Services:
             try:
                 proc.proc.wait(STOP_BOUND_SECONDS * 3)
             except subprocess.TimeoutExpired:
+                proc.proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack
+                time.sleep(1.0)
                 proc.proc.kill()
                 proc.proc.wait(10)
                 out[name] = Stopped(None, time.monotonic() - began)
