@@ -9,6 +9,7 @@ never end by themselves, and a browser reconnects to wherever the API comes back
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import uvicorn
@@ -39,6 +40,10 @@ def main() -> int:
     settings = Settings()
     start_observability(settings, "api", standard_checks(settings))
     app = create_app(settings, api_keys, unsubscribe_secret=secret)
+    # uvicorn re-raises the stop signal once it has shut down; with this handler in place
+    # (it restores it first) that ends the process with status 0, not "killed by SIGTERM".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
     # shutdown (closing the pool) and returns.
     uvicorn.run(

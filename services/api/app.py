@@ -43,7 +43,7 @@ DASHBOARD = Path(__file__).with_name("dashboard.html")
 # Connections shared by all requests; a request holds one only for its few statements.
 POOL_MAX_SIZE = 10
 # How long a request waits for a free connection before failing (guards a stuck database).
-POOL_TIMEOUT_S = 10.0
+POOL_TIMEOUT_S = 3.0
 MAX_PAGE = 1000
 
 

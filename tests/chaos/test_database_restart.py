@@ -1,9 +1,11 @@
 """Chaos: PostgreSQL stopped with `pg_ctl stop -m immediate` mid-campaign, started 5 s later.
 
-The sender and the completion tracker run as processes; the send ledger lives on a
+The sender, the completion tracker, the projector and the read API run as processes; the send ledger lives on a
 PostgreSQL server of the test's own (the shared one is never touched). While a campaign is
 being mailed, the server is stopped the hard way (every backend killed, connections cut) and
-started again 5 s later. Then, exactly: the sender is still alive (it waited the outage out),
+started again 5 s later. While it is away the API answers 503 with a reason, never hangs.
+Then, exactly: every service is still alive (each waited the outage out), the read model
+(over the API too) counts every recipient sent,
 the campaign completes with exactly one CampaignCompleted, nobody is lost, duplicates in the
 sink never exceed the ambiguous outcomes of the ledger, and every service stops on SIGTERM
 within STOP_BOUND_SECONDS with exit code 0.
@@ -11,8 +13,12 @@ within STOP_BOUND_SECONDS with exit code 0.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -21,15 +27,33 @@ from services.smtp_sink import SinkConfig, SmtpSink
 from tests.chaos.fault_kit import (
     RECIPIENTS_N,
     STOP_BOUND_SECONDS,
+    TENANT,
     Campaign,
     EventWatch,
     PrivatePostgres,
     Services,
     check_delivery,
+    free_port,
     isolated,
     sink_latency_ms,
     wait_for,
 )
+
+API_KEY = "chaos-database-key"
+
+
+def api_get(url: str) -> tuple[int, str, dict[str, Any]]:
+    """(status, body, JSON body or {}) of a GET, bounded at 10 s: a hung request fails here."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+            body = answer.read().decode()
+            return answer.status, body, json.loads(body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), {}
+    except (urllib.error.URLError, ConnectionError) as exc:
+        return 0, str(exc), {}
+
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -55,7 +79,10 @@ def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, plat
     campaign = Campaign(RECIPIENTS_N)
     with SmtpSink(SinkConfig(port=0, latency_ms=sink_latency_ms(campaign.size))) as sink:
         settings = replace(settings, smtp_port=sink.port)
-        services = Services(settings, tmp_path / "logs", ["completion", "sender"])
+        api_port = free_port()
+        services = Services(settings, tmp_path / "logs", ["completion", "sender", "projector", "api"],
+                            API_PORT=str(api_port), API_KEYS=f"{TENANT}:{API_KEY}")
+        api = f"http://127.0.0.1:{api_port}/campaigns/{campaign.id}"
         watch = EventWatch(settings)
         try:
             campaign.hydrate(settings)
@@ -64,6 +91,7 @@ def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, plat
             private_postgres.stop_immediately()
             stopped_at = time.monotonic()
             mailed_at_stop = campaign.mailed(sink)
+            during = api_get(api)
             time.sleep(OUTAGE_SECONDS)
             services.check_alive()
             boot = private_postgres.restart()
@@ -82,6 +110,11 @@ def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, plat
             assert (payload.total, payload.sent, payload.failed) == (campaign.size, campaign.size, 0)
             delivery = check_delivery(campaign, [sink], settings.database_url)
             print(f"delivery: {delivery}")
+            print(f"API while the database was away: {during}")
+            assert during[0] == 503 and "database" in during[1].lower(), during
+            read = wait_for(lambda: (a := api_get(api))[0] == 200 and a[2].get("sent") == campaign.size and a,
+                            COMPLETION_BOUND_SECONDS, "the read model over the API", services)
+            assert read[2]["total"] == campaign.size and read[2]["status"] == "completed", read
             services.check_alive()
         finally:
             watch.close()
