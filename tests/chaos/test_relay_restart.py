@@ -1,4 +1,5 @@
-"""Chaos: the SMTP relay (the project's sink) restarted between two campaigns.
+"""Chaos: the SMTP relay (the project's sink) restarted between two campaigns, and away for
+20 s in the middle of one.
 
 The sender keeps its SMTP connections open between campaigns. The relay is stopped (every
 connection closed) and started again on the same port; then a second campaign is sent. Its
@@ -11,20 +12,24 @@ so a deferral would show as a stall of tens of seconds.
 
 from __future__ import annotations
 
+import os
 import time
 
 import psycopg
 import pytest
 
+from schemas.events import CampaignCompleted
 from services.smtp_sink import SinkConfig, SmtpSink
 from tests.chaos.fault_kit import (
     RECIPIENTS_N,
     STOP_BOUND_SECONDS,
     Campaign,
+    EventWatch,
     Services,
     check_delivery,
     free_port,
     isolated,
+    sink_latency_ms,
     wait_for,
 )
 
@@ -91,3 +96,50 @@ def _settled(campaign: Campaign, sink: SmtpSink, database_url: str) -> bool:
     except AssertionError:
         return False
     return True
+
+
+RELAY_DOWN_SECONDS = float(os.environ.get("CHAOS_RELAY_DOWN_SECONDS", "20"))
+
+
+def test_relay_down_mid_campaign_is_waited_out(platform_settings, tmp_path):
+    """The relay goes away for RELAY_DOWN_SECONDS with a third of the campaign mailed: the
+    recipients meanwhile are deferred and retried, none lost or failed, none doubled beyond the
+    ambiguous count, exactly one CampaignCompleted once the relay is back."""
+    port = free_port()
+    settings = isolated(platform_settings, smtp_port=port, state_dir=tmp_path / "state")
+    campaign = Campaign(RECIPIENTS_N)
+    services = Services(settings, tmp_path / "logs", ["completion", "sender"],
+                        SENDER_MAX_ATTEMPTS="1000", SENDER_MAX_AGE_SECONDS="3600")
+    watch = EventWatch(settings)
+    try:
+        with SmtpSink(SinkConfig(port=port, latency_ms=sink_latency_ms(campaign.size))) as before:
+            campaign.hydrate(settings)
+            wait_for(lambda: campaign.mailed(before) >= campaign.size // 3, 120,
+                     "a third of the campaign mailed", services)
+            mailed_before = campaign.mailed(before)
+        down_at = time.monotonic()
+        time.sleep(RELAY_DOWN_SECONDS)
+        services.check_alive()
+        with SmtpSink(SinkConfig(port=port, latency_ms=LATENCY_MS)) as after:
+            back_at = time.monotonic()
+            done = wait_for(lambda: watch.of_type(CampaignCompleted, campaign.id), 120,
+                            "CampaignCompleted after the relay came back", services)
+            time.sleep(3.0)  # a second completion must be seen, not missed
+            completions = watch.of_type(CampaignCompleted, campaign.id)
+            delivery = check_delivery(campaign, [before, after], settings.database_url)
+        retried = deferred(settings.database_url, campaign.id)
+        print(f"\nrelay down {RELAY_DOWN_SECONDS:.0f}s at {mailed_before}/{campaign.size} mailed; "
+              f"CampaignCompleted {done[0].at - back_at:.1f}s after it came back "
+              f"({done[0].at - down_at:.1f}s after it went); {delivery}, deferred={retried}")
+        assert len(completions) == 1, f"{len(completions)} CampaignCompleted"
+        payload = completions[0].message.payload
+        assert isinstance(payload, CampaignCompleted)
+        assert (payload.total, payload.sent, payload.failed) == (campaign.size, campaign.size, 0)
+        assert retried > 0, "no recipient was deferred: the relay was not away mid-campaign"
+        services.check_alive()
+    finally:
+        watch.close()
+        stopped = services.stop_all()
+    for name, how in stopped.items():
+        assert how.code == 0 and how.seconds < STOP_BOUND_SECONDS, (
+            f"{name} did not stop cleanly: {how}\n{services.logs(name)}")
