@@ -99,7 +99,8 @@ def test_metrics_agree_with_the_campaign(settings):
     attempts = p.sent + p.failed + len(deferred)
     assert total(sender, "campaign_smtp_transaction_seconds_count") == attempts
     assert total(sender, "campaign_records_consumed_total") >= RECIPIENTS
-    assert total(sender, "campaign_batch_size_records_sum") == total(sender, "campaign_records_consumed_total")
+    # Batches count the records they mailed from; routed ones (retries not due) are not in one.
+    assert 0 < total(sender, "campaign_batch_size_records_sum") <= total(sender, "campaign_records_consumed_total")
     projector = scraped["projector"]
     assert total(projector, "campaign_projection_lag_seconds_count") > 0
     assert total(projector, "campaign_records_consumed_total", topic=settings.topic_prefix + "campaign.deliveries") \
