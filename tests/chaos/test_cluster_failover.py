@@ -93,6 +93,9 @@ def test_a_broker_then_the_controller_killed_mid_campaign(platform_settings, clu
             ContactUpserted(contact_id=cid, email=email, lists=["all"]), tenant_id=tenant, aggregate_id=cid)))
     publish(settings, CONTACTS, contacts)
     campaign = f"cmp-{uuid.uuid4().hex[:12]}"
+
+    def completes(e) -> bool:
+        return isinstance(e.payload, CampaignCompleted) and e.envelope.aggregate_id == campaign
     create = CreateCampaign(name="Cluster", subject="Hello", from_address="news@example.com", body_text="Hi")
 
     # 150 ms a mail over 8 connections: mailing outlasts two node restarts (~10 s each).
@@ -129,8 +132,9 @@ def test_a_broker_then_the_controller_killed_mid_campaign(platform_settings, clu
                                    " WHERE campaign_id = %s", (campaign,)).fetchone()
                 assert row is not None
                 ambiguous = row[0]
-            completions = [e for e in read_topic(settings, EVENTS, timeout=30)
-                           if isinstance(e.payload, CampaignCompleted) and e.envelope.aggregate_id == campaign]
+            # The read model counts deliveries; CampaignCompleted follows from the tracker.
+            completions = [e for e in read_topic(settings, EVENTS, until=1, timeout=TIMEOUT, counting=completes)
+                           if completes(e)]
             for p in services:
                 assert p.proc is not None and p.proc.poll() is None, f"{p.service} died:\n{p.log_tail(60)}"
         finally:

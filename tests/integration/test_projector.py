@@ -652,15 +652,20 @@ def test_list_counts_follow_contact_events(settings, db) -> None:
         contact(ContactDeleted(contact_id="p3")),
         contact(ContactSuppressed(contact_id="p4", reason="hard_bounce")),
         contact(ContactListMembershipRemoved(contact_id="p1", list_id=l2)),
-        contact(ContactUnsubscribed(contact_id="nobody")),  # never upserted: ignored
+        # Never upserted: kept as a flag on a deleted row (a later upsert must not lift it),
+        # counted in no list.
+        contact(ContactUnsubscribed(contact_id="nobody")),
     ])
     drain(settings)
     counts = db.execute(
         "SELECT list_id, members, mailable, unsubscribed, suppressed FROM analyst_list_counts"
         " WHERE tenant_id = %s ORDER BY list_id = %s DESC", (tenant, l1)).fetchall()
     assert counts == [(l1, 3, 1, 1, 1), (l2, 1, 0, 0, 1)]
-    assert db.execute("SELECT count(*) FROM contacts WHERE tenant_id = %s",
-                      (tenant,)).fetchone() == (4,)
+    assert db.execute("SELECT count(*) FROM contacts WHERE tenant_id = %s AND NOT deleted",
+                      (tenant,)).fetchone() == (3,)
+    assert db.execute(
+        "SELECT deleted, globally_unsubscribed FROM contacts WHERE tenant_id = %s"
+        " AND contact_id = 'nobody'", (tenant,)).fetchone() == (True, True)
 
 
 def test_delivery_lane_projects_deliveries_before_their_queued_with_exact_counts(
