@@ -43,15 +43,23 @@ SELECT topic, partition, next_offset FROM projector_positions
 WHERE consumer_group = %s AND (topic, partition) IN (SELECT * FROM unnest(%b::text[], %b::int[]))
 """
 
-# Insert a first position, or update one whose stored value is still the expected one; the
-# rows returned are the partitions that moved. Taking these row locks first in the batch also
-# makes a competing instance wait here, then see the new value and fail its comparison.
+# Insert a first position (expected None), or update one whose stored value is still the
+# expected one; the rows returned are the partitions that moved. A move that expects a stored
+# value finds no row only when PostgreSQL lost it (a crash took back commits made with
+# synchronous_commit off, rows and positions together): that is a conflict too, so the batches
+# lost are read again from the stored (older) positions instead of being skipped. Taking these
+# row locks first in the batch also makes a competing instance wait here, then see the new
+# value and fail its comparison.
 _ADVANCE = """
 WITH move(topic, partition, expected, next_offset) AS (
     SELECT * FROM unnest(%b::text[], %b::int[], %b::bigint[], %b::bigint[])
 )
 INSERT INTO projector_positions AS p (consumer_group, topic, partition, next_offset)
-SELECT %s, m.topic, m.partition, m.next_offset FROM move m ORDER BY m.topic, m.partition
+SELECT %s, m.topic, m.partition, m.next_offset FROM move m
+WHERE m.expected IS NULL OR EXISTS (
+    SELECT 1 FROM projector_positions q
+    WHERE q.consumer_group = %s AND q.topic = m.topic AND q.partition = m.partition)
+ORDER BY m.topic, m.partition
 ON CONFLICT (consumer_group, topic, partition) DO UPDATE
 SET next_offset = EXCLUDED.next_offset, updated_at = now()
 WHERE p.next_offset = (SELECT m.expected FROM move m
@@ -85,6 +93,7 @@ def advance_positions(
             [p for _, p in keys],
             [moves[k].expected for k in keys],
             [moves[k].next_offset for k in keys],
+            group,
             group,
         ),
     ).fetchall()
