@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
 import structlog
 
 
 def configure_logging(service: str, level: str = "INFO") -> structlog.stdlib.BoundLogger:
-    """Configure JSON-line logging and return a logger bound to the service name."""
+    """Configure JSON-line logging and return a logger bound to the service name.
+    `kill -USR1 <pid>` then prints every thread's stack to stderr: what a stuck service
+    waits on (the chaos tests ask for it before they give up on a service)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # Libraries' stdlib records (uvicorn, psycopg, faust, ...) become JSON lines too.
     logging.basicConfig(level=level, handlers=[json_log_handler()], force=True)
     structlog.configure(

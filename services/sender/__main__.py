@@ -22,7 +22,6 @@ services/sender/test_mail.py) over the same relays; if it fails, the whole proce
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
 import sys
@@ -53,8 +52,6 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck sender waits on.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = Settings()
     try:
         transport = transport_factory(settings)

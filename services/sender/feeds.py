@@ -12,6 +12,8 @@ Guarantees:
   (measured: ~50 ms after commit_transaction() returned, with a 100 ms and a 500 ms wait
   alike), which keeps a pause well within one second.
 - A failure stops the feed and is kept in `error`: the sender then stops, never mails blind.
+- `stop()` returns within STOP_SECONDS, the broker away included: the consumer's close is
+  bounded and left behind when it does not return.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from services.common.kafka import CLOSE_BOUND_SECONDS, close_within
 from services.common.settings import Settings
 from services.common.topics import TopicSpec, topic_name
 
@@ -40,6 +43,8 @@ FEED_WAIT_MS = 500
 # Metadata and poll timeouts of a feed: guards against a broker that does not answer.
 METADATA_TIMEOUT_SECONDS = 30.0
 POLL_SECONDS = 0.2
+# One poll, then the consumer's bounded close.
+STOP_SECONDS = POLL_SECONDS + CLOSE_BOUND_SECONDS + 0.5
 
 
 class TopicFeed:
@@ -76,10 +81,14 @@ class TopicFeed:
         self._consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the feed to stop; `stop()` waits for it."""
+        self._stop.set()
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(10)
+            self._thread.join(timeout)
 
     def apply(self, record: Message) -> None:
         raise NotImplementedError
@@ -93,7 +102,7 @@ class TopicFeed:
             self._error = exc
             log.exception("feed failed", feed=self._name)
         finally:
-            self._consumer.close()
+            close_within(self._consumer.close, f"sender {self._name} feed")
 
     def _read(self, record: Message) -> None:
         error = record.error()

@@ -236,6 +236,8 @@ class SenderWorker:
                         waiting_for=str(exc))
         finally:
             for feed in feeds:
+                feed.request_stop()
+            for feed in feeds:  # their closes run side by side
                 feed.stop()
 
     def _await_feeds(self, feeds: list[TopicFeed], stop_event: threading.Event) -> bool:
@@ -290,6 +292,9 @@ class SenderWorker:
                 pipeline.step(block=False)
             pipeline.drain()
         finally:
+            # The feeds close while this loop's own clients do.
+            for feed in feeds:
+                feed.request_stop()
             # No draining from the revoke callback once the loop is left (after a failure the
             # batches not committed are redelivered instead).
             self._pipeline = None

@@ -211,6 +211,14 @@ class Services:
     def logs(self, name: str, lines: int = 60) -> str:
         return self.procs[name].log_tail(lines)
 
+    def stacks(self, name: str, lines: int = 120) -> str:
+        """The log's tail after asking a running service for every thread's stack."""
+        proc = self.procs[name].proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+        return self.logs(name, lines)
+
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str,
              services: Services | None = None, poll: float = 0.1) -> object:

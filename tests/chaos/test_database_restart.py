@@ -112,8 +112,18 @@ def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, plat
             print(f"delivery: {delivery}")
             print(f"API while the database was away: {during}")
             assert during[0] == 503 and "database" in during[1].lower(), during
-            read = wait_for(lambda: (a := api_get(api))[0] == 200 and a[2].get("sent") == campaign.size and a,
-                            COMPLETION_BOUND_SECONDS, "the read model over the API", services)
+            answers: list[tuple[int, str, dict[str, Any]]] = []
+
+            def read_model_complete() -> object:
+                answers.append(api_get(api))
+                return answers[-1][0] == 200 and answers[-1][2].get("sent") == campaign.size and answers[-1]
+
+            try:
+                read = wait_for(read_model_complete, COMPLETION_BOUND_SECONDS, "the read model over the API",
+                                services, poll=0.5)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; last answer {answers[-1]}\nprojector:\n"
+                                     f"{services.stacks('projector')}\napi:\n{services.logs('api', 10)}") from None
             assert read[2]["total"] == campaign.size and read[2]["status"] == "completed", read
             services.check_alive()
         finally:

@@ -76,7 +76,7 @@ def running_pid(supervision: Supervision, name: str, *, not_pid: int | None, tim
 def all_ready(timeout: float) -> None:
     """Every service answers /readyz 200 within `timeout` (its new process, after a fault)."""
     deadline = time.monotonic() + timeout
-    answers: dict[str, object] = {}
+    answers: dict[str, dict[str, object]] = {}
     while time.monotonic() < deadline:
         answers = {name: ask_readiness(f"http://127.0.0.1:{port}") for name, port in PROBE_PORTS.items()}
         if all(a.get("ready") for a in answers.values()):
