@@ -258,7 +258,29 @@ def close_within(close: Callable[[], None], what: str, bound: float = CLOSE_BOUN
     """`close()` (a consumer's: it leaves its group and waits for its commits) on a daemon
     thread, waited for at most `bound` seconds: with the broker away it may never return, and
     a stopping service must not wait for it. False (and a warning) when it was left behind."""
-    done = threading.Event()
+    return begin_close(close, what).wait(bound)
+
+
+class Closing:
+    """A close running on a daemon thread (see `begin_close`)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.done = threading.Event()
+
+    def wait(self, bound: float) -> bool:
+        """True once the close returned within `bound` seconds, else False (and a warning)."""
+        if self.done.wait(max(0.0, bound)):
+            return True
+        structlog.get_logger().warning("close did not return; left behind", client=self.what,
+                                       waited_seconds=round(bound, 1))
+        return False
+
+
+def begin_close(close: Callable[[], None], what: str) -> Closing:
+    """Start `close()` on a daemon thread and return at once: the caller closes its other
+    clients meanwhile, then waits for this one with `Closing.wait`."""
+    closing = Closing(what)
 
     def run() -> None:
         try:
@@ -266,14 +288,10 @@ def close_within(close: Callable[[], None], what: str, bound: float = CLOSE_BOUN
         except (KafkaException, RuntimeError) as exc:
             structlog.get_logger().warning("close failed", client=what, error=str(exc))
         finally:
-            done.set()
+            closing.done.set()
 
     threading.Thread(target=run, name=f"close-{what}", daemon=True).start()
-    if done.wait(bound):
-        return True
-    structlog.get_logger().warning("close did not return; left behind", client=what,
-                                   waited_seconds=bound)
-    return False
+    return closing
 
 
 class TransactionalProducer:

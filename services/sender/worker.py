@@ -68,7 +68,13 @@ from schemas.events import (
     RecipientRetryScheduled,
 )
 from services.common import metrics
-from services.common.kafka import Stopping, close_within, consumer_config, producer_config
+from services.common.kafka import (
+    CLOSE_BOUND_SECONDS,
+    Stopping,
+    begin_close,
+    consumer_config,
+    producer_config,
+)
 from services.common.settings import Settings
 from services.common.topics import (
     HELD,
@@ -299,8 +305,10 @@ class SenderWorker:
             # batches not committed are redelivered instead).
             self._pipeline = None
             # Close the consumer first: it leaves the group now, so the partitions move to
-            # another sender without waiting for a session timeout.
-            close_within(consumer.close, "sender consumer")
+            # another sender without waiting for a session timeout. The other clients close
+            # meanwhile, so a broker outage costs one bound, not the sum of several.
+            closing = begin_close(consumer.close, "sender consumer")
+            closing_began = time.monotonic()
             # Mails queued but not started are dropped: their claims stay unsettled and count
             # as possible duplicates when redelivered (never under-counted).
             lanes.shutdown(cancel=True)
@@ -308,6 +316,7 @@ class SenderWorker:
             # Anything parked or published after a failure (briefly when asked to stop).
             producer.flush(STOP_FLUSH_SECONDS if stop_event.is_set() else FLUSH_TIMEOUT_SECONDS)
             ledger.close()
+            closing.wait(CLOSE_BOUND_SECONDS - (time.monotonic() - closing_began))
             log.info("sender stopped", **vars(self.stats))
 
     def _poll_timeout(self) -> float:
