@@ -69,6 +69,7 @@ from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc
 from services.common.heartbeat import Heartbeat
+from services.common.kafka import is_fatal
 from services.common.metrics import PROJECTION_LAG_SECONDS, RECORDS_CONSUMED, LagSampler
 from services.common.settings import Settings
 from services.common.topics import (
@@ -608,7 +609,7 @@ class Projector:
         for index, record in enumerate(records):
             error = record.error()
             if error is not None:
-                if error.fatal():
+                if is_fatal(error):
                     raise KafkaException(error)
                 self._log.warning("consumer error", error=str(error))
                 continue

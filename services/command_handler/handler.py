@@ -73,12 +73,14 @@ from services.command_handler.campaign import (
     send_order,
 )
 from services.command_handler.segments import SegmentDirectory, UnknownSegments
+from services.common import metrics
 from services.common.kafka import (
     SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
     Stopping,
     TransactionalProducer,
     TransactionFailed,
     close_within,
+    is_fatal,
     make_consumer,
     partition_reader,
     producer_config,
@@ -167,10 +169,8 @@ class CommandHandler:
         was not committed and is read again."""
         log.error("consumer failed for good; re-creating it", error=str(error))
         old, self.consumer = self.consumer, self._new_consumer()
-        try:
-            old.close()
-        except (KafkaException, RuntimeError):
-            pass  # a failed consumer may refuse even that; it is dropped either way
+        # A failed consumer may hang or refuse even its close; it is dropped either way.
+        close_within(old.close, "failed consumer")
         self.partitions.clear()
         self._subscribe()
 
@@ -334,6 +334,7 @@ class CommandHandler:
         for event in events:
             out = wrap_caused_by(event, env, aggregate_id=command.segment_id)
             self.producer.produce(self.segments_topic, key=command.segment_id.encode(), value=encode(out))
+            metrics.RECORDS_PRODUCED.labels(topic=self.segments_topic).inc()
             self.segments.apply(env.tenant_id, event)
         names = [type(e).__name__ for e in events]
         self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
@@ -341,6 +342,7 @@ class CommandHandler:
     def _emit(self, cause: Envelope, event: Record) -> Envelope:
         out = wrap_caused_by(event, cause)
         self.producer.produce(self.events_topic, key=cause.aggregate_id.encode(), value=encode(out))
+        metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
         return out
 
     def _reject(self, cause: Envelope, reason: str) -> None:
@@ -356,6 +358,7 @@ class CommandHandler:
             ("source.offset", str(msg.offset()).encode()),
         ]
         self.producer.produce(self.dlq_topic, key=msg.key(), value=msg.value(), headers=headers)
+        metrics.RECORDS_PRODUCED.labels(topic=self.dlq_topic).inc()
         tenant, aggregate, command_id, command_type = _salvage(msg)
         rejected = wrap(
             CommandRejected(command_id=command_id, command_type=command_type, reason=reason),
@@ -363,6 +366,7 @@ class CommandHandler:
             aggregate_id=aggregate,
         )
         self.producer.produce(self.events_topic, key=aggregate.encode(), value=encode(rejected))
+        metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
 
     # --- loop -----------------------------------------------------------------------------
 
@@ -383,7 +387,7 @@ class CommandHandler:
                     self._step()
                 except KafkaException as exc:
                     error = exc.args[0]
-                    if not (isinstance(error, KafkaError) and error.fatal()):
+                    if not (isinstance(error, KafkaError) and is_fatal(error)):
                         raise
                     self._renew_consumer(error)  # producer failures never get here
         except Stopping as exc:
@@ -403,7 +407,7 @@ class CommandHandler:
         for m in batch:
             error = m.error()
             if error is not None:
-                if error.fatal():
+                if is_fatal(error):
                     raise KafkaException(error)
                 log.warning("consumer error", error=str(error))
         if records:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from services.common import metrics
 from services.common.settings import Settings
 
 T = TypeVar("T")
@@ -189,6 +190,13 @@ class TxnStep(enum.Enum):
     RECREATE = "recreate"  # the producer is unusable: a new one (init_transactions fences the old)
 
 
+def is_fatal(error: KafkaError) -> bool:
+    """The client instance is unusable and must be replaced. A consumer's fatal error (a static
+    member fenced, say) reaches consume() as a record error of code _FATAL whose fatal() is
+    False: confluent-kafka sets that flag only on errors it builds from rd_kafka_fatal_error."""
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
 def transaction_step(call: TxnCall, error: KafkaError, *, elapsed: float,
                      budget: float = TXN_RETRY_BUDGET_SECONDS) -> TxnStep:
     """confluent-kafka's rules for a failed transactional call, `elapsed` seconds after its
@@ -196,7 +204,7 @@ def transaction_step(call: TxnCall, error: KafkaError, *, elapsed: float,
     the same call again, for up to `budget` seconds. Past the budget, and for an error the
     client does not classify, the transaction is aborted; an abort or init that cannot
     succeed leaves only a new producer. Pure."""
-    if error.fatal():
+    if is_fatal(error):
         return TxnStep.RECREATE
     if error.retriable() and not error.txn_requires_abort() and elapsed < budget:
         return TxnStep.RETRY
@@ -349,6 +357,7 @@ class TransactionalProducer:
 
     def commit_transaction(self) -> None:
         self._call(TxnCall.COMMIT, lambda: self.producer.commit_transaction(self._timeout))
+        metrics.TRANSACTIONS.labels(result="committed").inc()
 
     def abort(self) -> None:
         """Abort the open transaction (or re-create the producer when that cannot be done)."""
@@ -357,6 +366,7 @@ class TransactionalProducer:
         except TransactionFailed:
             pass  # re-created: the new producer's init settled the old transaction
         self.aborted += 1
+        metrics.TRANSACTIONS.labels(result="aborted").inc()
 
     def close(self, timeout: float = 5.0) -> None:
         self._calls.close()
@@ -449,7 +459,7 @@ def retry_until_stopped(stop: threading.Event, what: str, action: Callable[[], T
             return result
         except retry_on as exc:
             error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and error.fatal():
+            if isinstance(error, KafkaError) and is_fatal(error):
                 raise
             tries += 1
             log.warning("failed; retrying", what=what, error=str(exc), tries=tries)

@@ -57,12 +57,14 @@ from confluent_kafka import (
 
 from schemas.commands import AutoPauseCampaign
 from schemas.envelope import SchemaViolation, decode, encode, wrap
+from services.common import metrics
 from services.common.kafka import (
     SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
     Stopping,
     TransactionalProducer,
     TransactionFailed,
     close_within,
+    is_fatal,
     make_consumer,
     producer_config,
     retry_until_stopped,
@@ -191,10 +193,8 @@ class CompletionService:
         self._log.error("consumer failed for good; re-creating it", error=str(error))
         old = self.consumer
         self.consumer = make_consumer(self.settings, SERVICE, **self._consumer_config)
-        try:
-            old.close()
-        except (KafkaException, RuntimeError):
-            pass  # a failed consumer may refuse even that; it is dropped either way
+        # A failed consumer may hang or refuse even its close; it is dropped either way.
+        close_within(old.close, "failed consumer")
         self.trackers = {}
         self._subscribe()
 
@@ -213,7 +213,7 @@ class CompletionService:
                     self.poll_once()
                 except KafkaException as exc:
                     error = exc.args[0]
-                    if not (isinstance(error, KafkaError) and error.fatal()):
+                    if not (isinstance(error, KafkaError) and is_fatal(error)):
                         raise
                     self._renew_consumer(error)  # producer failures never get here
         except Stopping as exc:
@@ -338,7 +338,7 @@ class CompletionService:
         for record in self.consumer.consume(self.batch_size, self.poll_timeout):
             error = record.error()
             if error is not None:
-                if error.fatal():
+                if is_fatal(error):
                     raise KafkaException(error)
                 self._log.warning("consumer error", error=str(error))
                 continue
@@ -415,6 +415,7 @@ class CompletionService:
         self.producer.produce(
             self.events_topic, key=completion.campaign_id.encode(), value=encode(envelope)
         )
+        metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
 
     def _request_pause(self, pause: AutoPause) -> None:
         """A command, not an event: the campaign aggregate decides (it may be paused already)."""
@@ -428,6 +429,7 @@ class CompletionService:
         self.producer.produce(
             self.commands_topic, key=pause.campaign_id.encode(), value=encode(envelope)
         )
+        metrics.RECORDS_PRODUCED.labels(topic=self.commands_topic).inc()
 
     def _commit_transaction(self) -> None:
         self._txn.commit_transaction()

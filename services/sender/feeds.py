@@ -30,7 +30,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from services.common.kafka import CLOSE_BOUND_SECONDS, close_within
+from services.common.kafka import CLOSE_BOUND_SECONDS, close_within, is_fatal
 from services.common.settings import Settings
 from services.common.topics import TopicSpec, topic_name
 
@@ -112,7 +112,7 @@ class TopicFeed:
                 if not self._pending:
                     self.caught_up.set()
                 return
-            if error.fatal():
+            if is_fatal(error):
                 raise KafkaException(error)
             log.warning("feed error", feed=self._name, error=str(error))
             return

@@ -43,7 +43,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import RecipientQueued, TestEmailFailed, TestEmailRequested, TestEmailSent
-from services.common.kafka import close_within, consumer_config, producer_config
+from services.common import metrics
+from services.common.kafka import close_within, consumer_config, is_fatal, producer_config
 from services.common.settings import Settings
 from services.common.topics import EVENTS, topic_name
 from services.sender.delivery import Outcome, Status
@@ -175,7 +176,7 @@ class TestSendWorker:
     def _is_request(record: Message) -> bool:
         error = record.error()
         if error is not None:
-            if error.fatal():
+            if is_fatal(error):
                 raise KafkaException(error)
             log.warning("consumer error", error=str(error))
             return False
@@ -232,6 +233,7 @@ class TestSendWorker:
             try:
                 producer.produce(self._topic, key=campaign_id.encode(), value=encode(envelope),
                                  on_delivery=self._on_delivery)
+                metrics.RECORDS_PRODUCED.labels(topic=self._topic).inc()
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let some records go first

@@ -73,6 +73,7 @@ from services.common.kafka import (
     Stopping,
     begin_close,
     consumer_config,
+    is_fatal,
     producer_config,
 )
 from services.common.settings import Settings
@@ -388,7 +389,7 @@ class SenderWorker:
         for record in records:
             error = record.error()
             if error is not None:
-                if error.fatal():
+                if is_fatal(error):
                     raise KafkaException(error)
                 log.warning("consumer error", error=str(error))
                 continue

@@ -232,3 +232,40 @@ def test_failure_rate_guard_requests_one_automatic_pause(settings) -> None:
     with CompletionService(settings, guard=guard) as restarted:
         drain(restarted, settings)
         assert restarted.pauses_requested == 0
+
+
+def test_a_fenced_consumer_is_replaced_and_completions_go_on(settings) -> None:
+    """A static member fenced by another with its group.instance.id (as after a broker hang)
+    gets a fatal error whose fatal() flag is not set: the tracker replaces its consumer and
+    goes on completing campaigns, instead of polling a dead consumer for good."""
+    import threading
+
+    from services.common.kafka import consumer_config
+    from services.completion.service import SERVICE
+
+    first, second = Campaign(), Campaign()
+    publish(settings, EVENTS, [first.event(CampaignHydrated(total=3))])
+    publish(settings, DELIVERIES, [first.sent(f"a{i}") for i in range(3)])
+    service = CompletionService(settings, instance="0")  # a static member, as deployed
+    stop = threading.Event()
+    runner = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        assert len(completions(settings, until=1)) == 1
+        fenced = service.consumer
+        impostor = Consumer(consumer_config(settings, SERVICE, **service._consumer_config))
+        impostor.subscribe([service.events_topic, service.deliveries_topic])
+        deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+        while service.consumer is fenced:  # the impostor's join fences the tracker's member
+            assert time.monotonic() < deadline, "the tracker kept its fenced consumer"
+            impostor.poll(0.2)
+        impostor.close()
+        publish(settings, EVENTS, [second.event(CampaignHydrated(total=2))])
+        publish(settings, DELIVERIES, [second.sent(f"b{i}") for i in range(2)])
+        done = completions(settings, until=2)
+        assert sorted(m.envelope.aggregate_id for m in done) == sorted([first.id, second.id])
+        assert runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not runner.is_alive()
