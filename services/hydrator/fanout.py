@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer
 
 from schemas.envelope import Envelope, encode, wrap_caused_by
 from schemas.events import MAX_UNKNOWN_CONTACT_IDS, HydrationPartitionReported, HydrationRequested
+from services.common import metrics
 from services.common.kafka import partition_reader, producer_config, read_to_end
 from services.common.settings import Settings
 from services.common.topics import HYDRATION_FANOUTS, HYDRATION_REPORTS, RECIPIENTS, topic_name
@@ -176,7 +177,9 @@ class PartitionFanout:
             self._produce(producer, self.reports_topic, request.campaign_id.encode(), value)
             producer.produce(self.markers_topic, value=value, partition=partition,
                              key=f"{request.campaign_id}:{partition}".encode())
+            metrics.RECORDS_PRODUCED.labels(topic=self.markers_topic).inc()
             producer.commit_transaction(60)
+            metrics.TRANSACTIONS.labels(result="committed").inc()
         except KafkaException as exc:
             # Fenced (another instance owns the partition now) or a broker failure: abort
             # what we can and start with a fresh producer next time.
@@ -184,6 +187,7 @@ class PartitionFanout:
                         reason=str(exc))
             try:
                 producer.abort_transaction(10)
+                metrics.TRANSACTIONS.labels(result="aborted").inc()
             except KafkaException:
                 pass
             self._drop(partition)
@@ -196,6 +200,7 @@ class PartitionFanout:
         while True:
             try:
                 producer.produce(topic, value=value, key=key)
+                metrics.RECORDS_PRODUCED.labels(topic=topic).inc()
                 return
             except BufferError:
                 producer.poll(0.05)  # the local queue is full: let librdkafka drain it

@@ -29,6 +29,7 @@ from confluent_kafka import (
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import MAX_UNKNOWN_CONTACT_IDS, CampaignHydrated, HydrationPartitionReported
+from services.common import metrics
 from services.common.kafka import make_consumer, make_producer
 from services.common.logs import configure_logging
 from services.common.settings import Settings
@@ -205,6 +206,7 @@ class GatherLoop:
                 continue
             out = wrap_caused_by(hydrated, env, aggregate_id=report.campaign_id)
             self.producer.produce(self.events_topic, key=report.campaign_id.encode(), value=encode(out))
+            metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
             log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
                      correlation_id=str(env.correlation_id), total=hydrated.total,
                      excluded=hydrated.excluded, unknown_contacts=hydrated.unknown_contact_count)

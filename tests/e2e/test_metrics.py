@@ -105,6 +105,18 @@ def test_metrics_agree_with_the_campaign(settings):
     assert total(projector, "campaign_projection_lag_seconds_count") > 0
     assert total(projector, "campaign_records_consumed_total", topic=settings.topic_prefix + "campaign.deliveries") \
         >= RECIPIENTS + len(deferred)
+    deliveries_topic = settings.topic_prefix + "campaign.deliveries"
+    events_topic = settings.topic_prefix + "campaign.events"
+    assert total(sender, "campaign_records_produced_total", topic=deliveries_topic) >= attempts
+    handler = scraped["command_handler"]
+    assert total(handler, "campaign_records_produced_total", topic=events_topic) >= 2  # created, requested
+    assert total(handler, "campaign_kafka_transactions_total", result="committed") >= 1
+    hydrator = scraped["hydrator"]
+    assert total(hydrator, "campaign_records_produced_total",
+                 topic=settings.topic_prefix + "campaign.recipients") >= RECIPIENTS
+    completion = scraped["completion"]
+    assert total(completion, "campaign_records_produced_total", topic=events_topic) == 1  # CampaignCompleted
+    assert total(completion, "campaign_kafka_transactions_total", result="committed") >= 1
     for name in ("sender", "projector"):
         lags = [v for (sample, _), v in scraped[name].items() if sample == "campaign_consumer_lag_records"]
         assert lags and max(lags) == 0, f"{name} lag after completion: {lags}"

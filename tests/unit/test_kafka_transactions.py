@@ -237,3 +237,27 @@ def test_instance_id_comes_from_its_variable_with_a_stable_default():
     assert instance_id("X_INSTANCE", {}) == "0"
     assert instance_id("X_INSTANCE", {"X_INSTANCE": "  "}) == "0"
     assert instance_id("X_INSTANCE", {"X_INSTANCE": "b"}) == "b"
+
+
+def transactions_ended(result: str) -> float:
+    return kafka.metrics.TRANSACTIONS.labels(result=result)._value.get()
+
+
+def test_commits_and_aborts_are_counted_once_each_by_result():
+    committed, aborted = transactions_ended("committed"), transactions_ended("aborted")
+    txn = wrapper({"commit": [error(retriable=True)], "send_offsets": [error(abortable=True)]})
+    txn.init()
+    txn.begin()
+    with pytest.raises(TransactionFailed):
+        txn.commit(OFFSETS, object())  # send_offsets abortable: aborted, nothing committed
+    txn.begin()
+    txn.commit(OFFSETS, object())  # one retried commit: committed once
+    assert (transactions_ended("committed") - committed, transactions_ended("aborted") - aborted) == (1, 1)
+
+
+def test_a_consumer_fatal_record_error_is_fatal_though_its_flag_is_not_set():
+    fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced")
+    assert not fenced.fatal() and kafka.is_fatal(fenced)
+    assert kafka.is_fatal(KafkaError(KafkaError._TIMED_OUT, fatal=True))
+    assert not kafka.is_fatal(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+    assert transaction_step(TxnCall.COMMIT, fenced, elapsed=0) is TxnStep.RECREATE
