@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down status demo test test-unit chaos lint typecheck schemas bench clean
+.PHONY: help install up down status demo test test-unit chaos lint typecheck deploy-check schemas bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ lint: $(STAMP) ## ruff
 
 typecheck: $(STAMP) ## mypy (strict defs)
 	$(VENV)/bin/mypy .
+
+deploy-check: ## Validate deploy/: kubeconform -strict, Compose schema, dashboard, hadolint
+	deploy/validate.sh
 
 schemas: $(STAMP) ## Regenerate schemas/json from the pydantic models
 	$(PY) -m schemas.export
