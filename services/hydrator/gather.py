@@ -30,7 +30,14 @@ from confluent_kafka import (
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import MAX_UNKNOWN_CONTACT_IDS, CampaignHydrated, HydrationPartitionReported
 from services.common import metrics
-from services.common.kafka import make_consumer, make_producer
+from services.common.kafka import (
+    Stopping,
+    TransactionalProducer,
+    TransactionFailed,
+    close_within,
+    make_consumer,
+    producer_config,
+)
 from services.common.logs import configure_logging
 from services.common.settings import Settings
 from services.common.topics import EVENTS, HYDRATION_REPORTS, topic_name
@@ -100,16 +107,22 @@ class GatherLoop:
         self.stopping = threading.Event()
         self.instance = instance
         self.consumer = self._new_consumer()
-        self.producer = self._new_producer()
+        # Stable per instance: a restarted instance aborts what its predecessor left open.
+        # Every transactional call is bounded; one that hangs re-creates the producer.
+        self._txn = TransactionalProducer(
+            producer_config(settings, **{"transactional.id": f"{self.group}-{instance}"}),
+            self.stopping, logger=log)
+        self._in_transaction = False
+
+    @property
+    def producer(self) -> Producer:
+        """The transactional producer of the moment (re-created after a fatal error)."""
+        return self._txn.producer
 
     def _new_consumer(self) -> Consumer:
         return make_consumer(
             self.settings, "hydrator-gather", **{"group.id": self.group, "session.timeout.ms": 10_000},
         )
-
-    def _new_producer(self) -> Producer:
-        # Stable per instance: a restarted instance aborts what its predecessor left open.
-        return make_producer(self.settings, **{"transactional.id": f"{self.group}-{self.instance}"})
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         committed = consumer.committed(partitions, timeout=30)
@@ -162,35 +175,37 @@ class GatherLoop:
         while not self.stopping.is_set():
             try:
                 self._session()
-            except KafkaException as exc:
+            except Stopping as exc:
+                log.warning("gather stopping while the broker did not answer", waiting_for=str(exc))
+                return
+            except (KafkaException, TransactionFailed) as exc:
                 log.warning("gather restarting", reason=str(exc))
                 self._reset()
 
     def _session(self) -> None:
-        self.producer.init_transactions(30)
+        self._txn.init()
         self.consumer.subscribe([self.reports_topic], on_assign=self._on_assign)
         while not self.stopping.is_set():
             batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
             if batch:
                 self._handle(batch)
-        self.consumer.close()
+        close_within(self.consumer.close, "gather consumer")
 
     def _reset(self) -> None:
-        try:
-            self.producer.abort_transaction(10)
-        except KafkaException:
-            pass
-        try:
-            self.consumer.close()
-        except (KafkaException, RuntimeError):
-            pass
+        if self._in_transaction:  # (a failed commit has settled its transaction already)
+            self._in_transaction = False
+            try:
+                self._txn.abort()
+            except Stopping:
+                return
+        close_within(self.consumer.close, "gather consumer")
         self.stopping.wait(1.0)
         self.gatherer = ReportGatherer()
         self.consumer = self._new_consumer()
-        self.producer = self._new_producer()
 
     def _handle(self, batch: list[Message]) -> None:
-        self.producer.begin_transaction()
+        self._txn.begin()
+        self._in_transaction = True
         for msg in batch:
             error = msg.error()
             if error is not None:
@@ -211,10 +226,8 @@ class GatherLoop:
                      correlation_id=str(env.correlation_id), total=hydrated.total,
                      excluded=hydrated.excluded, unknown_contacts=hydrated.unknown_contact_count)
         positions = self.consumer.position(self.consumer.assignment())
-        self.producer.send_offsets_to_transaction(
-            positions, self.consumer.consumer_group_metadata(), 30,
-        )
-        self.producer.commit_transaction(30)
+        self._in_transaction = False  # commit() aborts or re-creates on failure
+        self._txn.commit(positions, self.consumer.consumer_group_metadata())
 
     def stop(self) -> None:
         self.stopping.set()
