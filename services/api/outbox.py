@@ -34,7 +34,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from schemas.contacts import contact_key
 from schemas.envelope import Envelope, encode
 from services.common.kafka import make_producer, partition_reader, read_to_end
-from services.common.metrics import OUTBOX_DEPTH, RECORDS_PRODUCED, TRANSACTIONS
+from services.common.metrics import OUTBOX_DEPTH, TRANSACTIONS, count_produced
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, CONTACTS, topic_name
 
@@ -305,7 +305,7 @@ class OutboxRelay:
             key = (contact_key(tenant_id, aggregate_id) if topic == self.contacts_topic
                    else aggregate_id.encode())
             producer.produce(topic, key=key, value=bytes(raw))
-            RECORDS_PRODUCED.labels(topic=topic).inc()
+            count_produced(topic)
         producer.commit_transaction(RELAY_TXN_TIMEOUT_S)
         TRANSACTIONS.labels(result="committed").inc()
         conn.execute("UPDATE command_outbox SET published_at = now() WHERE seq = ANY(%s)",

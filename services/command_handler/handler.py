@@ -334,7 +334,7 @@ class CommandHandler:
         for event in events:
             out = wrap_caused_by(event, env, aggregate_id=command.segment_id)
             self.producer.produce(self.segments_topic, key=command.segment_id.encode(), value=encode(out))
-            metrics.RECORDS_PRODUCED.labels(topic=self.segments_topic).inc()
+            metrics.count_produced(self.segments_topic)
             self.segments.apply(env.tenant_id, event)
         names = [type(e).__name__ for e in events]
         self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
@@ -342,7 +342,7 @@ class CommandHandler:
     def _emit(self, cause: Envelope, event: Record) -> Envelope:
         out = wrap_caused_by(event, cause)
         self.producer.produce(self.events_topic, key=cause.aggregate_id.encode(), value=encode(out))
-        metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
+        metrics.count_produced(self.events_topic)
         return out
 
     def _reject(self, cause: Envelope, reason: str) -> None:
@@ -358,7 +358,7 @@ class CommandHandler:
             ("source.offset", str(msg.offset()).encode()),
         ]
         self.producer.produce(self.dlq_topic, key=msg.key(), value=msg.value(), headers=headers)
-        metrics.RECORDS_PRODUCED.labels(topic=self.dlq_topic).inc()
+        metrics.count_produced(self.dlq_topic)
         tenant, aggregate, command_id, command_type = _salvage(msg)
         rejected = wrap(
             CommandRejected(command_id=command_id, command_type=command_type, reason=reason),
@@ -366,7 +366,7 @@ class CommandHandler:
             aggregate_id=aggregate,
         )
         self.producer.produce(self.events_topic, key=aggregate.encode(), value=encode(rejected))
-        metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
+        metrics.count_produced(self.events_topic)
 
     # --- loop -----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ classes, relay names, results): never a tenant's contact id or e-mail address.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -58,6 +59,17 @@ CONSUMER_LAG = Gauge(
     "end, per assigned partition, as the consumer last saw it.", ["topic", "partition"])
 OUTBOX_DEPTH = Gauge(
     "campaign_outbox_depth_records", "Accepted commands not yet relayed to Kafka.")
+
+
+@functools.cache
+def _produced(topic: str) -> Any:
+    return RECORDS_PRODUCED.labels(topic=topic)
+
+
+def count_produced(topic: str, records: int = 1) -> None:
+    """Add to RECORDS_PRODUCED; the labelled child is looked up once per topic (this runs per
+    record, on the fan-out's and the sender's hot paths)."""
+    _produced(topic).inc(records)
 
 
 class LagSampler:

@@ -415,7 +415,7 @@ class CompletionService:
         self.producer.produce(
             self.events_topic, key=completion.campaign_id.encode(), value=encode(envelope)
         )
-        metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
+        metrics.count_produced(self.events_topic)
 
     def _request_pause(self, pause: AutoPause) -> None:
         """A command, not an event: the campaign aggregate decides (it may be paused already)."""
@@ -429,7 +429,7 @@ class CompletionService:
         self.producer.produce(
             self.commands_topic, key=pause.campaign_id.encode(), value=encode(envelope)
         )
-        metrics.RECORDS_PRODUCED.labels(topic=self.commands_topic).inc()
+        metrics.count_produced(self.commands_topic)
 
     def _commit_transaction(self) -> None:
         self._txn.commit_transaction()

@@ -177,7 +177,7 @@ class PartitionFanout:
             self._produce(producer, self.reports_topic, request.campaign_id.encode(), value)
             producer.produce(self.markers_topic, value=value, partition=partition,
                              key=f"{request.campaign_id}:{partition}".encode())
-            metrics.RECORDS_PRODUCED.labels(topic=self.markers_topic).inc()
+            metrics.count_produced(self.markers_topic)
             producer.commit_transaction(60)
             metrics.TRANSACTIONS.labels(result="committed").inc()
         except KafkaException as exc:
@@ -200,7 +200,7 @@ class PartitionFanout:
         while True:
             try:
                 producer.produce(topic, value=value, key=key)
-                metrics.RECORDS_PRODUCED.labels(topic=topic).inc()
+                metrics.count_produced(topic)
                 return
             except BufferError:
                 producer.poll(0.05)  # the local queue is full: let librdkafka drain it

@@ -221,7 +221,7 @@ class GatherLoop:
                 continue
             out = wrap_caused_by(hydrated, env, aggregate_id=report.campaign_id)
             self.producer.produce(self.events_topic, key=report.campaign_id.encode(), value=encode(out))
-            metrics.RECORDS_PRODUCED.labels(topic=self.events_topic).inc()
+            metrics.count_produced(self.events_topic)
             log.info("campaign hydrated", tenant=env.tenant_id, campaign=report.campaign_id,
                      correlation_id=str(env.correlation_id), total=hydrated.total,
                      excluded=hydrated.excluded, unknown_contacts=hydrated.unknown_contact_count)

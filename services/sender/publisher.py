@@ -168,7 +168,7 @@ class DeliveryPublisher:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers,
                                  on_delivery=self._on_delivery)
-                metrics.RECORDS_PRODUCED.labels(topic=topic).inc()
+                metrics.count_produced(topic)
                 return
             except BufferError:
                 # The local queue is full: let librdkafka send some before adding more.

@@ -233,7 +233,7 @@ class TestSendWorker:
             try:
                 producer.produce(self._topic, key=campaign_id.encode(), value=encode(envelope),
                                  on_delivery=self._on_delivery)
-                metrics.RECORDS_PRODUCED.labels(topic=self._topic).inc()
+                metrics.count_produced(self._topic)
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let some records go first
