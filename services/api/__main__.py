@@ -38,7 +38,7 @@ def main() -> int:
     if secret is None:
         log.warning("UNSUBSCRIBE_SECRET not set: /unsubscribe answers 503")
     settings = Settings()
-    start_observability(settings, "api", standard_checks(settings))
+    start_observability(settings, "api", standard_checks(settings, consumer=False))
     app = create_app(settings, api_keys, unsubscribe_secret=secret)
     # uvicorn re-raises the stop signal once it has shut down; with this handler in place
     # (it restores it first) that ends the process with status 0, not "killed by SIGTERM".

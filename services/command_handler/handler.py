@@ -88,6 +88,7 @@ from services.common.kafka import (
     static_member_config,
 )
 from services.common.logs import configure_logging
+from services.common.membership import register, unregister
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, COMMANDS_DLQ, CONTACTS, EVENTS, SEGMENTS, topic_name
 
@@ -145,6 +146,7 @@ class CommandHandler:
             static_member_config(settings, "command-handler", instance) if instance is not None
             else {"session.timeout.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
                   "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4})
+        self._group_member = register(group)  # for /readyz
         self.consumer: Consumer = self._new_consumer()
         self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
         transactional_id = f"{group}-{instance if instance is not None else uuid.uuid4()}"
@@ -186,11 +188,13 @@ class CommandHandler:
         self.partitions.update(retry_until_stopped(
             self.stop, f"replay of {self.events_topic}{numbers}",
             functools.partial(self._replay, numbers), logger=log))
+        self._group_member.assigned(partitions)
         log.info("partitions assigned", partitions=[tp.partition for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
+        self._group_member.revoked()
 
     def _replay(self, partitions: list[int]) -> dict[int, PartitionState]:
         """Rebuild the partitions' aggregates from campaign.events (committed records only),
@@ -396,6 +400,7 @@ class CommandHandler:
             log.warning("stopping while the broker did not answer", waiting_for=str(exc))
         finally:
             close_within(self.consumer.close, "command consumer")
+            unregister(self._group_member)
             self.txn.close()
             self.segments.close()
             log.info("command handler stopped")

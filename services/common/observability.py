@@ -29,7 +29,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
+from services.common import membership
 from services.common.heartbeat import Heartbeat
+from services.common.metrics import SERVICE_RESTARTS
+from services.common.restart_counts import my_restarts
 from services.common.settings import Settings
 
 # A loop that has not beaten for this long is taken as stuck (the watchdog waits longer:
@@ -187,23 +190,30 @@ def version() -> str:
 
 def start_observability(
     settings: Settings, service: str, checks: Mapping[str, ReadinessCheck],
-    *, assignment: Callable[[], list[str]] | None = None,
+    *, assignment: Callable[[], list[str]] | None = membership.assignment,
 ) -> ObservabilityServer | None:
     """Serve the process's endpoint on settings.metrics_port (None when it is 0). A port
-    that cannot be bound raises OSError: a misconfigured probe port must show at start."""
+    that cannot be bound raises OSError: a misconfigured probe port must show at start.
+    /readyz lists `assignment()`: by default the partitions of every consumer in the process
+    (services/common/membership.py)."""
     if not settings.metrics_port:
         return None
+    SERVICE_RESTARTS.set_function(my_restarts)  # read at each scrape: always current
     server = ObservabilityServer(
         settings.metrics_port, settings.heartbeat(), checks, host=settings.metrics_host,
         about={"service": service, "version": version()}, assignment=assignment)
     return server.start()
 
 
-def standard_checks(settings: Settings, *, database: bool = True) -> dict[str, ReadinessCheck]:
-    """Broker reachable, and PostgreSQL reachable for services that use it."""
+def standard_checks(settings: Settings, *, database: bool = True,
+                    consumer: bool = True) -> dict[str, ReadinessCheck]:
+    """Broker reachable, PostgreSQL reachable for services that use it, and for services that
+    consume, every consumer joined to its group (services/common/membership.py)."""
     checks = {"broker": broker_check(settings.kafka_bootstrap_servers)}
     if database:
         checks["database"] = database_check(settings.database_url)
+    if consumer:
+        checks["assignment"] = membership.readiness_check
     return checks
 
 

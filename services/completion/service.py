@@ -70,6 +70,7 @@ from services.common.kafka import (
     retry_until_stopped,
     static_member_config,
 )
+from services.common.membership import register, unregister
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, DELIVERIES, EVENTS, topic_name
 from services.completion.tracker import (
@@ -156,6 +157,7 @@ class CompletionService:
                else {"session.timeout.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
                      "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4}),
         }
+        self._group_member = register(self.group)  # for /readyz
         self.consumer: Consumer = make_consumer(settings, SERVICE, **self._consumer_config)
         self._txn = TransactionalProducer(
             producer_config(settings, **{"transactional.id": self.transactional_id,
@@ -228,6 +230,7 @@ class CompletionService:
         if self._closed:
             return
         self._closed = True
+        unregister(self._group_member)
         try:
             close_within(self.consumer.close, "completion consumer")
         finally:
@@ -260,6 +263,7 @@ class CompletionService:
         self.trackers.update(retry_until_stopped(
             self._stop, "state rebuild on assignment", rebuild, logger=self._log,
             retry_on=(KafkaException, ReplayStalled)))
+        self._group_member.assigned(partitions)
         self._log.info(
             "partitions assigned", partitions=sorted(events | deliveries),
             campaigns=sum(len(t.campaigns) for t in self.trackers.values()),
@@ -270,6 +274,7 @@ class CompletionService:
         # Called from inside consume(), between batches: no transaction is open.
         for tp in partitions:
             self.trackers.pop(tp.partition, None)
+        self._group_member.revoked()
         self._log.info("partitions revoked", count=len(partitions))
 
     def _replay(self, committed: list[TopicPartition]) -> dict[int, CompletionTracker]:

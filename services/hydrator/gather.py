@@ -39,6 +39,7 @@ from services.common.kafka import (
     producer_config,
 )
 from services.common.logs import configure_logging
+from services.common.membership import register, unregister
 from services.common.settings import Settings
 from services.common.topics import EVENTS, HYDRATION_REPORTS, topic_name
 from services.hydrator.audience import sum_exclusions
@@ -105,6 +106,7 @@ class GatherLoop:
         self.events_topic = topic_name(EVENTS, settings)
         self.gatherer = ReportGatherer()
         self.stopping = threading.Event()
+        self._group_member = register(self.group)  # for /readyz
         self.instance = instance
         self.consumer = self._new_consumer()
         # Stable per instance: a restarted instance aborts what its predecessor left open.
@@ -128,6 +130,10 @@ class GatherLoop:
         committed = consumer.committed(partitions, timeout=30)
         for tp in committed:
             self._replay(tp.partition, tp.offset)
+        self._group_member.assigned(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._group_member.revoked()
 
     def _replay(self, partition: int, until: int) -> None:
         """Re-read reports before the committed offset: state only, nothing is emitted."""
@@ -177,14 +183,16 @@ class GatherLoop:
                 self._session()
             except Stopping as exc:
                 log.warning("gather stopping while the broker did not answer", waiting_for=str(exc))
-                return
+                break
             except (KafkaException, TransactionFailed) as exc:
                 log.warning("gather restarting", reason=str(exc))
                 self._reset()
+        unregister(self._group_member)
 
     def _session(self) -> None:
         self._txn.init()
-        self.consumer.subscribe([self.reports_topic], on_assign=self._on_assign)
+        self.consumer.subscribe([self.reports_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
         while not self.stopping.is_set():
             batch = self.consumer.consume(BATCH_SIZE, POLL_SECONDS)
             if batch:
