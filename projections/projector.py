@@ -69,7 +69,8 @@ from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc
 from services.common.heartbeat import Heartbeat
-from services.common.kafka import is_fatal
+from services.common.kafka import close_within, is_fatal
+from services.common.membership import register, unregister
 from services.common.metrics import PROJECTION_LAG_SECONDS, RECORDS_CONSUMED, LagSampler
 from services.common.settings import Settings
 from services.common.topics import (
@@ -149,6 +150,10 @@ WATERMARK_TIMEOUT_SECONDS = 5.0
 # own thread, so a long batch does not count against it.
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = SESSION_TIMEOUT_MS // 3
+# A member waiting this long for an assignment after losing its partitions is re-created
+# (`_renew_if_stuck`): a healthy group answers within a session timeout or two, and a
+# rebalance waits at most max.poll.interval.ms for a slow member only when one is mid-batch.
+STUCK_MEMBER_SECONDS = 90.0
 
 # How long a thread may keep the GIL while another waits for it (CPython's default: 5 ms). The
 # writer thread needs the GIL for a moment after each PostgreSQL round trip and COPY flush;
@@ -292,6 +297,7 @@ class Projector:
         # in the driving thread; write (the PostgreSQL transaction) in the writer thread,
         # overlapping the next batch's consume, decode and plan.
         self.time_split = dict.fromkeys(("consume", "decode", "wait", "plan", "write"), 0.0)
+        self._membership = register(self.group)  # /readyz, and the stuck-member check in run
         self._consumer = self._subscribe()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -304,6 +310,7 @@ class Projector:
             while not stop_event.is_set():
                 self.looped_at = time.monotonic()
                 self.poll_once()
+                self._renew_if_stuck()
         finally:
             self.close()
         self._log.info("projector stopped", records_applied=self.records_applied)
@@ -316,9 +323,10 @@ class Projector:
         try:
             self._settle(rewind=False)
         finally:
+            unregister(self._membership)
             self._writer.shutdown(wait=True)
             try:
-                self._consumer.close()
+                close_within(self._consumer.close, f"{self.group} consumer")
             finally:
                 if self._conn is not None:
                     self._conn.close()
@@ -562,6 +570,7 @@ class Projector:
         for key in keys:
             self._positions[key] = stored.get(key)
         consumer.assign(partitions)
+        self._membership.assigned(partitions)
         self._log.info(
             "partitions assigned", count=len(partitions),
             resumed={f"{t}[{p}]": o for (t, p), o in sorted(stored.items())},
@@ -575,6 +584,7 @@ class Projector:
         for tp in partitions:
             self._positions.pop((tp.topic, tp.partition), None)
             self._ahead.pop((tp.topic, tp.partition), None)
+        self._membership.revoked()
         self._log.info("partitions revoked", count=len(partitions))
 
     def _load_positions_retrying(
@@ -718,12 +728,27 @@ class Projector:
                 self._resubscribe()
                 return
 
+    def _renew_if_stuck(self) -> None:
+        # A member whose partitions were revoked or lost (a broker outage longer than the
+        # session) normally gets the group's next assignment within a session timeout or
+        # two; one seen waiting for minutes after a broker SIGSTOP never got it, and a new
+        # consumer rejoins at once. Nothing is lost: positions come from PostgreSQL.
+        waited = self._membership.waiting_for()
+        if waited is not None and waited > STUCK_MEMBER_SECONDS:
+            self._log.error("no assignment from the group; re-creating the consumer",
+                            waited_seconds=round(waited))
+            self._resubscribe()
+
     def _resubscribe(self) -> None:
+        self._wait_in_flight()
         try:
-            self._consumer.close()
+            # A consumer that lost its group may hang in its close: it is dropped either way.
+            close_within(self._consumer.close, f"{self.group} consumer")
         except KafkaException as exc:
             self._log.warning("consumer close failed", error=str(exc))
         self._positions.clear()
+        self._ahead.clear()
+        self._membership.revoked()  # waiting afresh, for the new consumer's assignment
         self._consumer = self._subscribe()
 
     def _commit_lag_gauge(self, moves: dict[PartitionKey, PositionMove]) -> None:

@@ -356,6 +356,38 @@ def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
     )
 
 
+def test_a_member_left_without_an_assignment_is_re_created_and_resumes(settings, db) -> None:
+    from projections.projector import STUCK_MEMBER_SECONDS
+    from services.common.membership import GroupMembership
+
+    campaign = Campaign()
+    first, rest, sent, failed, _ = full_scenario(campaign, 40)
+    produce(settings, first)
+    with Projector(settings) as projector:
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+        applied_before = projector.records_applied
+        # As after a broker outage whose rebalance never answered: revoked, then silence.
+        now = [0.0]
+        stuck = GroupMembership(projector.group, clock=lambda: now[0])
+        stuck.revoked()
+        now[0] = STUCK_MEMBER_SECONDS + 1
+        projector._membership = stuck
+        old = projector._consumer
+        projector._renew_if_stuck()
+        assert projector._consumer is not old, "a stuck member was not re-created"
+        assert not projector.caught_up()  # the new consumer has no assignment yet
+        produce(settings, rest)
+        now[0] += 1
+        projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+        assert stuck.joined and stuck.partitions(), "the new consumer did not join"
+        projector._renew_if_stuck()  # joined: left alone
+        applied = projector.records_applied
+    assert applied == applied_before + len(rest)
+    assert stored_positions(db, settings) == end_offsets(settings)
+    progress = campaign_progress(db, campaign.id)
+    assert progress is not None and (progress.sent, progress.failed) == (sent, failed)
+
+
 def test_a_partition_whose_log_no_longer_starts_at_zero_is_projected_from_its_start(
         settings, db) -> None:
     # A partition never stored starts at offset 0, not at the logical beginning (a faster
