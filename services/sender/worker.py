@@ -76,6 +76,7 @@ from services.common.kafka import (
     is_fatal,
     producer_config,
 )
+from services.common.membership import register, unregister
 from services.common.settings import Settings
 from services.common.topics import (
     HELD,
@@ -87,6 +88,7 @@ from services.sender.control import Control, ControlBoard, ControlFeed
 from services.sender.delivery import Outcome, Status, judge_attempt, transient
 from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
 from services.sender.feeds import TopicFeed
+from services.sender.held_gauge import HeldGauge
 from services.sender.ledger import Claim, ClaimState, LedgerEntry, LedgerKey, SendLedger
 from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mail_lanes import MailLanes
@@ -204,6 +206,7 @@ class SenderWorker:
         # Partitions of the subscribed topics this instance owns, of how many: its share of
         # the group's rate limits.
         self._assigned: set[Where] = set()
+        self._group_member = register(settings.group("sender"))  # for /readyz
         self._partitions_total = 0
         self.stats = SenderStats()
         self.board = ControlBoard()
@@ -278,10 +281,12 @@ class SenderWorker:
         self._pipeline = pipeline
         heartbeat = self.settings.heartbeat()
         lag = metrics.LagSampler()
+        held = HeldGauge(self.settings.kafka_bootstrap_servers)
         try:
             while not stop_event.is_set():
                 heartbeat.beat()
                 lag.sample(consumer)
+                held.sample(self._held_blocked | self._due_at.keys())
                 _check(feeds)
                 self._wake(consumer)
                 if not pipeline.wants_records(self.batch_size):
@@ -293,7 +298,7 @@ class SenderWorker:
                 records = consumer.consume(self.batch_size, timeout)
                 if records:
                     _count_consumed(records)
-                    work, done = self._route(records, consumer, publisher)
+                    work, done = self._route(records, consumer, publisher, held)
                     pipeline.add(_fair(work), _positions(done + [w.record for w in work]),
                                  records=len(work))
                 pipeline.step(block=False)
@@ -318,6 +323,7 @@ class SenderWorker:
             producer.flush(STOP_FLUSH_SECONDS if stop_event.is_set() else FLUSH_TIMEOUT_SECONDS)
             ledger.close()
             closing.wait(CLOSE_BOUND_SECONDS - (time.monotonic() - closing_began))
+            unregister(self._group_member)
             log.info("sender stopped", **vars(self.stats))
 
     def _poll_timeout(self) -> float:
@@ -354,6 +360,7 @@ class SenderWorker:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+        self._group_member.assigned(partitions)
         self._reshare()
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -367,6 +374,7 @@ class SenderWorker:
             self._due_at.pop(where, None)
             self._held_blocked.discard(where)
             self._sweep_until.pop(where, None)
+        self._group_member.revoked()
         self._reshare()
 
     def _reshare(self) -> None:
@@ -378,7 +386,8 @@ class SenderWorker:
     # --- 1. routing ------------------------------------------------------------------------
 
     def _route(
-        self, records: list[Message], consumer: Consumer, publisher: DeliveryPublisher
+        self, records: list[Message], consumer: Consumer, publisher: DeliveryPublisher,
+        held: HeldGauge,
     ) -> tuple[list[Work], list[Message]]:
         """Split a batch into recipients to act on and records already dealt with (invalid,
         excluded, parked); pauses partitions whose head must wait."""
@@ -408,6 +417,7 @@ class SenderWorker:
                 waiting.add(where)
                 consumer.pause([TopicPartition(*where)])
                 consumer.seek(TopicPartition(*where, record.offset() or 0))
+                held.paused_at(where, record.offset() or 0)
             else:
                 work.append(item)
         return work, done

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.events import CampaignCancelled, CampaignPaused, CampaignResumed, EmailSent, RecipientSkipped
 from services.common.topics import HELD
@@ -86,9 +87,14 @@ def test_a_campaign_paused_before_sending_starts_is_held_until_resumed(settings)
             running_sender(replace(settings, smtp_port=sink.port)) as worker:
         wait_until(lambda: worker.stats.held >= 50, 60, "recipients were not held")
         assert steady(lambda: len(sink.messages)) == 0
+        # Every parked recipient waits behind the blocked head of a held partition.
+        wait_until(lambda: REGISTRY.get_sample_value("campaign_held_recipients") == 50, 30,
+                   "the held gauge did not count the 50 held recipients")
         publish_control(settings, campaign, CampaignResumed())
         events = deliveries_until(settings, terminal_for_all(50))
         records = sink.messages
+        wait_until(lambda: REGISTRY.get_sample_value("campaign_held_recipients") == 0, 30,
+                   "the held gauge did not fall to 0 after the resume")
     terminal_once(events, 50)
     assert sorted(rec["rcpt_tos"][0] for rec in records) == sorted(r.email for r in batch)
 
