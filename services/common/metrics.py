@@ -57,6 +57,10 @@ PROJECTION_LAG_SECONDS = Histogram(
 CONSUMER_LAG = Gauge(
     "campaign_consumer_lag_records", "Records between this consumer's position and the log "
     "end, per assigned partition, as the consumer last saw it.", ["topic", "partition"])
+SERVICE_RESTARTS = Gauge(
+    "campaign_service_restarts", "Times the supervisor restarted this service (crashes and "
+    "watchdog kills) since the platform started; 0 when not supervised (Kubernetes counts "
+    "its own: kube_pod_container_status_restarts_total).")
 OUTBOX_DEPTH = Gauge(
     "campaign_outbox_depth_records", "Accepted commands not yet relayed to Kafka.")
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common.restart_counts import RESTARTS_FILE, RESTARTS_FILE_ENV, read_counts, restarts
 from services.platform.processes import pid_alive
-from services.platform.watchdog import read_counts, restarts
 
 # A service that ignores SIGTERM this long is killed: a stuck shutdown must not hang `down`.
 STOP_WAIT_SECONDS = 15
@@ -98,6 +98,7 @@ class Supervision:
             env = dict(program.env)
             if program.heartbeat:
                 env["HEARTBEAT_FILE"] = str(self.heartbeats / program.name)
+            env[RESTARTS_FILE_ENV] = str(self.folder / RESTARTS_FILE)  # its restarts gauge
             lines += [
                 f"[program:{program.name}]",
                 f"command={_quote(shlex.join(program.argv))}",

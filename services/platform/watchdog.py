@@ -29,12 +29,12 @@ from typing import Any
 import structlog
 
 from services.common.logs import configure_logging
+from services.common.restart_counts import RESTARTS_FILE
 
 # A loop whose every blocking call is bounded beats within seconds; a minute of silence is a hang.
 DEFAULT_STALE_SECONDS = 60.0
 # Start-up (migrations, topic checks, group joins, replica catch-up) may take a while first.
 DEFAULT_START_GRACE_SECONDS = 120.0
-RESTARTS_FILE = "restarts.json"
 # supervisord's fault code while it stops every program (supervisor.xmlrpc.Faults).
 SHUTDOWN_STATE = 6
 
@@ -77,19 +77,6 @@ def count_event(counts: Mapping[str, Mapping[str, int]], event: str,
     elif event == "PROCESS_STATE_EXITED" or event == "PROCESS_STATE_BACKOFF":
         mine["crashes"] += 1
     return updated
-
-
-def restarts(counts: Mapping[str, int]) -> int:
-    """Restarts of one program since supervisord started it first."""
-    return max(0, counts.get("starts", 0) - 1)
-
-
-def read_counts(folder: Path) -> dict[str, dict[str, int]]:
-    try:
-        data = json.loads((folder / RESTARTS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_counts(folder: Path, counts: Mapping[str, Any]) -> None:

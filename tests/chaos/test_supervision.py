@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,19 @@ def all_ready(timeout: float) -> None:
     raise AssertionError(f"not every service ready after {timeout} s: {answers}")
 
 
+def restarts_gauge(name: str) -> float:
+    """campaign_service_restarts as the service's /metrics shows it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{PROBE_PORTS[name]}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "campaign_service_restarts":
+                return float(sample.value)
+    raise AssertionError(f"{name}: no campaign_service_restarts sample")
+
+
 def serves_a_command(settings) -> None:
     campaign = f"c-{uuid.uuid4().hex[:8]}"
     create = CreateCampaign(name="n", subject="s", from_address="a@example.com", body_text="b")
@@ -111,12 +125,14 @@ def test_every_killed_service_is_restarted_by_the_supervisor(settings, supervise
     status = {line.split()[0]: line for line in supervised.status_lines()}
     for name in SERVICES:
         assert "RUNNING" in status[name] and status[name].endswith("restarts 1 (watchdog 0)"), status
+        assert restarts_gauge(name) == 1, name  # each new process reports its own restart
 
 
 def test_every_stopped_service_is_restarted_by_the_watchdog(settings, supervised) -> None:
     first = {name: running_pid(supervised, name, not_pid=None, timeout=30) for name in SERVICES}
     all_ready(60)
     serves_a_command(settings)
+    assert {name: restarts_gauge(name) for name in SERVICES} == dict.fromkeys(SERVICES, 0)
     stopped = [n for n in SERVICES if n != "projector"]
     stopped_at = time.monotonic()
     for name in stopped:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
+from services.common.restart_counts import restarts
 from services.platform.supervision import Program, Supervision
-from services.platform.watchdog import ProgramView, count_event, restarts, stuck
+from services.platform.watchdog import ProgramView, count_event, stuck
 
 NOW = 10_000.0
 
@@ -65,6 +66,25 @@ def test_the_configuration_supervises_every_program_with_restarts(tmp_path: Path
     sink = parser["program:smtp_sink"]
     assert "HEARTBEAT_FILE" not in sink["environment"]
     assert 'SINK_NOTE="100%%"' in sink["environment"]  # supervisord reads %% as a literal %
+    assert f'RESTART_COUNTS_FILE="{tmp_path}/supervisor/restarts.json"' in sender["environment"]
     listener = parser["eventlistener:watchdog"]
     assert listener["command"].endswith(f"services.platform.watchdog {tmp_path} sender")
     assert "TICK_5" in listener["events"]
+
+
+def test_a_supervised_service_reads_its_own_restarts(tmp_path: Path, monkeypatch) -> None:
+    from services.common.restart_counts import my_restarts
+
+    counts = tmp_path / "restarts.json"
+    counts.write_text('{"sender": {"starts": 4, "crashes": 2, "watchdog": 1}}')
+    monkeypatch.delenv("SUPERVISOR_PROCESS_NAME", raising=False)
+    monkeypatch.delenv("RESTART_COUNTS_FILE", raising=False)
+    assert my_restarts() == 0  # not supervised
+    monkeypatch.setenv("RESTART_COUNTS_FILE", str(counts))
+    monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "sender")
+    assert my_restarts() == 3
+    monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "projector")  # not started yet
+    assert my_restarts() == 0
+    counts.write_text("not json")
+    monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "sender")
+    assert my_restarts() == 0
