@@ -69,7 +69,7 @@ from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc
 from services.common.heartbeat import Heartbeat
-from services.common.kafka import close_within, is_fatal
+from services.common.kafka import CLIENT_LOG, close_within, is_fatal, make_admin, serve_logs
 from services.common.membership import register, unregister
 from services.common.metrics import PROJECTION_LAG_SECONDS, RECORDS_CONSUMED, LagSampler
 from services.common.settings import Settings
@@ -522,7 +522,8 @@ class Projector:
         # One ListOffsets round trip for all partitions (the consumer's per-partition
         # watermark query waits out a fetch cycle each).
         if self._admin is None:
-            self._admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+            self._admin = make_admin(self.settings.kafka_bootstrap_servers)
+        serve_logs(self._admin)
         futures = self._admin.list_offsets(
             {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in partitions},
             isolation_level=IsolationLevel.READ_COMMITTED,
@@ -536,6 +537,7 @@ class Projector:
         consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "logger": CLIENT_LOG,
                 "group.id": self.group,
                 "client.id": f"{self.group}-projector",
                 # Positions live in PostgreSQL; Kafka's offsets are written only as a gauge.

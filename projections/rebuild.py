@@ -30,10 +30,10 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from projections.projector import POSITIONS_NAME, Projector
+from services.common.kafka import make_admin
 from services.common.settings import Settings
 
 # The tables the projector writes, in the order rows are copied in a swap.
@@ -200,7 +200,7 @@ def rebuild(
 
 
 def _delete_group(settings: Settings, group: str) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = make_admin(settings.kafka_bootstrap_servers)
     for future in admin.delete_consumer_groups(
             [group], request_timeout=ADMIN_TIMEOUT_SECONDS).values():
         # Only a lag gauge lives there; a group already gone (or never committed) is fine.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from services.common.settings import Settings
 
@@ -67,6 +69,21 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def log_records(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The log's lines that are JSON objects (parsed), and every line that is not one."""
+        records: list[dict[str, Any]] = []
+        other: list[str] = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                other.append(line)
+        return records, other
 
     def __enter__(self) -> ServiceProcess:
         return self.start()

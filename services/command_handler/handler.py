@@ -50,7 +50,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import OffsetSpec
 
 from schemas.base import Record
 from schemas.commands import ForceScheduledSend, SendCampaign
@@ -81,10 +81,12 @@ from services.common.kafka import (
     TransactionFailed,
     close_within,
     is_fatal,
+    make_admin,
     make_consumer,
     partition_reader,
     producer_config,
     retry_until_stopped,
+    serve_logs,
     static_member_config,
 )
 from services.common.logs import configure_logging
@@ -148,7 +150,7 @@ class CommandHandler:
                   "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4})
         self._group_member = register(group)  # for /readyz
         self.consumer: Consumer = self._new_consumer()
-        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        self.admin = make_admin(settings.kafka_bootstrap_servers)
         transactional_id = f"{group}-{instance if instance is not None else uuid.uuid4()}"
         self.txn = TransactionalProducer(
             producer_config(settings, **{"transactional.id": transactional_id}), self.stop,
@@ -256,6 +258,7 @@ class CommandHandler:
             TopicPartition(self.contacts_topic, p): OffsetSpec.latest()
             for p in meta.topics[self.contacts_topic].partitions
         }
+        serve_logs(self.admin)
         futures = self.admin.list_offsets(request, request_timeout=LOOKUP_TIMEOUT_SECONDS)
         return {tp.partition: future.result(timeout=2 * LOOKUP_TIMEOUT_SECONDS).offset
                 for tp, future in futures.items()}

@@ -16,6 +16,7 @@ it). It never blocks longer than one call timeout without looking at the stop fl
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import queue
 import threading
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from services.common import metrics
 from services.common.settings import Settings
@@ -54,6 +56,12 @@ RETRY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
 SINGLE_INSTANCE_SESSION_TIMEOUT_MS = 10_000
 
 
+# librdkafka's own lines (a broker connection failed, a request timed out) go through this
+# stdlib logger, so they come out as JSON lines like every other (services/common/logs.py),
+# not raw on stderr. librdkafka hands them over in the client's poll(): producers and
+# consumers poll all the time; a long-lived AdminClient must be polled (`serve_logs`).
+CLIENT_LOG = logging.getLogger("librdkafka")
+
 # A consumer's close() waits for its group coordinator; while the broker is away, for ever.
 CLOSE_BOUND_SECONDS = 5.0
 
@@ -62,9 +70,31 @@ CLOSE_BOUND_SECONDS = 5.0
 RECONNECT_BACKOFF_MAX_MS = 1_000
 
 
+def client_config(bootstrap_servers: str, **overrides: Any) -> dict[str, Any]:
+    """What every client of the engine shares: the brokers, quick reconnects, logs as JSON."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
+        "logger": CLIENT_LOG,
+    }
+    config.update(overrides)
+    return config
+
+
+def make_admin(bootstrap_servers: str, **overrides: Any) -> AdminClient:
+    return AdminClient(client_config(bootstrap_servers, **overrides))
+
+
+def serve_logs(admin: AdminClient) -> None:
+    """Hand an AdminClient's queued librdkafka log lines to `CLIENT_LOG` (nothing else is
+    queued for it: its calls answer through futures)."""
+    admin.poll(0)
+
+
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "logger": CLIENT_LOG,
         "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
         "partitioner": "murmur2_random",
         "enable.idempotence": True,
@@ -80,6 +110,7 @@ def consumer_config(settings: Settings, group: str, **overrides: Any) -> dict[st
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
+        "logger": CLIENT_LOG,
         "group.id": settings.group(group),
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -103,6 +134,7 @@ def partition_reader(settings: Settings, group: str, **overrides: Any) -> Consum
     records only, reporting the end of a partition."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "logger": CLIENT_LOG,
         "group.id": group,
         "enable.auto.commit": False,
         "isolation.level": "read_committed",

@@ -68,11 +68,12 @@ def evaluate(checks: Mapping[str, ReadinessCheck]) -> Readiness:
 
 def broker_check(bootstrap: str, timeout: float = CHECK_TIMEOUT_SECONDS) -> ReadinessCheck:
     """Passes when the cluster answers a metadata request within `timeout`."""
-    from confluent_kafka.admin import AdminClient
+    from services.common.kafka import make_admin, serve_logs
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "reconnect.backoff.max.ms": 1000})
+    admin = make_admin(bootstrap)
 
     def check() -> str | None:
+        serve_logs(admin)
         metadata = admin.list_topics(timeout=timeout)
         return None if metadata.brokers else "no broker in the cluster's metadata"
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from services.common.kafka import make_admin, serve_logs
 from services.common.settings import Settings
 
 
@@ -87,7 +88,7 @@ def ensure_topics(
     """Create every topic of `specs` (default: the catalogue) that is missing; returns the
     names it created, once the broker's metadata shows them. Replicas: the cluster's
     default.replication.factor (and its min.insync.replicas), unless the settings name one."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = make_admin(settings.kafka_bootstrap_servers)
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(topic_name(spec, settings), spec.partitions, settings.topic_replication_factor,
@@ -95,6 +96,7 @@ def ensure_topics(
         for spec in specs
         if topic_name(spec, settings) not in existing
     ]
+    serve_logs(admin)
     if not wanted:
         return []
     created = []
@@ -106,6 +108,7 @@ def ensure_topics(
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
     _wait_visible(admin, [t.topic for t in wanted], timeout)
+    serve_logs(admin)
     return created
 
 

@@ -59,6 +59,7 @@ from schemas.commands import AutoPauseCampaign
 from schemas.envelope import SchemaViolation, decode, encode, wrap
 from services.common import metrics
 from services.common.kafka import (
+    CLIENT_LOG,
     SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
     Stopping,
     TransactionalProducer,
@@ -285,6 +286,7 @@ class CompletionService:
             return trackers
         reader = Consumer({
             "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            "logger": CLIENT_LOG,
             # Never joins the group (assign only) and never commits.
             "group.id": f"{self.group}-replay",
             "enable.auto.commit": False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import faust
 
@@ -16,15 +17,18 @@ from services.hydrator.gather import start_gather
 
 
 class HydratorWorker(faust.Worker):
-    """faust's worker with every log line (faust's and aiokafka's too) rendered as JSON."""
+    """faust's worker with every log line (faust's and aiokafka's too) rendered as JSON, and
+    no terminal spinner (its backspaces and cursor escapes would land in the log)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spinner = None
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         super().on_setup_root_logger(logger, level)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.addHandler(json_log_handler())
-        # faust's spinner set-up lowered the root logger to DEBUG (relying on the handler it
-        # levelled, removed above): restore the requested level, or aiokafka logs every fetch.
         logger.setLevel(level)
 
 

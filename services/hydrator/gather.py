@@ -31,6 +31,7 @@ from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_cau
 from schemas.events import MAX_UNKNOWN_CONTACT_IDS, CampaignHydrated, HydrationPartitionReported
 from services.common import metrics
 from services.common.kafka import (
+    CLIENT_LOG,
     Stopping,
     TransactionalProducer,
     TransactionFailed,
@@ -141,6 +142,7 @@ class GatherLoop:
             return
         reader = Consumer({
             "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            "logger": CLIENT_LOG,
             "group.id": f"{self.group}-replay",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",

@@ -36,7 +36,7 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from schemas.contacts import CONTACT_EVENT_TYPES, ContactEvent
 from schemas.envelope import SchemaViolation, decode
-from services.common.kafka import partition_reader
+from services.common.kafka import CLIENT_LOG, partition_reader
 from services.common.settings import Settings
 from services.hydrator.audience import StoredContact, apply_to_stored
 
@@ -175,6 +175,7 @@ class ContactReplica:
         if self._consumer is None:
             self._consumer = Consumer({
                 "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "logger": CLIENT_LOG,
                 "group.id": self.settings.group(REPLICAS_GROUP),
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",

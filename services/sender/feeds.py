@@ -30,7 +30,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from services.common.kafka import CLOSE_BOUND_SECONDS, close_within, is_fatal
+from services.common.kafka import CLIENT_LOG, CLOSE_BOUND_SECONDS, close_within, is_fatal
 from services.common.settings import Settings
 from services.common.topics import TopicSpec, topic_name
 
@@ -59,6 +59,7 @@ class TopicFeed:
         self._pending: set[int] = set()
         self._consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "logger": CLIENT_LOG,
             # Required by the client, never used: the feed assigns and never commits.
             "group.id": f"{settings.group('sender')}-{name}",
             "enable.auto.commit": False,

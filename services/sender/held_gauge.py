@@ -16,8 +16,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import OffsetSpec
 
+from services.common.kafka import make_admin, serve_logs
 from services.common.metrics import HELD_RECIPIENTS
 
 # How often the log ends are asked for; the answer waits at most this long.
@@ -31,7 +32,7 @@ class HeldGauge:
     the sender's loop with the partitions that wait right now."""
 
     def __init__(self, bootstrap_servers: str, interval: float = SAMPLE_SECONDS) -> None:
-        self._admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+        self._admin = make_admin(bootstrap_servers)
         self.interval = interval
         self._asked_at = float("-inf")
         self._pending: dict[TopicPartition, Future[Any]] | None = None
@@ -53,6 +54,7 @@ class HeldGauge:
         if now - self._asked_at < self.interval:
             return
         self._asked_at = now
+        serve_logs(self._admin)
         waiting = set(waiting)
         self._heads = {where: at for where, at in self._heads.items() if where in waiting}
         partitions = [TopicPartition(*where) for where in self._heads]

@@ -4,7 +4,8 @@
 Same harness as test_cluster_failover.py (PostgreSQL is the test platform's; the broker is
 private, on free ports, in its own folder). Checks: nobody lost, duplicates no more than the
 ambiguous outcomes, the read model exact, exactly one CampaignCompleted, every service alive
-afterwards and exiting 0 on SIGTERM.
+afterwards and exiting 0 on SIGTERM, and every line each service logged through it a JSON
+object (librdkafka's own connection errors included).
 """
 
 
@@ -150,3 +151,11 @@ def test_broker_outage_mid_campaign(platform_settings, broker, fault) -> None:
     assert done.total == RECIPIENTS and done.sent == RECIPIENTS and done.failed == 0
     assert len(completions) == 1
     assert set(codes.values()) == {0}, codes
+    client_lines = 0
+    for p in services:
+        records, other = p.log_records()
+        assert not other, f"{p.service} logged {len(other)} non-JSON lines, first: {other[:5]}"
+        client_lines += sum(r.get("logger") == "librdkafka" for r in records)
+    print(f"{fault}: every service log line JSON; {client_lines} from librdkafka")
+    if fault == "sigkill":  # connections refused while the broker was away
+        assert client_lines > 0
