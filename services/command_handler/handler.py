@@ -206,6 +206,10 @@ class CommandHandler:
             return states
         reader = partition_reader(self.settings, f"{self.settings.group('command-handler')}-replay")
         pending = set(partitions)
+        # A long replay runs inside the assignment callback, away from the main loop: it beats
+        # while records arrive, or the watchdog would take it for stuck and restart it into
+        # the same replay. A silent replay is bounded by REPLAY_IDLE_SECONDS instead.
+        heartbeat = self.settings.heartbeat()
         try:
             reader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
             idle = 0.0
@@ -220,6 +224,7 @@ class CommandHandler:
                             KafkaError._TIMED_OUT, f"{self.events_topic}{sorted(pending)} silent"))
                     continue
                 idle = 0.0
+                heartbeat.beat()
                 error = msg.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:

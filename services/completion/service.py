@@ -295,6 +295,9 @@ class CompletionService:
         })
         pending = set(ends)
         folded = 0
+        # Beats while records arrive (see the command handler's replay): a long rebuild is not
+        # a stuck loop; a silent one is bounded by REPLAY_IDLE_SECONDS.
+        heartbeat = self.settings.heartbeat()
         try:
             reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(ends)])
             deadline = time.monotonic() + REPLAY_IDLE_SECONDS
@@ -307,6 +310,7 @@ class CompletionService:
                         raise ReplayStalled(f"replay stalled before committed offsets: {pending}")
                     continue
                 deadline = time.monotonic() + REPLAY_IDLE_SECONDS
+                heartbeat.beat()
                 for record in records:
                     key = (record.topic() or "", record.partition() or 0)
                     error = record.error()
