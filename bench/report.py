@@ -128,6 +128,14 @@ def render_table(r: dict[str, Any]) -> Table:
                if n == 1 else f"{_fmt(efficiency, '', 3)} of {n} x rate_1; issue 4 target >= 0.85")
         rows.append((f"scale-out, {n} sender(s)", _fmt(r.get(f"scaleout_rate_{n}"), " mails/s", 0),
                      how))
+    if r.get("metrics_on_off_ratio") is not None:
+        rows += [
+            ("sender, metrics on", _fmt(r.get("metrics_on_send_rate"), " mails/s", 0),
+             f"{_fmt(r.get('metrics_recipients'))} recipients, /metrics scraped every second"),
+            ("sender, metrics off", _fmt(r.get("metrics_off_send_rate"), " mails/s", 0),
+             "CAMPAIGN_METRICS=off; best of alternating runs, as on"),
+            ("metrics on / off", _fmt(r.get("metrics_on_off_ratio"), "", 3), "target >= 0.97"),
+        ]
     memory = sorted((int(name.rsplit("_", 1)[1]), mb) for name, mb in r.items()
                     if name.startswith("sender_peak_rss_mb_"))
     for size, mb in memory:

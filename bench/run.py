@@ -61,7 +61,11 @@ warm one ~7 s) and the hydrator's first campaign includes its start-up catch-up 
 8.3 s instead of ~1.3 s); the figures are meant to describe the running system, not its first
 minute. `warmup_seconds` shows the cold cost.
 
-BENCH_SKIP="projection,audience,scaleout,sender_memory" (any of them) leaves those separate
+- metrics_on_send_rate, metrics_off_send_rate, metrics_on_off_ratio (issue 15): a separate
+  step, see bench/metrics_cost.py: one sender with metrics on (scraped every second) and off
+  (CAMPAIGN_METRICS=off), alternating, best run of each; target ratio >= 0.97.
+
+BENCH_SKIP="projection,audience,scaleout,sender_memory,metrics" (any of them) leaves those separate
 steps out, for a quick loop on the campaign figures; the JSON lists them under
 `skipped_steps` and their figures are absent.
 
@@ -88,6 +92,7 @@ from rich.console import Console
 
 from bench import campaign, figures, hydration, projection, raw_smtp
 from bench.event_log import read_campaign_messages
+from bench.metrics_cost import measure_metrics_cost
 from bench.proc_cpu import cpu_seconds, stat_fields, ticks_to_seconds
 from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
 from bench.report import machine_info, render_table, write_results
@@ -126,7 +131,7 @@ SMALL_WARMUP_RECIPIENTS = 200
 MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "completion", "api",
                       "smtp_sink")
 # The separate steps after the campaign, in the order they run (BENCH_SKIP names them).
-SEPARATE_STEPS = ("projection", "audience", "scaleout", "sender_memory")
+SEPARATE_STEPS = ("projection", "audience", "scaleout", "sender_memory", "metrics")
 
 
 def skipped_steps(env: dict[str, str]) -> tuple[str, ...]:
@@ -334,6 +339,17 @@ def main() -> int:
         console.print(f"[bold red]sender memory step failed:[/] {exc}")
         memory_failures = [f"sender memory step failed: {exc}"]
 
+    # A separate step (issue 15): one sender's rate with metrics on and off, alternating.
+    metrics_figures: dict[str, Any] = {}
+    metrics_failures: list[str] = []
+    try:
+        if "metrics" not in skip:
+            console.print("metrics cost: one sender, metrics on and off, alternating …")
+            metrics_figures = measure_metrics_cost(settings)
+    except (RuntimeError, TimeoutError, KafkaException, psycopg.Error) as exc:
+        console.print(f"[bold red]metrics step failed:[/] {exc}")
+        metrics_failures = [f"metrics step failed: {exc}"]
+
     send_rate = rate(count, run.e2e_seconds)
     completed_at = run.final.completed_at
     results: dict[str, Any] = {
@@ -369,6 +385,7 @@ def main() -> int:
         **hydration.headline(audience_figures),
         **scaleout_figures,
         **memory_figures,
+        **metrics_figures,
         "skipped_steps": list(skip),
         "audience": audience_figures,
         "raw_smtp_seconds": round(raw.seconds, 3),
@@ -393,7 +410,7 @@ def main() -> int:
         "machine": machine_info(started),
     }
     failures = (_failures(results, count) + projection_failures + audience_failures
-                + scaleout_failures + memory_failures)
+                + scaleout_failures + memory_failures + metrics_failures)
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))

@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -81,7 +83,7 @@ def measure_scaleout(
         "scaleout_recipients_per_sender": recipients_per_sender,
     }
     for n in process_counts:
-        rate = _one_run(settings, n, n * recipients_per_sender, latency_ms, concurrency)
+        rate = sender_run(settings, n, n * recipients_per_sender, latency_ms, concurrency)
         figures[f"scaleout_rate_{n}"] = round(rate, 1)
     single = figures.get("scaleout_rate_1")
     for n in process_counts:
@@ -91,27 +93,32 @@ def measure_scaleout(
     return figures
 
 
-def _one_run(base: Settings, processes: int, count: int, latency_ms: float,
-             concurrency: int) -> float:
+def sender_run(base: Settings, processes: int, count: int, latency_ms: float,
+             concurrency: int, *, sender_env: Mapping[str, str] | None = None,
+             alongside: Callable[[], AbstractContextManager[object]] = nullcontext) -> float:
+    """recipients/s of one run; `sender_env` is added to the senders' environment, and
+    `alongside()` is entered while the recipients are mailed (e.g. a scraper)."""
     settings = fresh_settings(base, "bench")
     ensure_topics(settings)
     records = Path(tempfile.mkdtemp(prefix="scaleout-")) / "sink.jsonl"
     env = process_env(settings, records, concurrency=concurrency, latency_ms=latency_ms)
+    senders = {**env, **(sender_env or {})}
     started: list[subprocess.Popen[bytes]] = []
     try:
         started.append(spawn("services.smtp_sink", env))
         wait_listening(settings.smtp_port)
-        started += [spawn("services.sender", env) for _ in range(processes)]
+        started += [spawn("services.sender", senders) for _ in range(processes)]
         wait_group(settings, processes)
         batch = recipient_records(count)  # built before the clock starts: only sending is timed
-        begin = time.time()
-        produce_records(settings, batch)
-        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-        while count_records(records) < count:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in started):
-                raise RuntimeError(f"run with {processes} senders did not finish: "
-                                   f"{count_records(records)} of {count} accepted")
-            time.sleep(0.2)
+        with alongside():
+            begin = time.time()
+            produce_records(settings, batch)
+            deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+            while count_records(records) < count:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in started):
+                    raise RuntimeError(f"run with {processes} senders did not finish: "
+                                       f"{count_records(records)} of {count} accepted")
+                time.sleep(0.2)
         accepted = read_records(records)
     finally:
         stop_processes(started)

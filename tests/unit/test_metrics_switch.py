@@ -1,0 +1,43 @@
+"""CAMPAIGN_METRICS: on by default, off makes every metric a no-op, anything else refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from services.common.metrics import METRICS_SWITCH, metrics_enabled
+
+
+def test_metrics_are_on_unless_switched_off() -> None:
+    assert metrics_enabled({}) is True
+    assert metrics_enabled({METRICS_SWITCH: "on"}) is True
+    assert metrics_enabled({METRICS_SWITCH: " OFF "}) is False
+
+
+def test_a_misspelt_switch_is_refused_with_the_values_it_takes() -> None:
+    with pytest.raises(ValueError, match="must be 'on' or 'off', not 'of'"):
+        metrics_enabled({METRICS_SWITCH: "of"})
+
+
+def test_switched_off_every_metric_takes_its_calls_and_exports_nothing() -> None:
+    # A fresh interpreter: the switch is read when the metrics module is first imported.
+    script = """
+from prometheus_client import REGISTRY, generate_latest
+from services.common import metrics
+metrics.DELIVERIES.labels(outcome="sent", reply_class="2xx").inc()
+metrics.SMTP_TRANSACTION_SECONDS.labels(relay="r").observe(0.1)
+metrics.HELD_RECIPIENTS.set(3)
+metrics.SERVICE_RESTARTS.set_function(lambda: 1)
+metrics.count_produced("campaign.deliveries")
+with metrics.BATCH_SECONDS.time():
+    pass
+print(b"campaign_" in generate_latest(REGISTRY))
+"""
+    def run(value: str) -> str:
+        return subprocess.run([sys.executable, "-c", script], env={METRICS_SWITCH: value},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert run("off") == "False"
+    assert run("on") == "True"
