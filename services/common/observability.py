@@ -31,7 +31,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
 from services.common import membership
 from services.common.heartbeat import Heartbeat
-from services.common.metrics import SERVICE_RESTARTS
+from services.common.metrics import SERVICE_INFO, SERVICE_RESTARTS
 from services.common.restart_counts import my_restarts
 from services.common.settings import Settings
 
@@ -200,6 +200,7 @@ def start_observability(
     if not settings.metrics_port:
         return None
     SERVICE_RESTARTS.set_function(my_restarts)  # read at each scrape: always current
+    SERVICE_INFO.labels(service=service, version=version()).set(1)
     server = ObservabilityServer(
         settings.metrics_port, settings.heartbeat(), checks, host=settings.metrics_host,
         about={"service": service, "version": version()}, assignment=assignment)

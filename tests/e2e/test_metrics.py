@@ -122,5 +122,8 @@ def test_metrics_agree_with_the_campaign(settings):
         assert lags and max(lags) == 0, f"{name} lag after completion: {lags}"
     for name in SERVICES:
         assert total(scraped[name], "process_resident_memory_bytes") > 0
+        # The dashboard's join key: one info series per process, naming its service.
+        info = [dict(labels) for (sample, labels) in scraped[name] if sample == "campaign_service_info"]
+        assert [i["service"] for i in info] == [{"completion": "completion-tracker"}.get(name, name)], info
         assert not any("@" in value for (_, labels) in scraped[name] for _, value in labels), \
             "an e-mail address in a metric label"
