@@ -17,7 +17,7 @@ from schemas.base import EntityId
 from schemas.commands import MAX_TEST_ADDRESSES, CreateCampaign, SampleContact, SendCampaign, SendTestEmail
 from schemas.envelope import decode, encode, wrap
 from services.command_handler.campaign import Campaign, Rejected, Status, decide, evolve
-from services.sender import test_mail
+from services.sender import proof_mail
 from services.sender.delivery import Outcome
 from services.sender.delivery import Status as DeliveryStatus
 from services.sender.mime import message_id_for
@@ -117,7 +117,7 @@ def request(**sample: Any) -> events.TestEmailRequested:
 
 def test_the_test_mail_is_personalised_prefixed_and_has_its_own_message_id():
     event = request(first_name="Ann", attributes={"city": "Oslo"})
-    mail = test_mail.build_test_mail(event, "cmp-1", "a@example.com", NOW)
+    mail = proof_mail.build_test_mail(event, "cmp-1", "a@example.com", NOW)
     parsed = BytesParser(policy=policy.default).parsebytes(mail.content)
     assert parsed["Subject"] == "[TEST] Hello Ann in Oslo"
     assert parsed["Message-ID"] == mail.message_id
@@ -133,38 +133,38 @@ def test_the_test_mail_is_personalised_prefixed_and_has_its_own_message_id():
 
 def test_message_ids_are_deterministic_per_test_and_address():
     event = request()
-    one = test_mail.build_test_mail(event, "cmp-1", "a@example.com", NOW).message_id
-    assert one == test_mail.build_test_mail(event, "cmp-1", "a@example.com", NOW).message_id
-    assert one != test_mail.build_test_mail(event, "cmp-1", "b@example.com", NOW).message_id
+    one = proof_mail.build_test_mail(event, "cmp-1", "a@example.com", NOW).message_id
+    assert one == proof_mail.build_test_mail(event, "cmp-1", "a@example.com", NOW).message_id
+    assert one != proof_mail.build_test_mail(event, "cmp-1", "b@example.com", NOW).message_id
     other = request()
-    assert one != test_mail.build_test_mail(other, "cmp-1", "a@example.com", NOW).message_id
+    assert one != proof_mail.build_test_mail(other, "cmp-1", "a@example.com", NOW).message_id
 
 
 def test_fallbacks_apply_without_sample_fields():
-    mail = test_mail.build_test_mail(request(), "cmp-1", "a@example.com", NOW)
+    mail = proof_mail.build_test_mail(request(), "cmp-1", "a@example.com", NOW)
     subject = BytesParser(policy=policy.default).parsebytes(mail.content)["Subject"]
     assert subject == "[TEST] Hello you in"
 
 
 def test_attempts_become_outcome_events():
     event = request()
-    sent = test_mail.judge(Attempt(Verdict.SENT, 250, "2.0.0 OK"))
+    sent = proof_mail.judge(Attempt(Verdict.SENT, 250, "2.0.0 OK"))
     assert sent.status is DeliveryStatus.SENT
-    payload = test_mail.outcome_event(event, "a@example.com", sent, "<m@x>")
+    payload = proof_mail.outcome_event(event, "a@example.com", sent, "<m@x>")
     assert isinstance(payload, events.TestEmailSent) and payload.smtp_reply == "250 2.0.0 OK"
-    refused = test_mail.judge(Attempt(Verdict.PERMANENT, 550, "5.1.1 unknown"))
-    failed = test_mail.outcome_event(event, "a@example.com", refused, "<m@x>")
+    refused = proof_mail.judge(Attempt(Verdict.PERMANENT, 550, "5.1.1 unknown"))
+    failed = proof_mail.outcome_event(event, "a@example.com", refused, "<m@x>")
     assert isinstance(failed, events.TestEmailFailed)
     assert failed.permanent and failed.smtp_code == 550 and not failed.ambiguous
-    lost = test_mail.judge(Attempt(Verdict.TRANSIENT, None, "final reply: lost", ambiguous=True))
-    lost_event = test_mail.outcome_event(event, "a@example.com", lost, "<m@x>")
+    lost = proof_mail.judge(Attempt(Verdict.TRANSIENT, None, "final reply: lost", ambiguous=True))
+    lost_event = proof_mail.outcome_event(event, "a@example.com", lost, "<m@x>")
     assert isinstance(lost_event, events.TestEmailFailed) and lost_event.ambiguous
     unknown = Outcome(DeliveryStatus.FAILED, 1, None, "outcome unknown").with_ambiguous(1)
-    unknown_event = test_mail.outcome_event(event, "a@example.com", unknown, "<m@x>")
+    unknown_event = proof_mail.outcome_event(event, "a@example.com", unknown, "<m@x>")
     assert isinstance(unknown_event, events.TestEmailFailed) and unknown_event.ambiguous
 
 
 def test_ledger_keys_of_test_sends_cannot_be_campaign_ids():
-    key = test_mail.ledger_campaign(uuid.uuid4())
+    key = proof_mail.ledger_campaign(uuid.uuid4())
     with pytest.raises(ValidationError):
         TypeAdapter(EntityId).validate_python(key)
