@@ -64,6 +64,10 @@ class ServiceProcess:
                 self.proc.wait(10)
         return self.proc.returncode
 
+    def running(self) -> bool:
+        """Started and not exited yet."""
+        return self.proc is not None and self.proc.poll() is None
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -53,10 +53,10 @@ from services.cli.progress import (
     watch_campaign,
 )
 from services.cli.projections_cmd import projections_app
+from services.cli.proof_send import DEFAULT_TIMEOUT_SECONDS, TestSendRejected, send_test_email
 from services.cli.publishing import PublishError, publish_command
 from services.cli.segment_counts_cmd import segment_counts_command
 from services.cli.segments_cmd import segment_app
-from services.cli.test_send import DEFAULT_TIMEOUT_SECONDS, TestSendRejected, send_test_email
 from services.common.settings import Settings
 
 # Rejected rows listed after an import; the rest are counted.

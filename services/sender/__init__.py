@@ -16,6 +16,6 @@ every sender sees them), do_not_mail (contacts suppressed, unsubscribed or delet
 hydration), smtp_pool (SMTP connections to one relay, TLS and AUTH), relay_config and relays
 (several relays routed by From domain, failover), transport (the seam between the two), work
 (what a batch holds), pipeline (claim / mail / settle / publish overlapped, and the commit rule),
-publisher (delivery events), worker (the Kafka consume loop, delay and held topics), test_mail
-(test sends of a campaign to given addresses).
+publisher (delivery events), worker (the Kafka consume loop, delay and held topics), proof_mail
+(test sends, "proofs", of a campaign to given addresses).
 """

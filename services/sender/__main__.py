@@ -16,7 +16,7 @@ The cyclic garbage collector runs relaxed while the sender works (see
 services/common/gc_tuning.py).
 
 Test sends (TestEmailRequested) are mailed by a second worker on its own thread (see
-services/sender/test_mail.py) over the same relays; if it fails, the whole process stops
+services/sender/proof_mail.py) over the same relays; if it fails, the whole process stops
 (exit code 1) rather than silently dropping test sends.
 """
 
@@ -32,9 +32,9 @@ from services.common.gc_tuning import relaxed_gc
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
+from services.sender.proof_mail import TestSendWorker
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
-from services.sender.test_mail import TestSendWorker
 from services.sender.worker import SenderWorker
 
 # How long the test-send thread may take to finish its request in flight after a stop: one

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import psycopg
 from confluent_kafka import Consumer
@@ -47,6 +47,8 @@ from services.smtp_sink import SmtpSink, header
 from tests.service_process import ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
 # Scenario sizes: a few hundred recipients fit CI; CHAOS_RECIPIENTS raises them.
 RECIPIENTS_N = int(os.environ.get("CHAOS_RECIPIENTS", "300"))
 # How long a campaign should take to mail (the sink's latency is set from it), so that a
@@ -220,8 +222,8 @@ class Services:
         return self.logs(name, lines)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             services: Services | None = None, poll: float = 0.1) -> object:
+def wait_for(condition: Callable[[], T | None], timeout: float, what: str,
+             services: Services | None = None, poll: float = 0.1) -> T:
     """`condition()` once truthy; fails after `timeout` (or as soon as a service died)."""
     deadline = time.monotonic() + timeout
     while True:

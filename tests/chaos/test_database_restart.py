@@ -114,9 +114,10 @@ def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, plat
             assert during[0] == 503 and "database" in during[1].lower(), during
             answers: list[tuple[int, str, dict[str, Any]]] = []
 
-            def read_model_complete() -> object:
+            def read_model_complete() -> tuple[int, str, dict[str, Any]] | None:
                 answers.append(api_get(api))
-                return answers[-1][0] == 200 and answers[-1][2].get("sent") == campaign.size and answers[-1]
+                code, _, body = answers[-1]
+                return answers[-1] if code == 200 and body.get("sent") == campaign.size else None
 
             try:
                 read = wait_for(read_model_complete, COMPLETION_BOUND_SECONDS, "the read model over the API",

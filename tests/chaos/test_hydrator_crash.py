@@ -68,7 +68,7 @@ def wait_hydrated(settings, campaign, procs, timeout=300.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in procs:
-            assert proc.proc.poll() is None, f"hydrator died:\n{proc.log_tail()}"
+            assert proc.running(), f"hydrator died:\n{proc.log_tail()}"
         events = read_topic(settings, EVENTS, timeout=5, idle=1.0)
         hydrated = [m for m in events if isinstance(m.payload, CampaignHydrated)
                     and m.envelope.aggregate_id == campaign]
@@ -96,7 +96,7 @@ def test_hydrator_sigkill_mid_fan_out_leaves_each_recipient_exactly_once(setting
         deadline = time.monotonic() + 180
         while log_end(settings, RECIPIENTS) < RECIPIENTS_N // 4:
             assert time.monotonic() < deadline, f"fan-out never started:\n{hydrator.log_tail()}"
-            assert hydrator.proc.poll() is None, hydrator.log_tail()
+            assert hydrator.running(), hydrator.log_tail()
             time.sleep(0.01)
         hydrator.kill()
         written_before_kill = log_end(settings, RECIPIENTS)

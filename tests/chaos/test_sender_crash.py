@@ -138,10 +138,12 @@ def test_sender_sigkill_loses_nobody_and_duplicates_only_ambiguous(settings):
                     COMPLETION_TIMEOUT, "campaign completed", pipeline)
                 duration = time.monotonic() - started
                 statuses = recipient_status_counts(conn, campaign)
-                ledger_rows, ambiguous, unsettled = conn.execute(
+                ledger = conn.execute(
                     "SELECT count(*), coalesce(sum(ambiguous), 0),"
                     " count(*) FILTER (WHERE status <> 'sent')"
                     " FROM send_ledger WHERE campaign_id = %s", (campaign,)).fetchone()
+                assert ledger is not None
+                ledger_rows, ambiguous, unsettled = ledger
             pipeline.check_alive()
         finally:
             codes = pipeline.stop()

@@ -21,6 +21,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import replace
+from typing import TypedDict
 
 import pytest
 
@@ -38,8 +39,18 @@ from tests.service_process import ServiceProcess
 RECIPIENTS = int(os.environ.get("RETRY_CHAOS_RECIPIENTS", "2000"))
 KILLS = int(os.environ.get("RETRY_CHAOS_KILLS", "3"))
 SEED = int(os.environ.get("CHAOS_SEED", str(random.SystemRandom().randrange(1 << 31))))
-FAST_RETRIES = {"SENDER_RETRY_BASE_SECONDS": "0.2", "SENDER_RETRY_MAX_DELAY_SECONDS": "1.0",
-                "SENDER_MAX_ATTEMPTS": "12"}
+
+
+class RetryEnv(TypedDict):
+    """Environment for a sender that retries quickly (a TypedDict: it cannot fill `log_dir`)."""
+
+    SENDER_RETRY_BASE_SECONDS: str
+    SENDER_RETRY_MAX_DELAY_SECONDS: str
+    SENDER_MAX_ATTEMPTS: str
+
+
+FAST_RETRIES: RetryEnv = {"SENDER_RETRY_BASE_SECONDS": "0.2", "SENDER_RETRY_MAX_DELAY_SECONDS": "1.0",
+                          "SENDER_MAX_ATTEMPTS": "12"}
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 

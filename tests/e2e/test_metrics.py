@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import replace
+from typing import TypedDict
 
 import psycopg
 import pytest
@@ -30,7 +31,16 @@ from tests.service_process import ServiceProcess
 pytestmark = pytest.mark.e2e
 SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion")
 RECIPIENTS = 400
-FAST_RETRIES = {"SENDER_RETRY_BASE_SECONDS": "0.2", "SENDER_RETRY_MAX_DELAY_SECONDS": "0.5"}
+
+
+class RetryEnv(TypedDict):
+    """Environment for a sender that retries quickly (a TypedDict: it cannot fill `log_dir`)."""
+
+    SENDER_RETRY_BASE_SECONDS: str
+    SENDER_RETRY_MAX_DELAY_SECONDS: str
+
+
+FAST_RETRIES: RetryEnv = {"SENDER_RETRY_BASE_SECONDS": "0.2", "SENDER_RETRY_MAX_DELAY_SECONDS": "0.5"}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

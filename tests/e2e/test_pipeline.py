@@ -33,7 +33,7 @@ def wait_for(predicate, timeout, what, procs):
         if value:
             return value
         for p in procs:
-            assert p.proc.poll() is None, f"{p.service} died:\n{p.log_tail()}"
+            assert p.running(), f"{p.service} died:\n{p.log_tail()}"
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -81,13 +81,13 @@ def test_campaign_reaches_every_distinct_recipient_exactly_once(settings):
                 rejections = conn.execute(
                     "SELECT reason FROM command_rejections WHERE campaign_id IN (%s, 'junk')", (campaign,)
                 ).fetchall()
-                statuses = dict(conn.execute(
+                statuses: dict[str, int] = dict(conn.execute(
                     "SELECT status, count(*) FROM campaign_recipients WHERE campaign_id = %s GROUP BY status",
                     (campaign,)).fetchall())
             events = read_topic(settings, EVENTS, until=5, timeout=60)
             # The pipeline is still up after the bad commands.
             for p in procs:
-                assert p.proc.poll() is None, f"{p.service} died:\n{p.log_tail()}"
+                assert p.running(), f"{p.service} died:\n{p.log_tail()}"
         finally:
             codes = {p.service: p.stop() for p in procs}
         mails = [m for m in sink.messages if header(m, "X-Campaign-ID") == campaign]

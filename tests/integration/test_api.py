@@ -463,7 +463,8 @@ def test_an_invalid_command_is_refused_with_the_path_of_the_fault(gateway, world
 def test_the_outcome_comes_from_the_events_the_command_caused(gateway, world, settings):
     accepted = gateway.post("/commands", json=create_campaign_body(rid("cmp")),
                             headers=auth(world.key_a)).json()["command_id"]
-    rejected_body = {"type": "SendCampaign", "aggregate_id": rid("cmp"),
+    rejected_campaign = rid("cmp")
+    rejected_body = {"type": "SendCampaign", "aggregate_id": rejected_campaign,
                      "payload": {"list_ids": ["all"]}}
     rejected = gateway.post("/commands", json=rejected_body,
                             headers=auth(world.key_a)).json()["command_id"]
@@ -476,10 +477,10 @@ def test_the_outcome_comes_from_the_events_the_command_caused(gateway, world, se
                 subject="Hello", from_address="news@example.com", body_text="Hi")),
             tenant_id=world.a, aggregate_id=accepted_campaign,
             causation_id=uuid.UUID(accepted)))),
-        (EVENTS, rejected_body["aggregate_id"], encode(wrap(
+        (EVENTS, rejected_campaign, encode(wrap(
             CommandRejected(command_id=uuid.UUID(rejected), command_type="SendCampaign",
                             reason="campaign does not exist"),
-            tenant_id=world.a, aggregate_id=rejected_body["aggregate_id"],
+            tenant_id=world.a, aggregate_id=rejected_campaign,
             causation_id=uuid.UUID(rejected)))),
     ])
     streaming = create_app(settings, world.keys, relay=False)
@@ -522,10 +523,12 @@ def test_one_click_unsubscribe_publishes_one_contact_event(settings, world):
         deadline = time.monotonic() + 30
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             while True:  # stored once, then published by the relay
-                stored, pending = conn.execute(
+                counts = conn.execute(
                     "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL)"
                     " FROM command_outbox WHERE topic = %s",
                     (topic_name(CONTACTS, settings),)).fetchone()
+                assert counts is not None
+                stored, pending = counts
                 if (stored, pending) == (1, 0):
                     break
                 assert stored == 1 and time.monotonic() < deadline, (stored, pending)
@@ -540,7 +543,7 @@ def test_one_click_unsubscribe_publishes_one_contact_event(settings, world):
                          "group.id": f"probe-{uuid.uuid4().hex}", "auto.offset.reset": "earliest"})
     try:
         consumer.subscribe([topic_name(CONTACTS, settings)])
-        keys = []
+        keys: list[bytes | None] = []
         deadline = time.monotonic() + 20
         while not keys and time.monotonic() < deadline:
             keys = [m.key() for m in consumer.consume(10, 1.0) if m.error() is None]

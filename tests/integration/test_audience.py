@@ -98,7 +98,7 @@ def test_lists_segments_ids_and_exclusions_resolve_to_the_exact_audience(setting
         recipients = read_topic(settings, RECIPIENTS, until=raw_audience, timeout=120)
         events = read_topic(settings, EVENTS, until=6, timeout=60)
         for proc in (handler, hydrator):
-            assert proc.proc.poll() is None, proc.log_tail()
+            assert proc.running(), proc.log_tail()
 
     queued = Counter(m.payload.contact_id for m in recipients if isinstance(m.payload, RecipientQueued))
     excluded = {m.payload.contact_id: m.payload.reason for m in recipients

@@ -70,17 +70,19 @@ def test_commands_become_events_and_bad_ones_are_rejected(settings, handler):
 
 
 def read_topic_raw_count(settings):
-    from confluent_kafka import Consumer
+    from confluent_kafka import Consumer, Message
 
     from services.common.topics import topic_name
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": str(uuid.uuid4()),
                          "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
     consumer.subscribe([topic_name(COMMANDS_DLQ, settings)])
-    seen = []
+    seen: list[Message] = []
     for _ in range(10):
         seen += [m for m in consumer.consume(100, 0.5) if not m.error()]
     consumer.close()
-    assert all(dict(m.headers())["reason"] for m in seen)
+    for m in seen:
+        headers = m.headers()
+        assert headers is not None and dict(headers)["reason"]
     return len(seen)
 
 

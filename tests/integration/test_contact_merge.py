@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from schemas.contacts import (
     _CONTACT_NAMESPACE,
+    ContactEvent,
     ContactState,
     ContactSuppressed,
     ContactUnsubscribed,
@@ -51,7 +52,7 @@ def test_merge_case_twins_merges_every_twin_once_and_leaves_lone_old_ids(setting
     ann_old = old_contact_id(tenant, "Ann@example.com")
     bob_old, bob = old_contact_id(tenant, "Bob@example.com"), contact_id_for(tenant, "bob@example.com")
     dora_old, dora_older = old_contact_id(tenant, "Dora@example.com"), old_contact_id(tenant, "DORA@example.com")
-    seeded = [
+    seeded: list[ContactEvent] = [
         ContactUpserted(contact_id=ann_old, email="Ann@example.com", lists=["a"]),
         ContactUpserted(contact_id=bob, email="bob@example.com", lists=["b"]),
         ContactUpserted(contact_id=bob_old, email="Bob@example.com", lists=["a"]),
@@ -75,10 +76,11 @@ def test_merge_case_twins_merges_every_twin_once_and_leaves_lone_old_ids(setting
     assert "merged 2 contacts into 2" in done.stdout
     _, folded = states(settings, tenant)
     assert folded[ann_old] == ContactState(ann_old, "Ann@example.com", lists=frozenset({"a"}))  # alone: kept
-    assert folded[bob] is not None and folded[bob].lists == {"a", "b"} and folded[bob].unsubscribed_lists == {"a"}
+    merged_bob, merged_dora = folded[bob], folded[dora_older]
+    assert merged_bob is not None and merged_bob.lists == {"a", "b"} and merged_bob.unsubscribed_lists == {"a"}
     # Without the identity's own id, the oldest twin survives and keeps the complaint.
-    assert folded[dora_older] is not None and folded[dora_older].suppressed_reason == "complaint"
-    assert folded[dora_older].lists == {"a"}
+    assert merged_dora is not None and merged_dora.suppressed_reason == "complaint"
+    assert merged_dora.lists == {"a"}
     for merged in (bob_old, dora_old):
         state = folded[merged]
         assert state is not None and state.deleted and not state.lists

@@ -59,7 +59,7 @@ def test_fan_out_is_exact_across_overlapping_lists_ids_and_tenants(settings):
         # 100 contacts in a or b, plus one hand-picked contact from list c.
         recipients = read_topic(settings, RECIPIENTS, until=101, timeout=90)
         events = read_topic(settings, EVENTS, until=2, timeout=60)
-        assert hydrator.proc.poll() is None, hydrator.log_tail()
+        assert hydrator.running(), hydrator.log_tail()
     queued = [m.payload for m in recipients]
     assert all(isinstance(q, RecipientQueued) for q in queued)
     emails = [q.email for q in queued]
@@ -80,7 +80,7 @@ def test_contacts_added_after_the_send_are_not_mailed(settings):
     with ServiceProcess("hydrator", settings) as hydrator:
         events = read_topic(settings, EVENTS, until=2, timeout=90)
         recipients = read_topic(settings, RECIPIENTS, until=10, timeout=30)
-        assert hydrator.proc.poll() is None, hydrator.log_tail()
+        assert hydrator.running(), hydrator.log_tail()
     assert sorted(m.payload.email for m in recipients) == sorted(f"early{i}@example.com" for i in range(10))
     assert [m.payload for m in events if isinstance(m.payload, CampaignHydrated)] == [CampaignHydrated(total=10)]
 
@@ -107,7 +107,7 @@ def test_unsubscribed_suppressed_and_deleted_contacts_are_excluded_with_reasons(
         send_requested(settings, tenant, campaign, Audience(list_ids=["news"], contact_ids=[ids[4]]))
         events = read_topic(settings, EVENTS, until=2, timeout=90)
         facts = read_topic(settings, RECIPIENTS, until=30, timeout=30)
-        assert hydrator.proc.poll() is None, hydrator.log_tail()
+        assert hydrator.running(), hydrator.log_tail()
     hydrated = [m.payload for m in events if isinstance(m.payload, CampaignHydrated)]
     assert hydrated == [CampaignHydrated(total=25, excluded={
         "deleted": 1, "suppressed:hard_bounce": 1, "suppressed:manual_blocklist": 1, "unsubscribed": 2})]

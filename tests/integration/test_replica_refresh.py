@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
 from schemas.base import normalise_email
 from schemas.contacts import ContactUpserted, contact_id_for, contact_key
@@ -126,7 +126,7 @@ def test_read_to_end_returns_the_end_past_a_closing_commit_marker(settings):
     producer.commit_transaction(30)
     reader = partition_reader(settings, f"{settings.topic_prefix}probe")
     try:
-        seen = []
+        seen: list[Message] = []
         assert read_to_end(reader, topic, 0, 0, seen.append) == 2  # the record, then the marker
         assert len(seen) == 1
     finally:

@@ -176,6 +176,7 @@ def test_ledger_statements_find_rows_by_key_even_when_statistics_say_the_table_i
     ledger = SendLedger(settings.database_url)
     try:
         conn = ledger._conn
+        assert conn is not None
         assert conn.execute("SHOW enable_seqscan").fetchone() == ("off",)
         plan = "\n".join(row[0] for row in conn.execute(
             "EXPLAIN " + _SETTLE.replace("%s", "'[]'"), prepare=False))

@@ -127,9 +127,17 @@ class Session:
             pass
 
 
+def then(*steps: Callable[[Session], object]) -> Callable[[Session], None]:
+    """One scripted session: `steps` in order on the same connection."""
+    def session(s: Session) -> None:
+        for step in steps:
+            step(s)
+    return session
+
+
 def test_a_kept_session_lost_at_the_next_mail_is_retried_once_on_a_fresh_session():
-    relay = TinyRelay([lambda s: (s.transaction(), s.hang_up_at_mail()),
-                       lambda s: (s.transaction(), s.line())])  # then QUIT
+    relay = TinyRelay([then(Session.transaction, Session.hang_up_at_mail),
+                       then(Session.transaction, Session.line)])  # then QUIT
     pool = SmtpPool("127.0.0.1", relay.port, 1, timeout=5.0)
     try:
         first, second = pool.transmit(mail(1)), pool.transmit(mail(2))
@@ -143,8 +151,8 @@ def test_a_kept_session_lost_at_the_next_mail_is_retried_once_on_a_fresh_session
 
 def test_a_silent_relay_is_found_by_the_idle_probe_before_the_mail(monkeypatch):
     monkeypatch.setattr(smtp_pool, "NOOP_AFTER_IDLE_SECONDS", 0.0)  # probe every reuse
-    relay = TinyRelay([lambda s: (s.transaction(), s.go_silent()),
-                       lambda s: (s.transaction(), s.line())])
+    relay = TinyRelay([then(Session.transaction, Session.go_silent),
+                       then(Session.transaction, Session.line)])
     pool = SmtpPool("127.0.0.1", relay.port, 1, timeout=1.0)
     try:
         first, second = pool.transmit(mail(1)), pool.transmit(mail(2))

@@ -20,7 +20,7 @@ from schemas.envelope import wrap
 from services.cli.main import app
 from services.command_handler.handler import CommandHandler
 from services.common.topics import COMMANDS, DELIVERIES, EVENTS, RECIPIENTS
-from services.sender import test_mail
+from services.sender import proof_mail
 from services.sender.smtp_pool import SmtpPool
 from services.smtp_sink import SinkConfig, SmtpSink, header
 from tests.integration.sender_kit import wait_until
@@ -41,12 +41,12 @@ def sink() -> Iterator[SmtpSink]:
 
 
 @pytest.fixture
-def services(settings, sink) -> Iterator[test_mail.TestSendWorker]:
+def services(settings, sink) -> Iterator[proof_mail.TestSendWorker]:
     """The command handler and the test-send worker (mailing into `sink`), each on a thread."""
     stop = threading.Event()
     errors: list[BaseException] = []
     handler = CommandHandler(settings)
-    worker = test_mail.TestSendWorker(settings, lambda size: SmtpPool("127.0.0.1", sink.port, size))
+    worker = proof_mail.TestSendWorker(settings, lambda size: SmtpPool("127.0.0.1", sink.port, size))
 
     def run(target) -> None:
         try:
@@ -124,7 +124,7 @@ def test_a_request_read_again_republishes_outcomes_and_mails_nobody_twice(settin
     unsettled = "carol@example.org"
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         conn.execute("INSERT INTO send_ledger (campaign_id, contact_id, tenant_id, message_id, claims)"
-                     " VALUES (%s, %s, %s, 'x', 1)", (test_mail.ledger_campaign(test_id), unsettled, TENANT))
+                     " VALUES (%s, %s, %s, 'x', 1)", (proof_mail.ledger_campaign(test_id), unsettled, TENANT))
     command = SendTestEmail(addresses=["dan@example.org", unsettled], test_id=test_id,
                             sample=SampleContact(first_name="Dan"))
     publish(settings, COMMANDS, [(campaign_id.encode(), wrap(command, tenant_id=TENANT,

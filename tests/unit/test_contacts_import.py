@@ -8,9 +8,11 @@ import csv
 import io
 import random
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from confluent_kafka import KafkaError, Message
 
 from schemas.contacts import (
     ContactDeleted,
@@ -36,6 +38,7 @@ from services.cli.contact_records import (
     CLOCK_EVERY_ROWS,
     LISTS_CACHE_SIZE,
     ContactIds,
+    ContactRecord,
     ContactRecordWriter,
     EnvelopeIds,
     TemplateDrift,
@@ -65,6 +68,15 @@ def parse(text: str | bytes) -> list[ParsedRow | RejectedRow]:
 
 def rejected(items: list) -> list[tuple[int, str]]:
     return [(r.line, r.reason) for r in items if isinstance(r, RejectedRow)]
+
+
+def accepted(items: Iterable[ContactRecord | RejectedRow]) -> list[ContactRecord]:
+    """The records of rows that must all have been written."""
+    records = []
+    for item in items:
+        assert not isinstance(item, RejectedRow), item
+        records.append(item)
+    return records
 
 
 def good(items: list[ParsedRow | RejectedRow]) -> list[ParsedRow]:
@@ -355,6 +367,7 @@ def test_re_import_writes_the_same_contacts_and_the_events_fold_to_the_same_stat
     assert [m.payload for m in first] == [m.payload for m in again]
     assert {m.envelope.id for m in first}.isdisjoint({m.envelope.id for m in again})
     for once, twice in zip(first, again, strict=True):
+        assert isinstance(once.payload, ContactUpserted) and isinstance(twice.payload, ContactUpserted)
         state = apply_contact_event(None, once.payload)
         assert apply_contact_event(state, twice.payload) == state
 
@@ -364,7 +377,7 @@ def test_occurred_at_follows_the_clock_every_few_thousand_rows():
     text = "email\n" + "".join(f"u{n}@example.com\n" for n in range(CLOCK_EVERY_ROWS * 2 + 5))
     header, rows = numbered_rows(lines(text))
     writer = ContactRecordWriter("acme", header, clock=lambda: next(ticks))
-    moments = [decode(r[3]).envelope.occurred_at for r in writer.records(rows)]
+    moments = [decode(r[3]).envelope.occurred_at for r in accepted(writer.records(rows))]
     assert moments[0] == MOMENT and moments[-1] == MOMENT + timedelta(seconds=2)
     assert sorted(moments) == moments and len(set(moments)) == 3
 
@@ -373,8 +386,9 @@ def test_lists_cache_stays_bounded_whatever_the_file():
     text = "email,lists\n" + "".join(f"u{n}@example.com,l{n}\n" for n in range(LISTS_CACHE_SIZE + 50))
     header, rows = numbered_rows(lines(text))
     writer = ContactRecordWriter("acme", header)
-    records = list(writer.records(rows))
-    assert decode(records[-1][3]).payload.lists == [f"l{LISTS_CACHE_SIZE + 49}"]
+    records = accepted(writer.records(rows))
+    last = decode(records[-1][3]).payload
+    assert isinstance(last, ContactUpserted) and last.lists == [f"l{LISTS_CACHE_SIZE + 49}"]
     assert len(writer._lists_json) <= LISTS_CACHE_SIZE
 
 
@@ -426,33 +440,21 @@ def test_envelope_ids_are_version_8_uuids_that_carry_their_line():
 # --- delivery failures, report, modes ----------------------------------------------------------
 
 
-class _Err:
-    def __init__(self, text: str = "Broker: timed out") -> None:
-        self.text = text
-
-    def str(self) -> str:
-        return self.text
-
-
-class _Msg:
-    def __init__(self, value: bytes | None) -> None:
-        self._value = value
-
-    def value(self) -> bytes | None:
-        return self._value
+def _err(text: str = "Broker: timed out") -> KafkaError:
+    return KafkaError(KafkaError._MSG_TIMED_OUT, text)
 
 
 def test_a_refused_record_rejects_its_row_once_by_the_line_in_its_id():
     text = "email\na@example.com\nb@example.com\n"
     header, rows = numbered_rows(lines(text))
-    records = list(ContactRecordWriter("acme", header, suppress=True).records(rows))
+    records = accepted(ContactRecordWriter("acme", header, suppress=True).records(rows))
     failures = DeliveryFailures()
     rejections = failures.rejections
     (_, _, _, upsert_a, suppressed_a), (_, _, _, upsert_b, _) = records
-    failures(None, _Msg(upsert_b))              # an acknowledgement: nothing to do
-    failures(_Err(), _Msg(upsert_a))
-    failures(_Err("second"), _Msg(suppressed_a))  # same row: rejected once
-    failures(_Err(), _Msg(None))                 # not one of ours
+    failures(None, Message(value=upsert_b))              # an acknowledgement: nothing to do
+    failures(_err(), Message(value=upsert_a))
+    failures(_err("second"), Message(value=suppressed_a))  # same row: rejected once
+    failures(_err(), Message(value=None))                 # not one of ours
     failures.fail(2, "refused by the producer")  # the importing thread's word on the same row
     failures.fail(3, "refused by the producer")
     assert failures.lines == {2, 3}

@@ -16,6 +16,7 @@ def test_the_contacts_file_is_what_it_says(tmp_path):
     assert all(isinstance(r, ParsedRow) for r in rows) and len(rows) == 1_000
     memberships: Counter[str] = Counter()
     for n, row in enumerate(rows):
+        assert isinstance(row, ParsedRow)
         assert row.email == described.email_of(n)
         assert tuple(row.lists) == described.lists_of(n) and len(set(row.lists)) == len(row.lists)
         assert row.attributes == {"plan": described.plan_of(n), "signup": described.signup_of(n)}

@@ -72,8 +72,8 @@ def test_snapshot_and_partition_limit_the_audience():
 
 def test_first_offset_is_kept_across_updates():
     contact = stored([upsert("a", ["l"])], offset=3)
-    contact = apply_to_stored(contact, upsert("a", ["m"]), offset=90, partition=0)
-    assert contact["first_offset"] == 3 and contact["lists"] == ["l", "m"]
+    updated = apply_to_stored(contact, upsert("a", ["m"]), offset=90, partition=0)
+    assert updated is not None and updated["first_offset"] == 3 and updated["lists"] == ["l", "m"]
 
 
 def test_events_before_any_upsert_store_nothing_but_a_flag():
@@ -147,7 +147,8 @@ PARTITIONS = 12
 
 def in_partition(tenant, partition, count, prefix="id"):
     """`count` contact ids whose record key (tenant + id) lives in `partition`."""
-    found, i = [], 0
+    found: list[str] = []
+    i = 0
     while len(found) < count:
         cid = f"{prefix}-{i}"
         if key_partition(contact_key(tenant, cid), PARTITIONS) == partition:

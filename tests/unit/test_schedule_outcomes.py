@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import TypedDict
 
 import pytest
 from rich.console import Console
@@ -18,7 +19,14 @@ from services.command_handler.campaign import Rejected, ScheduleDue, decide, evo
 
 AT = datetime(2030, 3, 1, 9, 0, tzinfo=UTC)
 LATER = AT + timedelta(hours=2)
-IDS = {"campaign_id": "c1", "tenant_id": "acme"}
+
+
+class Ids(TypedDict):
+    campaign_id: str
+    tenant_id: str
+
+
+IDS: Ids = {"campaign_id": "c1", "tenant_id": "acme"}
 CREATE = CreateCampaign(name="Spring", subject="Hi", from_address="news@example.com", body_text="Hi")
 
 

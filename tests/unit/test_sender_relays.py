@@ -90,7 +90,8 @@ def test_the_password_file_is_read_relative_to_the_config_without_its_line_break
     (tmp_path / "pw").write_text("from-file\n")
     parsed = parse({"relays": [relay("a", security="tls", username="u", password_file="pw")]},
                    "test", {}, tmp_path)
-    assert parsed.relays[0].credentials.password == "from-file"
+    credentials = parsed.relays[0].credentials
+    assert credentials is not None and credentials.password == "from-file"
     message = refused({"relays": [relay("a", security="tls", username="u",
                                         password_file=str(tmp_path / "absent"))]})
     assert "password_file" in message and "absent" in message

@@ -1,4 +1,4 @@
-"""Test sends: TestEmailRequested (campaign.events) -> SMTP -> TestEmailSent / TestEmailFailed.
+"""Test sends ("proofs"): TestEmailRequested (campaign.events) -> SMTP -> TestEmailSent / TestEmailFailed.
 
 A campaign's content mailed to a few given addresses (its authors, a review team) before or
 while it is sent, with "[TEST] " before the subject, personalised with the sample contact
@@ -54,7 +54,7 @@ from services.sender.render import render
 from services.sender.replies import Attempt, Verdict
 from services.sender.transport import MailTransport
 
-log = structlog.get_logger("sender.test_mail")
+log = structlog.get_logger("sender.proof_mail")
 
 GROUP = "sender-test-sends"
 SUBJECT_PREFIX = "[TEST] "

@@ -1,7 +1,7 @@
 """`campaignctl campaign test-send`: publish SendTestEmail and follow its outcome on Kafka.
 
 The outcome of a test send is on campaign.events (CommandRejected, or TestEmailRequested and
-then one TestEmailSent / TestEmailFailed per address; see services/sender/test_mail.py), not
+then one TestEmailSent / TestEmailFailed per address; see services/sender/proof_mail.py), not
 in a read model, so the CLI reads it there: it notes the end of every campaign.events
 partition before publishing, so nothing the command causes can be missed, then reads on from
 there until every address has an outcome, the command was rejected, or the timeout passed.
