@@ -19,6 +19,7 @@ import enum
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -353,6 +354,7 @@ class TransactionalProducer:
         self._factory = factory
         self._clock = clock
         self.producer: Producer = factory(self._config)
+        self._initialised = False
         self._calls = CallThread(f"txn-{self.transactional_id}")
         self.recreated = 0
         self.aborted = 0
@@ -364,10 +366,13 @@ class TransactionalProducer:
 
     def init(self) -> None:
         """init_transactions, retried (and the producer re-created) until it succeeds: fences
-        any older producer with this transactional id and settles its open transaction."""
-        while True:
+        any older producer with this transactional id and settles its open transaction. A
+        no-op on a producer already initialised (a second init_transactions is a state error,
+        which would re-create a healthy producer)."""
+        while not self._initialised:
             try:
                 self._call(TxnCall.INIT, lambda: self.producer.init_transactions(self._timeout))
+                self._initialised = True
                 return
             except TransactionFailed:
                 continue  # a new producer was made: initialise that one
@@ -463,10 +468,34 @@ class TransactionalProducer:
             except (KafkaException, RuntimeError):
                 pass  # a broken producer may refuse even that; it is dropped either way
         self.producer = self._factory(self._config)
+        self._initialised = False
         self.recreated += 1
         self._log.warning("transactional producer re-created",
                           transactional_id=self.transactional_id, times=self.recreated)
+        dispose(old)
         del old
+
+
+# How long `dispose` waits for the caller to let go of a client before dropping it anyway.
+DISPOSE_HANDOVER_SECONDS = 10.0
+
+
+def dispose(client: object) -> None:
+    """Drop a client on a thread of its own. librdkafka's destroy runs when the last reference
+    goes and may block for minutes on a producer whose broker vanished mid-request (seen: the
+    hydrator's gather loop silent for 5.5 min after a broker SIGSTOP, inside `del old`). The
+    caller deletes its own reference right after; the thread lets go once it holds the last."""
+    held = [client]
+    del client
+
+    def drop() -> None:
+        deadline = time.monotonic() + DISPOSE_HANDOVER_SECONDS
+        # Referrers: `held`, and getrefcount's argument.
+        while sys.getrefcount(held[0]) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held.clear()
+
+    threading.Thread(target=drop, name="kafka-dispose", daemon=True).start()
 
 
 def _backoff(tries: int) -> float:

@@ -261,3 +261,44 @@ def test_a_consumer_fatal_record_error_is_fatal_though_its_flag_is_not_set():
     assert kafka.is_fatal(KafkaError(KafkaError._TIMED_OUT, fatal=True))
     assert not kafka.is_fatal(KafkaError(KafkaError._TIMED_OUT, retriable=True))
     assert transaction_step(TxnCall.COMMIT, fenced, elapsed=0) is TxnStep.RECREATE
+
+
+def test_init_is_done_once_per_producer_and_again_only_after_a_re_creation():
+    # The hydrator's gather loop calls init() at every restart: a second init_transactions
+    # on a ready producer is a state error, which used to re-create a healthy producer.
+    txn = wrapper({"send_offsets": ["hang"]})
+    txn.init()
+    txn.init()
+    assert FakeProducer.made[0].calls == ["init"]
+    txn.begin()
+    with pytest.raises(TransactionFailed):
+        txn.send_offsets(OFFSETS, object())  # hangs: a new producer, initialised at once
+    FakeProducer.made[0].release.set()
+    txn.init()  # the restart after the failure
+    assert len(FakeProducer.made) == 2 and FakeProducer.made[1].calls == ["init"]
+
+
+class SlowToDestroy:
+    """Stands in for a librdkafka handle whose destroy blocks."""
+
+    def __init__(self, release: threading.Event, seen: list[str]) -> None:
+        self.release = release
+        self.seen = seen
+
+    def __del__(self) -> None:
+        self.release.wait(10)
+        self.seen.append(threading.current_thread().name)
+
+
+def test_a_client_is_destroyed_on_a_thread_of_its_own_not_the_callers():
+    release, seen = threading.Event(), list[str]()
+    client = SlowToDestroy(release, seen)
+    began = time.monotonic()
+    kafka.dispose(client)
+    del client
+    assert time.monotonic() - began < 1.0  # the caller went on
+    release.set()
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["kafka-dispose"]
