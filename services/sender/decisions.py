@@ -11,16 +11,21 @@ Guarantees, given the values passed in:
 - `pre_send`, `booked`: a recipient is mailed only while its campaign is sending and it is not
   skipped, never after the batch deadline, and under a rate limit only at a slot it booked
   (never before it); a slot further off than the in-thread wait goes to a delay topic.
+- `wake`, `swept`, `poll_timeout`: a paused delay partition is resumed at the first turn of
+  the loop after its head is due, and the fetch never waits past that; blocked held
+  partitions are swept after every release, and once more a while after it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from schemas.envelope import Envelope, SchemaViolation, decode
 from schemas.events import RecipientExcluded, RecipientQueued, RecipientRetryScheduled
 from services.sender.control import Control
+from services.sender.pipeline import Where
 
 # --- reading a record -----------------------------------------------------------------------
 
@@ -225,3 +230,49 @@ def booked(wait: float, *, clock: float, started: float, now: datetime,
     if wait > bounds.max_throttle_wait or clock + wait > started + bounds.throttled_batch:
         return Throttle(now + timedelta(seconds=wait))
     return Send(wait)
+
+
+# --- resuming paused partitions -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Wake:
+    """What to resume at this turn of the loop: the delay partitions whose head is due, and
+    whether to sweep the blocked held partitions (look up their ends, then resume them)."""
+
+    due: tuple[Where, ...]
+    sweep: bool
+
+
+@dataclass(frozen=True)
+class Sweeps:
+    """What the loop knows of releases: `seen`, the board's release count at the last sweep;
+    `resweep_at`, monotonic time of the second sweep a release asks for (None: none owed)."""
+
+    seen: int
+    resweep_at: float | None = None
+
+
+def wake(due_at: Mapping[Where, datetime], sweeps: Sweeps, *, now: datetime, released: int,
+         clock: float) -> Wake:
+    """Which paused partitions may go on: `due_at` holds when each paused delay partition's
+    head is due; `released` is the board's release count now, `clock` monotonic seconds."""
+    due = tuple(where for where, at in due_at.items() if at <= now)
+    owed = sweeps.resweep_at is not None and clock >= sweeps.resweep_at
+    return Wake(due, released != sweeps.seen or owed)
+
+
+def swept(sweeps: Sweeps, *, released: int, clock: float, resweep_seconds: float) -> Sweeps:
+    """After a sweep: a new release owes a second sweep `resweep_seconds` later (a sender that
+    had not seen it yet may have parked a record of that campaign behind one still paused);
+    a second sweep owes none."""
+    changed = released != sweeps.seen
+    return Sweeps(released, clock + resweep_seconds if changed else None)
+
+
+def poll_timeout(due: Iterable[datetime], *, now: datetime, longest: float) -> float:
+    """How long a fetch may wait: at most `longest`, and no later than the first paused delay
+    partition falls due (at least 10 ms: a due head is resumed at the next turn anyway)."""
+    first = min(due, default=None)
+    if first is None:
+        return longest
+    return min(longest, max((first - now).total_seconds(), 0.01))

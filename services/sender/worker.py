@@ -30,9 +30,9 @@ chunk is claimed while the current one is mailed, the SMTP threads take mails on
 barrier per chunk), and the next batch is fetched and routed while the last chunks of the
 previous one are still being mailed. Every guarantee above holds per recipient; at most
 LOOKAHEAD_CHUNKS chunks are claimed and unsettled at once.
-The routing of 1 and the checks right before each SMTP transaction are pure functions of
-services/sender/decisions.py; this module reads the clocks and the control state for them and
-carries their decisions out.
+The routing of 1 (and when paused partitions resume) and the checks right before each SMTP
+transaction are pure functions of services/sender/decisions.py; this module reads the clocks
+and the control state for them and carries their decisions out.
 A failure in 2, 4, 5 or 6 raises before the commit: the batches not committed are redelivered
 and the ledger decides what is mailed again. A stop request ends fetching: the batches already
 fetched complete (mailed, settled, published, committed). A rebalance first completes the
@@ -98,14 +98,18 @@ from services.sender.decisions import (
     Recipient,
     Send,
     Skip,
+    Sweeps,
     Throttle,
     WaitForRelease,
     WaitUntil,
     booked,
+    poll_timeout,
     pre_send,
     read,
     route,
     skip_reason,
+    swept,
+    wake,
 )
 from services.sender.delivery import Outcome, Status, judge_attempt, transient
 from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
@@ -244,8 +248,7 @@ class SenderWorker:
         # parked again instead of blocking (once per release, so a long pause costs nothing).
         self._held_blocked: set[Where] = set()
         self._sweep_until: dict[Where, int] = {}
-        self._control_seen = 0
-        self._resweep_at: float | None = None
+        self._sweeps = Sweeps(seen=0)
         # The pipeline of the running loop: a rebalance drains it before partitions move.
         self._pipeline: SendPipeline[Work] | None = None
 
@@ -280,7 +283,7 @@ class SenderWorker:
                 return False
             if time.monotonic() > deadline:
                 raise TimeoutError("feeds did not catch up with campaign.events / contacts.events")
-        self._control_seen = self.board.released
+        self._sweeps = Sweeps(seen=self.board.released)
         return True
 
     def _run(self, feeds: list[TopicFeed], stop_event: threading.Event) -> None:
@@ -349,20 +352,18 @@ class SenderWorker:
             log.info("sender stopped", **vars(self.stats))
 
     def _poll_timeout(self) -> float:
-        if not self._due_at:
-            return POLL_TIMEOUT_SECONDS
-        until = (min(self._due_at.values()) - datetime.now(UTC)).total_seconds()
-        return min(POLL_TIMEOUT_SECONDS, max(until, 0.01))
+        return poll_timeout(self._due_at.values(), now=datetime.now(UTC),
+                            longest=POLL_TIMEOUT_SECONDS)
 
     def _wake(self, consumer: Consumer) -> None:
         """Resume delay partitions whose head is due, and held partitions after a campaign was
         released (with a sweep up to their current end)."""
-        now = datetime.now(UTC)
-        due = [where for where, at in self._due_at.items() if at <= now]
+        woken = wake(self._due_at, self._sweeps, now=datetime.now(UTC),
+                     released=self.board.released, clock=time.monotonic())
+        due = list(woken.due)
         for where in due:
             del self._due_at[where]
-        resweep = self._resweep_at is not None and time.monotonic() >= self._resweep_at
-        if self.board.released != self._control_seen or resweep:
+        if woken.sweep:
             try:
                 highs = {where: consumer.get_watermark_offsets(
                     TopicPartition(*where), timeout=METADATA_TIMEOUT_SECONDS, cached=False)[1]
@@ -371,9 +372,8 @@ class SenderWorker:
                 log.warning("held partitions not swept yet", error=str(exc))
                 highs = None
             if highs is not None:
-                changed = self.board.released != self._control_seen
-                self._control_seen = self.board.released
-                self._resweep_at = time.monotonic() + RESWEEP_SECONDS if changed else None
+                self._sweeps = swept(self._sweeps, released=self.board.released,
+                                     clock=time.monotonic(), resweep_seconds=RESWEEP_SECONDS)
                 self._sweep_until.update(highs)
                 due.extend(self._held_blocked)
                 self._held_blocked.clear()

@@ -29,14 +29,19 @@ from services.sender.decisions import (
     Recipient,
     Send,
     Skip,
+    Sweeps,
     Throttle,
     WaitForRelease,
     WaitUntil,
+    Wake,
     booked,
+    poll_timeout,
     pre_send,
     read,
     route,
     skip_reason,
+    swept,
+    wake,
 )
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -245,3 +250,42 @@ def test_a_long_booked_wait_goes_to_a_delay_topic_for_its_slot() -> None:
 def test_a_slot_past_the_batchs_throttled_bound_goes_to_a_delay_topic() -> None:
     assert after_booking(1.0, clock=STARTED + 4.0) == Send(1.0)  # exactly at the bound
     assert after_booking(1.0, clock=STARTED + 4.5) == Throttle(NOW + timedelta(seconds=1))
+
+
+# --- wake, swept, poll_timeout ----------------------------------------------------------------
+
+DELAY_0, DELAY_1, HELD_0 = ("campaign.recipients.retry.1", 0), ("campaign.recipients.retry.1", 1), \
+    ("campaign.recipients.held", 0)
+
+
+def test_only_delay_partitions_whose_head_is_due_wake() -> None:
+    due_at = {DELAY_0: NOW - timedelta(seconds=1), DELAY_1: LATER, HELD_0: NOW}
+    woken = wake(due_at, Sweeps(seen=4), now=NOW, released=4, clock=STARTED)
+    assert woken == Wake(due=(DELAY_0, HELD_0), sweep=False)
+
+
+def test_a_release_since_the_last_sweep_asks_for_a_sweep() -> None:
+    assert wake({}, Sweeps(seen=4), now=NOW, released=5, clock=STARTED) == Wake((), sweep=True)
+
+
+def test_an_owed_second_sweep_comes_at_its_time_not_before() -> None:
+    owed = Sweeps(seen=5, resweep_at=STARTED + 3.0)
+    assert not wake({}, owed, now=NOW, released=5, clock=STARTED + 2.9).sweep
+    assert wake({}, owed, now=NOW, released=5, clock=STARTED + 3.0).sweep
+
+
+def test_a_sweep_after_a_release_owes_a_second_one_which_owes_none() -> None:
+    first = swept(Sweeps(seen=4), released=5, clock=STARTED, resweep_seconds=3.0)
+    assert first == Sweeps(seen=5, resweep_at=STARTED + 3.0)
+    second = swept(first, released=5, clock=STARTED + 3.0, resweep_seconds=3.0)
+    assert second == Sweeps(seen=5, resweep_at=None)
+    assert not wake({}, second, now=NOW, released=5, clock=STARTED + 99).sweep
+
+
+def test_a_fetch_waits_no_longer_than_the_first_due_head() -> None:
+    assert poll_timeout([], now=NOW, longest=0.5) == 0.5
+    assert poll_timeout([NOW + timedelta(seconds=9)], now=NOW, longest=0.5) == 0.5
+    assert poll_timeout([LATER, NOW + timedelta(seconds=0.2)], now=NOW, longest=0.5) == \
+        pytest.approx(0.2)
+    # Overdue: still a short wait, never zero or negative.
+    assert poll_timeout([NOW - timedelta(seconds=5)], now=NOW, longest=0.5) == 0.01
