@@ -30,6 +30,9 @@ chunk is claimed while the current one is mailed, the SMTP threads take mails on
 barrier per chunk), and the next batch is fetched and routed while the last chunks of the
 previous one are still being mailed. Every guarantee above holds per recipient; at most
 LOOKAHEAD_CHUNKS chunks are claimed and unsettled at once.
+The routing of 1 (and when paused partitions resume) and the checks right before each SMTP
+transaction are pure functions of services/sender/decisions.py; this module reads the clocks
+and the control state for them and carries their decisions out.
 A failure in 2, 4, 5 or 6 raises before the commit: the batches not committed are redelivered
 and the ledger decides what is mailed again. A stop request ends fetching: the batches already
 fetched complete (mailed, settled, published, committed). A rebalance first completes the
@@ -56,14 +59,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, assert_never
 
 import structlog
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from schemas.envelope import SchemaViolation, decode
 from schemas.events import (
-    RecipientExcluded,
     RecipientQueued,
     RecipientRetryScheduled,
 )
@@ -85,6 +86,31 @@ from services.common.topics import (
     topic_name,
 )
 from services.sender.control import Control, ControlBoard, ControlFeed
+from services.sender.decisions import (
+    Act,
+    Book,
+    Bounds,
+    DeadLetter,
+    Defer,
+    Forward,
+    Hold,
+    Park,
+    Recipient,
+    Send,
+    Skip,
+    Sweeps,
+    Throttle,
+    WaitForRelease,
+    WaitUntil,
+    booked,
+    poll_timeout,
+    pre_send,
+    read,
+    route,
+    skip_reason,
+    swept,
+    wake,
+)
 from services.sender.delivery import Outcome, Status, judge_attempt, transient
 from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
 from services.sender.feeds import TopicFeed
@@ -222,8 +248,7 @@ class SenderWorker:
         # parked again instead of blocking (once per release, so a long pause costs nothing).
         self._held_blocked: set[Where] = set()
         self._sweep_until: dict[Where, int] = {}
-        self._control_seen = 0
-        self._resweep_at: float | None = None
+        self._sweeps = Sweeps(seen=0)
         # The pipeline of the running loop: a rebalance drains it before partitions move.
         self._pipeline: SendPipeline[Work] | None = None
 
@@ -258,7 +283,7 @@ class SenderWorker:
                 return False
             if time.monotonic() > deadline:
                 raise TimeoutError("feeds did not catch up with campaign.events / contacts.events")
-        self._control_seen = self.board.released
+        self._sweeps = Sweeps(seen=self.board.released)
         return True
 
     def _run(self, feeds: list[TopicFeed], stop_event: threading.Event) -> None:
@@ -327,20 +352,18 @@ class SenderWorker:
             log.info("sender stopped", **vars(self.stats))
 
     def _poll_timeout(self) -> float:
-        if not self._due_at:
-            return POLL_TIMEOUT_SECONDS
-        until = (min(self._due_at.values()) - datetime.now(UTC)).total_seconds()
-        return min(POLL_TIMEOUT_SECONDS, max(until, 0.01))
+        return poll_timeout(self._due_at.values(), now=datetime.now(UTC),
+                            longest=POLL_TIMEOUT_SECONDS)
 
     def _wake(self, consumer: Consumer) -> None:
         """Resume delay partitions whose head is due, and held partitions after a campaign was
         released (with a sweep up to their current end)."""
-        now = datetime.now(UTC)
-        due = [where for where, at in self._due_at.items() if at <= now]
+        woken = wake(self._due_at, self._sweeps, now=datetime.now(UTC),
+                     released=self.board.released, clock=time.monotonic())
+        due = list(woken.due)
         for where in due:
             del self._due_at[where]
-        resweep = self._resweep_at is not None and time.monotonic() >= self._resweep_at
-        if self.board.released != self._control_seen or resweep:
+        if woken.sweep:
             try:
                 highs = {where: consumer.get_watermark_offsets(
                     TopicPartition(*where), timeout=METADATA_TIMEOUT_SECONDS, cached=False)[1]
@@ -349,9 +372,8 @@ class SenderWorker:
                 log.warning("held partitions not swept yet", error=str(exc))
                 highs = None
             if highs is not None:
-                changed = self.board.released != self._control_seen
-                self._control_seen = self.board.released
-                self._resweep_at = time.monotonic() + RESWEEP_SECONDS if changed else None
+                self._sweeps = swept(self._sweeps, released=self.board.released,
+                                     clock=time.monotonic(), resweep_seconds=RESWEEP_SECONDS)
                 self._sweep_until.update(highs)
                 due.extend(self._held_blocked)
                 self._held_blocked.clear()
@@ -406,75 +428,47 @@ class SenderWorker:
             if where in waiting:
                 continue  # behind a record that waits: fetched again after the resume
             self.stats.records += 1
-            item = self._recipient(record, now, publisher)
-            if item is None:
+            found = read(record.value(), now)
+            if isinstance(found, DeadLetter):
+                publisher.dead_letter(record, found.reason)
+            if not isinstance(found, Recipient):
                 done.append(record)
                 continue
-            wait = self._must_wait(item, where, now, publisher)
-            if wait is None:
-                done.append(record)
-            elif wait:
-                waiting.add(where)
-                consumer.pause([TopicPartition(*where)])
-                consumer.seek(TopicPartition(*where, record.offset() or 0))
-                held.paused_at(where, record.offset() or 0)
-            else:
-                work.append(item)
+            recipient, payload = found.recipient, found.payload
+            control = self.board.state(recipient.campaign_id)
+            item = Work(record, found.envelope, payload, recipient, found.attempt,
+                        found.first_attempt_at,
+                        self._skip_reason(control, found.envelope.tenant_id, recipient), found.slot)
+            offset = record.offset() or 0
+            step = route(control, from_held=where[0] == self._held_topic,
+                         due=due_at(payload) if isinstance(payload, RecipientRetryScheduled) else None,
+                         now=now, offset=offset, sweep_until=self._sweep_until.get(where, -1))
+            match step:
+                case Act():
+                    work.append(item)
+                case Park(again=again):
+                    publisher.park(record)
+                    if not again:
+                        self.stats.held += 1
+                    done.append(record)
+                case Forward():
+                    publisher.forward(record, item.attempt)
+                    done.append(record)
+                case WaitUntil(due=due):
+                    self._due_at[where] = due
+                    waiting.add(where)
+                    _pause_at(consumer, held, where, offset)
+                case WaitForRelease():
+                    self._held_blocked.add(where)
+                    waiting.add(where)
+                    _pause_at(consumer, held, where, offset)
+                case _:
+                    assert_never(step)
         return work, done
 
-    def _recipient(self, record: Message, now: datetime,
-                   publisher: DeliveryPublisher) -> Work | None:
-        """The recipient a record asks for, or None when there is nothing to mail (invalid
-        records are dead-lettered)."""
-        try:
-            message = decode(record.value())
-        except SchemaViolation as exc:
-            publisher.dead_letter(record, str(exc))
-            return None
-        payload = message.payload
-        if isinstance(payload, RecipientExcluded):
-            return None  # an audience member the hydrator excluded: nothing to send, by design
-        if isinstance(payload, RecipientQueued):
-            recipient, attempt, first, slot = payload, 1, now, None
-        elif isinstance(payload, RecipientRetryScheduled):
-            recipient, attempt = payload.recipient, payload.attempt
-            first, slot = payload.first_attempt_at, payload.retry_at if payload.throttled else None
-        else:
-            publisher.dead_letter(record, f"not a recipient: {message.envelope.type}")
-            return None
-        return Work(record, message.envelope, payload, recipient, attempt, first,
-                    self._skip_reason(message.envelope.tenant_id, recipient), slot)
-
-    def _skip_reason(self, tenant_id: str, recipient: RecipientQueued) -> str | None:
-        if self.board.state(recipient.campaign_id) is Control.CANCELLED:
-            return "cancelled"
-        return self.do_not_mail.reason(tenant_id, recipient.contact_id)
-
-    def _must_wait(self, item: Work, where: Where, now: datetime,
-                   publisher: DeliveryPublisher) -> bool | None:
-        """True: the partition must wait at this record; None: the record was parked (or sent
-        on to its delay topic); False: act on it now."""
-        payload = item.payload
-        control = self.board.state(item.recipient.campaign_id)
-        if where[0] == self._held_topic:
-            if control is Control.PAUSED:
-                if (item.record.offset() or 0) < self._sweep_until.get(where, -1):
-                    publisher.park(item.record)  # still paused: to the end, let others by
-                    return None
-                self._held_blocked.add(where)
-                return True
-            if isinstance(payload, RecipientRetryScheduled) and due_at(payload) > now:
-                publisher.forward(item.record, payload.attempt)
-                return None
-            return False
-        if isinstance(payload, RecipientRetryScheduled) and (due := due_at(payload)) > now:
-            self._due_at[where] = due
-            return True
-        if control is Control.PAUSED:
-            publisher.park(item.record)
-            self.stats.held += 1
-            return None
-        return False
+    def _skip_reason(self, control: Control, tenant_id: str,
+                     recipient: RecipientQueued) -> str | None:
+        return skip_reason(control, self.do_not_mail.reason(tenant_id, recipient.contact_id))
 
     # --- 2..5. one recipient (the pipeline's steps call these) ---------------------------
 
@@ -495,38 +489,35 @@ class SenderWorker:
         """Runs on a pool thread: check control and rate limits, build the message, one SMTP
         attempt (`started`: when the batch started)."""
         recipient = item.recipient
+        tenant = item.envelope.tenant_id
         control = self.board.state(recipient.campaign_id)
-        if control is Control.PAUSED:
-            return Outcome(Status.HELD, item.attempt)
-        skip = self._skip_reason(item.envelope.tenant_id, recipient)
-        if skip is not None:
-            return Outcome(Status.SKIPPED, item.attempt, detail=skip)
         now = datetime.now(UTC)
-        if time.monotonic() >= started + BATCH_DEADLINE_SECONDS:
-            return transient(item.attempt, None, "batch deadline passed before this attempt",
-                             first_attempt_at=item.first_attempt_at, now=now, policy=self.policy,
-                             draw=self._rng.random())
-        if self.limiter.active:
-            ahead = None if item.slot is None else (item.slot - now).total_seconds()
-            if ahead is not None and ahead > THROTTLED_EARLY_SECONDS + MAX_THROTTLE_WAIT_SECONDS:
-                # Taken back far too early (clocks of two instances apart): back to its delay
-                # topic, still holding its slot; never sent before it.
-                return Outcome(Status.THROTTLED, item.attempt, retry_at=item.slot)
-            if ahead is not None and ahead >= 0:
-                # Its slot, booked when it was throttled: taken back early, it waits for it.
-                time.sleep(ahead)
-                now = datetime.now(UTC)
-            else:  # not booked yet, or back after its slot (that one went unused): book
-                clock = time.monotonic()
-                wait = self.limiter.book(item.envelope.tenant_id,
-                                         pool.server_for(recipient.template.from_address), clock)
-                if (wait > MAX_THROTTLE_WAIT_SECONDS
-                        or clock + wait > started + THROTTLED_BATCH_SECONDS):
-                    return Outcome(Status.THROTTLED, item.attempt,
-                                   retry_at=now + timedelta(seconds=wait))
+        # Read when called: a test narrows the in-thread wait by patching the module constant.
+        bounds = Bounds(BATCH_DEADLINE_SECONDS, MAX_THROTTLE_WAIT_SECONDS, THROTTLED_BATCH_SECONDS,
+                        THROTTLED_EARLY_SECONDS)
+        check = pre_send(control, self._skip_reason(control, tenant, recipient), now=now,
+                         clock=time.monotonic(), started=started, slot=item.slot,
+                         limited=self.limiter.active, bounds=bounds)
+        if isinstance(check, Book):
+            clock = time.monotonic()
+            wait = self.limiter.book(tenant, pool.server_for(recipient.template.from_address), clock)
+            check = booked(wait, clock=clock, started=started, now=now, bounds=bounds)
+        match check:
+            case Hold():
+                return Outcome(Status.HELD, item.attempt)
+            case Skip(reason=reason):
+                return Outcome(Status.SKIPPED, item.attempt, detail=reason)
+            case Defer(reason=reason):
+                return transient(item.attempt, None, reason, first_attempt_at=item.first_attempt_at,
+                                 now=now, policy=self.policy, draw=self._rng.random())
+            case Throttle(retry_at=retry_at):
+                return Outcome(Status.THROTTLED, item.attempt, retry_at=retry_at)
+            case Send(wait=wait):
                 if wait > 0:
                     time.sleep(wait)  # a send thread pacing itself; the consumer loop is free
                     now = datetime.now(UTC)
+            case _:
+                assert_never(check)
         try:
             extra = (self.list_unsubscribe.headers(item.envelope.tenant_id, recipient.contact_id,
                                                    recipient.campaign_id)
@@ -659,6 +650,13 @@ def _count_consumed(records: list[Message]) -> None:
         counts[topic] = counts.get(topic, 0) + 1
     for topic, count in counts.items():
         metrics.RECORDS_CONSUMED.labels(topic=topic).inc(count)
+
+
+def _pause_at(consumer: Consumer, held: HeldGauge, where: Where, offset: int) -> None:
+    """Pause a partition at the record that waits: it is fetched again after the resume."""
+    consumer.pause([TopicPartition(*where)])
+    consumer.seek(TopicPartition(*where, offset))
+    held.paused_at(where, offset)
 
 
 def _check(feeds: list[TopicFeed]) -> None:
