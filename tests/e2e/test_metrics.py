@@ -111,6 +111,9 @@ def test_metrics_agree_with_the_campaign(settings):
     assert total(sender, "campaign_records_consumed_total") >= RECIPIENTS
     # Batches count the records they mailed from; routed ones (retries not due) are not in one.
     assert 0 < total(sender, "campaign_batch_size_records_sum") <= total(sender, "campaign_records_consumed_total")
+    # One duration per batch, each batch timed.
+    assert total(sender, "campaign_batch_duration_seconds_count") == total(sender, "campaign_batch_size_records_count") > 0
+    assert total(sender, "campaign_batch_duration_seconds_sum") > 0
     projector = scraped["projector"]
     assert total(projector, "campaign_projection_lag_seconds_count") > 0
     assert total(projector, "campaign_records_consumed_total", topic=settings.topic_prefix + "campaign.deliveries") \
