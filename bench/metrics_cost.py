@@ -27,7 +27,7 @@ from services.common.metrics import METRICS_SWITCH
 from services.common.settings import Settings
 
 ROUNDS = 3
-RECIPIENTS = 5_000
+RECIPIENTS = 10_000
 SENDER_CONCURRENCY = 8
 SCRAPE_SECONDS = 1.0
 

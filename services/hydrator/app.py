@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, cast
 
 import faust
 from confluent_kafka import KafkaException
@@ -40,6 +40,7 @@ from confluent_kafka import KafkaException
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import CampaignSendRequested, HydrationRequested
 from services.common.logs import configure_logging
+from services.common.membership import register
 from services.common.settings import Settings
 from services.common.topics import CONTACTS, EVENTS, HYDRATION_REQUESTS, topic_name
 from services.hydrator.audience import resolve_audience, unknown_picks
@@ -92,6 +93,19 @@ def create_app(settings: Settings) -> faust.App:
     requests_topic = raw_topic(HYDRATION_REQUESTS)
     replicas = Replicas(settings, topic_name(CONTACTS, settings), datadir / "replicas")
     fanout = PartitionFanout(settings, settings.group(APP_NAME))
+
+    # /readyz: faust's own consumer (the agents') counts as joined once its group answered.
+    agents = register(f"{settings.group(APP_NAME)} agents")
+
+    def on_assigned(_sender: Any, *args: Any, signal: Any, **_: Any) -> None:
+        agents.assigned(args[0])  # the whole new assignment (a set of TPs)
+
+    def on_revoked(_sender: Any, *_args: Any, signal: Any, **_: Any) -> None:
+        agents.revoked()
+
+    # mode's handler type is narrower than the keyword-tolerant functions above.
+    app.on_partitions_assigned.connect(cast(Any, on_assigned))
+    app.on_partitions_revoked.connect(cast(Any, on_revoked))
 
     def held() -> set[int]:
         """The requests partitions (= contacts partitions) faust assigned to this instance."""

@@ -22,6 +22,7 @@ from schemas.commands import CreateCampaign, SendCampaign
 from schemas.contacts import ContactUpserted, contact_id_for, contact_key
 from schemas.envelope import wrap
 from schemas.events import EmailDeferred
+from services.common.observability import ask_readiness
 from services.common.topics import COMMANDS, CONTACTS, DELIVERIES
 from services.smtp_sink import SinkConfig, SmtpSink
 from tests.kafka_io import publish, read_topic
@@ -95,6 +96,7 @@ def test_metrics_agree_with_the_campaign(settings):
                         if isinstance(m.payload, EmailDeferred) and m.envelope.aggregate_id == campaign]
             time.sleep(3)  # lag gauges and commit counters follow the last batch's commit
             scraped = {name: scrape(port) for name, port in ports.items()}
+            ready = {name: ask_readiness(f"http://127.0.0.1:{port}") for name, port in ports.items()}
         finally:
             for proc in procs:
                 proc.stop()
@@ -133,6 +135,12 @@ def test_metrics_agree_with_the_campaign(settings):
     for name in ("sender", "projector"):
         lags = [v for (sample, _), v in scraped[name].items() if sample == "campaign_consumer_lag_records"]
         assert lags and max(lags) == 0, f"{name} lag after completion: {lags}"
+    for name, answer in ready.items():
+        assert answer["ready"] is True, (name, answer)
+    # The hydrator's faust agents consume campaign.events; its gather loop does not.
+    hydrator_holds = ready["hydrator"]["assignment"]
+    assert isinstance(hydrator_holds, list)
+    assert any(str(p).startswith(events_topic + "[") for p in hydrator_holds), hydrator_holds
     for name in SERVICES:
         assert total(scraped[name], "process_resident_memory_bytes") > 0
         # The dashboard's join key: one info series per process, naming its service.
