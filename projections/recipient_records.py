@@ -1,18 +1,19 @@
 """Decoding of the projector's records: the hot per-recipient events as msgspec Structs, every
 other record by the full schema decode.
 
-Guarantee: a record the full decode (`schemas.envelope.decode`) refuses for its JSON, its
-shape, its types or its bounds is refused here too, with the full decode's SchemaViolation
-(the projector logs and skips it); every record it accepts is accepted, with the same fact.
-EmailSent v2, EmailFailed v2 and RecipientQueued v1 as our producers write them go into
-Structs that check the JSON, every field's type, the schema's lengths and numeric bounds
-(msgspec.Meta), the version, missing and unknown fields, and an aware RFC 3339 time. The
-character rules of ids and addresses are the producers' (they build these events through the
-schema's models, or, for the sender's direct EmailSent writer, only from values in their
-canonical form), so they are not checked again here: a record that breaks only such a rule is
-read as written. Anything the Structs refuse (other types, older versions, values the schema
-would coerce, invalid records) takes the full decode, which reads it or words why not. A time
-with digits beyond the microsecond (which pydantic never writes) is rounded here, not truncated.
+Guarantee: a record the full decode (`schemas.envelope.decode`) refuses for its JSON, shape,
+types, lengths or numeric bounds is refused here with the full decode's SchemaViolation (the
+projector logs and skips it); a record it accepts is accepted with the same fact, except for
+ids and addresses: their character rules and the address's normalisation are the producers'
+(they build these events through the schema's models, or, for the sender's direct EmailSent
+writer, only from values already in canonical form), so they are read as written.
+
+EmailSent v2, EmailFailed v2 and RecipientQueued v1 in our producers' shape go into Structs that
+check the JSON, every field's type, the schema's lengths and bounds (msgspec.Meta), the version,
+missing and unknown fields, and an aware RFC 3339 time. Whatever they refuse (other types, older
+versions, values the schema would coerce, invalid records) takes the full decode, which reads it
+or words why not. A time with digits beyond the microsecond (pydantic never writes one) is
+rounded here, truncated there.
 """
 
 from __future__ import annotations
