@@ -38,11 +38,6 @@ from typing import Any
 import psycopg
 
 from projections import segment_projection
-
-try:
-    from projections import _copy_binary
-except ImportError:  # not built (a source tree nobody installed): psycopg writes the rows
-    _copy_binary = None  # type: ignore[assignment]
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
 from schemas.contacts import ContactState, fold_contact
 
@@ -135,8 +130,6 @@ _STAGE_COLUMNS = RecipientRow._fields
 # with a dumper looked up per value) and spares the server parsing timestamps.
 _STAGE_TYPES = ("text", "text", "text", "text", "text", "int4", "text", "text", "int4", "int4",
                 "timestamptz")
-# The same types for the native encoder (projections/_copy_binary.c): one letter a column.
-_STAGE_LAYOUT = "".join({"text": "t", "int4": "i", "timestamptz": "T"}[t] for t in _STAGE_TYPES)
 
 # ON COMMIT DELETE ROWS: the staging table is empty at the start of every batch.
 _STAGE_TABLE = """
@@ -505,19 +498,16 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
 
 @dataclass(frozen=True, slots=True)
 class PreparedRecipients:
-    """A batch's recipient rows in key order, as binary COPY data (`_copy_data`) and, if they
-    are expected to go straight into campaign_recipients as all new, their counters
-    (`_totals`)."""
+    """A batch's recipient rows in key order and, if they are expected to go straight into
+    campaign_recipients as all new, their counters (`_totals`)."""
 
     rows: list[RecipientRow]
-    data: bytes | None
     totals: list[list[Any]] | None
 
 
 def prepare(changes: BatchChanges, conn: psycopg.Connection[Any] | None) -> None:
     """Compute ahead, in the calling thread, what `apply` computes from the recipient rows
-    before and after their COPY (sorting, encoding, counting: ~10 ms of Python per 10,000
-    rows), and keep it on `changes` for `apply`.
+    before and after their COPY (sorting, counting), and keep it on `changes` for `apply`.
 
     The projector calls it from its driving thread while the writer thread waits on
     PostgreSQL for the previous batch; in the writer thread the same work held up the
@@ -536,27 +526,11 @@ def _prepared(recipients: dict[tuple[str, str], RecipientRow],
         return None
     rows = _sorted_rows(recipients)
     all_new = conn is not None and conn not in _FOUND_EXISTING and bool(_COPIES_DIRECT.get(conn))
-    return PreparedRecipients(rows, _copy_data(rows), _totals(rows) if all_new else None)
+    return PreparedRecipients(rows, _totals(rows) if all_new else None)
 
 
-def _copy_data(rows: list[RecipientRow]) -> bytes | None:
-    """The rows as binary COPY data for _STAGE_TYPES, natively (~0.2 us a row); None where the
-    extension is not built or a value is not one it takes: psycopg then writes those rows
-    (and words any error)."""
-    if _copy_binary is None:
-        return None
-    try:
-        return _copy_binary.encode_rows(rows, _STAGE_LAYOUT)
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def _copy_rows(copy: psycopg.Copy, rows: list[RecipientRow], data: bytes | None) -> None:
-    """Send the rows (in _STAGE_COLUMNS order) into a binary COPY: as `data` if given (the
-    native encoder writes UTF-8 text, so only on a UTF-8 connection), else row by row."""
-    if data is not None and copy.connection.info.encoding == "utf-8":
-        copy.write(data)  # signature, rows and trailer
-        return
+def _copy_rows(copy: psycopg.Copy, rows: list[RecipientRow]) -> None:
+    """Send the rows (in _STAGE_COLUMNS order) into a binary COPY by psycopg's own dumpers."""
     copy.set_types(_STAGE_TYPES)
     write = copy.write_row
     for row in rows:
@@ -586,7 +560,7 @@ def _write_recipients(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
     columns = ", ".join(_STAGE_COLUMNS)
     with cur.copy(  # noqa: S608
             f"COPY recipient_stage ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
-        _copy_rows(copy, rows, prepared.data)
+        _copy_rows(copy, rows)
     if conn not in _FOUND_EXISTING and not _COPIES_DIRECT.get(conn) and _insert_all_new(cur):
         return
     cur.execute(_RECIPIENTS)
@@ -606,7 +580,7 @@ def _copy_all_new(cur: psycopg.Cursor[Any], prepared: PreparedRecipients) -> boo
     cur.execute("SAVEPOINT all_new")
     try:
         with cur.copy(_COPY_RECIPIENTS) as copy:
-            _copy_rows(copy, rows, prepared.data)  # the same columns, types and order
+            _copy_rows(copy, rows)  # the same columns, types and order
     except psycopg.errors.UniqueViolation:
         with conn.pipeline():
             cur.execute("ROLLBACK TO SAVEPOINT all_new")

@@ -57,7 +57,6 @@ from psycopg.conninfo import make_conninfo
 
 from projections import batch_writer, read_models
 from projections.facts import RecipientFact
-from projections.fast_decode import decode_record
 from projections.positions import (
     PartitionKey,
     PositionConflict,
@@ -65,6 +64,7 @@ from projections.positions import (
     advance_positions,
     load_positions,
 )
+from projections.recipient_records import decode_record
 from schemas.base import Record
 from schemas.envelope import Message, SchemaViolation
 from services.common.gc_tuning import relaxed_gc

@@ -218,9 +218,10 @@ class BatchChanges:
 
 
 def plan(messages: Iterable[Message[Record] | RecipientFact]) -> BatchChanges:
-    """Map decoded events (or facts from the fast decoder), in consumption order, to row
-    changes. Within a batch the first fact at a recipient's highest status wins (a later
-    duplicate is a no-op, exactly as in a later batch). Other valid events are ignored."""
+    """Map decoded events (or facts from projections.recipient_records), in consumption
+    order, to row changes. Within a batch the first fact at a recipient's highest status wins
+    (a later duplicate is a no-op, exactly as in a later batch). Other valid events are
+    ignored."""
     changes = BatchChanges()
     for item in messages:
         if isinstance(item, RecipientFact):
