@@ -43,6 +43,7 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -83,8 +84,9 @@ from services.common.kafka import (
     is_fatal,
     make_admin,
     make_consumer,
-    partition_reader,
     producer_config,
+    read_until,
+    replay_reader,
     retry_until_stopped,
     serve_logs,
     static_member_config,
@@ -204,36 +206,14 @@ class CommandHandler:
         states = {p: PartitionState() for p in partitions}
         if not partitions:
             return states
-        reader = partition_reader(self.settings, f"{self.settings.group('command-handler')}-replay")
-        pending = set(partitions)
         # A long replay runs inside the assignment callback, away from the main loop: it beats
         # while records arrive, or the watchdog would take it for stuck and restart it into
         # the same replay. A silent replay is bounded by REPLAY_IDLE_SECONDS instead.
-        heartbeat = self.settings.heartbeat()
-        try:
-            reader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
-            idle = 0.0
-            while pending:
-                if self.stop.is_set():
-                    raise Stopping(f"replay of {self.events_topic}{sorted(pending)}")
-                msg = reader.poll(0.5)
-                if msg is None:
-                    idle += 0.5
-                    if idle >= REPLAY_IDLE_SECONDS:
-                        raise KafkaException(KafkaError(
-                            KafkaError._TIMED_OUT, f"{self.events_topic}{sorted(pending)} silent"))
-                    continue
-                idle = 0.0
-                heartbeat.beat()
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition() or 0)
-                        continue
-                    raise KafkaException(error)
-                self._apply_stored(states[msg.partition() or 0], msg.value())
-        finally:
-            reader.close()
+        with replay_reader(self.settings, f"{self.settings.group('command-handler')}-replay") as reader:
+            read_until(reader, {(self.events_topic, p): OFFSET_END for p in partitions},
+                       lambda msg: self._apply_stored(states[msg.partition() or 0], msg.value()),
+                       idle_timeout=REPLAY_IDLE_SECONDS, stop=self.stop,
+                       on_progress=self.settings.heartbeat().beat)
         return states
 
     @staticmethod
