@@ -81,11 +81,13 @@ from services.common.kafka import (
     TransactionalProducer,
     TransactionFailed,
     close_within,
+    fatal_error,
     is_fatal,
     make_admin,
     make_consumer,
     producer_config,
     read_until,
+    replace_consumer,
     replay_reader,
     retry_until_stopped,
     serve_logs,
@@ -173,10 +175,7 @@ class CommandHandler:
         timed out during a broker outage): the new one joins, and its assignment replays the
         partitions from the committed offsets. Nothing uncommitted is lost: the batch in hand
         was not committed and is read again."""
-        log.error("consumer failed for good; re-creating it", error=str(error))
-        old, self.consumer = self.consumer, self._new_consumer()
-        # A failed consumer may hang or refuse even its close; it is dropped either way.
-        close_within(old.close, "failed consumer")
+        self.consumer = replace_consumer(self.consumer, self._new_consumer, error, logger=log)
         self.partitions.clear()
         self._subscribe()
 
@@ -378,8 +377,7 @@ class CommandHandler:
                 try:
                     self._step()
                 except KafkaException as exc:
-                    error = exc.args[0]
-                    if not (isinstance(error, KafkaError) and is_fatal(error)):
+                    if (error := fatal_error(exc)) is None:
                         raise
                     self._renew_consumer(error)  # producer failures never get here
         except Stopping as exc:

@@ -306,6 +306,24 @@ def is_fatal(error: KafkaError) -> bool:
     return bool(error.fatal()) or error.code() == KafkaError._FATAL
 
 
+def fatal_error(exc: KafkaException) -> KafkaError | None:
+    """The fatal error `exc` carries (see `is_fatal`), else None."""
+    error = exc.args[0] if exc.args else None
+    return error if isinstance(error, KafkaError) and is_fatal(error) else None
+
+
+def replace_consumer(old: Consumer, make: Callable[[], Consumer], error: KafkaError, *,
+                     logger: Any) -> Consumer:
+    """A new consumer from `make()` for `old`, which failed for good with `error` (a static
+    member fenced after its session timed out during a broker outage). `old` is closed within
+    CLOSE_BOUND_SECONDS and dropped: a failed consumer may hang or refuse even its close. The
+    caller drops the state of its partitions and subscribes the new one."""
+    logger.error("consumer failed for good; re-creating it", error=str(error))
+    new = make()
+    close_within(old.close, "failed consumer")
+    return new
+
+
 def transaction_step(call: TxnCall, error: KafkaError, *, elapsed: float,
                      budget: float = TXN_RETRY_BUDGET_SECONDS) -> TxnStep:
     """confluent-kafka's rules for a failed transactional call, `elapsed` seconds after its

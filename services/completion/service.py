@@ -56,10 +56,12 @@ from services.common.kafka import (
     TransactionalProducer,
     TransactionFailed,
     close_within,
+    fatal_error,
     is_fatal,
     make_consumer,
     producer_config,
     read_until,
+    replace_consumer,
     replay_reader,
     retry_until_stopped,
     static_member_config,
@@ -148,7 +150,7 @@ class CompletionService:
                      "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4}),
         }
         self._group_member = register(self.group)  # for /readyz
-        self.consumer: Consumer = make_consumer(settings, SERVICE, **self._consumer_config)
+        self.consumer: Consumer = self._new_consumer()
         self._txn = TransactionalProducer(
             producer_config(settings, **{"transactional.id": self.transactional_id,
                                          "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}),
@@ -169,6 +171,9 @@ class CompletionService:
         self._txn.init()
         self._subscribe()
 
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(self.settings, SERVICE, **self._consumer_config)
+
     def _subscribe(self) -> None:
         self.consumer.subscribe(
             [self.events_topic, self.deliveries_topic],
@@ -182,11 +187,8 @@ class CompletionService:
         timed out during a broker outage): the new one joins, and its assignment rebuilds the
         state from the committed offsets; the batch in hand was not committed and is read
         again."""
-        self._log.error("consumer failed for good; re-creating it", error=str(error))
-        old = self.consumer
-        self.consumer = make_consumer(self.settings, SERVICE, **self._consumer_config)
-        # A failed consumer may hang or refuse even its close; it is dropped either way.
-        close_within(old.close, "failed consumer")
+        self.consumer = replace_consumer(self.consumer, self._new_consumer, error,
+                                         logger=self._log)
         self.trackers = {}
         self._subscribe()
 
@@ -204,8 +206,7 @@ class CompletionService:
                 try:
                     self.poll_once()
                 except KafkaException as exc:
-                    error = exc.args[0]
-                    if not (isinstance(error, KafkaError) and is_fatal(error)):
+                    if (error := fatal_error(exc)) is None:
                         raise
                     self._renew_consumer(error)  # producer failures never get here
         except Stopping as exc:
