@@ -33,7 +33,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from schemas.contacts import contact_key
 from schemas.envelope import Envelope, encode
-from services.common.kafka import make_producer, partition_reader, read_to_end
+from services.common.kafka import make_producer, read_to_end, replay_reader
 from services.common.metrics import OUTBOX_DEPTH, TRANSACTIONS, count_produced
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, CONTACTS, topic_name
@@ -258,8 +258,7 @@ class OutboxRelay:
             except (ValueError, KeyError, TypeError):
                 pass  # not an envelope (another producer's garbage): not one of ours
 
-        reader = partition_reader(self.settings, f"{self.transactional_id}.reconcile")
-        try:
+        with replay_reader(self.settings, f"{self.transactional_id}.reconcile") as reader:
             for topic, accepted_at in oldest:
                 since_ms = int((accepted_at - RECONCILE_CLOCK_SKEW).timestamp() * 1000)
                 partitions = reader.list_topics(topic, timeout=RELAY_TXN_TIMEOUT_S).topics[topic]
@@ -274,8 +273,6 @@ class OutboxRelay:
                     if start.offset >= 0:  # -1: nothing written since
                         read_to_end(reader, topic, start.partition, start.offset, note,
                                     idle_timeout=RECONCILE_IDLE_TIMEOUT_S)
-        finally:
-            reader.close()
         if not found:
             return 0
         marked = conn.execute(

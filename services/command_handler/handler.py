@@ -43,6 +43,7 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -80,11 +81,14 @@ from services.common.kafka import (
     TransactionalProducer,
     TransactionFailed,
     close_within,
+    fatal_error,
     is_fatal,
     make_admin,
     make_consumer,
-    partition_reader,
     producer_config,
+    read_until,
+    replace_consumer,
+    replay_reader,
     retry_until_stopped,
     serve_logs,
     static_member_config,
@@ -171,10 +175,7 @@ class CommandHandler:
         timed out during a broker outage): the new one joins, and its assignment replays the
         partitions from the committed offsets. Nothing uncommitted is lost: the batch in hand
         was not committed and is read again."""
-        log.error("consumer failed for good; re-creating it", error=str(error))
-        old, self.consumer = self.consumer, self._new_consumer()
-        # A failed consumer may hang or refuse even its close; it is dropped either way.
-        close_within(old.close, "failed consumer")
+        self.consumer = replace_consumer(self.consumer, self._new_consumer, error, logger=log)
         self.partitions.clear()
         self._subscribe()
 
@@ -204,36 +205,14 @@ class CommandHandler:
         states = {p: PartitionState() for p in partitions}
         if not partitions:
             return states
-        reader = partition_reader(self.settings, f"{self.settings.group('command-handler')}-replay")
-        pending = set(partitions)
         # A long replay runs inside the assignment callback, away from the main loop: it beats
         # while records arrive, or the watchdog would take it for stuck and restart it into
         # the same replay. A silent replay is bounded by REPLAY_IDLE_SECONDS instead.
-        heartbeat = self.settings.heartbeat()
-        try:
-            reader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
-            idle = 0.0
-            while pending:
-                if self.stop.is_set():
-                    raise Stopping(f"replay of {self.events_topic}{sorted(pending)}")
-                msg = reader.poll(0.5)
-                if msg is None:
-                    idle += 0.5
-                    if idle >= REPLAY_IDLE_SECONDS:
-                        raise KafkaException(KafkaError(
-                            KafkaError._TIMED_OUT, f"{self.events_topic}{sorted(pending)} silent"))
-                    continue
-                idle = 0.0
-                heartbeat.beat()
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition() or 0)
-                        continue
-                    raise KafkaException(error)
-                self._apply_stored(states[msg.partition() or 0], msg.value())
-        finally:
-            reader.close()
+        with replay_reader(self.settings, f"{self.settings.group('command-handler')}-replay") as reader:
+            read_until(reader, {(self.events_topic, p): OFFSET_END for p in partitions},
+                       lambda msg: self._apply_stored(states[msg.partition() or 0], msg.value()),
+                       idle_timeout=REPLAY_IDLE_SECONDS, stop=self.stop,
+                       on_progress=self.settings.heartbeat().beat)
         return states
 
     @staticmethod
@@ -398,8 +377,7 @@ class CommandHandler:
                 try:
                     self._step()
                 except KafkaException as exc:
-                    error = exc.args[0]
-                    if not (isinstance(error, KafkaError) and is_fatal(error)):
+                    if (error := fatal_error(exc)) is None:
                         raise
                     self._renew_consumer(error)  # producer failures never get here
         except Stopping as exc:

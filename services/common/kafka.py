@@ -11,10 +11,15 @@ a fresh producer), so the caller can rewind to the committed offsets and redo th
 raises `Stopping` when a stop was requested while the broker did not answer (the transaction
 is then left to the broker's timeout or to the successor's init_transactions, which aborts
 it). It never blocks longer than one call timeout without looking at the stop flag.
+
+`read_until` is the one replay loop: it feeds the committed records of some partitions up to
+given offsets or to their ends, finds an end that lies past a transaction marker, gives up on
+a silent broker after an idle bound and on a stop request at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -22,11 +27,20 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from services.common import metrics
@@ -131,7 +145,7 @@ def make_consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
 
 
 def partition_reader(settings: Settings, group: str, **overrides: Any) -> Consumer:
-    """A consumer for `read_to_end`: assigned by hand (the group id only names it), committed
+    """A consumer for `read_until`: assigned by hand (the group id only names it), committed
     records only, reporting the end of a partition."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -147,38 +161,100 @@ def partition_reader(settings: Settings, group: str, **overrides: Any) -> Consum
     return Consumer(config)
 
 
+@contextlib.contextmanager
+def replay_reader(settings: Settings, group: str) -> Iterator[Consumer]:
+    """A `partition_reader` for one read, closed when the block ends within
+    CLOSE_BOUND_SECONDS (with the broker away its close may never return)."""
+    reader = partition_reader(settings, group)
+    try:
+        yield reader
+    finally:
+        close_within(reader.close, group)
+
+
+# How long one poll waits before the stop flag and the idle bound are looked at again.
+READ_POLL_SECONDS = 0.2
+# Records taken at once from what the reader has fetched already (never waited for).
+READ_BATCH = 500
+
+
+def read_until(
+    reader: Consumer, ends: Mapping[tuple[str, int], int], on_message: Callable[[Message], None],
+    *, starts: Mapping[tuple[str, int], int] | None = None, idle_timeout: float,
+    stop: threading.Event | None = None, on_progress: Callable[[], None] | None = None,
+) -> dict[tuple[str, int], int]:
+    """Feed `on_message` the records of each (topic, partition) of `ends`, in order, from its
+    start (`starts`, else its beginning) up to its end offset, exclusive, or, for OFFSET_END,
+    up to the partition's end (for read_committed readers the last stable offset: an open
+    transaction's records are not reached). Returns each partition's next offset: past the
+    last record fed, or where the broker says the partition ends when that is further (past
+    a transaction marker, never delivered as a record), never past the end given.
+
+    A partition is done at its last record before the end, at a record at or past the end
+    (not fed), or at the broker's end-of-partition event: the only sign when the end lies
+    past a marker. Records of a done partition are not fed. `on_progress()` runs whenever a
+    poll brought something (a heartbeat: a long read is not a stuck loop). Raises
+    KafkaException(_TIMED_OUT) when the broker says nothing for `idle_timeout` seconds,
+    KafkaException for an error the reader reports, Stopping as soon as `stop` is set. The
+    reader (see `partition_reader`) is assigned the partitions and unassigned at the end."""
+    starts = starts or {}
+    positions = {where: max(starts.get(where, OFFSET_BEGINNING), 0) for where in ends}
+    pending = {where for where, end in ends.items() if end == OFFSET_END or end > positions[where]}
+    if not pending:
+        return positions
+    reader.assign([TopicPartition(t, p, starts.get((t, p), OFFSET_BEGINNING))
+                   for t, p in sorted(pending)])
+    try:
+        deadline = time.monotonic() + idle_timeout
+        while pending:
+            if stop is not None and stop.is_set():
+                raise Stopping(f"reading {_named(pending)}")
+            first = reader.poll(READ_POLL_SECONDS)
+            if first is None:
+                if time.monotonic() >= deadline:
+                    raise KafkaException(KafkaError(KafkaError._TIMED_OUT,
+                                                    f"{_named(pending)} silent"))
+                continue
+            deadline = time.monotonic() + idle_timeout
+            if on_progress is not None:
+                on_progress()
+            for msg in [first, *reader.consume(READ_BATCH, 0)]:
+                error = msg.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaException(error)
+                where = (msg.topic() or "", msg.partition() or 0)
+                if where not in pending:
+                    continue
+                end, offset = ends[where], msg.offset() or 0
+                if error is not None:  # the partition's end
+                    reached = offset if end == OFFSET_END else min(offset, end)
+                    positions[where] = max(positions[where], reached)
+                    pending.discard(where)
+                elif end != OFFSET_END and offset >= end:
+                    positions[where] = end
+                    pending.discard(where)
+                else:
+                    positions[where] = offset + 1
+                    on_message(msg)
+                    if end != OFFSET_END and offset + 1 >= end:
+                        pending.discard(where)
+    finally:
+        reader.unassign()
+    return positions
+
+
 def read_to_end(
     reader: Consumer, topic: str, partition: int, start: int, on_message: Callable[[Message], None],
     *, idle_timeout: float = 30.0, stop: threading.Event | None = None,
 ) -> int:
-    """Feed the records of one partition from `start` to its end (for read_committed readers,
-    the last stable offset: an open transaction's records are not reached) to `on_message`;
-    returns the next offset: where the broker says the partition ends, which lies past a
-    transaction marker that ends it (never delivered as a record). Raises KafkaException when
-    the broker says nothing for `idle_timeout` seconds, Stopping as soon as `stop` is set."""
-    reader.assign([TopicPartition(topic, partition, start)])
-    position = start
-    try:
-        idle = 0.0
-        while True:
-            if stop is not None and stop.is_set():
-                raise Stopping(f"reading {topic}[{partition}]")
-            msg = reader.poll(0.2)
-            if msg is None:
-                idle += 0.2
-                if idle >= idle_timeout:
-                    raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}[{partition}] silent"))
-                continue
-            idle = 0.0
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    return max(position, msg.offset() or 0)
-                raise KafkaException(error)
-            position = (msg.offset() or 0) + 1
-            on_message(msg)
-    finally:
-        reader.unassign()
+    """`read_until` for one partition, from `start` to its end; returns its next offset."""
+    where = (topic, partition)
+    return read_until(reader, {where: OFFSET_END}, on_message, starts={where: start},
+                      idle_timeout=idle_timeout, stop=stop)[where]
+
+
+def _named(partitions: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions))
 
 
 # --- single-instance services ----------------------------------------------------------------
@@ -228,6 +304,24 @@ def is_fatal(error: KafkaError) -> bool:
     member fenced, say) reaches consume() as a record error of code _FATAL whose fatal() is
     False: confluent-kafka sets that flag only on errors it builds from rd_kafka_fatal_error."""
     return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
+def fatal_error(exc: KafkaException) -> KafkaError | None:
+    """The fatal error `exc` carries (see `is_fatal`), else None."""
+    error = exc.args[0] if exc.args else None
+    return error if isinstance(error, KafkaError) and is_fatal(error) else None
+
+
+def replace_consumer(old: Consumer, make: Callable[[], Consumer], error: KafkaError, *,
+                     logger: Any) -> Consumer:
+    """A new consumer from `make()` for `old`, which failed for good with `error` (a static
+    member fenced after its session timed out during a broker outage). `old` is closed within
+    CLOSE_BOUND_SECONDS and dropped: a failed consumer may hang or refuse even its close. The
+    caller drops the state of its partitions and subscribes the new one."""
+    logger.error("consumer failed for good; re-creating it", error=str(error))
+    new = make()
+    close_within(old.close, "failed consumer")
+    return new
 
 
 def transaction_step(call: TxnCall, error: KafkaError, *, elapsed: float,

@@ -41,33 +41,28 @@ instance holds back read_committed readers of campaign.events until the broker a
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Any
 
 import structlog
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.commands import AutoPauseCampaign
 from schemas.envelope import SchemaViolation, decode, encode, wrap
 from services.common import metrics
 from services.common.kafka import (
-    CLIENT_LOG,
     SINGLE_INSTANCE_SESSION_TIMEOUT_MS,
     Stopping,
     TransactionalProducer,
     TransactionFailed,
     close_within,
+    fatal_error,
     is_fatal,
     make_consumer,
     producer_config,
+    read_until,
+    replace_consumer,
+    replay_reader,
     retry_until_stopped,
     static_member_config,
 )
@@ -90,7 +85,7 @@ BATCH_SIZE = 1_000
 # How long one consume() waits on quiet topics: bounds how late a stop request is noticed.
 POLL_SECONDS = 0.5
 # A replay that receives nothing for this long is stuck (broker unreachable, partition without
-# leader): it fails the assignment instead of deciding on partial state.
+# leader): it fails (KafkaException, retried) instead of deciding on partial state.
 REPLAY_IDLE_SECONDS = 30.0
 # Committed-offset look-ups: a coordinator that does not answer within this fails the call
 # (retried with back-off; short, so a stop request is not held up by one).
@@ -101,10 +96,6 @@ COMMITTED_TIMEOUT_SECONDS = 5.0
 TRANSACTION_TIMEOUT_MS = 30_000
 
 TRACKED_TOPICS = (EVENTS, DELIVERIES)
-
-
-class ReplayStalled(RuntimeError):
-    """The state rebuild could not read up to the committed offsets."""
 
 
 class CompletionService:
@@ -159,7 +150,7 @@ class CompletionService:
                      "heartbeat.interval.ms": SINGLE_INSTANCE_SESSION_TIMEOUT_MS // 4}),
         }
         self._group_member = register(self.group)  # for /readyz
-        self.consumer: Consumer = make_consumer(settings, SERVICE, **self._consumer_config)
+        self.consumer: Consumer = self._new_consumer()
         self._txn = TransactionalProducer(
             producer_config(settings, **{"transactional.id": self.transactional_id,
                                          "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}),
@@ -180,6 +171,9 @@ class CompletionService:
         self._txn.init()
         self._subscribe()
 
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(self.settings, SERVICE, **self._consumer_config)
+
     def _subscribe(self) -> None:
         self.consumer.subscribe(
             [self.events_topic, self.deliveries_topic],
@@ -193,11 +187,8 @@ class CompletionService:
         timed out during a broker outage): the new one joins, and its assignment rebuilds the
         state from the committed offsets; the batch in hand was not committed and is read
         again."""
-        self._log.error("consumer failed for good; re-creating it", error=str(error))
-        old = self.consumer
-        self.consumer = make_consumer(self.settings, SERVICE, **self._consumer_config)
-        # A failed consumer may hang or refuse even its close; it is dropped either way.
-        close_within(old.close, "failed consumer")
+        self.consumer = replace_consumer(self.consumer, self._new_consumer, error,
+                                         logger=self._log)
         self.trackers = {}
         self._subscribe()
 
@@ -215,8 +206,7 @@ class CompletionService:
                 try:
                     self.poll_once()
                 except KafkaException as exc:
-                    error = exc.args[0]
-                    if not (isinstance(error, KafkaError) and is_fatal(error)):
+                    if (error := fatal_error(exc)) is None:
                         raise
                     self._renew_consumer(error)  # producer failures never get here
         except Stopping as exc:
@@ -262,8 +252,7 @@ class CompletionService:
             return self._replay(committed)
 
         self.trackers.update(retry_until_stopped(
-            self._stop, "state rebuild on assignment", rebuild, logger=self._log,
-            retry_on=(KafkaException, ReplayStalled)))
+            self._stop, "state rebuild on assignment", rebuild, logger=self._log))
         self._group_member.assigned(partitions)
         self._log.info(
             "partitions assigned", partitions=sorted(events | deliveries),
@@ -284,51 +273,18 @@ class CompletionService:
         ends = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset > 0}
         if not ends:
             return trackers
-        reader = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-            "logger": CLIENT_LOG,
-            # Never joins the group (assign only) and never commits.
-            "group.id": f"{self.group}-replay",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        })
-        pending = set(ends)
         folded = 0
+
+        def fold(record: Message) -> None:
+            nonlocal folded
+            self._fold(trackers[record.partition() or 0], record)
+            folded += 1
+
         # Beats while records arrive (see the command handler's replay): a long rebuild is not
         # a stuck loop; a silent one is bounded by REPLAY_IDLE_SECONDS.
-        heartbeat = self.settings.heartbeat()
-        try:
-            reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(ends)])
-            deadline = time.monotonic() + REPLAY_IDLE_SECONDS
-            while pending:
-                if self._stop.is_set():
-                    raise Stopping("state rebuild")
-                records = reader.consume(self.batch_size, POLL_SECONDS)
-                if not records:
-                    if time.monotonic() > deadline:
-                        raise ReplayStalled(f"replay stalled before committed offsets: {pending}")
-                    continue
-                deadline = time.monotonic() + REPLAY_IDLE_SECONDS
-                heartbeat.beat()
-                for record in records:
-                    key = (record.topic() or "", record.partition() or 0)
-                    error = record.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(key)
-                            continue
-                        raise KafkaException(error)
-                    offset = record.offset() or 0
-                    if key not in pending or offset >= ends[key]:
-                        pending.discard(key)
-                        continue
-                    self._fold(trackers[key[1]], record)
-                    folded += 1
-                    if offset + 1 >= ends[key]:
-                        pending.discard(key)
-        finally:
-            reader.close()
+        with replay_reader(self.settings, f"{self.group}-replay") as reader:
+            read_until(reader, ends, fold, idle_timeout=REPLAY_IDLE_SECONDS, stop=self._stop,
+                       on_progress=self.settings.heartbeat().beat)
         self._log.info("state rebuilt", records=folded,
                        until={f"{t}[{p}]": o for (t, p), o in sorted(ends.items())})
         return trackers
@@ -458,7 +414,7 @@ class CompletionService:
             self.trackers = trackers
 
         retry_until_stopped(self._stop, "rewind to the committed offsets", attempt,
-                            logger=self._log, retry_on=(KafkaException, ReplayStalled))
+                            logger=self._log)
 
 
 def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition]:

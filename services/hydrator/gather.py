@@ -17,27 +17,20 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_caused_by
 from schemas.events import MAX_UNKNOWN_CONTACT_IDS, CampaignHydrated, HydrationPartitionReported
 from services.common import metrics
 from services.common.kafka import (
-    CLIENT_LOG,
     Stopping,
     TransactionalProducer,
     TransactionFailed,
     close_within,
     make_consumer,
     producer_config,
+    read_until,
+    replay_reader,
 )
 from services.common.logs import configure_logging
 from services.common.membership import register, unregister
@@ -49,6 +42,7 @@ log = configure_logging("hydrator.gather")
 
 BATCH_SIZE = 500
 POLL_SECONDS = 0.2
+# A replay that receives nothing for this long fails the session (broker away): it is redone.
 REPLAY_IDLE_SECONDS = 10.0
 
 
@@ -128,54 +122,27 @@ class GatherLoop:
         )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed = consumer.committed(partitions, timeout=30)
-        for tp in committed:
-            self._replay(tp.partition, tp.offset)
+        self._replay(consumer.committed(partitions, timeout=30))
         self._group_member.assigned(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._group_member.revoked()
 
-    def _replay(self, partition: int, until: int) -> None:
-        """Re-read reports before the committed offset: state only, nothing is emitted."""
-        if until <= 0:
+    def _replay(self, committed: list[TopicPartition]) -> None:
+        """Re-read reports before the committed offsets: state only, nothing is emitted. A
+        silent broker or a stop request raises (KafkaException, Stopping: see `run`), so no
+        session starts from a partial state."""
+        ends = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset > 0}
+        if not ends:
             return
-        reader = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-            "logger": CLIENT_LOG,
-            "group.id": f"{self.group}-replay",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            # The committed offset usually lies past a transaction marker, which is never
-            # delivered as a record: without end-of-partition events the loop would wait out
-            # REPLAY_IDLE_SECONDS per partition (12 partitions: about a minute before the
-            # first CampaignHydrated after every start).
-            "enable.partition.eof": True,
-        })
-        try:
-            reader.assign([TopicPartition(self.reports_topic, partition, OFFSET_BEGINNING)])
-            idle = 0.0
-            while idle < REPLAY_IDLE_SECONDS:  # bounds a replay of records retention removed
-                msg = reader.poll(0.5)
-                if msg is None:
-                    idle += 0.5
-                    continue
-                idle = 0.0
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        break  # everything before the committed offset has been read
-                    raise KafkaException(error)
-                offset = msg.offset() or 0
-                if offset >= until:
-                    break
-                parsed = _report(msg.value())
-                if parsed is not None:
-                    self.gatherer.add(parsed[1])
-                if offset >= until - 1:
-                    break
-        finally:
-            reader.close()
+
+        def add(msg: Message) -> None:
+            parsed = _report(msg.value())
+            if parsed is not None:
+                self.gatherer.add(parsed[1])
+
+        with replay_reader(self.settings, f"{self.group}-replay") as reader:
+            read_until(reader, ends, add, idle_timeout=REPLAY_IDLE_SECONDS, stop=self.stopping)
 
     def run(self) -> None:
         """Until stop(): on any Kafka failure the open transaction is aborted, the state is

@@ -263,6 +263,14 @@ def test_a_consumer_fatal_record_error_is_fatal_though_its_flag_is_not_set():
     assert transaction_step(TxnCall.COMMIT, fenced, elapsed=0) is TxnStep.RECREATE
 
 
+def test_fatal_error_finds_the_fatal_error_an_exception_carries_and_nothing_else():
+    fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced")
+    assert kafka.fatal_error(KafkaException(fenced)) is fenced
+    assert kafka.fatal_error(KafkaException(KafkaError(KafkaError._TIMED_OUT))) is None
+    assert kafka.fatal_error(KafkaException("no KafkaError")) is None
+    assert kafka.fatal_error(KafkaException()) is None
+
+
 def test_init_is_done_once_per_producer_and_again_only_after_a_re_creation():
     # The hydrator's gather loop calls init() at every restart: a second init_transactions
     # on a ready producer is a state error, which used to re-create a healthy producer.
