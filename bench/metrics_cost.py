@@ -78,3 +78,14 @@ def scraping(port: int, sizes: list[int]) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(10)
+
+
+if __name__ == "__main__":
+    # Against the `make up` platform: python -m bench.metrics_cost
+    import json
+
+    from services.platform.stack import Stack
+
+    stack = Stack(Settings().state_dir)
+    stack.up()
+    print(json.dumps(measure_metrics_cost(stack.settings()), indent=2))
