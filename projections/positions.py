@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-PartitionKey = tuple[str, int]  # (topic, partition)
+from services.common.kafka import PartitionKey
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,8 @@ from services.common import metrics
 from services.common.settings import Settings
 
 T = TypeVar("T")
+# Where a record lives: (topic, partition). The one name for it across the engine.
+PartitionKey = tuple[str, int]
 
 # One transactional call (init, send offsets, commit, abort) blocks at most this long before
 # the stop flag is looked at again: guards against a broker that went away mid-call (librdkafka
@@ -179,10 +181,10 @@ READ_BATCH = 500
 
 
 def read_until(
-    reader: Consumer, ends: Mapping[tuple[str, int], int], on_message: Callable[[Message], None],
-    *, starts: Mapping[tuple[str, int], int] | None = None, idle_timeout: float,
+    reader: Consumer, ends: Mapping[PartitionKey, int], on_message: Callable[[Message], None],
+    *, starts: Mapping[PartitionKey, int] | None = None, idle_timeout: float,
     stop: threading.Event | None = None, on_progress: Callable[[], None] | None = None,
-) -> dict[tuple[str, int], int]:
+) -> dict[PartitionKey, int]:
     """Feed `on_message` the records of each (topic, partition) of `ends`, in order, from its
     start (`starts`, else its beginning) up to its end offset, exclusive, or, for OFFSET_END,
     up to the partition's end (for read_committed readers the last stable offset: an open
@@ -253,7 +255,7 @@ def read_to_end(
                       idle_timeout=idle_timeout, stop=stop)[where]
 
 
-def _named(partitions: Iterable[tuple[str, int]]) -> str:
+def _named(partitions: Iterable[PartitionKey]) -> str:
     return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions))
 
 

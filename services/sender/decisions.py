@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 
 from schemas.envelope import Envelope, SchemaViolation, decode
 from schemas.events import RecipientExcluded, RecipientQueued, RecipientRetryScheduled
+from services.common.kafka import PartitionKey
 from services.sender.control import Control
-from services.sender.pipeline import Where
 
 # --- reading a record -----------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ class Wake:
     """What to resume at this turn of the loop: the delay partitions whose head is due, and
     whether to sweep the blocked held partitions (look up their ends, then resume them)."""
 
-    due: tuple[Where, ...]
+    due: tuple[PartitionKey, ...]
     sweep: bool
 
 
@@ -252,7 +252,7 @@ class Sweeps:
     resweep_at: float | None = None
 
 
-def wake(due_at: Mapping[Where, datetime], sweeps: Sweeps, *, now: datetime, released: int,
+def wake(due_at: Mapping[PartitionKey, datetime], sweeps: Sweeps, *, now: datetime, released: int,
          clock: float) -> Wake:
     """Which paused partitions may go on: `due_at` holds when each paused delay partition's
     head is due; `released` is the board's release count now, `clock` monotonic seconds."""

@@ -18,13 +18,12 @@ from typing import Any
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
-from services.common.kafka import make_admin, serve_logs
+from services.common.kafka import PartitionKey, make_admin, serve_logs
 from services.common.metrics import HELD_RECIPIENTS
 
 # How often the log ends are asked for; the answer waits at most this long.
 SAMPLE_SECONDS = 1.0
 
-Where = tuple[str, int]
 
 
 class HeldGauge:
@@ -38,12 +37,12 @@ class HeldGauge:
         self._pending: dict[TopicPartition, Future[Any]] | None = None
         # The offset each waiting partition was paused at (the consumer's own position is
         # unset after the seek back to it).
-        self._heads: dict[Where, int] = {}
+        self._heads: dict[PartitionKey, int] = {}
 
-    def paused_at(self, where: Where, offset: int) -> None:
+    def paused_at(self, where: PartitionKey, offset: int) -> None:
         self._heads[where] = offset
 
-    def sample(self, waiting: Iterable[Where]) -> None:
+    def sample(self, waiting: Iterable[PartitionKey]) -> None:
         pending = self._pending
         if pending is not None:
             if not all(f.done() for f in pending.values()):

@@ -35,10 +35,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from services.common.kafka import PartitionKey
 from services.sender.delivery import Outcome
 from services.sender.ledger import Claim, LedgerKey
-
-Where = tuple[str, int]  # (topic, partition)
 
 
 class Recipient(Protocol):
@@ -67,7 +66,7 @@ class SendSteps(Protocol[ItemIn]):
 
     def publish(self, item: ItemIn, claim: Claim, fresh: Outcome | None) -> None: ...
 
-    def commit(self, positions: Mapping[Where, int]) -> None: ...
+    def commit(self, positions: Mapping[PartitionKey, int]) -> None: ...
 
     def batch_done(self, report: BatchReport) -> None: ...
 
@@ -86,11 +85,11 @@ class CommitFrontier:
 
     def __init__(self) -> None:
         self._order: deque[int] = deque()
-        self._positions: dict[int, dict[Where, int]] = {}
+        self._positions: dict[int, dict[PartitionKey, int]] = {}
         self._finished: set[int] = set()
         self._next = 0
 
-    def add(self, positions: Mapping[Where, int]) -> int:
+    def add(self, positions: Mapping[PartitionKey, int]) -> int:
         """Register a batch's next offsets per partition; returns its number."""
         number = self._next
         self._next += 1
@@ -103,9 +102,9 @@ class CommitFrontier:
             raise KeyError(f"unknown or already released batch {number}")
         self._finished.add(number)
 
-    def release(self) -> dict[Where, int]:
+    def release(self) -> dict[PartitionKey, int]:
         """Next offsets to commit now (merged over the released prefix), {} when none."""
-        merged: dict[Where, int] = {}
+        merged: dict[PartitionKey, int] = {}
         while self._order and self._order[0] in self._finished:
             number = self._order.popleft()
             self._finished.discard(number)
@@ -181,7 +180,7 @@ class SendPipeline(Generic[Item]):
         self._flying: dict[LedgerKey, int] = {}  # recipient -> copies in claimed chunks
         self._unclaimed_items = 0
 
-    def add(self, items: Sequence[Item], positions: Mapping[Where, int], records: int,
+    def add(self, items: Sequence[Item], positions: Mapping[PartitionKey, int], records: int,
             started: float | None = None) -> None:
         """Queue a batch: `items` in the order they should be mailed (one per recipient is
         kept), `positions` the next offsets to commit once all of it is published."""

@@ -119,7 +119,7 @@ from services.sender.ledger import Claim, ClaimState, LedgerEntry, LedgerKey, Se
 from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mail_lanes import MailLanes
 from services.sender.mime import build_mail
-from services.sender.pipeline import BatchReport, SendPipeline, Where
+from services.sender.pipeline import BatchReport, PartitionKey, SendPipeline
 from services.sender.publisher import FLUSH_TIMEOUT_SECONDS, STOP_FLUSH_SECONDS, DeliveryPublisher
 from services.sender.render import render
 from services.sender.retries import RetryPolicy
@@ -231,7 +231,7 @@ class SenderWorker:
             lambda size: SmtpPool(settings.smtp_host, settings.smtp_port, size))
         # Partitions of the subscribed topics this instance owns, of how many: its share of
         # the group's rate limits.
-        self._assigned: set[Where] = set()
+        self._assigned: set[PartitionKey] = set()
         self._group_member = register(settings.group("sender"))  # for /readyz
         self._partitions_total = 0
         self.stats = SenderStats()
@@ -242,12 +242,12 @@ class SenderWorker:
         self._held_topic = topic_name(HELD, settings)
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not security
         # Delay partitions paused until their head record is due.
-        self._due_at: dict[Where, datetime] = {}
+        self._due_at: dict[PartitionKey, datetime] = {}
         # Held partitions paused until a campaign is released (resumed or cancelled); sweeps:
         # held partition -> end offset up to which records of still-paused campaigns are
         # parked again instead of blocking (once per release, so a long pause costs nothing).
-        self._held_blocked: set[Where] = set()
-        self._sweep_until: dict[Where, int] = {}
+        self._held_blocked: set[PartitionKey] = set()
+        self._sweep_until: dict[PartitionKey, int] = {}
         self._sweeps = Sweeps(seen=0)
         # The pipeline of the running loop: a rebalance drains it before partitions move.
         self._pipeline: SendPipeline[Work] | None = None
@@ -415,7 +415,7 @@ class SenderWorker:
         excluded, parked); pauses partitions whose head must wait."""
         work: list[Work] = []
         done: list[Message] = []
-        waiting: set[Where] = set()
+        waiting: set[PartitionKey] = set()
         now = datetime.now(UTC)
         for record in records:
             error = record.error()
@@ -539,7 +539,7 @@ class SenderWorker:
 
     # --- 6. commit -------------------------------------------------------------------------
 
-    def _commit(self, consumer: Consumer, positions: Mapping[Where, int]) -> None:
+    def _commit(self, consumer: Consumer, positions: Mapping[PartitionKey, int]) -> None:
         offsets = [TopicPartition(t, p, offset) for (t, p), offset in positions.items()]
         try:
             consumer.commit(offsets=offsets, asynchronous=False)
@@ -622,7 +622,7 @@ class _SenderSteps:
         if outcome is not None:
             self._publisher.publish(item, outcome, fresh=fresh is not None)
 
-    def commit(self, positions: Mapping[Where, int]) -> None:
+    def commit(self, positions: Mapping[PartitionKey, int]) -> None:
         self._publisher.flush()
         self._worker._commit(self._consumer, positions)
 
@@ -634,9 +634,9 @@ class _SenderSteps:
                  mailed=report.mailed, seconds=round(report.seconds, 3))
 
 
-def _positions(records: list[Message]) -> dict[Where, int]:
+def _positions(records: list[Message]) -> dict[PartitionKey, int]:
     """The next offset to commit per partition once `records` are dealt with."""
-    positions: dict[Where, int] = {}
+    positions: dict[PartitionKey, int] = {}
     for record in records:
         where = (record.topic() or "", record.partition() or 0)
         positions[where] = max(positions.get(where, 0), (record.offset() or 0) + 1)
@@ -652,7 +652,7 @@ def _count_consumed(records: list[Message]) -> None:
         metrics.RECORDS_CONSUMED.labels(topic=topic).inc(count)
 
 
-def _pause_at(consumer: Consumer, held: HeldGauge, where: Where, offset: int) -> None:
+def _pause_at(consumer: Consumer, held: HeldGauge, where: PartitionKey, offset: int) -> None:
     """Pause a partition at the record that waits: it is fetched again after the resume."""
     consumer.pause([TopicPartition(*where)])
     consumer.seek(TopicPartition(*where, offset))

@@ -14,9 +14,9 @@ import pytest
 from services.sender.delivery import Outcome, Status
 from services.sender.ledger import Claim, ClaimState, LedgerKey
 from services.sender.mail_lanes import MailLanes
-from services.sender.pipeline import BatchReport, SendPipeline, Where
+from services.sender.pipeline import BatchReport, PartitionKey, SendPipeline
 
-P0: Where = ("campaign.recipients", 0)
+P0: PartitionKey = ("campaign.recipients", 0)
 
 
 def test_jobs_start_in_order_on_one_thread() -> None:
@@ -105,7 +105,7 @@ class Steps:
         self.broken = broken
         self.settled: list[list[LedgerKey]] = []
         self.published: list[LedgerKey] = []
-        self.committed: list[dict[Where, int]] = []
+        self.committed: list[dict[PartitionKey, int]] = []
 
     def claim(self, items: Sequence[Item]) -> Mapping[LedgerKey, Claim]:
         return {i.key: Claim(ClaimState.FRESH) for i in items}
@@ -123,7 +123,7 @@ class Steps:
         assert fresh is not None and fresh.status is Status.SENT
         self.published.append(item.key)
 
-    def commit(self, positions: Mapping[Where, int]) -> None:
+    def commit(self, positions: Mapping[PartitionKey, int]) -> None:
         self.committed.append(dict(positions))
 
     def batch_done(self, report: BatchReport) -> None:

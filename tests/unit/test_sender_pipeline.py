@@ -16,13 +16,13 @@ from services.sender.ledger import Claim, ClaimState, LedgerKey
 from services.sender.pipeline import (
     BatchReport,
     CommitFrontier,
+    PartitionKey,
     SendPipeline,
-    Where,
     latest_attempts,
 )
 
-P0: Where = ("campaign.recipients", 0)
-P1: Where = ("campaign.recipients", 1)
+P0: PartitionKey = ("campaign.recipients", 0)
+P1: PartitionKey = ("campaign.recipients", 1)
 
 
 # --- commit frontier ---------------------------------------------------------------------
@@ -94,7 +94,7 @@ class FakeSteps:
         self.unsettled: set[LedgerKey] = set()
         self.max_unsettled = 0
         self.settled: dict[LedgerKey, Outcome] = {}
-        self.committed: list[Mapping[Where, int]] = []
+        self.committed: list[Mapping[PartitionKey, int]] = []
         self.published: list[LedgerKey] = []
         self.reports: list[BatchReport] = []
         self.in_flight_twice = False
@@ -137,7 +137,7 @@ class FakeSteps:
         self.published.append(item.key)
         self._note("publish", item.key)
 
-    def commit(self, positions: Mapping[Where, int]) -> None:
+    def commit(self, positions: Mapping[PartitionKey, int]) -> None:
         self.committed.append(dict(positions))
         self._note("commit", dict(positions))
 
@@ -149,7 +149,7 @@ def items(start: int, count: int) -> list[Item]:
     return [Item(f"c{i}") for i in range(start, start + count)]
 
 
-def run(steps: FakeSteps, batches: list[tuple[list[Item], dict[Where, int]]], *,
+def run(steps: FakeSteps, batches: list[tuple[list[Item], dict[PartitionKey, int]]], *,
         chunk: int = 3, lookahead: int = 2) -> None:
     with ThreadPoolExecutor(4) as executor:
         pipeline = SendPipeline(steps, executor, chunk_size=chunk, lookahead=lookahead)
