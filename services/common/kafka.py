@@ -109,33 +109,25 @@ def serve_logs(admin: AdminClient) -> None:
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "logger": CLIENT_LOG,
-        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
+    return client_config(settings.kafka_bootstrap_servers, **{
         "partitioner": "murmur2_random",
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
-    }
-    config.update(overrides)
-    return config
+        **overrides,
+    })
 
 
 def consumer_config(settings: Settings, group: str, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
-        "logger": CLIENT_LOG,
+    return client_config(settings.kafka_bootstrap_servers, **{
         "group.id": settings.group(group),
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         # Never read records of aborted or still-open transactions.
         "isolation.level": "read_committed",
-    }
-    config.update(overrides)
-    return config
+        **overrides,
+    })
 
 
 def make_producer(settings: Settings, **overrides: Any) -> Producer:
