@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = Settings()
     # A prefix of our own: the run never touches another run's or a test's topics.
-    settings = replace(base, topic_prefix=f"{base.topic_prefix}cib{uuid.uuid4().hex[:8]}.")
+    settings = base.replace(topic_prefix=f"{base.topic_prefix}cib{uuid.uuid4().hex[:8]}.")
     ensure_topics(settings, specs=(CONTACTS,))
     try:
         figures = measure_csv_import(settings, args.rows, stages=not args.no_stages)

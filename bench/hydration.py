@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contacts", type=int, default=DEFAULT_CONTACTS)
     args = parser.parse_args(argv)
     base = Settings()
-    settings = replace(base, topic_prefix=f"{base.topic_prefix}hyb{uuid.uuid4().hex[:8]}.")
+    settings = base.replace(topic_prefix=f"{base.topic_prefix}hyb{uuid.uuid4().hex[:8]}.")
     figures = measure_hydration(settings, args.contacts)
     print(json.dumps(figures, indent=2))
     return 0 if figures.get("hydration_ok") else 1

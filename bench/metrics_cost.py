@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from bench.scaleout import free_port, sender_run
-from services.common.metrics import METRICS_SWITCH
 from services.common.settings import Settings
 
 ROUNDS = 3
@@ -39,7 +38,7 @@ def measure_metrics_cost(settings: Settings, *, recipients: int = RECIPIENTS,
     runs: dict[str, list[float]] = {"on": [], "off": []}
     for _ in range(rounds):
         runs["off"].append(sender_run(settings, 1, recipients, 0.0, SENDER_CONCURRENCY,
-                                      sender_env={METRICS_SWITCH: "off"}))
+                                      sender_env={"CAMPAIGN_METRICS": "off"}))
         port, scrapes = free_port(), list[int]()
         runs["on"].append(sender_run(settings, 1, recipients, 0.0, SENDER_CONCURRENCY,
                                      sender_env={"METRICS_PORT": str(port)},

@@ -45,7 +45,6 @@ tables and the bench topics are deleted.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -410,7 +409,7 @@ def measure(base: Settings, count: int, *, say: Any = print) -> ProjectionRun:
     that does not show exactly `count` sent is reported in `failures`.
     """
     tag = uuid.uuid4().hex[:8]
-    settings = dataclasses.replace(base, topic_prefix=f"bench{tag}.")
+    settings = base.replace(topic_prefix=f"bench{tag}.")
     backlog = make_backlog(tag, count)
     tables = [f"bench_copy_{tag}", f"bench_copy_unlogged_{tag}"]
     try:

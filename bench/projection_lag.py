@@ -24,7 +24,6 @@ afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -89,7 +88,7 @@ def measure(base: Settings, recipients: int, rate: float, mode: str = "lanes") -
     """Run one campaign start through a live projector (`mode`: lanes or single); the lag
     figures in ms."""
     tag = uuid.uuid4().hex[:8]
-    settings = dataclasses.replace(base, topic_prefix=f"lag{tag}.")
+    settings = base.replace(topic_prefix=f"lag{tag}.")
     tenant, campaign = f"lag-{tag}", f"cmp-lag-{tag}"
     events, queued_topic, deliveries = (
         topic_name(spec, settings) for spec in (EVENTS, RECIPIENTS, DELIVERIES))

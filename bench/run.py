@@ -81,7 +81,6 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -307,8 +306,8 @@ def main() -> int:
     audience_failures: list[str] = []
     try:
         if "audience" not in skip:
-            audience_settings = replace(
-                settings, topic_prefix=f"{settings.topic_prefix}aud{ids.tenant_id[-8:]}.")
+            audience_settings = settings.replace(
+                topic_prefix=f"{settings.topic_prefix}aud{ids.tenant_id[-8:]}.")
             audience_figures = hydration.measure_hydration(audience_settings, audience_count,
                                                            say=console.print)
             audience_failures = hydration.failures(audience_figures)

@@ -38,7 +38,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def sender_run(base: Settings, processes: int, count: int, latency_ms: float,
 
 def fresh_settings(base: Settings, label: str) -> Settings:
     """`base` with a fresh topic prefix and a free loopback port for a sink of its own."""
-    return replace(base, topic_prefix=f"{label}{uuid.uuid4().hex[:8]}.", smtp_host="127.0.0.1",
+    return base.replace(topic_prefix=f"{label}{uuid.uuid4().hex[:8]}.", smtp_host="127.0.0.1",
                    smtp_port=free_port())
 
 

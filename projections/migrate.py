@@ -42,6 +42,6 @@ def apply_migrations(database_url: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    import os
+    from services.common.settings import Settings, load
 
-    print(apply_migrations(os.environ["DATABASE_URL"]))
+    print(apply_migrations(load(Settings).database_url))

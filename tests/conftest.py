@@ -15,7 +15,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +116,7 @@ def platform_settings() -> Iterator[Settings]:
 def settings(platform_settings: Settings) -> Iterator[Settings]:
     """Settings with a fresh topic prefix: every test gets its own topics and groups, deleted
     afterwards (a broker holding every test's partitions runs out of file descriptors)."""
-    isolated = replace(platform_settings, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    isolated = platform_settings.replace(topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
     ensure_topics(isolated)
     yield isolated
     admin = AdminClient({"bootstrap.servers": isolated.kafka_bootstrap_servers})

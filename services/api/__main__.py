@@ -8,36 +8,35 @@ never end by themselves, and a browser reconnects to wherever the API comes back
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
 import uvicorn
 
 from services.api.app import create_app
-from services.api.auth import load_api_keys
+from services.api.auth import ApiKeyError, load_api_keys
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
-from services.common.settings import Settings
+from services.common.settings import ApiSettings, load_or_exit
 
-DEFAULT_API_PORT = 28080
 # SSE streams are endless: without a bound, a SIGTERM would wait for every browser to leave.
 GRACEFUL_SHUTDOWN_S = 3
 
 
 def main() -> int:
     log = configure_logging("api")
-    api_keys = load_api_keys()
+    settings = load_or_exit(ApiSettings, log)
+    try:
+        api_keys = load_api_keys(settings)
+    except ApiKeyError as error:
+        log.error("invalid settings", error=str(error))
+        return 2
     if not api_keys:
         log.warning("no API keys configured: every request will be refused (set API_KEYS)")
-    port = int(os.environ.get("API_PORT", str(DEFAULT_API_PORT)))
-    # 127.0.0.1 on a workstation; 0.0.0.0 in a container, behind its Service.
-    host = os.environ.get("API_HOST", "127.0.0.1")
     # Signs and checks one-click unsubscribe links; the sender must use the same secret.
-    secret = os.environ.get("UNSUBSCRIBE_SECRET", "").encode() or None
+    secret = settings.unsubscribe_secret.get_secret_value().encode() or None
     if secret is None:
         log.warning("UNSUBSCRIBE_SECRET not set: /unsubscribe answers 503")
-    settings = Settings()
     start_observability(settings, "api", standard_checks(settings, consumer=False))
     app = create_app(settings, api_keys, unsubscribe_secret=secret)
     # uvicorn re-raises the stop signal once it has shut down; with this handler in place
@@ -47,7 +46,8 @@ def main() -> int:
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, drains, runs the lifespan's
     # shutdown (closing the pool) and returns.
     uvicorn.run(
-        app, host=host, port=port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info",
+        app, host=settings.api_host, port=settings.api_port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info",
         log_config=None,  # uvicorn's records go to the root logger's JSON handler
     )
     log.info("stopped")

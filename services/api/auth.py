@@ -9,9 +9,9 @@ about how much of a guessed key was right.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+
+from services.common.settings import ApiSettings
 
 
 class ApiKeyError(ValueError):
@@ -62,11 +62,13 @@ def parse_api_keys(spec: str, separator: str = ",") -> list[tuple[str, str]]:
     return pairs
 
 
-def load_api_keys(environ: Mapping[str, str] | None = None) -> ApiKeys:
+def load_api_keys(settings: ApiSettings) -> ApiKeys:
     """Keys from API_KEYS and API_KEYS_FILE (both may be given; neither means no key works)."""
-    env = os.environ if environ is None else environ
-    pairs = parse_api_keys(env.get("API_KEYS", ""))
-    path = env.get("API_KEYS_FILE")
-    if path:
-        pairs += parse_api_keys(Path(path).read_text(encoding="utf-8"), separator="\n")
+    pairs = parse_api_keys(settings.api_keys.get_secret_value())
+    if settings.api_keys_file:
+        try:
+            text = settings.api_keys_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ApiKeyError(f"API_KEYS_FILE {settings.api_keys_file}: {exc.strerror}") from None
+        pairs += parse_api_keys(text, separator="\n")
     return ApiKeys(pairs)

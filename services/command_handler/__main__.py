@@ -11,18 +11,18 @@ import signal
 import threading
 
 from services.command_handler.handler import CommandHandler
-from services.common.kafka import instance_id
+from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
-from services.common.settings import Settings
+from services.common.settings import CommandHandlerSettings, load_or_exit
 
 
 def main() -> None:
+    settings = load_or_exit(CommandHandlerSettings, configure_logging("command-handler"))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    settings = Settings()
     start_observability(settings, "command_handler", standard_checks(settings, database=False))
-    CommandHandler(settings, instance=instance_id("COMMAND_HANDLER_INSTANCE")).run(stop)
+    CommandHandler(settings, instance=settings.command_handler_instance).run(stop)
 
 
 if __name__ == "__main__":

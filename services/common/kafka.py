@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import os
 import queue
 import sys
 import threading
@@ -252,15 +251,6 @@ def _named(partitions: Iterable[PartitionKey]) -> str:
 
 
 # --- single-instance services ----------------------------------------------------------------
-
-
-def instance_id(variable: str, env: Mapping[str, str] | None = None) -> str:
-    """The stable name of this instance of a single-instance service: `variable` from the
-    environment, default "0". A restarted instance with the same name takes over its
-    predecessor's group membership and transactional id at once; two instances running at once
-    need two names (else they fence each other)."""
-    value = (os.environ if env is None else env).get(variable, "").strip()
-    return value or "0"
 
 
 def static_member_config(settings: Settings, group: str, instance: str) -> dict[str, Any]:

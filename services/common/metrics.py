@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from prometheus_client import Counter, Gauge, Histogram
 
-METRICS_SWITCH = "CAMPAIGN_METRICS"
+from services.common.settings import Settings, load
+
 M = TypeVar("M")
-
-
-def metrics_enabled(env: Mapping[str, str] = os.environ) -> bool:
-    value = env.get(METRICS_SWITCH, "on").strip().lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"{METRICS_SWITCH} must be 'on' or 'off', not {value!r}")
-    return value == "on"
 
 
 class _Off:
@@ -47,7 +40,7 @@ class _Off:
         return contextlib.nullcontext()
 
 
-ENABLED = metrics_enabled()
+ENABLED = load(Settings).campaign_metrics == "on"
 
 
 def _metric(kind: Callable[..., M], *args: Any, **kwargs: Any) -> M:

@@ -199,7 +199,8 @@ def start_observability(
     (services/common/membership.py)."""
     if not settings.metrics_port:
         return None
-    SERVICE_RESTARTS.set_function(my_restarts)  # read at each scrape: always current
+    SERVICE_RESTARTS.set_function(  # read at each scrape: always current
+        lambda: my_restarts(settings.restart_counts_file, settings.supervisor_process_name))
     SERVICE_INFO.labels(service=service, version=version()).set(1)
     server = ObservabilityServer(
         settings.metrics_port, settings.heartbeat(), checks, host=settings.metrics_host,

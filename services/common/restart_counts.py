@@ -8,7 +8,6 @@ Format: `{"<program>": {"starts": n, "crashes": n, "watchdog": n}}`, written ato
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,9 +35,9 @@ def read_counts(folder: Path) -> dict[str, dict[str, int]]:
     return read_file(folder / RESTARTS_FILE)
 
 
-def my_restarts() -> int:
-    """This process's program's restarts, when supervised (else 0); read on every call."""
-    path, name = os.environ.get(RESTARTS_FILE_ENV), os.environ.get("SUPERVISOR_PROCESS_NAME")
-    if not path or not name:
+def my_restarts(path: Path | None, name: str) -> int:
+    """The restarts of program `name` in the counts file at `path` (0 when not supervised);
+    the file is read on every call."""
+    if path is None or not name:
         return 0
-    return restarts(read_file(Path(path)).get(name, {}))
+    return restarts(read_file(path).get(name, {}))

@@ -10,34 +10,30 @@ AUTOPAUSE_FAILURE_RATE (default 0.5; "off" disables) and AUTOPAUSE_MIN_DELIVERIE
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
-from services.common.kafka import instance_id
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
-from services.common.settings import Settings
+from services.common.settings import CompletionSettings, load_or_exit
 from services.completion.service import SERVICE, CompletionService
 from services.completion.tracker import FailureGuard
 
 
 def main() -> None:
     log = configure_logging(SERVICE)
+    settings = load_or_exit(CompletionSettings, log)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    rate = os.environ.get("AUTOPAUSE_FAILURE_RATE", "0.5").strip()
-    guard = FailureGuard(
-        min_deliveries=int(os.environ.get("AUTOPAUSE_MIN_DELIVERIES", "100")),
-        failure_rate=None if rate in ("", "off") else float(rate),
-    )
-    settings = Settings()
+    rate = settings.autopause_failure_rate
+    guard = FailureGuard(min_deliveries=settings.autopause_min_deliveries,
+                         failure_rate=None if rate == "off" else rate)
     start_observability(settings, SERVICE, standard_checks(settings, database=False))
     service = CompletionService(
         settings,
-        transactional_id=os.environ.get("COMPLETION_TRACKER_TRANSACTIONAL_ID") or None,
-        instance=instance_id("COMPLETION_TRACKER_INSTANCE"),
+        transactional_id=settings.completion_tracker_transactional_id or None,
+        instance=settings.completion_tracker_instance,
         logger=log.bind(component=SERVICE),
         guard=guard,
     )

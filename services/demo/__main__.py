@@ -8,7 +8,6 @@ and the number of distinct contacts are the same number, and nobody was mailed t
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 import uuid
@@ -23,23 +22,25 @@ from schemas.commands import CreateCampaign, SendCampaign
 from services.cli.contacts_import import import_contacts
 from services.cli.progress import watch_campaign
 from services.cli.publishing import publish_command
-from services.common.settings import Settings
-from services.platform.stack import Stack
+from services.common.settings import PlatformSettings, Settings, SettingsError, load
+from services.platform.stack import Stack, StackPorts
 from services.smtp_sink import header, read_records
 
 TENANT = "demo"
-CONTACTS = int(os.environ.get("DEMO_CONTACTS", "10000"))
-# Two overlapping lists: the first 70% are customers, the last 70% read the newsletter.
-LISTS = {"customers": (0, int(CONTACTS * 0.7)), "newsletter": (int(CONTACTS * 0.3), CONTACTS)}
 # Bounds the wait for the campaign; far above the expected time, guards against a stuck stage.
 WATCH_TIMEOUT_SECONDS = 600.0
 
 
-def write_lists(folder: Path) -> dict[str, Path]:
+def lists(contacts: int) -> dict[str, tuple[int, int]]:
+    """Two overlapping lists: the first 70% are customers, the last 70% read the newsletter."""
+    return {"customers": (0, int(contacts * 0.7)), "newsletter": (int(contacts * 0.3), contacts)}
+
+
+def write_lists(folder: Path, contacts: int) -> dict[str, Path]:
     """One CSV per list; people in both lists appear in both files (upserts merge them)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    for list_id, (start, end) in LISTS.items():
+    for list_id, (start, end) in lists(contacts).items():
         path = folder / f"{list_id}.csv"
         with path.open("w", newline="") as fh:
             out = csv.writer(fh)
@@ -71,13 +72,19 @@ def import_lists(files: dict[str, Path], settings: Settings, console: Console) -
 
 def main() -> int:
     console = Console()
-    stack = Stack(Settings().state_dir)
+    try:
+        platform = load(PlatformSettings)
+    except SettingsError as error:
+        console.print(f"[bold red]invalid settings[/]: {error}")
+        return 2
+    contacts = platform.demo_contacts
+    stack = Stack(platform.state_dir, StackPorts.from_settings(platform))
     console.rule("[bold]campaign engine demo")
     console.print("Starting the local platform (Kafka, PostgreSQL, SMTP sink, four services)…")
     stack.up()
     settings = stack.settings()
 
-    files = write_lists(stack.state_dir / "demo")
+    files = write_lists(stack.state_dir / "demo", contacts)
     import_lists(files, settings, console)
 
     campaign = f"cmp-{uuid.uuid4().hex[:12]}"
@@ -89,14 +96,14 @@ def main() -> int:
     )
     publish_command(settings, create, tenant_id=TENANT, campaign_id=campaign)
     started = time.monotonic()
-    publish_command(settings, SendCampaign(list_ids=list(LISTS)), tenant_id=TENANT, campaign_id=campaign)
-    console.print(f"Campaign [bold]{campaign}[/] sent to lists {', '.join(LISTS)}")
+    publish_command(settings, SendCampaign(list_ids=list(files)), tenant_id=TENANT, campaign_id=campaign)
+    console.print(f"Campaign [bold]{campaign}[/] sent to lists {', '.join(files)}")
     final = watch_campaign(settings, campaign, TENANT, timeout=WATCH_TIMEOUT_SECONDS, console=console)
     elapsed = time.monotonic() - started
 
     mails = [r for r in read_records(stack.sink_records) if header(r, "X-Campaign-ID") == campaign]
     per_recipient = Counter(r["rcpt_tos"][0] for r in mails)
-    distinct = CONTACTS
+    distinct = contacts
     table = Table(title=f"Campaign {campaign}")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -112,8 +119,7 @@ def main() -> int:
     ok = final.status == "completed" and final.sent == len(mails) == len(per_recipient) == distinct
     console.print("[bold green]OK[/]: every contact mailed exactly once." if ok else
                   "[bold red]MISMATCH[/]: the counts above disagree.")
-    api_port = os.environ.get("API_PORT", "28080")
-    console.print(f"Live dashboard: http://127.0.0.1:{api_port}/dashboard#key={stack.api_key(TENANT)}")
+    console.print(f"Live dashboard: http://127.0.0.1:{stack.ports.api}/dashboard#key={stack.api_key(TENANT)}")
     console.print("The platform keeps running: `make status`, `make down`.")
     return 0 if ok else 1
 

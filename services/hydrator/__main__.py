@@ -4,15 +4,14 @@ until SIGTERM (faust stops cleanly)."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import faust
 
-from services.common.logs import json_log_handler
+from services.common.logs import configure_logging, json_log_handler
 from services.common.observability import standard_checks, start_observability
-from services.common.settings import Settings
-from services.hydrator.app import APP_NAME, create_app, instance_name
+from services.common.settings import HydratorSettings, load_or_exit
+from services.hydrator.app import APP_NAME, create_app
 from services.hydrator.gather import start_gather
 
 
@@ -33,7 +32,7 @@ class HydratorWorker(faust.Worker):
 
 
 def main() -> None:
-    settings = Settings()
+    settings = load_or_exit(HydratorSettings, configure_logging("hydrator"))
     app = create_app(settings)
     heartbeat = settings.heartbeat()
 
@@ -43,8 +42,8 @@ def main() -> None:
         heartbeat.beat()
 
     start_observability(settings, "hydrator", standard_checks(settings, database=False))
-    gather, _ = start_gather(settings, settings.group(APP_NAME), instance_name())
-    worker = HydratorWorker(app, loglevel=os.environ.get("HYDRATOR_LOGLEVEL", "WARNING"), quiet=True)
+    gather, _ = start_gather(settings, settings.group(APP_NAME), settings.hydrator_instance)
+    worker = HydratorWorker(app, loglevel=settings.hydrator_loglevel, quiet=True)
     try:
         worker.execute_from_commandline()
     finally:

@@ -31,7 +31,6 @@ Flow:
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any, cast
 
 import faust
@@ -41,7 +40,7 @@ from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap_cau
 from schemas.events import CampaignSendRequested, HydrationRequested
 from services.common.logs import configure_logging
 from services.common.membership import register
-from services.common.settings import Settings
+from services.common.settings import HydratorSettings
 from services.common.topics import CONTACTS, EVENTS, HYDRATION_REQUESTS, topic_name
 from services.hydrator.audience import resolve_audience, unknown_picks
 from services.hydrator.fanout import FanoutAborted, PartitionFanout
@@ -60,20 +59,17 @@ FANOUT_CONCURRENCY = 2
 FANOUT_RETRY_SECONDS = 1.0
 
 
-def instance_name() -> str:
-    """Names this hydrator among those of its group: its replicas' folder and its gather
-    producer's transactional id. Each instance on one machine needs its own."""
-    return os.environ.get("HYDRATOR_INSTANCE", "0")
-
-
-def create_app(settings: Settings) -> faust.App:
-    datadir = settings.state_dir / "hydrator" / (settings.topic_prefix or "default") / instance_name()
+def create_app(settings: HydratorSettings) -> faust.App:
+    """The faust app; settings.hydrator_instance names this hydrator among those of its group
+    (its replicas' folder and its gather producer's transactional id)."""
+    datadir = (settings.state_dir / "hydrator" / (settings.topic_prefix or "default")
+               / settings.hydrator_instance)
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.group(APP_NAME),
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         store="memory://",  # no faust tables: see the module docstring
-        processing_guarantee=os.environ.get("HYDRATOR_PROCESSING_GUARANTEE", "at_least_once"),
+        processing_guarantee=settings.hydrator_processing_guarantee,
         web_enabled=False,
         datadir=str(datadir),
         topic_disable_leader=True,

@@ -11,7 +11,6 @@ KAFKA_VERSION overrides it.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from services.common.settings import PlatformSettings, load
 from services.platform.processes import ManagedProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ DEFAULT_JVM_OPTIONS = ("-Xms256m", "-Xmx1g")
 
 def jvm_options() -> list[str]:
     """JVM options for the broker: KAFKA_JVM_OPTS if set, else DEFAULT_JVM_OPTIONS."""
-    override = os.environ.get("KAFKA_JVM_OPTS", "").split()
+    override = load(PlatformSettings).kafka_jvm_opts.split()
     return override or list(DEFAULT_JVM_OPTIONS)
 
 
@@ -53,7 +53,7 @@ def new_cluster_id() -> str:
 
 def kafka_version() -> str:
     """The broker version: KAFKA_VERSION, else the pom's kafka.version property."""
-    override = os.environ.get("KAFKA_VERSION")
+    override = load(PlatformSettings).kafka_version
     if override:
         return override
     match = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())

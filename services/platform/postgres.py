@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psycopg
 
+from services.common.settings import child_environment
+
 # initdb + first start on a cold disk; longer means the server is not coming up.
 STARTUP_TIMEOUT_SECONDS = 60.0
 SUPERUSER = "campaigns"
@@ -29,7 +31,7 @@ def postgres_bin() -> Path:
         subprocess.run(
             ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"],
             check=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            env=child_environment({"DEBIAN_FRONTEND": "noninteractive"}),
         )
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     return Path(found[-1]).parent

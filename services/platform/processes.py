@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.settings import child_environment
+
 # A process that ignores SIGTERM this long is killed: a stuck shutdown must not hang `down`.
 STOP_GRACE_SECONDS = 20.0
 
@@ -66,7 +68,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
+                env=child_environment(self.env),
                 cwd=self.cwd,
                 start_new_session=True,  # survives the shell that ran `make up`
             )

@@ -9,7 +9,6 @@ state, uptime and restart count.
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 from dataclasses import dataclass
@@ -18,10 +17,13 @@ from pathlib import Path
 from projections.migrate import apply_migrations
 from services.common.observability import ask_readiness
 from services.common.settings import (
+    DEFAULT_API_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
     DEFAULT_SMTP_PORT,
+    PlatformSettings,
     Settings,
+    load,
 )
 from services.common.topics import ensure_topics
 from services.platform.kafka import KafkaCluster
@@ -36,20 +38,27 @@ READINESS_TIMEOUT_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class StackPorts:
-    kafka: int = int(os.environ.get("KAFKA_PORT", DEFAULT_KAFKA_PORT))
-    kafka_controller: int = int(os.environ.get("KAFKA_CONTROLLER_PORT", DEFAULT_KAFKA_PORT + 1))
-    postgres: int = int(os.environ.get("POSTGRES_PORT", DEFAULT_POSTGRES_PORT))
-    smtp: int = int(os.environ.get("SMTP_PORT", DEFAULT_SMTP_PORT))
-    # Each service's /metrics, /healthz, /readyz: METRICS_BASE_PORT + its index in SERVICES.
-    metrics: int = int(os.environ.get("METRICS_BASE_PORT", "29400"))
-    # KAFKA_BROKERS=3: a 3-node KRaft cluster on KAFKA_PORT, +2, +4 (controllers on +1, +3, +5).
-    kafka_brokers: int = int(os.environ.get("KAFKA_BROKERS", "1"))
+    kafka: int = DEFAULT_KAFKA_PORT
+    kafka_controller: int = DEFAULT_KAFKA_PORT + 1
+    postgres: int = DEFAULT_POSTGRES_PORT
+    smtp: int = DEFAULT_SMTP_PORT
+    # Each service's /metrics, /healthz, /readyz: metrics + its index in SERVICES.
+    metrics: int = 29400
+    # 3: a 3-node KRaft cluster on kafka, +2, +4 (controllers on +1, +3, +5).
+    kafka_brokers: int = 1
+    api: int = DEFAULT_API_PORT
+
+    @classmethod
+    def from_settings(cls, settings: PlatformSettings) -> StackPorts:
+        return cls(settings.kafka_port, settings.kafka_controller_port, settings.postgres_port,
+                   settings.smtp_port, settings.metrics_base_port, settings.kafka_brokers,
+                   settings.api_port)
 
 
 class Stack:
     def __init__(self, state_dir: Path, ports: StackPorts | None = None) -> None:
         self.state_dir = state_dir.resolve()
-        self.ports = ports or StackPorts()
+        self.ports = ports or StackPorts.from_settings(load(PlatformSettings))
         kafka_ports = [(self.ports.kafka, self.ports.kafka_controller)]
         if self.ports.kafka_brokers > 1:
             kafka_ports = [(self.ports.kafka + 2 * i, self.ports.kafka + 2 * i + 1)
@@ -110,7 +119,8 @@ class Stack:
             "SINK_RECORD_PATH": str(self.sink_records),
             "API_KEYS_FILE": str(self.api_keys_file),
             "UNSUBSCRIBE_SECRET": self.unsubscribe_secret,
-            "PUBLIC_API_URL": f"http://127.0.0.1:{os.environ.get('API_PORT', '28080')}",
+            "API_PORT": str(self.ports.api),
+            "PUBLIC_API_URL": f"http://127.0.0.1:{self.ports.api}",
             "PYTHONUNBUFFERED": "1",
         }
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.restart_counts import RESTARTS_FILE, RESTARTS_FILE_ENV, read_counts, restarts
+from services.common.settings import child_environment
 from services.platform.processes import pid_alive
 
 # A service that ignores SIGTERM this long is killed: a stuck shutdown must not hang `down`.
@@ -154,7 +155,7 @@ class Supervision:
         self.config_file.write_text(self.config())
         subprocess.run(
             [sys.executable, "-m", "supervisor.supervisord", "-c", str(self.config_file)],
-            env={**os.environ, **self.env}, cwd=self.cwd, check=True, timeout=READY_TIMEOUT_SECONDS,
+            env=child_environment(self.env), cwd=self.cwd, check=True, timeout=READY_TIMEOUT_SECONDS,
             stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS

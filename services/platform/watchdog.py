@@ -17,7 +17,6 @@ a heartbeat file configured are never touched.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import xmlrpc.client
@@ -30,11 +29,8 @@ import structlog
 
 from services.common.logs import configure_logging
 from services.common.restart_counts import RESTARTS_FILE
+from services.common.settings import WatchdogSettings, load_or_exit
 
-# A loop whose every blocking call is bounded beats within seconds; a minute of silence is a hang.
-DEFAULT_STALE_SECONDS = 60.0
-# Start-up (migrations, topic checks, group joins, replica catch-up) may take a while first.
-DEFAULT_START_GRACE_SECONDS = 120.0
 # supervisord's fault code while it stops every program (supervisor.xmlrpc.Faults).
 SHUTDOWN_STATE = 6
 
@@ -149,13 +145,15 @@ class Watchdog:
 def main(argv: list[str]) -> int:
     from supervisor import childutils
 
-    configure_logging("watchdog")
+    settings = load_or_exit(WatchdogSettings, configure_logging("watchdog"))
     state_dir = Path(argv[0]) if argv else Path(".state")
     watchdog = Watchdog(
-        state_dir / "supervisor", state_dir / "heartbeats", childutils.getRPCInterface(os.environ),
+        state_dir / "supervisor", state_dir / "heartbeats", childutils.getRPCInterface({
+            "SUPERVISOR_SERVER_URL": settings.supervisor_server_url,
+            "SUPERVISOR_USERNAME": settings.supervisor_username,
+            "SUPERVISOR_PASSWORD": settings.supervisor_password.get_secret_value()}),
         argv[1:],
-        stale_after=float(os.environ.get("WATCHDOG_STALE_SECONDS", DEFAULT_STALE_SECONDS)),
-        start_grace=float(os.environ.get("WATCHDOG_START_GRACE_SECONDS", DEFAULT_START_GRACE_SECONDS)),
+        stale_after=settings.watchdog_stale_seconds, start_grace=settings.watchdog_start_grace_seconds,
     )
     while True:
         headers, payload = childutils.listener.wait(sys.stdin, sys.stdout)

@@ -15,7 +15,6 @@ other across a restart.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -25,19 +24,13 @@ from projections.migrate import apply_migrations
 from projections.projector import Projector, lane_projectors, run_lanes
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
-from services.common.settings import Settings
+from services.common.settings import ProjectorSettings, load_or_exit
 from services.common.topics import ensure_topics
-
-LANE_MODES = ("split", "single")
 
 
 def main() -> int:
     log = configure_logging("projector")
-    settings = Settings()
-    mode = os.environ.get("PROJECTOR_LANES", "split")
-    if mode not in LANE_MODES:
-        log.error("bad PROJECTOR_LANES", value=mode, expected=list(LANE_MODES))
-        return 2
+    settings = load_or_exit(ProjectorSettings, log)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -52,7 +45,7 @@ def main() -> int:
     if applied:
         log.info("migrations applied", versions=applied)
     ensure_topics(settings)
-    if mode == "single":
+    if settings.projector_lanes == "single":
         projectors = [Projector(settings, logger=log)]
     else:
         projectors = lane_projectors(settings, logger=log)

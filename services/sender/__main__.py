@@ -1,16 +1,12 @@
 """`python -m services.sender`: run one sender until SIGTERM or SIGINT.
 
 A stop signal ends fetching; the batch in flight is still mailed, settled, published and
-committed, then the process exits 0. SENDER_CONCURRENCY sets the number of SMTP connections;
-SENDER_RETRY_BASE_SECONDS, SENDER_RETRY_MAX_DELAY_SECONDS, SENDER_MAX_ATTEMPTS and
-SENDER_MAX_AGE_SECONDS the retry policy of transient failures (see services/sender/retries.py);
-SENDER_TENANT_RATE and SENDER_SMTP_RATE (e.g. "100/s,5000/min") the rate limits per tenant and
-per SMTP server, for the whole group (see services/sender/throttle.py).
-
-Relays: SENDER_RELAYS_FILE (JSON or TOML) or SENDER_RELAYS (JSON) configure several SMTP
-relays, routed by From domain with failover (see services/sender/relay_config.py and
-relays.py); without them mail goes to SMTP_HOST:SMTP_PORT. A configuration that cannot be used
-stops the start with exit code 2 and the reason.
+committed, then the process exits 0. Settings: `SenderSettings` (the README's table): the
+SMTP connections, the retry policy of transient failures (services/sender/retries.py), the
+rate limits per tenant and per SMTP server for the whole group (services/sender/throttle.py),
+and the relays, routed by From domain with failover (services/sender/relay_config.py and
+relays.py; without them mail goes to SMTP_HOST:SMTP_PORT). Settings that cannot be used stop
+the start with exit code 2 and the reason.
 
 The cyclic garbage collector runs relaxed while the sender works (see
 services/common/gc_tuning.py).
@@ -22,7 +18,6 @@ services/sender/proof_mail.py) over the same relays; if it fails, the whole proc
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -31,10 +26,13 @@ from types import FrameType
 from services.common.gc_tuning import relaxed_gc
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
-from services.common.settings import Settings
+from services.common.settings import SenderSettings, load_or_exit
+from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.proof_mail import TestSendWorker
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
+from services.sender.retries import RetryPolicy
+from services.sender.throttle import RateLimiter
 from services.sender.worker import SenderWorker
 
 # How long the test-send thread may take to finish its request in flight after a stop: one
@@ -52,14 +50,14 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    settings = Settings()
+    settings = load_or_exit(SenderSettings, log)
     try:
         transport = transport_factory(settings)
-    except RelayConfigError as exc:
-        log.error("relay configuration refused", error=str(exc))
+        limiter = RateLimiter.from_settings(settings)
+    except (RelayConfigError, ValueError) as exc:
+        log.error("invalid settings", error=str(exc))
         return 2
     start_observability(settings, "sender", standard_checks(settings))
-    concurrency = int(os.environ.get("SENDER_CONCURRENCY", "8"))
     failed = threading.Event()
 
     def run_test_sends() -> None:
@@ -74,7 +72,9 @@ def main() -> int:
     test_sends.start()
     try:
         with relaxed_gc():
-            SenderWorker(settings, concurrency=concurrency, transport=transport).run(stop)
+            SenderWorker(settings, concurrency=settings.sender_concurrency, transport=transport,
+                         policy=RetryPolicy.from_settings(settings), limiter=limiter,
+                         list_unsubscribe=ListUnsubscribe.from_settings(settings)).run(stop)
     finally:
         stop.set()
         test_sends.join(TEST_SENDS_STOP_SECONDS)

@@ -9,13 +9,11 @@ clients reach the API); without a secret, mails carry no such headers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from services.common.settings import SenderSettings
 from services.common.unsubscribe_tokens import sign
-
-DEFAULT_PUBLIC_API_URL = "http://127.0.0.1:28080"
 
 
 @dataclass(frozen=True)
@@ -24,11 +22,11 @@ class ListUnsubscribe:
     base_url: str
 
     @classmethod
-    def from_env(cls) -> ListUnsubscribe | None:
-        secret = os.environ.get("UNSUBSCRIBE_SECRET", "")
+    def from_settings(cls, settings: SenderSettings) -> ListUnsubscribe | None:
+        secret = settings.unsubscribe_secret.get_secret_value()
         if not secret:
             return None
-        return cls(secret.encode(), os.environ.get("PUBLIC_API_URL", DEFAULT_PUBLIC_API_URL).rstrip("/"))
+        return cls(secret.encode(), settings.public_api_url.rstrip("/"))
 
     def headers(self, tenant_id: str, contact_id: str, campaign_id: str) -> list[tuple[str, str]]:
         token = sign(self.secret, tenant_id, contact_id, campaign_id)

@@ -33,7 +33,6 @@ repr, a log line or an error message.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -50,6 +49,7 @@ from pydantic import (
     model_validator,
 )
 
+from services.common.settings import SenderSettings
 from services.sender.smtp_pool import SMTP_TIMEOUT_SECONDS, Credentials, Security
 
 FILE_VARIABLE = "SENDER_RELAYS_FILE"
@@ -184,25 +184,24 @@ def _valid_domain(domain: str) -> bool:
     return _DOMAIN.match(domain) is not None
 
 
-def load(env: Mapping[str, str] | None = None) -> RelaysConfig | None:
-    """The relay configuration the environment names, passwords resolved; None when it names
-    none (the single SMTP_HOST relay). Raises RelayConfigError with the reason."""
-    source = os.environ if env is None else env
-    path = source.get(FILE_VARIABLE, "").strip()
-    inline = source.get(JSON_VARIABLE, "").strip()
+def load(settings: SenderSettings, secrets: Mapping[str, str]) -> RelaysConfig | None:
+    """The relay configuration SENDER_RELAYS_FILE or SENDER_RELAYS gives, passwords resolved
+    from `secrets`; None when neither is set (the single SMTP_HOST relay). Raises
+    RelayConfigError with the reason."""
+    path, inline = settings.sender_relays_file, settings.sender_relays.strip()
     if path and inline:
         raise RelayConfigError(f"set {FILE_VARIABLE} or {JSON_VARIABLE}, not both")
     if path:
         where = f"{FILE_VARIABLE} {path}"
-        document = _read_file(Path(path), where)
-        base = Path(path).parent
+        document = _read_file(path, where)
+        base = path.parent
     elif inline:
         where = JSON_VARIABLE
         document = _parse_json(inline, where)
         base = Path.cwd()
     else:
         return None
-    return parse(document, where, source, base)
+    return parse(document, where, secrets, base)
 
 
 def parse(document: Any, where: str, env: Mapping[str, str], base: Path) -> RelaysConfig:

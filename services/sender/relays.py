@@ -31,7 +31,6 @@ per-relay counts are in `stats`.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -40,7 +39,7 @@ from typing import Protocol
 
 import structlog
 
-from services.common.settings import Settings
+from services.common.settings import SenderSettings, named_secrets
 from services.sender import relay_config
 from services.sender.mime import OutgoingMail
 from services.sender.relay_config import RelaysConfig, RelaySettings, normalise_domain
@@ -226,12 +225,13 @@ def relay_pool(relay: RelaySettings, size: int) -> SmtpPool:
                     credentials=relay.credentials, name=relay.name)
 
 
-def transport_factory(settings: Settings,
-                      env: Mapping[str, str] | None = None) -> Callable[[int], MailTransport]:
+def transport_factory(settings: SenderSettings, secrets: Mapping[str, str] | None = None,
+                      ) -> Callable[[int], MailTransport]:
     """What the sender mails through, for `size` connections: the relays configured by
-    SENDER_RELAYS_FILE / SENDER_RELAYS, or the single SMTP_HOST:SMTP_PORT relay as before.
-    Raises RelayConfigError (at start-up) for a configuration that cannot be used."""
-    config = relay_config.load(os.environ if env is None else env)
+    SENDER_RELAYS_FILE / SENDER_RELAYS (passwords from `secrets`, by default the environment),
+    or the single SMTP_HOST:SMTP_PORT relay. Raises RelayConfigError (at start-up) for a
+    configuration that cannot be used."""
+    config = relay_config.load(settings, named_secrets() if secrets is None else secrets)
     if config is None:
         return lambda size: TimedTransport(SmtpPool(settings.smtp_host, settings.smtp_port, size))
     log.info("relays configured", default=config.default_relay, failover=config.failover,

@@ -12,10 +12,10 @@ Guarantees:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from services.common.settings import SenderSettings
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,11 @@ class RetryPolicy:
             raise ValueError("need max_attempts >= 1 and max_age_seconds >= 0")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
-        """SENDER_RETRY_BASE_SECONDS, SENDER_RETRY_MAX_DELAY_SECONDS, SENDER_MAX_ATTEMPTS,
-        SENDER_MAX_AGE_SECONDS; unset ones keep the defaults."""
-        source = os.environ if env is None else env
-        default = cls()
-        return cls(
-            base_seconds=float(source.get("SENDER_RETRY_BASE_SECONDS", default.base_seconds)),
-            max_delay_seconds=float(
-                source.get("SENDER_RETRY_MAX_DELAY_SECONDS", default.max_delay_seconds)
-            ),
-            max_attempts=int(source.get("SENDER_MAX_ATTEMPTS", default.max_attempts)),
-            max_age_seconds=float(source.get("SENDER_MAX_AGE_SECONDS", default.max_age_seconds)),
-        )
+    def from_settings(cls, settings: SenderSettings) -> RetryPolicy:
+        return cls(base_seconds=settings.sender_retry_base_seconds,
+                   max_delay_seconds=settings.sender_retry_max_delay_seconds,
+                   max_attempts=settings.sender_max_attempts,
+                   max_age_seconds=settings.sender_max_age_seconds)
 
     def delay(self, failed_attempt: int, draw: float) -> float:
         """Seconds to wait after failed attempt `failed_attempt` (1-based); `draw` in [0, 1)."""

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common.metrics import THROTTLES
+from services.common.settings import SenderSettings
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
           "h": 3600.0, "hour": 3600.0}
@@ -84,10 +84,17 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> RateLimiter:
-        """SENDER_TENANT_RATE (each tenant) and SENDER_SMTP_RATE (each SMTP server)."""
-        return cls(parse_limits(env.get("SENDER_TENANT_RATE", "")),
-                   parse_limits(env.get("SENDER_SMTP_RATE", "")))
+    def from_settings(cls, settings: SenderSettings) -> RateLimiter:
+        """SENDER_TENANT_RATE (each tenant) and SENDER_SMTP_RATE (each SMTP server); a bad
+        limit raises ValueError naming its variable."""
+        def limits(variable: str, text: str) -> tuple[float, ...]:
+            try:
+                return parse_limits(text)
+            except ValueError as exc:
+                raise ValueError(f"{variable}: {exc}") from None
+
+        return cls(limits("SENDER_TENANT_RATE", settings.sender_tenant_rate),
+                   limits("SENDER_SMTP_RATE", settings.sender_smtp_rate))
 
     @property
     def active(self) -> bool:

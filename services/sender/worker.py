@@ -52,7 +52,6 @@ seconds, without committing what was not published (it is redelivered; the ledge
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -217,15 +216,16 @@ class SenderWorker:
         policy: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
         transport: Callable[[int], MailTransport] | None = None,
+        list_unsubscribe: ListUnsubscribe | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
         self.settings = settings
         self.concurrency = concurrency
         self.batch_size = batch_size
-        self.policy = policy or RetryPolicy.from_env()
-        self.limiter = limiter or RateLimiter.from_env(os.environ)
-        self.list_unsubscribe = ListUnsubscribe.from_env()
+        self.policy = policy or RetryPolicy()
+        self.limiter = limiter or RateLimiter()
+        self.list_unsubscribe = list_unsubscribe
         # Builds the SMTP side for `concurrency` connections: one relay by default.
         self._transport_factory = transport or (
             lambda size: SmtpPool(settings.smtp_host, settings.smtp_port, size))

@@ -1,6 +1,6 @@
 """`python -m services.smtp_sink`: run the SMTP sink as a process until SIGTERM or SIGINT.
 
-Configured from the environment (see `SinkConfig.from_env`). It records every message it
+Configured from the environment (`SinkSettings`, see the README's settings table). It records every message it
 accepted with 250, exactly once, before replying 250 (one JSON line per message in
 SINK_RECORD_PATH, flushed before the reply); faulted messages are never recorded. Logs one
 JSON line per event on stderr: start, each injected fault, each accepted message (at DEBUG),
@@ -10,7 +10,6 @@ exits 0.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -18,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 from services.common.logs import configure_logging
+from services.common.settings import SinkSettings, load_or_exit
 from services.smtp_sink.config import SinkConfig
 from services.smtp_sink.server import SmtpSink
 
@@ -27,9 +27,10 @@ _STATS_INTERVAL_S = 5.0
 
 
 def main() -> int:
-    log = configure_logging("smtp-sink", level=os.environ.get("LOG_LEVEL", "INFO").upper())
+    settings = load_or_exit(SinkSettings, configure_logging("smtp-sink"))
+    log = configure_logging("smtp-sink", level=settings.log_level)
     try:
-        config = SinkConfig.from_env()
+        config = SinkConfig.from_settings(settings)
     except ValueError as error:
         log.error("invalid_config", error=str(error))
         return 2

@@ -17,11 +17,10 @@ RFC 2920 PIPELINING in the EHLO reply; off, the sink imitates a relay without it
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.settings import DEFAULT_SMTP_PORT
+from services.common.settings import DEFAULT_SMTP_PORT, SinkSettings
 
 # Float sums like 0.1 + 0.2 + 0.7 land a hair above 1.0; without slack such configs would be
 # refused although every rate the user wrote is fine.
@@ -30,16 +29,12 @@ _RATE_SUM_TOLERANCE = 1e-9
 _RATE_FIELDS = ("tempfail_rate", "permfail_rate", "drop_rate", "drop_before_data_rate")
 
 
-def _default_port() -> int:
-    return int(os.environ.get("SMTP_PORT", str(DEFAULT_SMTP_PORT)))
-
-
 @dataclass(frozen=True)
 class SinkConfig:
     """Everything the sink needs. port=0 means "pick a free port" (see `SmtpSink.port`)."""
 
     host: str = "127.0.0.1"
-    port: int = field(default_factory=_default_port)
+    port: int = DEFAULT_SMTP_PORT
     record_path: Path | None = None
     # Shares of messages answered 451 / 550 at the end of DATA.
     tempfail_rate: float = 0.0
@@ -115,81 +110,38 @@ class SinkConfig:
         return self.tls_cert is not None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> SinkConfig:
-        """Build from SMTP_HOST, SMTP_PORT, SINK_RECORD_PATH, SINK_*_RATE, SINK_LATENCY_MS,
-        SINK_SEED, SINK_TLS_CERT, SINK_TLS_KEY, SINK_REQUIRE_STARTTLS, SINK_IMPLICIT_TLS,
-        SINK_AUTH_USERS ("name:password,..."), SINK_AUTH_REQUIRE_TLS,
-        SINK_REFUSE_CONNECTIONS, SINK_PIPELINING and SINK_CHUNKING (booleans: 1/0,
-        true/false, yes/no).
-        Unset or empty variables keep the defaults; unparsable ones raise ValueError naming
-        the variable."""
-        source = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            value = source.get(name, "").strip()
-            return value or None
-
-        def number(name: str, default: float) -> float:
-            raw = get(name)
-            if raw is None:
-                return default
-            try:
-                return float(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be a number, got {raw!r}") from None
-
-        def integer(name: str) -> int | None:
-            raw = get(name)
-            if raw is None:
-                return None
-            try:
-                return int(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-
-        def flag(name: str, default: bool) -> bool:
-            raw = get(name)
-            if raw is None:
-                return default
-            if raw.lower() in ("1", "true", "yes"):
-                return True
-            if raw.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError(f"{name} must be 1/0, true/false or yes/no, got {raw!r}")
-
-        def users(name: str) -> dict[str, str]:
-            accounts: dict[str, str] = {}
-            for item in (get(name) or "").split(","):
-                if not item.strip():
-                    continue
-                user, sep, password = item.strip().partition(":")
-                if not sep or not user or not password:
-                    raise ValueError(f"{name} must be name:password pairs separated by commas")
-                accounts[user] = password
-            return accounts
-
-        port = integer("SMTP_PORT")
-        record_path = get("SINK_RECORD_PATH")
-        cert, key = get("SINK_TLS_CERT"), get("SINK_TLS_KEY")
+    def from_settings(cls, settings: SinkSettings) -> SinkConfig:
+        """The sink the settings describe (SMTP_HOST, SMTP_PORT, SINK_*); a sink with a
+        record file keeps no copies in memory. Raises ValueError naming a bad variable."""
         return cls(
-            host=get("SMTP_HOST") or "127.0.0.1",
-            port=DEFAULT_SMTP_PORT if port is None else port,
-            record_path=Path(record_path) if record_path else None,
-            tempfail_rate=number("SINK_TEMPFAIL_RATE", 0.0),
-            permfail_rate=number("SINK_PERMFAIL_RATE", 0.0),
-            drop_rate=number("SINK_DROP_RATE", 0.0),
-            drop_before_data_rate=number("SINK_DROP_BEFORE_DATA_RATE", 0.0),
-            latency_ms=number("SINK_LATENCY_MS", 0.0),
-            seed=integer("SINK_SEED"),
-            keep_in_memory=not record_path,
-            tls_cert=Path(cert) if cert else None,
-            tls_key=Path(key) if key else None,
-            require_starttls=flag("SINK_REQUIRE_STARTTLS", False),
-            implicit_tls=flag("SINK_IMPLICIT_TLS", False),
-            auth_users=users("SINK_AUTH_USERS"),
-            auth_require_tls=flag("SINK_AUTH_REQUIRE_TLS", True),
-            refuse_connections=flag("SINK_REFUSE_CONNECTIONS", False),
-            pipelining=flag("SINK_PIPELINING", True),
-            chunking=flag("SINK_CHUNKING", True),
-            smtputf8=flag("SINK_SMTPUTF8", True),
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            record_path=settings.sink_record_path,
+            tempfail_rate=settings.sink_tempfail_rate,
+            permfail_rate=settings.sink_permfail_rate,
+            drop_rate=settings.sink_drop_rate,
+            drop_before_data_rate=settings.sink_drop_before_data_rate,
+            latency_ms=settings.sink_latency_ms,
+            seed=settings.sink_seed,
+            keep_in_memory=settings.sink_record_path is None,
+            tls_cert=settings.sink_tls_cert,
+            tls_key=settings.sink_tls_key,
+            require_starttls=settings.sink_require_starttls,
+            implicit_tls=settings.sink_implicit_tls,
+            auth_users=_accounts(settings.sink_auth_users.get_secret_value()),
+            auth_require_tls=settings.sink_auth_require_tls,
+            refuse_connections=settings.sink_refuse_connections,
+            pipelining=settings.sink_pipelining,
+            chunking=settings.sink_chunking,
+            smtputf8=settings.sink_smtputf8,
         )
+
+
+def _accounts(text: str) -> dict[str, str]:
+    accounts: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("SINK_AUTH_USERS must be name:password pairs separated by commas")
+        accounts[user] = password
+    return accounts

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -146,7 +146,7 @@ class PrivatePostgres:
 
 def isolated(settings: Settings, **changes: object) -> Settings:
     """`settings` with a fresh topic prefix (and `changes`), its topics created."""
-    fresh = replace(settings, topic_prefix=f"c{uuid.uuid4().hex[:10]}.", **changes)  # type: ignore[arg-type]
+    fresh = settings.replace(topic_prefix=f"c{uuid.uuid4().hex[:10]}.", **changes)
     ensure_topics(fresh)
     return fresh
 

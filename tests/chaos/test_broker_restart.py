@@ -17,7 +17,6 @@ the same data 5 s later. Then, exactly:
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pytest
 
@@ -57,11 +56,11 @@ def private_kafka(tmp_path):
 
 
 def test_broker_sigkill_and_restart_mid_campaign(private_kafka, platform_settings, tmp_path):
-    settings = isolated(replace(platform_settings, kafka_bootstrap_servers=private_kafka.bootstrap,
+    settings = isolated(platform_settings.replace(kafka_bootstrap_servers=private_kafka.bootstrap,
                                 state_dir=tmp_path / "state"))
     campaign = Campaign(RECIPIENTS_N)
     with SmtpSink(SinkConfig(port=0, latency_ms=sink_latency_ms(campaign.size))) as sink:
-        settings = replace(settings, smtp_port=sink.port)
+        settings = settings.replace(smtp_port=sink.port)
         services = Services(settings, tmp_path / "logs", ["command_handler", "completion", "sender"])
         watch = EventWatch(settings)
         stream = CommandStream(settings)

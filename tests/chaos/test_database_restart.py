@@ -17,7 +17,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -74,11 +73,11 @@ def private_postgres(tmp_path):
 
 def test_database_immediate_stop_and_restart_mid_campaign(private_postgres, platform_settings,
                                                           tmp_path):
-    settings = isolated(replace(platform_settings, database_url=private_postgres.url,
+    settings = isolated(platform_settings.replace(database_url=private_postgres.url,
                                 state_dir=tmp_path / "state"))
     campaign = Campaign(RECIPIENTS_N)
     with SmtpSink(SinkConfig(port=0, latency_ms=sink_latency_ms(campaign.size))) as sink:
-        settings = replace(settings, smtp_port=sink.port)
+        settings = settings.replace(smtp_port=sink.port)
         api_port = free_port()
         services = Services(settings, tmp_path / "logs", ["completion", "sender", "projector", "api"],
                             API_PORT=str(api_port), API_KEYS=f"{TENANT}:{API_KEY}")

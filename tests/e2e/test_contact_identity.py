@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -79,7 +78,7 @@ def wait_for(predicate, timeout, what, procs):
 
 @contextmanager
 def pipeline(settings: Settings, sink: SmtpSink) -> Iterator[list[ServiceProcess]]:
-    run = replace(settings, smtp_port=sink.port)
+    run = settings.replace(smtp_port=sink.port)
     procs = [ServiceProcess(name, run).start() for name in SERVICES]
     try:
         yield procs

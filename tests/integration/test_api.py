@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from confluent_kafka import Consumer
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from projections.projector import Projector
 from schemas.contacts import contact_key
@@ -25,6 +26,7 @@ from schemas.envelope import encode, wrap
 from schemas.events import CampaignCreated, CommandRejected, MessageTemplate
 from services.api.app import create_app
 from services.api.auth import ApiKeyError, ApiKeys, load_api_keys, parse_api_keys
+from services.common.settings import ApiSettings
 from services.common.topics import COMMANDS, CONTACTS, EVENTS, topic_name
 from services.common.unsubscribe_tokens import sign
 from tests.integration.test_projector import produce
@@ -143,13 +145,16 @@ def test_api_key_configuration(tmp_path):
     assert parse_api_keys("acme:key1, globex:key2") == [("acme", "key1"), ("globex", "key2")]
     keys_file = tmp_path / "keys"
     keys_file.write_text("# tenant:key\ninitech:key3\n\n")
-    keys = load_api_keys({"API_KEYS": "acme:key1,globex:key2", "API_KEYS_FILE": str(keys_file)})
+    keys = load_api_keys(ApiSettings(api_keys=SecretStr("acme:key1,globex:key2"),
+                                     api_keys_file=keys_file))
     assert [keys.tenant_for(k) for k in ("key1", "key2", "key3", "nope")] == ["acme", "globex", "initech", None]
     with pytest.raises(ApiKeyError):
         ApiKeys([("acme", "same"), ("globex", "same")])
     with pytest.raises(ApiKeyError):
         parse_api_keys("no-colon")
-    assert len(load_api_keys({})) == 0
+    assert len(load_api_keys(ApiSettings(api_keys=SecretStr("")))) == 0
+    with pytest.raises(ApiKeyError, match="API_KEYS_FILE .*: No such file"):
+        load_api_keys(ApiSettings(api_keys_file=tmp_path / "absent"))
 
 
 @pytest.mark.parametrize(

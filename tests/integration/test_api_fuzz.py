@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -145,7 +145,7 @@ def _seed(settings: Settings, tenant: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def live(platform_settings: Settings) -> Iterator[Seeded]:
-    topics = replace(platform_settings, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    topics = platform_settings.replace(topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
     ensure_topics(topics)
     tenant, key = f"fz-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     ids = _seed(topics, tenant)

@@ -12,7 +12,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ def own_broker(platform_settings: Settings) -> Iterator[tuple[KafkaNode, Setting
     node = KafkaNode(state, port, controller, REPO_ROOT / ".state" / "kafka-libs")
     node.start()
     try:
-        settings = replace(platform_settings, kafka_bootstrap_servers=node.bootstrap,
+        settings = platform_settings.replace(kafka_bootstrap_servers=node.bootstrap,
                            topic_prefix=f"g{uuid.uuid4().hex[:8]}.")
         ensure_topics(settings, specs=(COMMANDS,))
         yield node, settings

@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,7 +67,7 @@ def assert_unavailable(response) -> None:
 def test_routes_answer_503_while_the_database_is_down_and_nothing_is_published(
     settings: Settings, own_postgres: PostgresServer
 ) -> None:
-    settings = replace(settings, database_url=own_postgres.url())
+    settings = settings.replace(database_url=own_postgres.url())
     tenant, key = f"tenant-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     headers = {"Authorization": f"Bearer {key}"}
     campaign = f"camp-{uuid.uuid4().hex[:8]}"

@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -122,7 +121,7 @@ def test_the_follower_takes_over_when_the_leader_loses_its_session(
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     campaigns = [f"camp-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     # The leader cannot reach Kafka (nothing listens on its bootstrap port).
-    cut_off = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}")
+    cut_off = settings.replace(kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}")
     leader = start(relays, cut_off)
     wait_for(lambda: leader.leading, "the first relay never took the leadership")
     follower = start(relays, settings)
@@ -192,7 +191,7 @@ def test_the_outbox_depth_gauge_counts_what_waits_for_kafka(settings: Settings, 
     def depth() -> float:
         return float(OUTBOX_DEPTH._value.get())  # the gauge's current value
 
-    away = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}")
+    away = settings.replace(kafka_bootstrap_servers=f"127.0.0.1:{closed_port()}")
     accept_commands(settings, "acme", ["cmp-depth"], 7)
     stranded = start(relays, away)
     wait_for(lambda: stranded.leading and depth() == 7, "the gauge to show 7 pending rows")

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import timedelta
 
 import psycopg
@@ -47,7 +46,7 @@ def own_db(settings: Settings) -> Iterator[Settings]:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_conninfo(settings.database_url, dbname=name)
     apply_migrations(url)
-    yield replace(settings, database_url=url)
+    yield settings.replace(database_url=url)
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 

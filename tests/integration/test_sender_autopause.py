@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 
@@ -75,7 +74,7 @@ def test_a_failing_campaign_is_paused_automatically_and_its_recipients_held(sett
                                                             tenant_id=TENANT,
                                                             aggregate_id=campaign))])
         produce(settings, batch)
-        with running_sender(replace(settings, smtp_port=sink.port), concurrency=2) as worker:
+        with running_sender(settings.replace(smtp_port=sink.port), concurrency=2) as worker:
             wait_until(lambda: worker.stats.held > 0, 120, "the campaign was not paused")
             refused = steady(lambda: sink.stats["permfail"])
         events = [m.payload for m in read_topic(settings, EVENTS, until=4)]

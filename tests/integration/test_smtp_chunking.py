@@ -25,6 +25,7 @@ from tests.integration.test_smtp_pipelining import (
     raw_client,
     transmit_to,
 )
+from tests.sink_settings import sink_config_from
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +49,13 @@ def test_ehlo_offers_chunking_unless_switched_off(chunking: bool) -> None:
         assert ("CHUNKING" in client.hello()) is chunking
 
 
-def test_chunking_is_on_by_default_and_switched_off_from_the_environment() -> None:
+def test_chunking_is_on_by_default_and_switched_off_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     assert SinkConfig(port=0).chunking
-    assert SinkConfig.from_env({"SMTP_PORT": "0"}).chunking
-    assert not SinkConfig.from_env({"SMTP_PORT": "0", "SINK_CHUNKING": "no"}).chunking
-    with pytest.raises(ValueError, match="SINK_CHUNKING must be"):
-        SinkConfig.from_env({"SINK_CHUNKING": "maybe"})
+    assert sink_config_from(monkeypatch, {"SMTP_PORT": "0"}).chunking
+    assert not sink_config_from(monkeypatch, {"SMTP_PORT": "0", "SINK_CHUNKING": "no"}).chunking
+    with pytest.raises(ValueError, match="SINK_CHUNKING"):
+        sink_config_from(monkeypatch, {"SINK_CHUNKING": "maybe"})
 
 
 @pytest.mark.parametrize("pipelining", [True, False])

@@ -23,6 +23,7 @@ from services.sender.replies import Attempt, Verdict
 from services.sender.smtp_pool import Security, SmtpConnection, tls_context
 from services.smtp_sink import SinkConfig, SmtpSink
 from services.smtp_sink.certificates import Certificate, self_signed
+from tests.sink_settings import sink_config_from
 
 pytestmark = pytest.mark.integration
 
@@ -113,12 +114,13 @@ def test_ehlo_offers_pipelining_unless_switched_off(pipelining: bool) -> None:
         assert ("PIPELINING" in client.hello()) is pipelining
 
 
-def test_pipelining_is_on_by_default_and_switched_off_from_the_environment() -> None:
+def test_pipelining_is_on_by_default_and_switched_off_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     assert SinkConfig(port=0).pipelining
-    assert SinkConfig.from_env({"SMTP_PORT": "0"}).pipelining
-    assert not SinkConfig.from_env({"SMTP_PORT": "0", "SINK_PIPELINING": "0"}).pipelining
-    with pytest.raises(ValueError, match="SINK_PIPELINING must be"):
-        SinkConfig.from_env({"SINK_PIPELINING": "sometimes"})
+    assert sink_config_from(monkeypatch, {"SMTP_PORT": "0"}).pipelining
+    assert not sink_config_from(monkeypatch, {"SMTP_PORT": "0", "SINK_PIPELINING": "0"}).pipelining
+    with pytest.raises(ValueError, match="SINK_PIPELINING"):
+        sink_config_from(monkeypatch, {"SINK_PIPELINING": "sometimes"})
 
 
 @pytest.mark.parametrize("pipelining", [True, False])

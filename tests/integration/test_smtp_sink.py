@@ -21,6 +21,7 @@ from services.smtp_sink import (
     read_records,
 )
 from services.smtp_sink.certificates import Certificate, self_signed
+from tests.sink_settings import sink_config_from
 
 pytestmark = pytest.mark.integration
 
@@ -301,15 +302,16 @@ def test_inconsistent_tls_settings_are_refused(fields: dict, message: str) -> No
         SinkConfig(port=0, **fields)
 
 
-def test_tls_and_auth_settings_come_from_the_environment(certificate: Certificate) -> None:
-    config = SinkConfig.from_env({
+def test_tls_and_auth_settings_come_from_the_environment(
+        certificate: Certificate, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = sink_config_from(monkeypatch, {
         "SMTP_PORT": "0", "SINK_TLS_CERT": str(certificate.cert), "SINK_TLS_KEY": str(certificate.key),
         "SINK_REQUIRE_STARTTLS": "yes", "SINK_AUTH_USERS": "a:1, b:2", "SINK_REFUSE_CONNECTIONS": "0",
     })
     assert config.require_starttls and not config.implicit_tls and not config.refuse_connections
     assert config.auth_users == {"a": "1", "b": "2"}
     assert "auth_users" not in repr(config)  # passwords stay out of logs
-    with pytest.raises(ValueError, match="SINK_IMPLICIT_TLS must be"):
-        SinkConfig.from_env({"SINK_IMPLICIT_TLS": "maybe"})
+    with pytest.raises(ValueError, match="SINK_IMPLICIT_TLS"):
+        sink_config_from(monkeypatch, {"SINK_IMPLICIT_TLS": "maybe"})
     with pytest.raises(ValueError, match="SINK_AUTH_USERS must be name:password"):
-        SinkConfig.from_env({"SINK_AUTH_USERS": "nopassword"})
+        sink_config_from(monkeypatch, {"SINK_AUTH_USERS": "nopassword"})

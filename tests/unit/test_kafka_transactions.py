@@ -17,7 +17,6 @@ from services.common.kafka import (
     TransactionFailed,
     TxnCall,
     TxnStep,
-    instance_id,
     retry_until_stopped,
     transaction_step,
 )
@@ -231,12 +230,6 @@ def test_retry_until_stopped_waits_out_failures_but_not_fatal_ones(monkeypatch):
     stopped.set()
     with pytest.raises(Stopping):
         retry_until_stopped(stopped, "never", flaky)
-
-
-def test_instance_id_comes_from_its_variable_with_a_stable_default():
-    assert instance_id("X_INSTANCE", {}) == "0"
-    assert instance_id("X_INSTANCE", {"X_INSTANCE": "  "}) == "0"
-    assert instance_id("X_INSTANCE", {"X_INSTANCE": "b"}) == "b"
 
 
 def transactions_ended(result: str) -> float:

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
+from services.common.settings import SenderSettings
 from services.common.unsubscribe_tokens import InvalidToken, UnsubscribeClaim, verify
 from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mime import build_mail
@@ -32,7 +33,7 @@ def test_the_link_carries_a_token_that_verifies_to_this_recipient():
 
 def test_without_a_secret_there_are_no_links(monkeypatch):
     monkeypatch.delenv("UNSUBSCRIBE_SECRET", raising=False)
-    assert ListUnsubscribe.from_env() is None
+    assert ListUnsubscribe.from_settings(SenderSettings()) is None
     monkeypatch.setenv("UNSUBSCRIBE_SECRET", "x")
     monkeypatch.setenv("PUBLIC_API_URL", "https://mail.example.com/")
-    assert ListUnsubscribe.from_env() == ListUnsubscribe(b"x", "https://mail.example.com")
+    assert ListUnsubscribe.from_settings(SenderSettings()) == ListUnsubscribe(b"x", "https://mail.example.com")

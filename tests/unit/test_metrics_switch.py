@@ -7,18 +7,21 @@ import sys
 
 import pytest
 
-from services.common.metrics import METRICS_SWITCH, metrics_enabled
+from services.common.settings import Settings, SettingsError, load
 
 
-def test_metrics_are_on_unless_switched_off() -> None:
-    assert metrics_enabled({}) is True
-    assert metrics_enabled({METRICS_SWITCH: "on"}) is True
-    assert metrics_enabled({METRICS_SWITCH: " OFF "}) is False
+def test_metrics_are_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAMPAIGN_METRICS", raising=False)
+    assert load(Settings).campaign_metrics == "on"
+    monkeypatch.setenv("CAMPAIGN_METRICS", " OFF ")
+    assert load(Settings).campaign_metrics == "off"
 
 
-def test_a_misspelt_switch_is_refused_with_the_values_it_takes() -> None:
-    with pytest.raises(ValueError, match="must be 'on' or 'off', not 'of'"):
-        metrics_enabled({METRICS_SWITCH: "of"})
+def test_a_misspelt_switch_is_refused_with_the_values_it_takes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGN_METRICS", "of")
+    with pytest.raises(SettingsError, match="CAMPAIGN_METRICS: Input should be 'on' or 'off'"):
+        load(Settings)
 
 
 def test_switched_off_every_metric_takes_its_calls_and_exports_nothing() -> None:
@@ -36,7 +39,7 @@ with metrics.BATCH_SECONDS.time():
 print(b"campaign_" in generate_latest(REGISTRY))
 """
     def run(value: str) -> str:
-        return subprocess.run([sys.executable, "-c", script], env={METRICS_SWITCH: value},
+        return subprocess.run([sys.executable, "-c", script], env={"CAMPAIGN_METRICS": value},
                               capture_output=True, text=True, check=True).stdout.strip()
 
     assert run("off") == "False"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.settings import Settings
+from services.common.settings import SenderSettings
 from services.sender.mime import OutgoingMail
 from services.sender.relay_config import RelayConfigError, RelaysConfig, load, parse
 from services.sender.relays import RelayRouter, RoutingTable, transport_factory
@@ -106,11 +106,11 @@ def test_load_reads_a_toml_file_and_an_inline_json(tmp_path):
     path = tmp_path / "relays.toml"
     path.write_text('default = "a"\nfailover = ["b"]\n\n[[relays]]\nname = "a"\nhost = "h1"\n'
                     'port = 25\ndomains = ["example.com"]\n\n[[relays]]\nname = "b"\nhost = "h2"\n')
-    from_file = load({"SENDER_RELAYS_FILE": str(path)})
+    from_file = load(SenderSettings(sender_relays_file=path), {})
     assert from_file is not None and [r.host for r in from_file.relays] == ["h1", "h2"]
-    inline = load({"SENDER_RELAYS": json.dumps({"relays": [relay("x")]})})
+    inline = load(SenderSettings(sender_relays=json.dumps({"relays": [relay("x")]})), {})
     assert inline is not None and inline.default_relay == "x"
-    assert load({}) is None
+    assert load(SenderSettings(), {}) is None
 
 
 @pytest.mark.parametrize(("env", "expected"), [
@@ -120,7 +120,7 @@ def test_load_reads_a_toml_file_and_an_inline_json(tmp_path):
 ])
 def test_load_errors_name_the_source(env, expected):
     with pytest.raises(RelayConfigError, match="SENDER_RELAYS") as caught:
-        load(env)
+        load(SenderSettings(**{name.lower(): value for name, value in env.items()}), {})
     assert expected in str(caught.value)
 
 
@@ -128,11 +128,11 @@ def test_a_file_of_unknown_format_is_refused(tmp_path):
     path = tmp_path / "relays.yaml"
     path.write_text("relays: []")
     with pytest.raises(RelayConfigError, match=r"name the file \*.json or \*.toml"):
-        load({"SENDER_RELAYS_FILE": str(path)})
+        load(SenderSettings(sender_relays_file=path), {})
 
 
 def test_without_relay_config_the_transport_is_the_single_smtp_relay():
-    factory = transport_factory(Settings(smtp_host="127.0.0.1", smtp_port=2626), env={})
+    factory = transport_factory(SenderSettings(smtp_host="127.0.0.1", smtp_port=2626), {})
     transport = factory(2)
     assert isinstance(transport, TimedTransport) and isinstance(transport.inner, SmtpPool)
     assert transport.server_for("a@example.com") == "127.0.0.1:2626"

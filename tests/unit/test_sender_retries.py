@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.common.settings import SenderSettings
 from services.sender.retries import RetryPolicy, tier_index
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -39,9 +40,17 @@ def test_tiers() -> None:
         tier_index(0, 3)
 
 
-def test_from_env_and_validation() -> None:
-    policy = RetryPolicy.from_env({"SENDER_RETRY_BASE_SECONDS": "0.2", "SENDER_MAX_ATTEMPTS": "5"})
+def test_from_settings_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENDER_RETRY_BASE_SECONDS", "0.2")
+    monkeypatch.setenv("SENDER_MAX_ATTEMPTS", "5")
+    policy = RetryPolicy.from_settings(SenderSettings())
     assert policy.base_seconds == 0.2 and policy.max_attempts == 5
     assert policy.max_delay_seconds == RetryPolicy().max_delay_seconds
+
+
+def test_the_settings_defaults_are_the_policys() -> None:
+    defaults = {name: field.default for name, field in SenderSettings.model_fields.items()}
+    expected = RetryPolicy()
+    assert RetryPolicy.from_settings(SenderSettings.model_construct(**defaults)) == expected
     with pytest.raises(ValueError):
         RetryPolicy(base_seconds=10, max_delay_seconds=5)

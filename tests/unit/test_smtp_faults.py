@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.smtp_sink import FaultPlan, Outcome, SinkConfig
+from tests.sink_settings import sink_config_from
 
 DRAWS = 10_000
 
@@ -101,9 +102,9 @@ def test_rates_summing_to_one_despite_float_rounding_are_fine() -> None:
     SinkConfig(port=0, tempfail_rate=0.1, permfail_rate=0.2, drop_rate=0.7)
 
 
-def test_from_env_reads_every_variable() -> None:
-    config = SinkConfig.from_env(
-        {
+def test_from_env_reads_every_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = sink_config_from(
+        monkeypatch, {
             "SMTP_HOST": "127.0.0.2",
             "SMTP_PORT": "2600",
             "SINK_RECORD_PATH": "/tmp/sink/messages.jsonl",
@@ -129,8 +130,8 @@ def test_from_env_reads_every_variable() -> None:
     )
 
 
-def test_from_env_defaults() -> None:
-    config = SinkConfig.from_env({})
+def test_from_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = sink_config_from(monkeypatch, {})
     assert (config.host, config.port, config.record_path, config.seed) == (
         "127.0.0.1",
         22525,
@@ -138,13 +139,6 @@ def test_from_env_defaults() -> None:
         None,
     )
     assert config.tempfail_rate == config.permfail_rate == config.drop_rate == 0.0
-
-
-def test_default_port_comes_from_smtp_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SMTP_PORT", "2601")
-    assert SinkConfig().port == 2601
-    monkeypatch.delenv("SMTP_PORT")
-    assert SinkConfig().port == 22525
 
 
 @pytest.mark.parametrize(
@@ -156,9 +150,10 @@ def test_default_port_comes_from_smtp_port(monkeypatch: pytest.MonkeyPatch) -> N
         ({"SINK_DROP_RATE": "0.8", "SINK_PERMFAIL_RATE": "0.8"}, "sum to at most 1"),
     ],
 )
-def test_from_env_reports_bad_values(env: dict[str, str], message: str) -> None:
+def test_from_env_reports_bad_values(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SinkConfig.from_env(env)
+        sink_config_from(monkeypatch, env)
 
 
 def test_a_sink_recording_to_a_file_keeps_no_copies_in_memory(tmp_path):

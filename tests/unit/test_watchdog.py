@@ -74,17 +74,18 @@ def test_the_configuration_supervises_every_program_with_restarts(tmp_path: Path
 
 def test_a_supervised_service_reads_its_own_restarts(tmp_path: Path, monkeypatch) -> None:
     from services.common.restart_counts import my_restarts
+    from services.common.settings import Settings
 
     counts = tmp_path / "restarts.json"
     counts.write_text('{"sender": {"starts": 4, "crashes": 2, "watchdog": 1}}')
     monkeypatch.delenv("SUPERVISOR_PROCESS_NAME", raising=False)
     monkeypatch.delenv("RESTART_COUNTS_FILE", raising=False)
-    assert my_restarts() == 0  # not supervised
+    unsupervised = Settings()
+    assert my_restarts(unsupervised.restart_counts_file, unsupervised.supervisor_process_name) == 0
     monkeypatch.setenv("RESTART_COUNTS_FILE", str(counts))
     monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "sender")
-    assert my_restarts() == 3
-    monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "projector")  # not started yet
-    assert my_restarts() == 0
+    supervised = Settings()
+    assert my_restarts(supervised.restart_counts_file, supervised.supervisor_process_name) == 3
+    assert my_restarts(counts, "projector") == 0  # not started yet
     counts.write_text("not json")
-    monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "sender")
-    assert my_restarts() == 0
+    assert my_restarts(counts, "sender") == 0
