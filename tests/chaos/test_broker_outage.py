@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -83,7 +82,7 @@ def broker_pid(cluster: KafkaCluster) -> int:
 @pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
 def test_broker_outage_mid_campaign(platform_settings, broker, fault) -> None:
     cluster = broker
-    settings = replace(platform_settings, kafka_bootstrap_servers=cluster.bootstrap,
+    settings = platform_settings.replace(kafka_bootstrap_servers=cluster.bootstrap,
                        topic_prefix=f"k{uuid.uuid4().hex[:8]}.")
     ensure_topics(settings)
     tenant = "cluster"
@@ -102,7 +101,7 @@ def test_broker_outage_mid_campaign(platform_settings, broker, fault) -> None:
 
     # 150 ms a mail over 8 connections: mailing outlasts two node restarts (~10 s each).
     with SmtpSink(SinkConfig(port=0, latency_ms=150)) as sink:
-        run = replace(settings, smtp_port=sink.port)
+        run = settings.replace(smtp_port=sink.port)
         services = [ServiceProcess(name, run).start() for name in SERVICES]
         try:
             started = time.monotonic()

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -81,7 +80,7 @@ def kill_node(cluster: KafkaCluster, node_id: int) -> None:
 
 
 def test_a_broker_then_the_controller_killed_mid_campaign(platform_settings, cluster) -> None:
-    settings = replace(platform_settings, kafka_bootstrap_servers=cluster.bootstrap,
+    settings = platform_settings.replace(kafka_bootstrap_servers=cluster.bootstrap,
                        topic_prefix=f"k{uuid.uuid4().hex[:8]}.")
     ensure_topics(settings)
     tenant = "cluster"
@@ -100,7 +99,7 @@ def test_a_broker_then_the_controller_killed_mid_campaign(platform_settings, clu
 
     # 150 ms a mail over 8 connections: mailing outlasts two node restarts (~10 s each).
     with SmtpSink(SinkConfig(port=0, latency_ms=150)) as sink:
-        run = replace(settings, smtp_port=sink.port)
+        run = settings.replace(smtp_port=sink.port)
         services = [ServiceProcess(name, run).start() for name in SERVICES]
         try:
             started = time.monotonic()

@@ -19,7 +19,6 @@ import random
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -110,7 +109,7 @@ def test_sender_sigkill_loses_nobody_and_duplicates_only_ambiguous(settings):
                             from_address="news@example.com", body_text="Hi {{ first_name }}")
     # A little latency per message, so the campaign lasts long enough to be killed mid-way.
     with SmtpSink(SinkConfig(port=0, latency_ms=2)) as sink:
-        pipeline = Pipeline(replace(settings, smtp_port=sink.port))
+        pipeline = Pipeline(settings.replace(smtp_port=sink.port))
         try:
             started = time.monotonic()
             publish(settings, COMMANDS, [

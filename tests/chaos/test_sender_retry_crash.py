@@ -20,7 +20,6 @@ import os
 import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from typing import TypedDict
 
 import pytest
@@ -64,7 +63,7 @@ def test_sigkill_during_retries_loses_nobody_and_counts_every_possible_duplicate
                         drop_before_data_rate=0.025, latency_ms=2, seed=SEED)
     produce(settings, batch)
     with SmtpSink(faults) as sink:
-        config = replace(settings, smtp_port=sink.port)
+        config = settings.replace(smtp_port=sink.port)
         sender = ServiceProcess("sender", config, **FAST_RETRIES).start()
         try:
             points = sorted(rng.randint(RECIPIENTS // 10, RECIPIENTS * 8 // 10)

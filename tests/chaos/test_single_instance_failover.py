@@ -15,7 +15,6 @@ afterwards and stops on SIGTERM in time.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pytest
 
@@ -43,7 +42,7 @@ def test_single_instance_services_fail_over_in_seconds(settings, tmp_path):
     settings = isolated(settings, state_dir=tmp_path / "state")
     campaign = Campaign(RECIPIENTS_N)
     with SmtpSink(SinkConfig(port=0, latency_ms=sink_latency_ms(campaign.size))) as sink:
-        settings = replace(settings, smtp_port=sink.port)
+        settings = settings.replace(smtp_port=sink.port)
         services = Services(settings, tmp_path / "logs", ["command_handler", "completion", "sender"])
         watch = EventWatch(settings)
         stream = CommandStream(settings)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,7 +102,7 @@ def test_every_audience_size_completes_after_every_producer_of_contacts(settings
             {"name": "bulk", "host": "127.0.0.1", "port": sink.port},
             {"name": "bouncing", "host": "127.0.0.1", "port": bouncer.port, "domains": ["bounce.example"]},
         ], "default": "bulk"}
-        run = replace(settings, smtp_port=sink.port)
+        run = settings.replace(smtp_port=sink.port)
         procs = [ServiceProcess(name, run, SENDER_RELAYS=json.dumps(relays)).start() for name in SERVICES]
         try:
             # Producer 2, the sender: fay's mail is answered 550 5.1.1, so the sender

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import urllib.request
 import uuid
-from dataclasses import replace
 from typing import TypedDict
 
 import psycopg
@@ -75,7 +74,7 @@ def test_metrics_agree_with_the_campaign(settings):
     ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
     sink_config = SinkConfig(port=0, permfail_rate=0.1, tempfail_rate=0.1, seed=7)
     with SmtpSink(sink_config) as sink:
-        run = replace(settings, smtp_port=sink.port)
+        run = settings.replace(smtp_port=sink.port)
         procs = [ServiceProcess(name, run, METRICS_PORT=str(ports[name]), **FAST_RETRIES).start()
                  for name in SERVICES]
         try:

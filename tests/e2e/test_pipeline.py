@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -64,7 +63,7 @@ def test_campaign_reaches_every_distinct_recipient_exactly_once(settings):
                             from_address="news@example.com", body_text="Hi {{ first_name }}")
 
     with SmtpSink(SinkConfig(port=0)) as sink:
-        run = replace(settings, smtp_port=sink.port)
+        run = settings.replace(smtp_port=sink.port)
         procs = [ServiceProcess(name, run).start() for name in SERVICES]
         try:
             publish(settings, COMMANDS, [

@@ -8,7 +8,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -203,7 +202,7 @@ def test_cli_show_of_an_unknown_campaign_exits_1(settings):
 
 
 def test_publish_fails_fast_when_the_topic_does_not_exist(settings):
-    missing = replace(settings, topic_prefix=f"absent{uuid.uuid4().hex[:6]}.")
+    missing = settings.replace(topic_prefix=f"absent{uuid.uuid4().hex[:6]}.")
     started = time.monotonic()
     with pytest.raises(TopicUnavailable, match="does not exist"):
         publish_command(missing, SendCampaign(list_ids=["l"]), tenant_id="acme", campaign_id="c1")

@@ -195,7 +195,7 @@ def test_mails_each_recipient_once_and_replays_outcomes_on_redelivery(settings):
                                                   attempt=1, reason="r", permanent=True),
                                       tenant_id=TENANT, aggregate_id="x"))]
     produce(settings, batch, extra=tuple(junk))
-    with SmtpSink(SinkConfig(port=0)) as sink, running_sender(replace(settings, smtp_port=sink.port)):
+    with SmtpSink(SinkConfig(port=0)) as sink, running_sender(settings.replace(smtp_port=sink.port)):
         assert sink.wait_for_messages(300, timeout=60)
         first = read_deliveries(settings, 300)
         # The same recipients again, as after a crash or rebalance upstream.
@@ -234,7 +234,7 @@ def test_mails_each_recipient_once_and_replays_outcomes_on_redelivery(settings):
 def test_copies_within_one_batch_are_mailed_once_and_reported(settings):
     batch = recipients(40)
     produce(settings, batch + batch)  # both copies are waiting when the sender starts
-    with SmtpSink(SinkConfig(port=0)) as sink, running_sender(replace(settings, smtp_port=sink.port)):
+    with SmtpSink(SinkConfig(port=0)) as sink, running_sender(settings.replace(smtp_port=sink.port)):
         events = read_deliveries(settings, 40)
         time.sleep(0.5)
         records = sink.messages
@@ -251,7 +251,7 @@ def test_permanent_refusals_fail_for_good_and_hard_bounces_suppress(settings):
     batch = recipients(50)
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0, permfail_rate=1.0)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port)):
+            running_sender(settings.replace(smtp_port=sink.port)):
         events = read_deliveries(settings, 50)
         stats = sink.stats
     assert len(events) == 50
@@ -276,7 +276,7 @@ def test_transient_failures_are_retried_through_the_delay_topics(settings):
     batch = recipients(300)
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0, tempfail_rate=0.3, seed=11)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port)):
+            running_sender(settings.replace(smtp_port=sink.port)):
         events = deliveries_until(settings, terminal_for_all(300))
         records = sink.messages
         tempfails = sink.stats["tempfail"]
@@ -299,7 +299,7 @@ def test_lost_replies_after_data_are_counted_as_ambiguous(settings):
     batch = recipients(100)
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0, drop_rate=0.2, seed=3)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port)):
+            running_sender(settings.replace(smtp_port=sink.port)):
         events = deliveries_until(settings, terminal_for_all(100))
         dropped = sink.stats["drop_after_data"]
     sent = [e.payload for e in events if isinstance(e.payload, EmailSent)]
@@ -320,7 +320,7 @@ def test_a_claim_left_unsettled_by_a_crash_is_mailed_again_and_counted(settings)
     ledger.settle({(campaign, batch[1].contact_id): Outcome(Status.FAILED, 3, 451, "451 later")})
     ledger.close()
     produce(settings, batch)
-    with SmtpSink(SinkConfig(port=0)) as sink, running_sender(replace(settings, smtp_port=sink.port)):
+    with SmtpSink(SinkConfig(port=0)) as sink, running_sender(settings.replace(smtp_port=sink.port)):
         events = read_deliveries(settings, 3)
         mailed = sorted(rec["rcpt_tos"][0] for rec in sink.messages)
     assert mailed == sorted([batch[0].email, batch[2].email])  # the settled one is not mailed
@@ -355,7 +355,7 @@ def test_sigterm_finishes_the_batch_and_exits_zero(settings):
         # Everything mailed before the stop was settled and reported (the in-flight batch
         # completed); a new sender finishes the rest without mailing anyone twice.
         assert len(read_deliveries(settings, mailed_at_stop)) == mailed_at_stop
-        with running_sender(replace(settings, smtp_port=sink.port)):
+        with running_sender(settings.replace(smtp_port=sink.port)):
             events = read_deliveries(settings, len(batch), timeout=120)
         records = sink.messages
     assert "sender stopped" in stderr

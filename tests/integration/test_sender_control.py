@@ -8,7 +8,6 @@ lost, and while a campaign is paused nobody mailed at all.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 
 import pytest
 from prometheus_client import REGISTRY
@@ -52,7 +51,7 @@ def test_pause_stops_every_instance_holds_across_a_restart_and_resume_mails_the_
     campaign = batch[0].campaign_id
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0, latency_ms=LATENCY_MS)) as sink:
-        config = replace(settings, smtp_port=sink.port)
+        config = settings.replace(smtp_port=sink.port)
         # Two instances sharing the partitions: the pause must stop both.
         with running_sender(config, concurrency=2), running_sender(config, concurrency=2):
             wait_until(lambda: len(sink.messages) >= 100, 60, "sender mailed nothing")
@@ -84,7 +83,7 @@ def test_a_campaign_paused_before_sending_starts_is_held_until_resumed(settings)
     publish_control(settings, campaign, CampaignPaused())
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port)) as worker:
+            running_sender(settings.replace(smtp_port=sink.port)) as worker:
         wait_until(lambda: worker.stats.held >= 50, 60, "recipients were not held")
         assert steady(lambda: len(sink.messages)) == 0
         # Every parked recipient waits behind the blocked head of a held partition.
@@ -105,7 +104,7 @@ def test_resuming_one_campaign_releases_it_while_another_stays_paused(settings):
         publish_control(settings, batch[0].campaign_id, CampaignPaused())
     produce(settings, first + second)
     with SmtpSink(SinkConfig(port=0)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port)) as worker:
+            running_sender(settings.replace(smtp_port=sink.port)) as worker:
         wait_until(lambda: worker.stats.held >= 80, 60, "recipients were not held")
         publish_control(settings, second[0].campaign_id, CampaignResumed())
         wait_until(lambda: len(sink.messages) >= 40, 60, "the resumed campaign was not mailed")
@@ -121,7 +120,7 @@ def test_cancel_skips_everyone_not_yet_mailed(settings):
     campaign = batch[0].campaign_id
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0, latency_ms=LATENCY_MS)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port), concurrency=4):
+            running_sender(settings.replace(smtp_port=sink.port), concurrency=4):
         wait_until(lambda: len(sink.messages) >= 100, 60, "sender mailed nothing")
         publish_control(settings, campaign, CampaignCancelled(reason="wrong list"))
         events = deliveries_until(settings, terminal_for_all(COUNT))
@@ -170,7 +169,7 @@ def test_contacts_suppressed_unsubscribed_or_deleted_after_hydration_are_skipped
     ])
     produce(settings, batch)
     with SmtpSink(SinkConfig(port=0)) as sink, \
-            running_sender(replace(settings, smtp_port=sink.port)):
+            running_sender(settings.replace(smtp_port=sink.port)):
         events = deliveries_until(settings, terminal_for_all(30))
         records = sink.messages
     by_contact = terminal_once(events, 30)

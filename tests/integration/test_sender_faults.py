@@ -13,7 +13,6 @@ import contextlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 
@@ -71,7 +70,7 @@ def test_every_recipient_ends_once_and_transient_failures_end_sent(settings):
                                                         tenant_id=TENANT, aggregate_id=campaign))])
     produce(settings, batch)
     with SmtpSink(FAULTS) as sink, running_tracker(settings), \
-            running_sender(replace(settings, smtp_port=sink.port)):
+            running_sender(settings.replace(smtp_port=sink.port)):
         events = deliveries_until(settings, terminal_for_all(COUNT), timeout=240)
         completed = [m.payload for m in read_topic(settings, EVENTS, until=2)
                      if isinstance(m.payload, CampaignCompleted)]

@@ -8,7 +8,6 @@ burst plus limit x t), and every recipient is still mailed exactly once.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -36,7 +35,7 @@ def test_two_instances_share_a_tenant_limit_and_mail_everyone_once(settings, mon
     monkeypatch.setattr(worker, "MAX_THROTTLE_WAIT_SECONDS", 0.1)
     batch = recipients(COUNT)
     with SmtpSink(SinkConfig(port=0)) as sink:
-        config = replace(settings, smtp_port=sink.port)
+        config = settings.replace(smtp_port=sink.port)
         with running_sender(config, limiter=RateLimiter(tenant_limits=(LIMIT,))) as first, \
                 running_sender(config, limiter=RateLimiter(tenant_limits=(LIMIT,))) as second:
             wait_until(lambda: first._assigned and second._assigned
