@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install up down status demo test test-unit chaos lint typecheck deploy-check schemas bench clean
+.PHONY: bench-tools help install up down status demo test test-unit chaos lint typecheck deploy-check schemas bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -52,8 +52,13 @@ deploy-check: ## Validate deploy/: kubeconform -strict, Compose schema, dashboar
 schemas: $(STAMP) ## Regenerate schemas/json from the pydantic models
 	$(PY) -m schemas.export
 
-bench: $(STAMP) ## Throughput figures; writes bench/results/latest.json (BENCH_RECIPIENTS=N)
+bench: $(STAMP) bench-tools ## Throughput figures; writes bench/results/latest.json (BENCH_RECIPIENTS=N)
 	$(PY) -m bench.run
+
+bench-tools: ## Postfix's smtp-sink and smtp-source (Debian's postfix), for the C-sink step
+	@command -v smtp-sink >/dev/null || test -x /usr/sbin/smtp-sink || { \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix; }
 
 clean: down ## Stop everything and delete local state
 	rm -rf .state

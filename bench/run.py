@@ -40,6 +40,11 @@ Figures (bench/results/latest.json and bench/results/<UTC start>.json):
   connections as the sender uses (its SENDER_CONCURRENCY), no Kafka: accepted / seconds.
 - send_to_raw_ratio: send_rate / raw_smtp_rate: the share of the sink's capacity the pipeline
   achieves.
+- cpu_us_per_mail (+ _by_process): campaign_cpu_seconds of every process but the sink, per
+  mail, in microseconds.
+- raw_smtp_rate_c, send_rate_c, send_to_raw_ratio_c, cpu_us_per_mail_c (issue 18): a separate
+  step, see bench/c_sink.py: the same size of campaign and raw run against Postfix's C
+  smtp-sink, the box's SMTP ceiling.
 - projection_rate, raw_copy_rate (a logged COPY into a table like campaign_recipients; the
   unlogged one is raw_copy_rate_unlogged), projection_to_copy_ratio (issue 5): a separate step, see
   bench/projection.py: the real Projector's cold drain of BENCH_PROJECTION_EVENTS delivery
@@ -65,7 +70,7 @@ minute. `warmup_seconds` shows the cold cost.
   step, see bench/metrics_cost.py: one sender with metrics on (scraped every second) and off
   (CAMPAIGN_METRICS=off), alternating, best run of each; target ratio >= 0.97.
 
-BENCH_SKIP="projection,audience,scaleout,sender_memory,metrics" (any of them) leaves those separate
+BENCH_SKIP="c_sink,projection,audience,scaleout,sender_memory,metrics" (any of them) leaves those separate
 steps out, for a quick loop on the campaign figures; the JSON lists them under
 `skipped_steps` and their figures are absent.
 
@@ -82,17 +87,16 @@ import sys
 import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from confluent_kafka import KafkaException
 from rich.console import Console
 
-from bench import campaign, figures, hydration, projection, raw_smtp
+from bench import c_sink, campaign, figures, hydration, projection, raw_smtp
 from bench.event_log import read_campaign_messages
 from bench.metrics_cost import measure_metrics_cost
-from bench.proc_cpu import cpu_seconds, stat_fields, ticks_to_seconds
+from bench.proc_cpu import CpuMeter, per_mail_us
 from bench.process_memory import environment_of, peak_rss_mb, reset_peak_rss
 from bench.report import machine_info, render_table, write_results
 from bench.scaleout import measure_scaleout
@@ -130,7 +134,7 @@ SMALL_WARMUP_RECIPIENTS = 200
 MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "completion", "api",
                       "smtp_sink")
 # The separate steps after the campaign, in the order they run (BENCH_SKIP names them).
-SEPARATE_STEPS = ("projection", "audience", "scaleout", "sender_memory", "metrics")
+SEPARATE_STEPS = ("c_sink", "projection", "audience", "scaleout", "sender_memory", "metrics")
 
 
 def skipped_steps(env: dict[str, str]) -> tuple[str, ...]:
@@ -251,9 +255,7 @@ def main() -> int:
         return 1
 
     read_since = datetime.now(UTC) - READ_BACK_MARGIN
-    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    postmaster = postmaster_pid(stack)
-    pg_before = postgres_cpu_seconds(postmaster) if postmaster else None
+    meter = CpuMeter(pids, postmaster_pid(stack))
     try:
         run = campaign.run_campaign(ids, settings, recipients=count,
                                     timeout=campaign_timeout(count), console=console)
@@ -262,10 +264,8 @@ def main() -> int:
         show_logs(stack, console)
         return 2
     peaks = {name: peak_rss_mb(pid) for name, pid in pids.items()}
-    cpu_used = {name: _cpu_delta(cpu_before.get(name), cpu_seconds(pid))
-                for name, pid in pids.items()}
-    if postmaster:
-        cpu_used["postgres"] = _cpu_delta(pg_before, postgres_cpu_seconds(postmaster))
+    cpu_used = meter.used()
+    cpu_per_mail, cpu_per_mail_by_process = per_mail_us(cpu_used, count)
     console.print(f"campaign {ids.campaign_id} completed in {run.e2e_seconds:.2f} s")
 
     since_ms = int(read_since.timestamp() * 1000)
@@ -285,6 +285,19 @@ def main() -> int:
     sink_records = figures.sink_records_since(stack.sink_records, sink_offset)
     in_sink = figures.count_in_sink(sink_records, ids.campaign_id)
     raw_in_sink = figures.count_in_sink(sink_records, ids.raw_campaign_id)
+
+    # A separate step (issue 18): the same campaign and a raw run against a C SMTP sink.
+    c_sink_figures: dict[str, Any] = {}
+    c_sink_failures: list[str] = []
+    try:
+        if "c_sink" not in skip:
+            console.print(f"C sink: {count:,} recipients into Postfix's smtp-sink, then raw …")
+            c_sink_figures, c_sink_failures = c_sink.measure(
+                stack, settings, pids, postmaster_pid(stack), count, connections, console,
+                campaign_timeout(count))
+    except (c_sink.CSinkMissing, campaign.CampaignFailed, RuntimeError, OSError) as exc:
+        console.print(f"[bold red]C sink step failed:[/] {exc}")
+        c_sink_failures = [f"C sink step failed: {exc}"]
 
     # A separate step (issue 5): the projector alone, on its own backlog and fresh topics.
     projection_count = projection.events_wanted(dict(os.environ))
@@ -377,6 +390,8 @@ def main() -> int:
         **projection_figures,
         "peak_rss_mb": peaks,
         "campaign_cpu_seconds": cpu_used,
+        "cpu_us_per_mail": cpu_per_mail,
+        "cpu_us_per_mail_by_process": cpu_per_mail_by_process,
         "peak_rss_scope": "this campaign (VmHWM reset before import)" if peak_reset
                           else "since process start (VmHWM reset refused)",
         "campaign_csv_import_rows_per_s": round(imported.rows_per_second, 1),
@@ -385,6 +400,7 @@ def main() -> int:
         **scaleout_figures,
         **memory_figures,
         **metrics_figures,
+        **c_sink_figures,
         "skipped_steps": list(skip),
         "audience": audience_figures,
         "raw_smtp_seconds": round(raw.seconds, 3),
@@ -409,7 +425,7 @@ def main() -> int:
         "machine": machine_info(started),
     }
     failures = (_failures(results, count) + projection_failures + audience_failures
-                + scaleout_failures + memory_failures + metrics_failures)
+                + scaleout_failures + memory_failures + metrics_failures + c_sink_failures)
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))
@@ -451,27 +467,6 @@ def postmaster_pid(stack: Stack) -> int | None:
         return int((stack.postgres.data / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def postgres_cpu_seconds(postmaster: int) -> float | None:
-    """CPU of the whole server so far: the postmaster, its live children (backends, writers),
-    and the children it already reaped (cutime + cstime), so a backend that ends between two
-    readings is still counted. None if the server is gone."""
-    try:
-        stat = Path(f"/proc/{postmaster}/stat").read_text()
-        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
-    except OSError:
-        return None
-    ticks = sum(int(f) for f in stat_fields(stat)[11:15])  # utime, stime, cutime, cstime
-    total = ticks_to_seconds(ticks)
-    for child in children:
-        used = cpu_seconds(int(child))
-        total += used or 0.0  # a child gone since the listing is in cutime next time
-    return total
-
-
-def _cpu_delta(before: float | None, after: float | None) -> float | None:
-    return None if before is None or after is None else round(after - before, 2)
 
 
 def _round(value: float | None, digits: int) -> float | None:
