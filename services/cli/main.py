@@ -1,33 +1,29 @@
-"""`campaignctl`: import contacts, create, send, schedule, force-send, test-send, cancel, watch
-and show campaigns.
+"""`campaignctl`: add, get, import, unsubscribe and delete contacts; create, list, send,
+schedule, pause, resume, force-send, test-send, cancel, watch and show campaigns.
 
 Thin by design: each command parses its options, calls contacts_import, publishing or progress,
 and maps the outcome to an exit code. Exit codes: 0 done (an import with bad rows is done),
 1 a fatal error (missing file, unusable CSV, Kafka or PostgreSQL unreachable, campaign not
 found, command rejected, schedule missed, timeout), 2 invalid input (pydantic validation,
 usage). Errors are one red line on stderr, never a traceback. Settings come from the
-environment (`Settings()`).
+environment (`cli_settings()`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import psycopg
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
 
 from projections.queries import campaign_progress
 from projections.schedules import campaign_schedules
-from schemas.base import InvalidEmail, Record
+from schemas.base import Record
 from schemas.commands import (
     CancelCampaign,
     CreateCampaign,
@@ -38,14 +34,14 @@ from schemas.commands import (
     SendTestEmail,
 )
 from schemas.events import TestEmailFailed, TestEmailSent
+from services.cli import campaign_control_cmd, contacts_cmd
 from services.cli.contact_csv import column_mapping
 from services.cli.contact_flags import lift_flag
 from services.cli.contact_merge import merge_case_twins
-from services.cli.contacts_import import CsvImportError, ImportReport, import_contacts
+from services.cli.contacts_import import ImportReport, import_contacts
+from services.cli.failures import EXIT_FATAL, EXIT_INVALID, cli_settings, err, fail, fatal_errors, out
 from services.cli.ops_cmd import ops_app
 from services.cli.progress import (
-    CommandWasRejected,
-    ScheduleWasMissed,
     await_schedule,
     elapsed_seconds,
     render_campaign,
@@ -54,74 +50,40 @@ from services.cli.progress import (
 )
 from services.cli.projections_cmd import projections_app
 from services.cli.proof_send import DEFAULT_TIMEOUT_SECONDS, TestSendRejected, send_test_email
-from services.cli.publishing import PublishError, publish_command
+from services.cli.publishing import publish_command
 from services.cli.segment_counts_cmd import segment_counts_command
 from services.cli.segments_cmd import segment_app
-from services.common.settings import Settings
 
 # Rejected rows listed after an import; the rest are counted.
 SHOWN_REJECTIONS = 20
-EXIT_FATAL = 1
-EXIT_INVALID = 2
 
 app = typer.Typer(help="Event-sourced e-mail campaigns: contacts and campaigns.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-contacts_app = typer.Typer(help="Contacts: import from CSV, lift a suppression or an unsubscribe.",
-                           no_args_is_help=True)
+contacts_app = typer.Typer(
+    help="Contacts: add, get, unsubscribe, delete, import from CSV, lift a suppression or an"
+         " unsubscribe.", no_args_is_help=True)
 campaign_app = typer.Typer(
-    help="Campaigns: create, send, schedule, force-send, test-send, cancel, watch, show.",
+    help="Campaigns: create, list, send, schedule, pause, resume, force-send, test-send, cancel,"
+         " watch, show.",
     no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
+contacts_app.command("add")(contacts_cmd.add)
+contacts_app.command("get")(contacts_cmd.get)
+contacts_app.command("unsubscribe")(contacts_cmd.unsubscribe)
+contacts_app.command("delete")(contacts_cmd.delete)
 app.add_typer(campaign_app, name="campaign")
+campaign_app.command("list")(campaign_control_cmd.list_command)
+campaign_app.command("pause")(campaign_control_cmd.pause)
+campaign_app.command("resume")(campaign_control_cmd.resume)
 app.add_typer(segment_app, name="segment")
 segment_app.command("counts")(segment_counts_command)
 app.add_typer(projections_app, name="projections")
 app.add_typer(ops_app, name="ops")
 
-# soft_wrap: ids and reasons stay on one line, whatever the terminal width, so they can be copied.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
 Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id.")]
 CampaignId = Annotated[str, typer.Argument(help="Campaign id.")]
 OptionalFile = Path | None
 WatchTimeout = Annotated[float | None, typer.Option("--timeout", help="Give up watching after S seconds.")]
-
-
-def _fail(message: str, code: int = EXIT_FATAL) -> NoReturn:
-    err.print(f"[red]error: {escape(message)}[/red]", highlight=False)
-    raise typer.Exit(code)
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "input"
-        shown = repr(error.get("input"))
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" + ("" if shown in message else f" (got {shown})"))
-    return "invalid input: " + "; ".join(parts)
-
-
-@contextmanager
-def _fatal_errors() -> Iterator[None]:
-    """Turn the failures a user can act on into a red message and an exit code."""
-    try:
-        yield
-    except ValidationError as exc:
-        _fail(_validation_message(exc), EXIT_INVALID)
-    except (CommandWasRejected, ScheduleWasMissed):
-        raise typer.Exit(EXIT_FATAL) from None  # the watch already printed it in red
-    except (CsvImportError, PublishError, TimeoutError) as exc:
-        _fail(str(exc))
-    except InvalidEmail as exc:
-        _fail(str(exc), EXIT_INVALID)
-    except OSError as exc:
-        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-    except psycopg.Error as exc:
-        _fail(f"PostgreSQL: {str(exc).strip()}")
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
 
 
 # --- contacts --------------------------------------------------------------------------------
@@ -141,8 +103,8 @@ def contacts_import(
         " attr.<name> or - (ignore); repeatable.")] = None,
 ) -> None:
     """Import contacts from a CSV file; bad rows are reported and skipped."""
-    with _fatal_errors():
-        settings = Settings()
+    with fatal_errors():
+        settings = cli_settings()
         bar = Progress(
             "[bold]importing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
             console=err, transient=True,
@@ -184,8 +146,8 @@ Detail = Annotated[str, typer.Option("--reason", help="Why, for the record.")]
 @contacts_app.command("unsuppress")
 def contacts_unsuppress(contact: ContactArg, tenant: Tenant, reason: Detail = "") -> None:
     """Lift a contact's suppression (blocklist, hard bounce, complaint): ContactUnsuppressed."""
-    with _fatal_errors():
-        ids = lift_flag(Settings(), tenant, contact, "unsuppress", detail=reason)
+    with fatal_errors():
+        ids = lift_flag(cli_settings(), tenant, contact, "unsuppress", detail=reason)
     out.print(f"unsuppressed {', '.join(ids)}", highlight=False)
 
 
@@ -196,8 +158,8 @@ def contacts_resubscribe(
                                                 " unsubscribe).")] = None,
 ) -> None:
     """Lift a contact's unsubscribe (global, or from one list): ContactResubscribed."""
-    with _fatal_errors():
-        ids = lift_flag(Settings(), tenant, contact, "resubscribe", list_id=list_id, detail=reason)
+    with fatal_errors():
+        ids = lift_flag(cli_settings(), tenant, contact, "resubscribe", list_id=list_id, detail=reason)
     out.print(f"resubscribed {', '.join(ids)}" + (f" to {list_id}" if list_id else ""), highlight=False)
 
 
@@ -209,8 +171,8 @@ def contacts_merge_case_twins(
 ) -> None:
     """Merge contacts an earlier version made twice for one address in two cases (the
     migration of contact ids to the identity rule; imports also do it for the rows they name)."""
-    with _fatal_errors():
-        report = merge_case_twins(Settings(), tenant, apply=apply)
+    with fatal_errors():
+        report = merge_case_twins(cli_settings(), tenant, apply=apply)
     verb = "merged" if apply else "would merge"
     out.print(f"{verb} {report.merged:,} contacts into {len(report.survivors):,}"
               f" ({report.facts:,} events)", highlight=False)
@@ -222,7 +184,7 @@ def contacts_merge_case_twins(
 
 
 def _publish(payload: Record, tenant: str, campaign_id: str) -> uuid.UUID:
-    return publish_command(Settings(), payload, tenant_id=tenant, campaign_id=campaign_id)
+    return publish_command(cli_settings(), payload, tenant_id=tenant, campaign_id=campaign_id)
 
 
 def _read_text(path: Path | None) -> str | None:
@@ -244,9 +206,9 @@ def campaign_create(
 ) -> None:
     """Create a draft campaign; prints its id."""
     if text is not None and text_file is not None:
-        _fail("give --text or --text-file, not both", EXIT_INVALID)
+        fail("give --text or --text-file, not both", EXIT_INVALID)
     campaign_id = campaign_id or f"cmp-{uuid.uuid4().hex[:12]}"
-    with _fatal_errors():
+    with fatal_errors():
         command = CreateCampaign(
             name=name,
             subject=subject,
@@ -273,7 +235,7 @@ ExcludeSegments = Annotated[
 def _audience(lists: list[str] | None, contacts: list[str] | None, segments: list[str] | None,
               exclude_lists: list[str] | None, exclude_segments: list[str] | None) -> SendCampaign:
     if not lists and not contacts and not segments:
-        _fail("give at least one --list, --segment or --contact", EXIT_INVALID)
+        fail("give at least one --list, --segment or --contact", EXIT_INVALID)
     return SendCampaign(
         list_ids=lists or [], contact_ids=contacts or [], segment_ids=segments or [],
         exclude_list_ids=exclude_lists or [], exclude_segment_ids=exclude_segments or [],
@@ -294,7 +256,7 @@ def campaign_send(
 ) -> None:
     """Start sending a draft campaign to any mix of lists, segments and contacts, minus
     exclusion lists and segments."""
-    with _fatal_errors():
+    with fatal_errors():
         command = _audience(lists, contacts, segments, exclude_lists, exclude_segments)
         command_id = _publish(command, tenant, campaign_id)
         out.print(f"send requested for {campaign_id} (command {command_id})", highlight=False)
@@ -322,7 +284,7 @@ def campaign_schedule(
     """Schedule a draft campaign's send (the audience is fixed when it fires). Exits 1 when
     it is rejected or its schedule is missed (found more than --grace seconds late), with
     the reason."""
-    with _fatal_errors():
+    with fatal_errors():
         send = _audience(lists, contacts, segments, exclude_lists, exclude_segments)
         command = ScheduleCampaign.model_validate({"send_at": at, "send": send, "grace_seconds": grace})
         command_id = _publish(command, tenant, campaign_id)
@@ -330,7 +292,7 @@ def campaign_schedule(
                   f" (command {command_id})", highlight=False)
         if not wait:
             return
-        schedule = await_schedule(Settings(), campaign_id, tenant, command_id=command_id,
+        schedule = await_schedule(cli_settings(), campaign_id, tenant, command_id=command_id,
                                   timeout=timeout, console=err)
         if schedule.state == "fired":
             out.print(f"schedule fired: {campaign_id} is sending", highlight=False)
@@ -349,7 +311,7 @@ def campaign_force_send(
     timeout: WatchTimeout = None,
 ) -> None:
     """Send a scheduled campaign now, whether its schedule is pending or was missed."""
-    with _fatal_errors():
+    with fatal_errors():
         command_id = _publish(ForceScheduledSend(), tenant, campaign_id)
         out.print(f"forced send requested for {campaign_id} (command {command_id})", highlight=False)
         if watch:
@@ -363,7 +325,7 @@ def campaign_cancel(
     reason: Annotated[str | None, typer.Option("--reason", help="Why, for the record.")] = None,
 ) -> None:
     """Cancel a campaign: recipients not yet mailed are not mailed."""
-    with _fatal_errors():
+    with fatal_errors():
         command_id = _publish(CancelCampaign(reason=reason), tenant, campaign_id)
     out.print(f"cancel requested for {campaign_id} (command {command_id})", highlight=False)
 
@@ -388,9 +350,9 @@ def campaign_test_send(
     for item in attrs or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            _fail(f"--attr wants KEY=VALUE, got {item!r}", EXIT_INVALID)
+            fail(f"--attr wants KEY=VALUE, got {item!r}", EXIT_INVALID)
         attributes[key.strip()] = value
-    with _fatal_errors():
+    with fatal_errors():
         command = SendTestEmail(
             addresses=to,
             sample=SampleContact(first_name=first_name, last_name=last_name, attributes=attributes),
@@ -404,17 +366,17 @@ def campaign_test_send(
                 err.print(f"[red]{text}[/red]", highlight=False)
 
         try:
-            report = send_test_email(Settings(), command, tenant_id=tenant, campaign_id=campaign_id,
+            report = send_test_email(cli_settings(), command, tenant_id=tenant, campaign_id=campaign_id,
                                      wait=wait, timeout=timeout, on_outcome=show)
         except TestSendRejected as exc:
-            _fail(f"test send rejected: {exc}")
+            fail(f"test send rejected: {exc}")
         out.print(f"test send {report.test_id} for {campaign_id} (command {report.command_id})",
                   highlight=False)
         if not wait:
             return
         if not report.complete:
             missing = [a for a in report.addresses if a not in report.outcomes]
-            _fail(f"no outcome within {timeout:g} s for {', '.join(missing)}"
+            fail(f"no outcome within {timeout:g} s for {', '.join(missing)}"
                   " (are the command handler and a sender running?)")
         if not report.all_sent:
             raise typer.Exit(EXIT_FATAL)
@@ -427,14 +389,14 @@ def campaign_watch(
     timeout: WatchTimeout = None,
 ) -> None:
     """Follow a campaign's progress until it completes or is cancelled."""
-    with _fatal_errors():
+    with fatal_errors():
         _watch(campaign_id, tenant, timeout, None)
 
 
 def _watch(campaign_id: str, tenant: str, timeout: float | None, command_id: uuid.UUID | None) -> None:
     started = time.monotonic()
     final = watch_campaign(
-        Settings(), campaign_id, tenant, timeout=timeout, console=err, command_id=command_id
+        cli_settings(), campaign_id, tenant, timeout=timeout, console=err, command_id=command_id
     )
     out.print(render_summary(final, elapsed_seconds(final, time.monotonic() - started)))
 
@@ -442,14 +404,14 @@ def _watch(campaign_id: str, tenant: str, timeout: float | None, command_id: uui
 @campaign_app.command("show")
 def campaign_show(campaign_id: CampaignId, tenant: Tenant) -> None:
     """Show a campaign's read model."""
-    with _fatal_errors():
-        with psycopg.connect(Settings().database_url) as conn:
+    with fatal_errors():
+        with psycopg.connect(cli_settings().database_url) as conn:
             # One snapshot for the progress and the schedule.
             conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
             progress = campaign_progress(conn, campaign_id, tenant)
             schedule = campaign_schedules(conn, tenant, [campaign_id]).get(campaign_id)
         if progress is None:
-            _fail(f"campaign {campaign_id!r} not found for tenant {tenant!r}")
+            fail(f"campaign {campaign_id!r} not found for tenant {tenant!r}")
         out.print(render_campaign(progress, schedule))
 
 
