@@ -12,6 +12,10 @@ relays, routed by From domain with failover (see services/sender/relay_config.py
 relays.py); without them mail goes to SMTP_HOST:SMTP_PORT. A configuration that cannot be used
 stops the start with exit code 2 and the reason.
 
+This module is the sender's one wiring point: `sender_worker` builds every adapter the worker
+talks to (clients, send ledger, feeds, held gauge) around the SMTP transport, retry policy,
+rate limiter and List-Unsubscribe signer read from the environment in `main`.
+
 The cyclic garbage collector runs relaxed while the sender works (see
 services/common/gc_tuning.py).
 
@@ -29,17 +33,53 @@ import threading
 from types import FrameType
 
 from services.common.gc_tuning import relaxed_gc
+from services.common.kafka import Stopping
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings
+from services.sender.clients import delivery_producer, recipients_consumer
+from services.sender.control import ControlBoard, ControlFeed
+from services.sender.decisions import Bounds
+from services.sender.do_not_mail import DoNotMailFeed, DoNotMailList
+from services.sender.held_gauge import HeldGauge
+from services.sender.ledger import SendLedger
+from services.sender.list_unsubscribe import ListUnsubscribe
+from services.sender.mailer import SEND_BOUNDS
 from services.sender.proof_mail import TestSendWorker
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
+from services.sender.retries import RetryPolicy
+from services.sender.throttle import RateLimiter
+from services.sender.transport import MailTransport
 from services.sender.worker import SenderWorker
 
 # How long the test-send thread may take to finish its request in flight after a stop: one
 # request is at most 25 SMTP transactions with their own timeouts, plus a flush.
 TEST_SENDS_STOP_SECONDS = 60.0
+
+
+def sender_worker(settings: Settings, stop: threading.Event, transport: MailTransport, *,
+                  policy: RetryPolicy, limiter: RateLimiter,
+                  list_unsubscribe: ListUnsubscribe | None, concurrency: int = 8,
+                  bounds: Bounds = SEND_BOUNDS) -> SenderWorker:
+    """The sender's worker with its adapters (`stop` also ends the send ledger's wait for an
+    absent database). Tests call it with a transport, policy and limiter of their own."""
+    board = ControlBoard()
+    return SenderWorker(
+        settings,
+        consumer=recipients_consumer(settings),
+        producer=delivery_producer(settings),
+        ledger=SendLedger(settings.database_url, stop=stop),
+        transport=transport,
+        control=ControlFeed(settings, board),
+        do_not_mail=DoNotMailFeed(settings, DoNotMailList()),
+        held=HeldGauge(settings.kafka_bootstrap_servers),
+        policy=policy,
+        limiter=limiter,
+        list_unsubscribe=list_unsubscribe,
+        concurrency=concurrency,
+        bounds=bounds,
+    )
 
 
 def main() -> int:
@@ -54,7 +94,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     settings = Settings()
     try:
-        transport = transport_factory(settings)
+        transports = transport_factory(settings)
     except RelayConfigError as exc:
         log.error("relay configuration refused", error=str(exc))
         return 2
@@ -64,7 +104,7 @@ def main() -> int:
 
     def run_test_sends() -> None:
         try:
-            TestSendWorker(settings, transport).run(stop)
+            TestSendWorker(settings, transports).run(stop)
         except Exception:
             log.exception("test-send worker failed; stopping the sender")
             failed.set()
@@ -73,8 +113,15 @@ def main() -> int:
     test_sends = threading.Thread(target=run_test_sends, name="sender-test-sends", daemon=True)
     test_sends.start()
     try:
+        worker = sender_worker(settings, stop, transports(concurrency),
+                               policy=RetryPolicy.from_env(),
+                               limiter=RateLimiter.from_env(os.environ),
+                               list_unsubscribe=ListUnsubscribe.from_env(),
+                               concurrency=concurrency)
         with relaxed_gc():
-            SenderWorker(settings, concurrency=concurrency, transport=transport).run(stop)
+            worker.run(stop)
+    except Stopping as exc:  # asked to stop while the send ledger waited for the database
+        log.warning("stopping before the first batch", waiting_for=str(exc))
     finally:
         stop.set()
         test_sends.join(TEST_SENDS_STOP_SECONDS)
