@@ -64,14 +64,13 @@ def sender_worker(settings: Settings, stop: threading.Event, transport: MailTran
                   bounds: Bounds = SEND_BOUNDS) -> SenderWorker:
     """The sender's worker with its adapters (`stop` also ends the send ledger's wait for an
     absent database). Tests call it with a transport, policy and limiter of their own."""
-    board = ControlBoard()
     return SenderWorker(
         settings,
         consumer=recipients_consumer(settings),
         producer=delivery_producer(settings),
         ledger=SendLedger(settings.database_url, stop=stop),
         transport=transport,
-        control=ControlFeed(settings, board),
+        control=ControlFeed(settings, ControlBoard()),
         do_not_mail=DoNotMailFeed(settings, DoNotMailList()),
         held=HeldGauge(settings.kafka_bootstrap_servers),
         policy=policy,

@@ -214,10 +214,8 @@ class SenderWorker:
             if not pipeline.wants_records(self.batch_size):
                 pipeline.step(block=True)  # enough queued: wait for the oldest chunk
                 continue
-            timeout = self._waiting.poll_timeout(POLL_TIMEOUT_SECONDS)
-            if pipeline.busy:
-                timeout = min(timeout, BUSY_POLL_SECONDS)
-            records = consumer.consume(self.batch_size, timeout)
+            longest = BUSY_POLL_SECONDS if pipeline.busy else POLL_TIMEOUT_SECONDS
+            records = consumer.consume(self.batch_size, self._waiting.poll_timeout(longest))
             if records:
                 _count_consumed(records)
                 work, done = router.route(records)
