@@ -1,6 +1,7 @@
 """What the sender does with a recipient record, decided from plain values. Pure: no clock, no
-broker, no sleep; the worker reads the clocks and the campaign's control state, calls these and
-carries the decision out (services/sender/worker.py).
+broker, no sleep; the modules at the edge read the clocks and the campaign's control state,
+call these and carry the decision out (services/sender/routing.py, waiting.py, mailer.py,
+steps.py).
 
 Guarantees, given the values passed in:
 - `read`: a record that is not a valid recipient record is dead-lettered with the reason; an
@@ -8,9 +9,15 @@ Guarantees, given the values passed in:
 - `route`: a recipient of a paused campaign is never acted on (it is parked, or its held
   partition waits for a release); a delay record is never acted on before it is due (its
   partition waits, or a released held one goes back to its delay topic).
+- `due_at`: a throttled recipient is taken back early enough to wait for its slot, a retry at
+  its time.
 - `pre_send`, `booked`: a recipient is mailed only while its campaign is sending and it is not
   skipped, never after the batch deadline, and under a rate limit only at a slot it booked
   (never before it); a slot further off than the in-thread wait goes to a delay topic.
+  `untried` says what an attempt the check stopped comes to (held, skipped, deferred or
+  failed by the retry policy, throttled).
+- `replayed`: a recipient not mailed now publishes what the send ledger holds for it, so a
+  redelivered copy repeats its outcome, never a new one; `fair`: tenants take turns.
 - `wake`, `swept`, `poll_timeout`: a paused delay partition is resumed at the first turn of
   the loop after its head is due, and the fetch never waits past that; blocked held
   partitions are swept after every release, and once more a while after it.
@@ -18,14 +25,20 @@ Guarantees, given the values passed in:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TypeVar, assert_never
 
 from schemas.envelope import Envelope, SchemaViolation, decode
 from schemas.events import RecipientExcluded, RecipientQueued, RecipientRetryScheduled
 from services.common.kafka import PartitionKey
 from services.sender.control import Control
+from services.sender.delivery import Outcome, Status, transient
+from services.sender.ledger import Claim, ClaimState
+from services.sender.retries import RetryPolicy
+
+T = TypeVar("T")
 
 # --- reading a record -----------------------------------------------------------------------
 
@@ -83,6 +96,34 @@ def skip_reason(control: Control, do_not_mail: str | None) -> str | None:
     return do_not_mail
 
 
+def replayed(claim: Claim, attempt: int, skip: str | None, *, now: datetime,
+             policy: RetryPolicy, draw: float) -> Outcome | None:
+    """What a recipient that is not mailed now ends as, from its ledger claim: its settled
+    outcome again; SKIPPED with `skip`; its recorded deferral with a new retry time (the retry
+    record may have been lost in a crash); None when a later attempt owns it (STALE)."""
+    if claim.state is ClaimState.SETTLED:
+        return claim.outcome
+    if claim.state is ClaimState.SKIPPED:
+        return Outcome(Status.SKIPPED, attempt, detail=skip or "cancelled")
+    if claim.state is ClaimState.DEFERRED and claim.outcome is not None:
+        wait = policy.delay(attempt, draw)
+        return replace(claim.outcome, retry_at=now + timedelta(seconds=wait))
+    return None
+
+
+def fair(items: Sequence[T], tenant: Callable[[T], str]) -> list[T]:
+    """Round-robin over tenants, in each tenant's order, so that when a rate limit of the SMTP
+    server bites, tenants share its slots instead of the largest one taking them all."""
+    by_tenant: dict[str, list[T]] = {}
+    for item in items:
+        by_tenant.setdefault(tenant(item), []).append(item)
+    if len(by_tenant) < 2:
+        return list(items)
+    queues = list(by_tenant.values())
+    longest = max(len(q) for q in queues)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+
+
 # --- routing --------------------------------------------------------------------------------
 
 
@@ -121,6 +162,16 @@ class Forward:
 Route = Act | WaitUntil | WaitForRelease | Park | Forward
 
 
+def due_at(payload: RecipientQueued | RecipientRetryScheduled, *, early: float) -> datetime | None:
+    """When a record may be acted on: None for a first attempt (at once), a retry's time, or
+    `early` seconds before a throttled one's slot (it waits for the slot in its send thread)."""
+    if not isinstance(payload, RecipientRetryScheduled):
+        return None
+    if payload.throttled:
+        return payload.retry_at - timedelta(seconds=early)
+    return payload.retry_at
+
+
 def route(control: Control, *, from_held: bool, due: datetime | None, now: datetime,
           offset: int, sweep_until: int) -> Route:
     """Where a recipient record goes now. `due`: when a delay record may be acted on (None: a
@@ -148,7 +199,7 @@ def route(control: Control, *, from_held: bool, due: datetime | None, now: datet
 @dataclass(frozen=True)
 class Bounds:
     """How long a recipient may wait in its send thread and how late in a batch it may be
-    mailed, in seconds (the worker's constants say what each guards against)."""
+    mailed, in seconds (mailer.py's constants say what each guards against)."""
 
     batch_deadline: float
     max_throttle_wait: float
@@ -230,6 +281,25 @@ def booked(wait: float, *, clock: float, started: float, now: datetime,
     if wait > bounds.max_throttle_wait or clock + wait > started + bounds.throttled_batch:
         return Throttle(now + timedelta(seconds=wait))
     return Send(wait)
+
+
+def untried(check: Hold | Skip | Defer | Throttle, attempt: int, *, first_attempt_at: datetime,
+            now: datetime, policy: RetryPolicy, draw: float) -> Outcome:
+    """What an attempt the pre-send check stopped comes to: HELD (parked untried), SKIPPED with
+    the reason, a transient failure (deferred, or failed once the policy gives up; `draw`
+    jitters the backoff), or THROTTLED holding its slot."""
+    match check:
+        case Hold():
+            return Outcome(Status.HELD, attempt)
+        case Skip(reason=reason):
+            return Outcome(Status.SKIPPED, attempt, detail=reason)
+        case Defer(reason=reason):
+            return transient(attempt, None, reason, first_attempt_at=first_attempt_at, now=now,
+                             policy=policy, draw=draw)
+        case Throttle(retry_at=retry_at):
+            return Outcome(Status.THROTTLED, attempt, retry_at=retry_at)
+        case _:
+            assert_never(check)
 
 
 # --- resuming paused partitions -------------------------------------------------------------

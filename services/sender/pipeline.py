@@ -55,8 +55,8 @@ ItemIn = TypeVar("ItemIn", bound=Recipient, contravariant=True)
 
 
 class SendSteps(Protocol[ItemIn]):
-    """The worker's side of the pipeline. Every method but `mail` runs on the thread that
-    drives the pipeline; `mail` runs on an SMTP thread."""
+    """The sender's side of the pipeline (steps.py). Every method but `mail` runs on the
+    thread that drives the pipeline; `mail` runs on an SMTP thread."""
 
     def claim(self, items: Sequence[ItemIn]) -> Mapping[LedgerKey, Claim]: ...
 

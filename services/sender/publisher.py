@@ -5,8 +5,8 @@ Guarantees: `produce` never drops a record for a full local queue (it waits for 
 `flush` returns only when every record produced so far is acknowledged by the broker and
 raises `PublishFailed` otherwise, so the caller commits offsets only after their outcomes are
 durable. A broker outage is waited out: the producer never gives a record up for time
-(`message.timeout.ms` 0, see the worker's producer config) and `flush` waits in short steps
-until the broker is back, or raises `Stopping` STOP_FLUSH_SECONDS after a stop request.
+(`message.timeout.ms` 0, see clients.py) and `flush` waits in short steps until the broker
+is back, or raises `Stopping` STOP_FLUSH_SECONDS after a stop request.
 Copies (after a redelivery) carry the same outcome and Message-ID.
 """
 

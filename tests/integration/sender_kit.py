@@ -20,8 +20,13 @@ from schemas.envelope import Message, decode, encode, wrap
 from schemas.events import EmailDeferred, MessageTemplate, RecipientQueued
 from services.common.settings import Settings
 from services.common.topics import DELIVERIES, EVENTS, RECIPIENTS, topic_name
+from services.sender.__main__ import sender_worker
+from services.sender.decisions import Bounds
+from services.sender.mailer import SEND_BOUNDS
 from services.sender.retries import RetryPolicy
+from services.sender.smtp_pool import SmtpPool
 from services.sender.throttle import RateLimiter
+from services.sender.transport import MailTransport
 from services.sender.worker import SenderWorker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -128,10 +133,16 @@ def ledger_rows(settings: Settings, campaign_id: str) -> list[dict]:
 
 @contextlib.contextmanager
 def running_sender(settings: Settings, concurrency: int = 8, policy: RetryPolicy = FAST_RETRIES,
-                   limiter: RateLimiter | None = None) -> Iterator[SenderWorker]:
+                   limiter: RateLimiter | None = None, bounds: Bounds = SEND_BOUNDS,
+                   transport: MailTransport | None = None) -> Iterator[SenderWorker]:
+    """A sender worker running in a thread, wired as services/sender/__main__.py wires it; by
+    default it mails settings.smtp_host:smtp_port, unlimited, without List-Unsubscribe."""
     stop = threading.Event()
-    worker = SenderWorker(settings, concurrency=concurrency, policy=policy,
-                          limiter=limiter or RateLimiter())
+    worker = sender_worker(
+        settings, stop,
+        transport or SmtpPool(settings.smtp_host, settings.smtp_port, concurrency),
+        policy=policy, limiter=limiter or RateLimiter(), list_unsubscribe=None,
+        concurrency=concurrency, bounds=bounds)
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -8,11 +8,12 @@ burst plus limit x t), and every recipient is still mailed exactly once.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
 
-from services.sender import worker
+from services.sender.mailer import SEND_BOUNDS
 from services.sender.throttle import RateLimiter
 from services.smtp_sink import SinkConfig, SmtpSink
 from tests.integration.sender_kit import produce, recipients, running_sender, wait_until
@@ -25,19 +26,21 @@ COUNT = 240
 SLACK = 3
 
 
-def test_two_instances_share_a_tenant_limit_and_mail_everyone_once(settings, monkeypatch):
+def test_two_instances_share_a_tenant_limit_and_mail_everyone_once(settings):
     # A booking further off than this goes to a delay topic. The default (2 s, or past the
     # batch's 5 s) is reached only when one batch holds more than ~6 s of one instance's
     # share, which depends on how the consumer happens to split the backlog into batches
     # (CI once saw batches of 96 + 24: no throttling). With 8 send threads booking at
     # 20/s each, a wait of 0.1 s is passed as soon as the burst is spent: most of the
     # backlog goes through a delay topic and back.
-    monkeypatch.setattr(worker, "MAX_THROTTLE_WAIT_SECONDS", 0.1)
+    bounds = replace(SEND_BOUNDS, max_throttle_wait=0.1)
     batch = recipients(COUNT)
     with SmtpSink(SinkConfig(port=0)) as sink:
         config = settings.replace(smtp_port=sink.port)
-        with running_sender(config, limiter=RateLimiter(tenant_limits=(LIMIT,))) as first, \
-                running_sender(config, limiter=RateLimiter(tenant_limits=(LIMIT,))) as second:
+        with running_sender(config, limiter=RateLimiter(tenant_limits=(LIMIT,)),
+                            bounds=bounds) as first, \
+                running_sender(config, limiter=RateLimiter(tenant_limits=(LIMIT,)),
+                               bounds=bounds) as second:
             wait_until(lambda: first._assigned and second._assigned
                        and len(first._assigned) + len(second._assigned) == first._partitions_total,
                        60, "the two senders did not share the partitions")

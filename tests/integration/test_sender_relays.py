@@ -18,10 +18,14 @@ from services.sender.relay_config import RelaysConfig, parse
 from services.sender.relays import RelayRouter
 from services.sender.replies import Verdict
 from services.sender.throttle import RateLimiter
-from services.sender.worker import SenderWorker
 from services.smtp_sink import SinkConfig, SmtpSink
 from services.smtp_sink.certificates import Certificate, self_signed
-from tests.integration.sender_kit import FAST_RETRIES, deliveries_until, produce, terminal_for_all
+from tests.integration.sender_kit import (
+    deliveries_until,
+    produce,
+    running_sender,
+    terminal_for_all,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -221,34 +225,18 @@ def test_the_sender_worker_mails_through_the_router_per_from_domain(settings, si
     via_second = campaign(b, "news@example.net", 20)
     via_default = campaign(c, "news@example.org", 10)
     produce(settings, via_first + via_second + via_default)
-    routers: list[RelayRouter] = []
-
-    def factory(size: int) -> RelayRouter:
-        routers.append(RelayRouter(config, size))
-        return routers[-1]
-
+    router = RelayRouter(config, 4)
     # The per-server rate limit books the routed relay's name (server_for); generous, so
     # nothing is throttled.
     limiter = BookingLog(server_limits=(100_000.0,))
-    worker = SenderWorker(settings, concurrency=4, policy=FAST_RETRIES, limiter=limiter,
-                          transport=factory)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _run(worker, stop, errors), daemon=True)
-    thread.start()
-    try:
+    with running_sender(settings, concurrency=4, limiter=limiter, transport=router):
         events = deliveries_until(settings, terminal_for_all(60), timeout=120)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
     sent = {e.payload.contact_id for e in events if isinstance(e.payload, EmailSent)}
     assert sent == {r.contact_id for r in via_first + via_second + via_default}
     by_campaign = Counter(_campaign(r) for r in first.messages)
     assert by_campaign == Counter({a: 30, b: 20})
     assert Counter(_campaign(r) for r in second.messages) == Counter({c: 10})
     assert len(set(ids(first))) == 50, "no mail twice"
-    [router] = routers
     stats = router.stats.snapshot()
     assert stats["first"].sent == 0 and stats["first"].failovers == 30
     assert stats["second"].sent == 50 and stats["second"].failed_over_in == 30
@@ -271,10 +259,3 @@ class BookingLog(RateLimiter):
 
 def _campaign(record: dict) -> str:
     return next(value for name, value in record["headers"] if name.lower() == "x-campaign-id")
-
-
-def _run(worker: SenderWorker, stop: threading.Event, errors: list[BaseException]) -> None:
-    try:
-        worker.run(stop)
-    except BaseException as exc:  # surfaced in the test, not lost in the thread
-        errors.append(exc)

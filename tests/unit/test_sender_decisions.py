@@ -35,14 +35,21 @@ from services.sender.decisions import (
     WaitUntil,
     Wake,
     booked,
+    due_at,
+    fair,
     poll_timeout,
     pre_send,
     read,
+    replayed,
     route,
     skip_reason,
     swept,
+    untried,
     wake,
 )
+from services.sender.delivery import Outcome, Status
+from services.sender.ledger import Claim, ClaimState
+from services.sender.retries import RetryPolicy
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 RECIPIENT = RecipientQueued(campaign_id="c1", contact_id="k1", email="k1@example.com",
@@ -180,6 +187,15 @@ def test_a_released_held_retry_not_due_goes_back_to_its_delay_topic() -> None:
     assert from_held(Control.SENDING, due=LATER) == Forward()
 
 
+def test_a_first_attempt_is_due_at_once_a_retry_at_its_time_a_throttled_one_early() -> None:
+    retry = RecipientRetryScheduled(recipient=RECIPIENT, attempt=2, retry_at=LATER,
+                                    first_attempt_at=NOW)
+    throttled = retry.model_copy(update={"attempt": 1, "throttled": True})
+    assert due_at(RECIPIENT, early=1.0) is None
+    assert due_at(retry, early=1.0) == LATER
+    assert due_at(throttled, early=1.0) == LATER - timedelta(seconds=1)
+
+
 # --- pre_send ---------------------------------------------------------------------------------
 
 STARTED = 1000.0
@@ -250,6 +266,74 @@ def test_a_long_booked_wait_goes_to_a_delay_topic_for_its_slot() -> None:
 def test_a_slot_past_the_batchs_throttled_bound_goes_to_a_delay_topic() -> None:
     assert after_booking(1.0, clock=STARTED + 4.0) == Send(1.0)  # exactly at the bound
     assert after_booking(1.0, clock=STARTED + 4.5) == Throttle(NOW + timedelta(seconds=1))
+
+
+# --- untried ---------------------------------------------------------------------------------
+
+POLICY = RetryPolicy(base_seconds=10.0, max_delay_seconds=100.0, max_attempts=3,
+                     max_age_seconds=3600.0)
+
+
+def stopped(check: Hold | Skip | Defer | Throttle, attempt: int = 1,
+            first: datetime = NOW) -> Outcome:
+    return untried(check, attempt, first_attempt_at=first, now=NOW, policy=POLICY, draw=0.0)
+
+
+def test_held_skipped_and_throttled_attempts_are_not_tried() -> None:
+    assert stopped(Hold()) == Outcome(Status.HELD, 1)
+    assert stopped(Skip("unsubscribed"), 2) == Outcome(Status.SKIPPED, 2, detail="unsubscribed")
+    assert stopped(Throttle(LATER)) == Outcome(Status.THROTTLED, 1, retry_at=LATER)
+
+
+def test_an_attempt_stopped_by_the_deadline_is_a_transient_failure() -> None:
+    deferred = stopped(Defer("batch deadline passed"))
+    assert (deferred.status, deferred.detail) == (Status.DEFERRED, "batch deadline passed")
+    assert deferred.retry_at == NOW + timedelta(seconds=5)  # half the base wait at draw 0
+    given_up = stopped(Defer("batch deadline passed"), attempt=3)
+    assert given_up.status is Status.FAILED and not given_up.permanent
+    assert given_up.detail == "gave up after 3 attempts: batch deadline passed"
+
+
+# --- replayed ---------------------------------------------------------------------------------
+
+
+def replay(claim: Claim, attempt: int = 2, skip: str | None = None) -> Outcome | None:
+    return replayed(claim, attempt, skip, now=NOW, policy=POLICY, draw=0.0)
+
+
+def test_a_settled_recipient_replays_its_outcome() -> None:
+    sent = Outcome(Status.SENT, 1, 250, "ok")
+    assert replay(Claim(ClaimState.SETTLED, sent)) is sent
+
+
+def test_a_skipped_claim_replays_the_skip_with_its_reason() -> None:
+    assert replay(Claim(ClaimState.SKIPPED), skip="deleted") == \
+        Outcome(Status.SKIPPED, 2, detail="deleted")
+    assert replay(Claim(ClaimState.SKIPPED)) == Outcome(Status.SKIPPED, 2, detail="cancelled")
+
+
+def test_a_recorded_deferral_is_published_again_with_a_new_retry_time() -> None:
+    deferral = Outcome(Status.DEFERRED, 2, 451, "try later")
+    again = replay(Claim(ClaimState.DEFERRED, deferral), attempt=2)
+    assert again == Outcome(Status.DEFERRED, 2, 451, "try later",
+                            retry_at=NOW + timedelta(seconds=10))
+    assert replay(Claim(ClaimState.DEFERRED)) is None  # nothing on record to publish
+
+
+def test_a_stale_claim_publishes_nothing() -> None:
+    assert replay(Claim(ClaimState.STALE)) is None
+
+
+# --- fair -------------------------------------------------------------------------------------
+
+
+def test_tenants_take_turns_each_in_its_own_order() -> None:
+    items = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1), ("b", 2)]
+    assert fair(items, lambda item: item[0]) == \
+        [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("a", 3)]
+    one = [("a", 2), ("a", 1)]
+    assert fair(one, lambda item: item[0]) == one
+    assert fair([], lambda item: item) == []
 
 
 # --- wake, swept, poll_timeout ----------------------------------------------------------------

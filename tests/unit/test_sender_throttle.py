@@ -60,7 +60,8 @@ def test_a_throttled_recipient_is_taken_back_early_enough_to_wait_for_its_slot()
     from datetime import UTC, datetime, timedelta
 
     from schemas.events import MessageTemplate, RecipientQueued, RecipientRetryScheduled
-    from services.sender.worker import THROTTLED_EARLY_SECONDS, due_at
+    from services.sender.decisions import due_at
+    from services.sender.mailer import THROTTLED_EARLY_SECONDS
 
     slot = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
     recipient = RecipientQueued(campaign_id="c1", contact_id="k1", email="k1@example.com",
@@ -69,8 +70,9 @@ def test_a_throttled_recipient_is_taken_back_early_enough_to_wait_for_its_slot()
     retry = RecipientRetryScheduled(recipient=recipient, attempt=2, retry_at=slot,
                                     first_attempt_at=slot - timedelta(minutes=1))
     throttled = retry.model_copy(update={"attempt": 1, "throttled": True})
-    assert due_at(retry) == slot  # a transient failure's retry: at its time
-    assert due_at(throttled) == slot - timedelta(seconds=THROTTLED_EARLY_SECONDS)
+    early = THROTTLED_EARLY_SECONDS
+    assert due_at(retry, early=early) == slot  # a transient failure's retry: at its time
+    assert due_at(throttled, early=early) == slot - timedelta(seconds=THROTTLED_EARLY_SECONDS)
     assert THROTTLED_EARLY_SECONDS > 0
 
 

@@ -1,0 +1,103 @@
+"""One attempt for one recipient, on a send thread: the check right before it, the rate-limit
+slot, the message, one SMTP transaction and what it comes to.
+
+Guarantees (decisions.pre_send, booked and untried decide; this carries them out): a
+recipient is mailed only while its campaign is sending and it is not skipped, never once the
+batch deadline has passed, and under a rate limit never before the slot it booked; at most one
+SMTP transaction per call; a recipient whose message cannot be built fails for good without
+stopping the batch; `mail` never raises for SMTP or network trouble.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+
+import structlog
+
+from services.sender.control import ControlBoard
+from services.sender.decisions import Book, Bounds, Send, booked, pre_send, skip_reason, untried
+from services.sender.delivery import Outcome, judge_attempt
+from services.sender.do_not_mail import DoNotMailList
+from services.sender.list_unsubscribe import ListUnsubscribe
+from services.sender.mime import build_mail
+from services.sender.render import render
+from services.sender.retries import RetryPolicy
+from services.sender.throttle import RateLimiter
+from services.sender.transport import MailTransport
+from services.sender.work import Work
+
+log = structlog.get_logger("sender")
+
+# No SMTP attempt starts later than this into a batch: guards against a relay that hangs or
+# crawls, which would otherwise keep the batch going past max.poll.interval.ms, get this
+# sender evicted from the group and its recipients handed to another sender mid-send.
+BATCH_DEADLINE_SECONDS = 120.0
+# Longest a send thread waits for its rate-limit slot, and latest (into the batch) a slot may
+# be: beyond either, the recipient goes to a delay topic for that slot instead, so a tight
+# limit neither stretches a batch (and the partitions it holds) towards max.poll.interval.ms
+# nor runs into the batch deadline, which would count as a failed attempt.
+MAX_THROTTLE_WAIT_SECONDS = 2.0
+THROTTLED_BATCH_SECONDS = 5.0
+# A throttled recipient is taken back from its delay topic this long before its slot and its
+# send thread waits for the slot there: the way back (pause, resume, fetch) takes some tenths
+# of a second, and a paid slot is only good at its time (one back later books a new slot).
+THROTTLED_EARLY_SECONDS = 1.0
+SEND_BOUNDS = Bounds(BATCH_DEADLINE_SECONDS, MAX_THROTTLE_WAIT_SECONDS, THROTTLED_BATCH_SECONDS,
+                     THROTTLED_EARLY_SECONDS)
+
+
+class Mailer:
+    """Mails work items over `transport`; thread-safe (every send thread calls `mail`)."""
+
+    def __init__(self, transport: MailTransport, *, board: ControlBoard,
+                 do_not_mail: DoNotMailList, limiter: RateLimiter, policy: RetryPolicy,
+                 list_unsubscribe: ListUnsubscribe | None, bounds: Bounds = SEND_BOUNDS) -> None:
+        self._transport = transport
+        self._board = board
+        self._do_not_mail = do_not_mail
+        self._limiter = limiter
+        self._policy = policy
+        self._list_unsubscribe = list_unsubscribe
+        self._bounds = bounds
+        self._rng = random.Random()  # noqa: S311 - backoff jitter, not security
+
+    def mail(self, item: Work, started: float) -> Outcome:
+        """One attempt for `item` (`started`: monotonic time its batch started)."""
+        recipient = item.recipient
+        tenant = item.envelope.tenant_id
+        control = self._board.state(recipient.campaign_id)
+        now = datetime.now(UTC)
+        skip = skip_reason(control, self._do_not_mail.reason(tenant, recipient.contact_id))
+        check = pre_send(control, skip, now=now, clock=time.monotonic(), started=started,
+                         slot=item.slot, limited=self._limiter.active, bounds=self._bounds)
+        if isinstance(check, Book):
+            clock = time.monotonic()
+            server = self._transport.server_for(recipient.template.from_address)
+            wait = self._limiter.book(tenant, server, clock)
+            check = booked(wait, clock=clock, started=started, now=now, bounds=self._bounds)
+        if not isinstance(check, Send):
+            return untried(check, item.attempt, first_attempt_at=item.first_attempt_at, now=now,
+                           policy=self._policy, draw=self._rng.random())
+        if check.wait > 0:
+            time.sleep(check.wait)  # a send thread pacing itself; the consumer loop is free
+            now = datetime.now(UTC)
+        try:
+            extra = (self._list_unsubscribe.headers(tenant, recipient.contact_id,
+                                                    recipient.campaign_id)
+                     if self._list_unsubscribe else None)
+            mail = build_mail(recipient, render(recipient), now, extra)
+        except Exception as exc:  # a recipient that cannot be built must not stop the batch
+            log.exception("message not built", campaign_id=recipient.campaign_id,
+                          contact_id=recipient.contact_id)
+            return Outcome.unbuildable(item.attempt, exc)
+        result = self._transport.transmit(mail)
+        outcome = judge_attempt(result, item.attempt, first_attempt_at=item.first_attempt_at,
+                                now=datetime.now(UTC), policy=self._policy,
+                                draw=self._rng.random())
+        if outcome.ambiguous:
+            log.warning("possible duplicate: connection lost after DATA",
+                        campaign_id=recipient.campaign_id, contact_id=recipient.contact_id,
+                        attempt=item.attempt)
+        return outcome
