@@ -31,8 +31,17 @@ from projections.segment_counts import CountsUnavailable, count_segment, segment
 from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
-from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, PathId, Pool, Tenant
-from services.api.gateway import DB_RETRY_AFTER_S, Schedule, gateway_router, schedule_out
+from services.api.contacts import contacts_router
+from services.api.deps import (
+    TENANT_ERRORS,
+    DbPool,
+    ErrorDetail,
+    PathId,
+    Pool,
+    Tenant,
+    database_unavailable,
+)
+from services.api.gateway import Schedule, gateway_router, schedule_out
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
@@ -238,14 +247,6 @@ def _not_found() -> HTTPException:
     return HTTPException(404, "campaign not found")
 
 
-def database_unavailable() -> JSONResponse:
-    """The answer to any request that needed PostgreSQL while it was unreachable."""
-    return JSONResponse(
-        {"detail": "the database is unavailable; retry later"}, status_code=503,
-        headers={"Retry-After": str(DB_RETRY_AFTER_S)},
-    )
-
-
 def _segments(pool: Pool, tenant: str, segment_id: str | None) -> list[SegmentCounts]:
     with queries.tenant_snapshot(pool, tenant) as conn:
         as_of = queries.snapshot_time(conn)
@@ -317,6 +318,7 @@ def create_app(
     app.state.unsubscribe_secret = unsubscribe_secret
     app.include_router(gateway_router)
     app.include_router(unsubscribe_router)
+    app.include_router(contacts_router, responses=TENANT_ERRORS)
 
     @app.exception_handler(psycopg.OperationalError)
     async def on_database_unreachable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:

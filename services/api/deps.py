@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel
@@ -48,6 +49,19 @@ DbPool = Annotated[Pool, Depends(_pool)]
 _ID_DOC = "An id: a letter or digit, then up to 127 of letters, digits, '_', '.', ':', '-'"
 PathId = Annotated[EntityId, Path(description=_ID_DOC)]
 QueryId = Annotated[EntityId | None, Query(description=_ID_DOC)]
+
+
+# What a 503 (database unreachable) tells callers to wait before retrying: about the time a
+# restarting PostgreSQL needs, and the pool's first reconnection attempts.
+DB_RETRY_AFTER_S = 5
+
+
+def database_unavailable() -> JSONResponse:
+    """The answer to any request that needed PostgreSQL while it was unreachable."""
+    return JSONResponse(
+        {"detail": "the database is unavailable; retry later"}, status_code=503,
+        headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+    )
 
 
 class ErrorDetail(BaseModel):

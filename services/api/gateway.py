@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules
 from services.api import outbox, queries
 from services.api.commands import CommandInvalid, CommandRequest, build_envelope
-from services.api.deps import TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
+from services.api.deps import DB_RETRY_AFTER_S, TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
 from services.api.sse import RECONNECT_MS, format_event
 from services.common.settings import Settings
 from services.common.topics import COMMANDS, topic_name
@@ -46,9 +46,6 @@ PUBLISH_WAIT_S = 2.0
 PUBLISH_POLL_S = 0.05
 # How often the outcome stream looks at the read models.
 OUTCOME_POLL_S = 0.5
-# What a 503 (database unreachable) tells callers to wait before retrying: about the time a
-# restarting PostgreSQL needs, and the pool's first reconnection attempts.
-DB_RETRY_AFTER_S = 5
 
 CommandState = Literal["pending", "published", "accepted", "rejected"]
 FINAL_STATES = frozenset({"accepted", "rejected"})

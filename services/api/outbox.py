@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -96,6 +97,17 @@ def accept(conn: psycopg.Connection[Any], envelope: Envelope, topic: str) -> Out
     entry = entry_of(conn, envelope.tenant_id, envelope.id)
     assert entry is not None
     return entry
+
+
+def accept_many(conn: psycopg.Connection[Any], envelopes: Sequence[Envelope], topic: str) -> None:
+    """Store events for `topic` in one transaction, in their order (all or none). Their ids
+    are fresh, so nothing is deduplicated here. Commits before returning."""
+    with conn.transaction(), conn.cursor() as cursor, cursor.copy(
+            "COPY command_outbox (command_id, topic, tenant_id, aggregate_id, command_type,"
+            " envelope) FROM STDIN") as copy:
+        for envelope in envelopes:
+            copy.write_row((envelope.id, topic, envelope.tenant_id, envelope.aggregate_id,
+                            envelope.type, encode(envelope)))
 
 
 def _same_command(stored: tuple[Any, ...], envelope: Envelope, topic: str) -> bool:
