@@ -29,68 +29,71 @@ def original(campaign: str, contact: str, return_path: str | None = None, domain
     return mail
 
 
+def _report(report_type: str, sender: str, to: str, subject: str, date: datetime, message_id: str | None,
+            text: str) -> MIMEMultipart:
+    report = MIMEMultipart("report", report_type=report_type)
+    report["From"] = sender
+    report["To"] = to
+    report["Subject"] = subject
+    report["Date"] = format_datetime(date)
+    report["Message-ID"] = message_id or make_msgid(domain=sender.partition("@")[2])
+    report.attach(MIMEText(text))
+    return report
+
+
+def _block(content_type: str | None = None, **fields: str | None) -> Message:
+    """A header block (Foo_Bar= is Foo-Bar:); None values are left out."""
+    block = Message()
+    if content_type is not None:
+        block["Content-Type"] = content_type
+    for name, value in fields.items():
+        if value is not None:
+            block[name.replace("_", "-")] = value
+    return block
+
+
+def _attach_original(report: MIMEMultipart, returned: Message | None, headers_only: bool = False) -> None:
+    if returned is None:
+        return
+    if headers_only:
+        part = MIMEBase("text", "rfc822-headers")
+        part.set_payload(returned.as_string().split("\n\n", 1)[0] + "\n")
+    else:
+        part = _block("message/rfc822")
+        part.set_payload([returned])
+    report.attach(part)
+
+
 def dsn(*, to: str, action: str = "failed", status: str = "5.1.1",
         diagnostic: str = "smtp; 550 5.1.1 <ann@example.net>: Recipient address rejected",
         returned: Message | None = None, headers_only: bool = False, message_id: str | None = None) -> bytes:
     """A delivery status notification to `to` (the VERP return path) for ann@example.net."""
-    report = MIMEMultipart("report", report_type="delivery-status")
-    report["From"] = "MAILER-DAEMON@mx.example.net"
-    report["To"] = to
-    report["Subject"] = "Undelivered Mail Returned to Sender"
-    report["Date"] = format_datetime(datetime(2026, 3, 1, 9, 30, tzinfo=UTC))
-    report["Message-ID"] = message_id or make_msgid(domain="mx.example.net")
-    report.attach(MIMEText("I'm sorry to have to inform you that your message could not be delivered."))
-    status_part = Message()
-    status_part["Content-Type"] = "message/delivery-status"
-    per_message = Message()
-    per_message["Reporting-MTA"] = "dns; mx.example.net"
-    per_message["Arrival-Date"] = "Sun, 1 Mar 2026 09:29:58 +0000"
-    per_recipient = Message()
-    per_recipient["Final-Recipient"] = "rfc822; ann@example.net"
-    per_recipient["Action"] = action
-    per_recipient["Status"] = status
-    per_recipient["Remote-MTA"] = "dns; mail.example.net"
-    per_recipient["Diagnostic-Code"] = diagnostic
-    status_part.set_payload([per_message, per_recipient])
+    report = _report("delivery-status", "MAILER-DAEMON@mx.example.net", to, "Undelivered Mail Returned to Sender",
+                     datetime(2026, 3, 1, 9, 30, tzinfo=UTC), message_id,
+                     "I'm sorry to have to inform you that your message could not be delivered.")
+    status_part = _block("message/delivery-status")
+    status_part.set_payload([
+        _block(Reporting_MTA="dns; mx.example.net", Arrival_Date="Sun, 1 Mar 2026 09:29:58 +0000"),
+        _block(Final_Recipient="rfc822; ann@example.net", Action=action, Status=status,
+               Remote_MTA="dns; mail.example.net", Diagnostic_Code=diagnostic),
+    ])
     report.attach(status_part)
-    if returned is not None:
-        if headers_only:
-            part = MIMEBase("text", "rfc822-headers")
-            part.set_payload(returned.as_string().split("\n\n", 1)[0] + "\n")
-            report.attach(part)
-        else:
-            wrapper = Message()
-            wrapper["Content-Type"] = "message/rfc822"
-            wrapper.set_payload([returned])
-            report.attach(wrapper)
+    _attach_original(report, returned, headers_only)
     return report.as_bytes(policy=_WIRE)
 
 
 def arf(*, to: str, original_mail_from: str | None = None, feedback_type: str = "abuse",
         returned: Message | None = None, message_id: str | None = None) -> bytes:
     """An RFC 5965 abuse report of a feedback loop, sent to `to`."""
-    report = MIMEMultipart("report", report_type="feedback-report")
-    report["From"] = "fbl@isp.example.org"
-    report["To"] = to
-    report["Subject"] = "FW: Spring news"
-    report["Date"] = format_datetime(datetime(2026, 3, 2, 10, 0, tzinfo=UTC))
-    report["Message-ID"] = message_id or make_msgid(domain="isp.example.org")
-    report.attach(MIMEText("This is an email abuse report for an email message received from IP 192.0.2.1."))
-    feedback = Message()
-    feedback["Content-Type"] = "message/feedback-report"
-    fields = Message()
-    fields["Feedback-Type"] = feedback_type
-    fields["User-Agent"] = "SomeGenerator/1.0"
-    fields["Version"] = "1"
-    if original_mail_from is not None:
-        fields["Original-Mail-From"] = f"<{original_mail_from}>"
-    fields["Original-Rcpt-To"] = "<ann@example.net>"
-    fields["Arrival-Date"] = "Mon, 2 Mar 2026 09:55:00 +0000"
-    feedback.set_payload([fields])
+    report = _report("feedback-report", "fbl@isp.example.org", to, "FW: Spring news",
+                     datetime(2026, 3, 2, 10, 0, tzinfo=UTC), message_id,
+                     "This is an email abuse report for an email message received from IP 192.0.2.1.")
+    feedback = _block("message/feedback-report")
+    feedback.set_payload([_block(
+        Feedback_Type=feedback_type, User_Agent="SomeGenerator/1.0", Version="1",
+        Original_Mail_From=f"<{original_mail_from}>" if original_mail_from is not None else None,
+        Original_Rcpt_To="<ann@example.net>", Arrival_Date="Mon, 2 Mar 2026 09:55:00 +0000",
+    )])
     report.attach(feedback)
-    if returned is not None:
-        wrapper = Message()
-        wrapper["Content-Type"] = "message/rfc822"
-        wrapper.set_payload([returned])
-        report.attach(wrapper)
+    _attach_original(report, returned)
     return report.as_bytes(policy=_WIRE)

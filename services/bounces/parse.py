@@ -67,10 +67,9 @@ TenantOfCampaign = Callable[[str], str | None]
 
 
 @dataclass(frozen=True, slots=True)
-class Recipient:
-    tenant_id: str
-    campaign_id: str
-    contact_id: str
+class Recipient(VerpClaim):
+    """The mail a report is about, and how we know."""
+
     # verp: a signed token; provider: a provider's signed notification; headers: unsigned.
     via: Literal["verp", "provider", "headers"]
 
@@ -97,6 +96,8 @@ Report = BounceReport | ComplaintReport
 
 @dataclass(frozen=True, slots=True)
 class Parsed:
+    """A report with the mail it is about; the dedup key names the report itself."""
+
     report: Report
     recipient: Recipient
     dedup_key: str
@@ -104,6 +105,8 @@ class Parsed:
 
 @dataclass(frozen=True, slots=True)
 class Unparseable:
+    """Nothing to record, and why; `report` is the classification when one was found."""
+
     reason: str
     report: Report | None = None
 

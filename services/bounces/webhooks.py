@@ -117,14 +117,27 @@ def create_app(config: WebhookConfig) -> FastAPI:
     return app
 
 
-def router(config: WebhookConfig) -> APIRouter:
-    routes = APIRouter(prefix="/webhooks")
+Reader = Callable[[WebhookConfig, bytes, Request], Awaitable[list[Notification]]]
 
-    async def handle(request: Request, provider: str,
-                     read: Callable[[bytes, Request], Awaitable[list[Notification]]]) -> JSONResponse:
+
+def router(config: WebhookConfig) -> APIRouter:
+    """POST /webhooks/<provider> for each provider."""
+    routes = APIRouter(prefix="/webhooks")
+    readers: dict[str, Reader] = {
+        "ses": _ses, "sendgrid": _sendgrid, "mailgun": _mailgun, "postmark": _postmark,
+    }
+    for provider, read in readers.items():
+        routes.add_api_route(f"/{provider}", _endpoint(config, provider, read), methods=["POST"],
+                             name=provider)
+    return routes
+
+
+def _endpoint(config: WebhookConfig, provider: str,
+              read: Reader) -> Callable[[Request], Awaitable[JSONResponse]]:
+    async def handle(request: Request) -> JSONResponse:
         try:
             body = await _body(request)
-            notifications = await read(body, request)
+            notifications = await read(config, body, request)
             recorded = await _record(config, provider, notifications)
         except Refused as refused:
             config.count(f"{provider}_refused_{refused.status}")
@@ -134,23 +147,7 @@ def router(config: WebhookConfig) -> APIRouter:
             return JSONResponse({"error": f"temporarily unavailable: {exc}"}, status_code=503)
         return JSONResponse({"recorded": recorded, "ignored": len(notifications) - recorded})
 
-    @routes.post("/ses")
-    async def ses(request: Request) -> JSONResponse:
-        return await handle(request, "ses", lambda body, _: _ses(config, body))
-
-    @routes.post("/sendgrid")
-    async def sendgrid(request: Request) -> JSONResponse:
-        return await handle(request, "sendgrid", lambda body, req: _sendgrid(config, body, req))
-
-    @routes.post("/mailgun")
-    async def mailgun(request: Request) -> JSONResponse:
-        return await handle(request, "mailgun", lambda body, _: _mailgun(config, body))
-
-    @routes.post("/postmark")
-    async def postmark(request: Request) -> JSONResponse:
-        return await handle(request, "postmark", lambda body, req: _postmark(config, body, req))
-
-    return routes
+    return handle
 
 
 async def _body(request: Request) -> bytes:
@@ -303,7 +300,7 @@ async def verify_sns(config: WebhookConfig, message: Mapping[str, Any]) -> None:
         raise Refused(403, "bad SNS signature") from None
 
 
-async def _ses(config: WebhookConfig, body: bytes) -> list[Notification]:
+async def _ses(config: WebhookConfig, body: bytes, _request: Request) -> list[Notification]:
     message = _json(body)
     if not isinstance(message, dict):
         raise Refused(400, "SNS message is not an object")
@@ -431,7 +428,7 @@ def sendgrid_notifications(event: Mapping[str, Any]) -> list[Notification]:
 # --- Mailgun --------------------------------------------------------------------------------
 
 
-async def _mailgun(config: WebhookConfig, body: bytes) -> list[Notification]:
+async def _mailgun(config: WebhookConfig, body: bytes, _request: Request) -> list[Notification]:
     if not config.mailgun_signing_key:
         raise Refused(403, "Mailgun webhooks not configured")
     payload = _json(body)
