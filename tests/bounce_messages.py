@@ -55,6 +55,7 @@ def _block(content_type: str | None = None, **fields: str | None) -> Message:
 def _attach_original(report: MIMEMultipart, returned: Message | None, headers_only: bool = False) -> None:
     if returned is None:
         return
+    part: Message
     if headers_only:
         part = MIMEBase("text", "rfc822-headers")
         part.set_payload(returned.as_string().split("\n\n", 1)[0] + "\n")

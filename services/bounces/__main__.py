@@ -38,7 +38,8 @@ def main() -> int:
     publisher = BouncePublisher(settings, settings.bounce_kafka_timeout_seconds)
     handler = BounceHandler(context, publisher.publish, trust_headers=settings.bounce_trust_headers,
                             soft_limit=settings.bounce_soft_limit)
-    receiver = BounceReceiver(handler, settings.bounce_smtp_host, settings.bounce_smtp_port)
+    receiver = BounceReceiver(handler, settings.bounce_smtp_host, settings.bounce_smtp_port,
+                              on_tick=settings.heartbeat().beat)
     try:
         receiver.start()
     except (OSError, RuntimeError) as error:

@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections import Counter
@@ -51,6 +52,8 @@ _MAX_RECIPIENTS = 10
 # start() / stop() wait this long for the server thread: guards against a thread that died or
 # hung leaving the caller waiting forever.
 _THREAD_TIMEOUT_S = 10.0
+# How often the server loop calls on_tick (the service's heartbeat).
+_TICK_SECONDS = 1.0
 
 Publish = Callable[[list[Outgoing]], Any]  # async: awaits the broker's acknowledgements
 History = Callable[[str, str], Sequence[ContactOutcome]]
@@ -137,8 +140,10 @@ class BounceReceiver:
     `start()` returns once the port accepts connections (port 0: a free one, see `port`);
     `stop()` closes every connection and stops the thread. Started at most once."""
 
-    def __init__(self, handler: BounceHandler, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, handler: BounceHandler, host: str = "127.0.0.1", port: int = 0,
+                 on_tick: Callable[[], None] | None = None) -> None:
         self.handler = handler
+        self._on_tick = on_tick
         self.host = host
         self._requested_port = port
         self.port = port
@@ -205,7 +210,11 @@ class BounceReceiver:
 
         server = await loop.create_server(factory, sock=sock)
         self._ready.set()
-        await self._stopping.wait()
+        while not self._stopping.is_set():
+            if self._on_tick is not None:
+                self._on_tick()  # the heartbeat: this loop is alive and not stuck
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), _TICK_SECONDS)
         server.close()
         for protocol in list(sessions):
             if protocol.transport is not None:

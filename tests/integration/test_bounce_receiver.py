@@ -11,10 +11,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 
 from schemas.bounces import EmailBounced, EmailComplained
 from schemas.contacts import ContactSuppressed
+from services.bounces.directory import PostgresCampaigns
 from services.bounces.events import BOUNCE_TOPIC, records_for
 from services.bounces.parse import BounceContext, BounceReport, Parsed, Recipient
 from services.bounces.publisher import BouncePublisher, PublishFailed
@@ -132,5 +134,81 @@ def test_the_publisher_raises_when_the_broker_is_away():
         with pytest.raises(PublishFailed):
             asyncio.run(publisher.publish(records))
         assert time.monotonic() - started < 3.0
+    finally:
+        publisher.close()
+
+
+def test_long_ids_resolve_through_the_campaigns_read_model(settings: Settings):
+    tenant, campaign, contact = f"t{uuid.uuid4().hex[:8]}", f"cmp-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO campaigns (tenant_id, campaign_id) VALUES (%s, %s)", (tenant, campaign))
+    directory = PostgresCampaigns(settings.database_url)
+    context = BounceContext(DOMAIN, KEYS, directory, directory.tenant_of)
+    publisher = BouncePublisher(settings, 10.0)
+    receiver = BounceReceiver(BounceHandler(context, publisher.publish)).start()
+    try:
+        verp = verp_address(KEYS, DOMAIN, tenant, campaign, contact)
+        assert verp.startswith("bounces+r")  # by reference: the ids do not fit inline
+        assert _send(receiver, verp, dsn(to=verp))[0] == 250
+        # The same reference for a campaign the read model does not know: nobody to record.
+        stranger = verp_address(KEYS, DOMAIN, tenant, "cmp-000000000000", contact)
+        assert _send(receiver, stranger, dsn(to=stranger))[0] == 250
+        # Header attribution finds the tenant there too.
+        fbl = f"bounces+fbl@{DOMAIN}"
+        assert _send(receiver, fbl, dsn(to=fbl, returned=original(campaign, "p-headers")))[0] == 250
+        events = read_topic(settings, BOUNCE_TOPIC, until=2)
+        assert sorted((m.envelope.tenant_id, m.payload.campaign_id, m.payload.contact_id, m.payload.attribution)
+                      for m in events) == sorted([(tenant, campaign, contact, "verp"),
+                                                  (tenant, campaign, "p-headers", "headers")])
+        assert receiver.handler.stats["unparseable"] == 1
+        # Unsigned headers do not suppress: only the VERP-attributed hard bounce does.
+        suppressed = read_topic(settings, CONTACTS, until=1)
+        assert [m.payload.contact_id for m in suppressed] == [contact]
+    finally:
+        receiver.stop()
+        publisher.close()
+
+
+def test_with_the_database_away_a_reference_token_gets_451(settings: Settings):
+    (closed_port,) = free_ports(1)
+    directory = PostgresCampaigns(f"postgresql://campaigns@127.0.0.1:{closed_port}/campaigns")
+    context = BounceContext(DOMAIN, KEYS, directory, directory.tenant_of)
+    publisher = BouncePublisher(settings, 10.0)
+    receiver = BounceReceiver(BounceHandler(context, publisher.publish)).start()
+    try:
+        verp = verp_address(KEYS, DOMAIN, "acme", CAMPAIGN, str(uuid.uuid4()))
+        code, _ = _send(receiver, verp, dsn(to=verp))
+        assert code == 451
+        assert receiver.handler.stats["directory_unavailable"] == 1
+    finally:
+        receiver.stop()
+        publisher.close()
+
+
+def test_a_signed_webhook_reaches_kafka_once_acknowledged(settings: Settings):
+    import hashlib
+    import hmac
+
+    from fastapi.testclient import TestClient
+
+    from services.bounces.webhooks import WebhookConfig, create_app
+
+    publisher = BouncePublisher(settings, 10.0)
+    context = BounceContext(DOMAIN, KEYS, None, None)
+    key = b"mailgun-key"
+    client = TestClient(create_app(WebhookConfig(context, publisher.publish, mailgun_signing_key=key)))
+    try:
+        verp = verp_address(KEYS, DOMAIN, "acme", "c1", "p-webhook")
+        stamp, token = str(int(time.time())), uuid.uuid4().hex
+        signature = hmac.new(key, f"{stamp}{token}".encode(), hashlib.sha256).hexdigest()
+        body = {"signature": {"timestamp": stamp, "token": token, "signature": signature},
+                "event-data": {"event": "complained", "id": "mg-42", "envelope": {"sender": verp}}}
+        assert client.post("/webhooks/mailgun", json=body).json() == {"recorded": 1, "ignored": 0}
+        assert client.post("/webhooks/mailgun", json=body).status_code == 200  # redelivered
+        events = read_topic(settings, BOUNCE_TOPIC, until=2)
+        assert {(m.envelope.type, m.payload.contact_id, m.payload.source) for m in events} == {
+            ("EmailComplained", "p-webhook", "webhook")}
+        assert len({m.envelope.id for m in events}) == 1
+        assert [m.payload.reason for m in read_topic(settings, CONTACTS, until=2)] == ["complaint", "complaint"]
     finally:
         publisher.close()
