@@ -50,6 +50,8 @@ def main() -> int:
              domain=settings.bounce_domain)
     try:
         if settings.bounce_webhook_port:
+            if not settings.bounce_sendgrid_public_key:
+                log.warning("BOUNCE_SENDGRID_PUBLIC_KEY not set: SendGrid events are taken unsigned")
             config = WebhookConfig(
                 context, publisher.publish,
                 sns_topic_arns=frozenset(

@@ -5,6 +5,9 @@ Guarantees: an answer reflects the read model as of the last load, reloaded on a
 most once per `RELOAD_INTERVAL_SECONDS` (a flood of forged digests cannot turn into a flood
 of queries); a database that cannot be reached within the bounds raises
 DirectoryUnavailable, so the receiver answers 451 and the bounce comes again later.
+
+The login reads every tenant's campaigns, so row-level security must let it (a superuser in
+development, a member of campaign_writer in production; see migration 0003).
 """
 
 from __future__ import annotations

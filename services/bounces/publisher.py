@@ -14,13 +14,16 @@ import asyncio
 import threading
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from schemas.envelope import encode
 from services.bounces.events import Outgoing
 from services.common.kafka import make_producer
 from services.common.settings import Settings
 from services.common.topics import topic_name
+
+log = structlog.get_logger("bounces")
 
 # How often the poll thread hands delivery reports over: the added latency of a reply.
 _POLL_SECONDS = 0.05
@@ -34,24 +37,44 @@ class PublishFailed(RuntimeError):
 
 
 class BouncePublisher:
+    """One idempotent producer shared by every SMTP session and webhook request; a producer
+    that hit a fatal error (its idempotence state lost) is replaced before the next publish."""
+
     def __init__(self, settings: Settings, timeout_seconds: float) -> None:
-        timeout_ms = max(1000, int(timeout_seconds * 1000))
         self._settings = settings
         self._timeout = timeout_seconds
-        self._producer = make_producer(settings, **{
-            "message.timeout.ms": timeout_ms,
-            "request.timeout.ms": min(30_000, timeout_ms),
-            "linger.ms": 1,
-        })
+        self._fatal = threading.Event()
+        self._producer = self._new_producer()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="bounce-publisher", daemon=True)
         self._poller.start()
+
+    def _new_producer(self) -> Producer:
+        timeout_ms = max(1000, int(self._timeout * 1000))
+        return make_producer(self._settings, **{
+            "message.timeout.ms": timeout_ms,
+            "request.timeout.ms": min(30_000, timeout_ms),
+            "linger.ms": 1,
+            "error_cb": self._on_error,
+        })
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            log.error("bounce producer failed fatally; it is replaced", error=str(error))
+            self._fatal.set()
+
+    def _renew_if_fatal(self) -> None:
+        if self._fatal.is_set():
+            self._fatal.clear()
+            old, self._producer = self._producer, self._new_producer()
+            old.flush(0)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(_POLL_SECONDS)
 
     async def publish(self, records: list[Outgoing]) -> None:
+        self._renew_if_fatal()
         loop = asyncio.get_running_loop()
         pending: list[asyncio.Future[None]] = []
 

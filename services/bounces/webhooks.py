@@ -39,6 +39,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
+import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,6 +52,8 @@ from services.bounces.events import Outgoing, records_for
 from services.bounces.parse import BounceContext, BounceReport, ComplaintReport, Parsed, Recipient, Report
 from services.bounces.publisher import PublishFailed
 from services.bounces.verp import DirectoryUnavailable, VerpClaim, read_token, token_of
+
+log = structlog.get_logger("bounces")
 
 # A webhook body larger than this is refused (400): guards memory against a hostile client.
 MAX_BODY_BYTES = 1024 * 1024
@@ -68,6 +71,11 @@ SENDGRID_MAX_AGE_SECONDS = 600.0
 _SNS_HOST = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")
 
 Publish = Callable[[list[Outgoing]], Awaitable[None]]
+
+
+class Unavailable(Exception):
+    """Something the answer depends on (AWS, for a certificate or a confirmation) did not
+    answer: 503, the provider sends the notification again."""
 
 
 class Refused(Exception):
@@ -137,12 +145,18 @@ def _endpoint(config: WebhookConfig, provider: str,
     async def handle(request: Request) -> JSONResponse:
         try:
             body = await _body(request)
-            notifications = await read(config, body, request)
+            try:
+                notifications = await read(config, body, request)
+            except (Refused, Unavailable):
+                raise
+            except Exception as exc:  # input never makes a 5xx; the log shows what to fix
+                log.exception("webhook unreadable", provider=provider)
+                raise Refused(400, f"unreadable notification: {type(exc).__name__}") from None
             recorded = await _record(config, provider, notifications)
         except Refused as refused:
             config.count(f"{provider}_refused_{refused.status}")
             return JSONResponse({"error": refused.reason}, status_code=refused.status)
-        except (PublishFailed, DirectoryUnavailable) as exc:
+        except (PublishFailed, DirectoryUnavailable, Unavailable) as exc:
             config.count(f"{provider}_unavailable")
             return JSONResponse({"error": f"temporarily unavailable: {exc}"}, status_code=503)
         return JSONResponse({"recorded": recorded, "ignored": len(notifications) - recorded})
@@ -226,6 +240,11 @@ def _obj(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _objs(value: object) -> list[Mapping[str, Any]]:
+    """The objects of a JSON list (nothing when it is no list)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 # --- Amazon SES via SNS ---------------------------------------------------------------------
 
 _SNS_NOTIFICATION_KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
@@ -261,7 +280,7 @@ async def _sns_certificate(config: WebhookConfig, url: str) -> rsa.RSAPublicKey:
                                      follow_redirects=False) as client:
             response = await client.get(url)
     except httpx.HTTPError as exc:
-        raise PublishFailed(f"SNS certificate not fetched: {type(exc).__name__}") from None
+        raise Unavailable(f"SNS certificate not fetched: {type(exc).__name__}") from None
     if response.status_code != 200 or len(response.content) > MAX_CERT_BYTES:
         raise Refused(403, "signing certificate not available")
     try:
@@ -329,9 +348,9 @@ async def _confirm(config: WebhookConfig, url: object) -> None:
                                      follow_redirects=False) as client:
             response = await client.get(str(url))
     except httpx.HTTPError as exc:
-        raise PublishFailed(f"subscription not confirmed: {type(exc).__name__}") from None
+        raise Unavailable(f"subscription not confirmed: {type(exc).__name__}") from None
     if response.status_code != 200:
-        raise PublishFailed(f"subscription not confirmed: HTTP {response.status_code}")
+        raise Unavailable(f"subscription not confirmed: HTTP {response.status_code}")
     config.count("ses_subscriptions_confirmed")
 
 
@@ -339,8 +358,7 @@ def ses_notifications(inner: Mapping[str, Any], sns_id: str) -> list[Notificatio
     """An SES notification (or event publishing record) mapped per recipient."""
     kind = inner.get("notificationType") or inner.get("eventType")
     mail = _obj(inner.get("mail"))
-    headers = {str(_obj(h).get("name", "")).lower(): _obj(h).get("value") for h in mail.get("headers") or []
-               if isinstance(h, dict)}
+    headers = {str(h.get("name", "")).lower(): h.get("value") for h in _objs(mail.get("headers"))}
     where = {"verp": _text(mail.get("source"), 300), "message_id": _text(headers.get("message-id"), 300),
              "campaign_id": _text(headers.get("x-campaign-id"), 128)}
     out: list[Notification] = []
@@ -348,7 +366,7 @@ def ses_notifications(inner: Mapping[str, Any], sns_id: str) -> list[Notificatio
         bounce = _obj(inner.get("bounce"))
         hard = bounce.get("bounceType") == "Permanent"
         at = _moment(bounce.get("timestamp"))
-        for i, rcpt in enumerate(r for r in bounce.get("bouncedRecipients") or [] if isinstance(r, dict)):
+        for i, rcpt in enumerate(_objs(bounce.get("bouncedRecipients"))):
             bounced = BounceReport(
                 kind="hard" if hard else "soft", status=_status(rcpt.get("status")),
                 diagnostic=_text(rcpt.get("diagnosticCode")),
@@ -398,7 +416,7 @@ async def _sendgrid(config: WebhookConfig, body: bytes, request: Request) -> lis
     events = _json(body)
     if not isinstance(events, list):
         raise Refused(400, "SendGrid body is not a list of events")
-    return [n for event in events if isinstance(event, dict) for n in sendgrid_notifications(event)]
+    return [n for event in _objs(events) for n in sendgrid_notifications(event)]
 
 
 def sendgrid_notifications(event: Mapping[str, Any]) -> list[Notification]:

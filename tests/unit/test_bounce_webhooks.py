@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from schemas.bounces import EmailBounced, EmailComplained
 from schemas.contacts import ContactSuppressed
@@ -28,7 +30,16 @@ from services.bounces.events import Outgoing
 from services.bounces.parse import BounceContext
 from services.bounces.publisher import PublishFailed
 from services.bounces.verp import VerpKeys, verp_address
-from services.bounces.webhooks import WebhookConfig, create_app, sns_host_ok, sns_string_to_sign
+from services.bounces.webhooks import (
+    WebhookConfig,
+    create_app,
+    mailgun_notifications,
+    postmark_notifications,
+    sendgrid_notifications,
+    ses_notifications,
+    sns_host_ok,
+    sns_string_to_sign,
+)
 
 DOMAIN = "bounces.example.com"
 KEYS = VerpKeys.parse("k:webhook-secret")
@@ -263,3 +274,30 @@ def test_kafka_away_is_503_so_the_provider_retries():
 def test_junk_is_never_a_5xx(path, body):
     response = _client(Published()).post(path, content=body, headers={"Authorization": "Basic cG9zdG1hcms6cHc="})
     assert response.status_code < 500, (path, body, response.text)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=20,
+)
+_KEYS = st.sampled_from(["notificationType", "eventType", "bounce", "complaint", "mail", "headers", "source",
+                         "bouncedRecipients", "bounceType", "event", "type", "status", "sg_event_id", "id",
+                         "severity", "delivery-status", "envelope", "user-variables", "message", "RecordType",
+                         "Type", "ID", "Metadata", "timestamp", "BouncedAt", "Details"])
+_SHAPED = st.recursive(
+    st.none() | st.integers() | st.text(max_size=20) | st.sampled_from(["Bounce", "Complaint", "bounce", "failed",
+                                                                        "Permanent", "HardBounce", VERP]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=6),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@example({"mail": {"headers": 5}})
+@example({"notificationType": "Bounce", "bounce": {"bouncedRecipients": 5}})
+@given(st.one_of(_JSON, _SHAPED).filter(lambda v: isinstance(v, dict)) | st.dictionaries(_KEYS, _SHAPED))
+def test_provider_mappings_never_raise_on_any_json(event):
+    for mapped in (ses_notifications(event, "sns-1"), sendgrid_notifications(event),
+                   mailgun_notifications(event), postmark_notifications(event)):
+        assert isinstance(mapped, list)
