@@ -212,3 +212,44 @@ def test_a_signed_webhook_reaches_kafka_once_acknowledged(settings: Settings):
         assert [m.payload.reason for m in read_topic(settings, CONTACTS, until=2)] == ["complaint", "complaint"]
     finally:
         publisher.close()
+
+
+def test_the_service_process_records_reports_and_stops_cleanly(settings: Settings):
+    import socket
+
+    import httpx
+
+    from tests.service_process import ServiceProcess
+
+    tenant, campaign, contact = f"t{uuid.uuid4().hex[:8]}", f"cmp-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO campaigns (tenant_id, campaign_id) VALUES (%s, %s)", (tenant, campaign))
+    smtp_port, web_port = free_ports(2)
+    service = ServiceProcess("bounces", settings, BOUNCE_VERP_KEYS="k:integration-secret", BOUNCE_DOMAIN=DOMAIN,
+                             BOUNCE_SMTP_PORT=str(smtp_port), BOUNCE_WEBHOOK_PORT=str(web_port),
+                             BOUNCE_POSTMARK_CREDENTIALS="pm:pw")
+    with service:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", web_port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", smtp_port), timeout=1).close()
+                break
+            except OSError:
+                assert service.running() and time.monotonic() < deadline, service.log_tail()
+                time.sleep(0.2)
+        verp = verp_address(KEYS, DOMAIN, tenant, campaign, contact)
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+            client.ehlo("mx.example.net")
+            assert client.sendmail("", [verp], dsn(to=verp)) == {}
+        bounce = {"RecordType": "Bounce", "Type": "SoftBounce", "ID": 7, "Details": "4.2.2 mailbox full",
+                  "Metadata": {"verp": verp_address(KEYS, DOMAIN, tenant, campaign, "p-pm")}}
+        response = httpx.post(f"http://127.0.0.1:{web_port}/webhooks/postmark", json=bounce, auth=("pm", "pw"),
+                              timeout=30)
+        assert response.status_code == 200 and response.json()["recorded"] == 1, response.text
+        events = read_topic(settings, BOUNCE_TOPIC, until=2)
+        assert sorted((m.payload.contact_id, m.payload.kind, m.payload.source) for m in events) == sorted(
+            [(contact, "hard", "dsn"), ("p-pm", "soft", "webhook")])
+        assert service.stop() == 0
+    records, _ = service.log_records()
+    assert any(r.get("event") == "stopped" for r in records)
