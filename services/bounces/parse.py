@@ -18,7 +18,9 @@ Guarantees:
   original's Return-Path, a non-standard bounce quoting the original's headers): signed, so
   as trustworthy as the first (`via="verp"`); else the returned original's X-Campaign-ID and
   Message-ID (`<campaign.contact@domain>`, what services/sender/mime.py writes), the tenant
-  found from the campaign (`via="headers"`: unsigned, anyone can write them).
+  found from the campaign, or, without that Message-ID, the contact id of the address the
+  report names (Original-Rcpt-To, Final-Recipient) in that tenant (`via="headers"`:
+  unsigned, anyone can write them).
 - The dedup key is a pure function of the report (its Message-ID, else its bytes) and the
   recipient: the same report received twice gives the same key.
 """
@@ -39,6 +41,7 @@ from typing import Literal
 from flufl.bounce import all_failures
 
 from schemas.base import ENTITY_ID_RE
+from schemas.contacts import contact_id_for
 from services.bounces.verp import (
     CampaignDirectory,
     DirectoryUnavailable,
@@ -57,6 +60,8 @@ logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 # message can cost).
 SCAN_LIMIT = 1_000_000
 _STATUS = re.compile(r"(?<![0-9.])([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9])")
+# A reported recipient that can be a contact's address (schemas.base's stored shape, loosely).
+_ADDRESS = re.compile(r"[^@\s<>,;]{1,64}@[A-Za-z0-9.-]{1,253}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # A report dated more than this far ahead of our clock is taken as dated now (a wrong clock).
 _FUTURE_SLACK = timedelta(days=1)
@@ -257,7 +262,7 @@ def _attribute(message: Message, raw: bytes, rcpt_tos: Sequence[str],
             return found, ""
     original = _original_headers(message)
     if original is not None:
-        by_headers, why = _by_headers(original, context)
+        by_headers, why = _by_headers(message, original, context)
         if by_headers is not None:
             return by_headers, ""
         refusals.append(why)
@@ -296,19 +301,37 @@ def _original_headers(message: Message) -> Message | None:
     return None
 
 
-def _by_headers(original: Message, context: BounceContext) -> tuple[Recipient | None, str]:
+def _by_headers(message: Message, original: Message, context: BounceContext) -> tuple[Recipient | None, str]:
     campaign = _text(original.get("X-Campaign-ID", "")).strip()
-    message_id = _text(original.get("Message-ID", "")).strip().strip("<>")
     if not campaign or not ENTITY_ID_RE.fullmatch(campaign):
         return None, "returned original has no X-Campaign-ID"
-    local = message_id.rpartition("@")[0]
-    contact = local[len(campaign) + 1:] if local.startswith(campaign + ".") else ""
-    if not ENTITY_ID_RE.fullmatch(contact):
-        return None, "returned original's Message-ID names no contact"
     tenant = context.tenant_of_campaign(campaign) if context.tenant_of_campaign else None
     if tenant is None:
         return None, f"tenant of campaign {campaign} unknown"
+    local = _text(original.get("Message-ID", "")).strip().strip("<>").rpartition("@")[0]
+    contact = local[len(campaign) + 1:] if local.startswith(campaign + ".") else ""
+    if not ENTITY_ID_RE.fullmatch(contact):
+        # The recipient the report names (ARF Original-Rcpt-To, DSN Final-Recipient): a
+        # contact id is a function of tenant and address (schemas.contacts.contact_id_for).
+        address = _reported_address(message)
+        if address is None:
+            return None, "returned original's Message-ID names no contact, the report no recipient"
+        contact = contact_id_for(tenant, address)
     return Recipient(tenant, campaign, contact, "headers"), ""
+
+
+def _reported_address(message: Message) -> str | None:
+    fields: list[Message] = []
+    for kind in ("message/feedback-report", "message/delivery-status"):
+        part = _part(message, kind)
+        if part is not None:
+            fields.extend(_blocks(part))
+    for block in fields:
+        for name in ("original-rcpt-to", "original-recipient", "final-recipient"):
+            value = _text(block.get(name, "")).rpartition(";")[2].strip().strip("<>")
+            if _ADDRESS.fullmatch(value):
+                return value
+    return None
 
 
 # --- reading MIME -----------------------------------------------------------------------------

@@ -171,3 +171,16 @@ def test_deep_nesting_and_huge_input_do_not_raise():
     assert isinstance(parse_message(nested, [VERP], CONTEXT), Parsed | Unparseable)
     huge = dsn(to=VERP) + b"x" * 3_000_000
     assert isinstance(parse_message(huge, [VERP], CONTEXT), Parsed | Unparseable)
+
+
+def test_without_our_message_id_the_reported_address_names_the_contact():
+    from schemas.contacts import contact_id_for
+
+    returned = original("cmp-3f2a9c1b7d4e", CONTACT)
+    del returned["Message-ID"]
+    returned["Message-ID"] = "<rewritten-by-a-relay@relay.example>"
+    for report in (arf(to=FBL, returned=returned), dsn(to=FBL, returned=returned)):
+        result = parse_message(report, [FBL], CONTEXT)
+        assert isinstance(result, Parsed)
+        assert result.recipient == Recipient("acme", "cmp-3f2a9c1b7d4e", contact_id_for("acme", "ann@example.net"),
+                                             "headers")
