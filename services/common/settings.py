@@ -216,6 +216,34 @@ class WatchdogSettings(Settings):
     supervisor_password: SecretStr = Field(SecretStr(""), description="Set by the supervisor")
 
 
+class BounceSettings(Settings):
+    """The bounce receiver (SMTP for the bounce domain) and the providers' webhooks."""
+
+    bounce_domain: str = Field(
+        "bounces.localhost", description="Domain of the VERP return paths (bounces+<token>@it)")
+    bounce_smtp_host: str = Field("127.0.0.1", description="Address the bounce receiver listens on")
+    bounce_smtp_port: int = Field(22526, ge=0, le=65535, description="Port of the bounce receiver")
+    bounce_verp_keys: SecretStr = Field(
+        SecretStr(""), description="'id:secret,...' VERP keys (id one of a-z, 2-7); the first signs, "
+        "all verify")
+    bounce_soft_limit: int = Field(
+        3, ge=0, description="Soft bounces of that many campaigns in a row suppress (0: never)")
+    bounce_kafka_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="Longest wait for Kafka before a report is answered 451 / 503")
+    bounce_trust_headers: bool = Field(
+        False, description="Suppress on bounces found only by the returned mail's unsigned headers")
+    bounce_webhook_host: str = Field("127.0.0.1", description="Address of the webhook endpoint")
+    bounce_webhook_port: int = Field(0, ge=0, le=65535, description="Port of the webhook endpoint (0: none)")
+    bounce_sns_topic_arns: str = Field(
+        "", description="SNS topics whose SES notifications are taken, comma-separated (empty: any)")
+    bounce_sendgrid_public_key: str = Field(
+        "", description="SendGrid's ECDSA verification key (base64 DER or PEM; empty: unsigned)")
+    bounce_mailgun_signing_key: SecretStr = Field(
+        SecretStr(""), description="Mailgun's webhook signing key (empty: Mailgun refused)")
+    bounce_postmark_credentials: SecretStr = Field(
+        SecretStr(""), description="'user:password' Postmark's webhook must send (empty: Postmark refused)")
+
+
 # Which classes the README documents, in order, and who reads each.
 DOCUMENTED: tuple[tuple[type[Settings], str], ...] = (
     (Settings, "every service"),
@@ -228,6 +256,7 @@ DOCUMENTED: tuple[tuple[type[Settings], str], ...] = (
     (SinkSettings, "SMTP sink"),
     (PlatformSettings, "local platform (make up, tests, demo)"),
     (WatchdogSettings, "watchdog"),
+    (BounceSettings, "bounce receiver and webhooks"),
 )
 
 
