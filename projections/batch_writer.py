@@ -113,9 +113,9 @@ SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::int[], 
 ON CONFLICT (event_id) DO NOTHING
 """
 
-_STAGE_COLUMNS = RecipientRow._fields
-# The staging table's column types, in _STAGE_COLUMNS order: binary COPY with declared types
-# takes psycopg's C dumpers for every value and spares the server parsing timestamps.
+# The staging table's column types, in _COPY_STAGE's column order (RecipientRow's fields):
+# binary COPY with declared types takes psycopg's C dumpers for every value and spares the
+# server parsing timestamps.
 _STAGE_TYPES = ("text", "text", "text", "text", "text", "int4", "text", "text", "int4", "int4",
                 "timestamptz")
 
@@ -137,9 +137,11 @@ FROM STDIN (FORMAT BINARY)
 # The staged recipients into campaign_recipients and their transitions into every counter.
 # `look` finds each staged recipient's row (one index probe per row, never a scan, whatever
 # the planner thinks of the unanalysed staging table) and locks it, so `prev` is the status
-# the row has until this transaction ends. Rows that exist and climb are updated in place by
-# their tuple id; rows that do not exist are plainly inserted (nobody else can insert them
-# meanwhile: the campaign's row lock is held). The transitions `moved` (previous -> new) are
+# the row has until this transaction ends, even with another projector instance writing it
+# (READ COMMITTED: a lock waits for that writer and then reads its version). Rows that exist
+# and climb are updated in place by their tuple id (no second index probe); rows that do not
+# exist are plainly inserted (nobody else can insert them meanwhile: the campaign's row lock
+# is held). The transitions `moved` (previous -> new) are
 # all the counters add: the campaign counters, the per-tenant daily sends and the per-second
 # throughput. Staged rows arrive in key order, so rows are locked in key order.
 _RECIPIENTS = """
@@ -404,7 +406,7 @@ class BatchWriter:
             copy.set_types(_STAGE_TYPES)
             write = copy.write_row
             for row in rows:
-                write(row)  # RecipientRow's fields are _STAGE_COLUMNS, in order
+                write(row)  # RecipientRow's fields are _COPY_STAGE's columns, in order
         cur.execute(_RECIPIENTS)
 
 

@@ -57,7 +57,7 @@ class ReadModelStore:
 
     def load(self, keys: Iterable[PartitionKey]) -> dict[PartitionKey, int]:
         """Stored next offsets of `keys`; partitions never stored are absent."""
-        return load_positions(self._writer_for_now().conn, self.positions_name, keys)
+        return load_positions(self._open_writer().conn, self.positions_name, keys)
 
     def reload(self, keys: Iterable[PartitionKey], log: Any) -> dict[PartitionKey, int] | None:
         """`load`, or None (logged) if PostgreSQL fails."""
@@ -88,7 +88,7 @@ class ReadModelStore:
                changes: BatchChanges) -> list[tuple[str, str]]:
         """Apply `changes` and the position `moves` in one transaction; the campaigns it
         completed. Raises PositionConflict if another instance moved a position."""
-        writer = self._writer_for_now()
+        writer = self._open_writer()
         with writer.conn.transaction():
             # Positions first: the compare-and-set fences a stale owner before any work, and
             # its row locks make a competing instance wait and then fail its comparison.
@@ -105,7 +105,7 @@ class ReadModelStore:
         if self._conn is not None:
             self._conn.close()
 
-    def _writer_for_now(self) -> BatchWriter:
+    def _open_writer(self) -> BatchWriter:
         if self._writer is None or self._conn is None or self._conn.closed:
             conn = self._conn = self._connect()
             # For this session (set once, not per transaction: a round trip less per batch):
