@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -47,10 +47,12 @@ from projections.lanes import (
     projecting_process,
     run_lanes,
 )
+from projections.positions import PositionMove
 from projections.read_model_store import ReadModelStore, failure_of
-from projections.record_feed import RecordFeed
+from projections.record_feed import AssignHook, RecordFeed, RevokeHook
 from projections.writer_thread import Applied, WriterThread
 from services.common.kafka import PartitionKey
+from services.common.membership import GroupMembership
 from services.common.metrics import PROJECTION_LAG_SECONDS, RECORDS_CONSUMED
 from services.common.settings import Settings
 from services.common.topics import TopicSpec, topic_name
@@ -69,6 +71,38 @@ POLL_TIMEOUT_SECONDS = 0.1
 DB_CONNECT_TIMEOUT_SECONDS = 10
 
 
+class Feed(Protocol):
+    """What the Projector needs of its Kafka side (projections.record_feed.RecordFeed)."""
+
+    group: str
+    topics: list[str]
+    membership: GroupMembership
+
+    def subscribe(self, on_assign: AssignHook, on_revoke: RevokeHook) -> None: ...
+    def fetched(self, count: int) -> list[Any]: ...
+    def consume(self, count: int, timeout: float) -> list[Any]: ...
+    def first_record(self, timeout: float, done: Callable[[], bool] | None) -> Any: ...
+    def seek(self, targets: Mapping[PartitionKey, int | None]) -> bool: ...
+    def commit_lag_gauge(self, next_offsets: Mapping[PartitionKey, int]) -> None: ...
+    def sample_lag(self) -> None: ...
+    def assigned(self) -> list[PartitionKey]: ...
+    def offsets(self) -> tuple[dict[PartitionKey, int], dict[PartitionKey, int]] | None: ...
+    def renew(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """What the Projector needs of its PostgreSQL side (read_model_store.ReadModelStore)."""
+
+    def load_waiting(self, keys: Iterable[PartitionKey], stop: threading.Event,
+                     log: Any) -> dict[PartitionKey, int] | None: ...
+    def reload(self, keys: Iterable[PartitionKey], log: Any) -> dict[PartitionKey, int] | None: ...
+    def commit(self, moves: Mapping[PartitionKey, PositionMove],
+               changes: read_models.BatchChanges) -> list[tuple[str, str]]: ...
+    def drop_if_broken(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class Projector:
     """Consumes `feed` into the read models in `store` (built by `projector_for`); one per
     lane and process (`lane_projectors`), or one over every topic (a rebuild).
@@ -76,7 +110,7 @@ class Projector:
     Drive it with `run(stop_event)`, or step by step with `poll_once()` / `drain()` in tests.
     Not thread-safe: one thread drives one instance (which runs its own writer thread)."""
 
-    def __init__(self, feed: RecordFeed, store: ReadModelStore, *,
+    def __init__(self, feed: Feed, store: Store, *,
                  batch_size: int = BATCH_MAX_RECORDS, poll_timeout: float = POLL_TIMEOUT_SECONDS,
                  linger: float = LIVE_LINGER_SECONDS, logger: Any = None) -> None:
         self.feed, self.store, self.group = feed, store, feed.group

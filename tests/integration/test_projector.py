@@ -35,6 +35,7 @@ from projections.projector import (
     run_lanes,
 )
 from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
+from projections.record_feed import RecordFeed
 from schemas.base import Record
 from schemas.commands import SendCampaign
 from schemas.contacts import (
@@ -74,6 +75,7 @@ from services.common.topics import (
     TopicSpec,
     topic_name,
 )
+from tests.recording_stop import RecordingStop
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -372,10 +374,12 @@ def test_a_member_left_without_an_assignment_is_re_created_and_resumes(settings,
         stuck = GroupMembership(projector.group, clock=lambda: now[0])
         stuck.revoked()
         now[0] = STUCK_MEMBER_SECONDS + 1
-        projector.feed.membership = stuck
-        old = projector.feed.consumer
+        feed = projector.feed
+        assert isinstance(feed, RecordFeed)
+        feed.membership = stuck
+        old = feed.consumer
         projector._renew_if_stuck()
-        assert projector.feed.consumer is not old, "a stuck member was not re-created"
+        assert feed.consumer is not old, "a stuck member was not re-created"
         assert not projector.caught_up()  # the new consumer has no assignment yet
         produce(settings, rest)
         now[0] += 1
@@ -789,18 +793,6 @@ def test_lanes_running_together_on_shared_campaigns_count_exactly(settings, db) 
             "SELECT sum(settled) FROM campaign_throughput WHERE campaign_id = %s",
             (campaign.id,)).fetchone()
         assert settled == (sent + failed,)
-
-
-class RecordingStop(threading.Event):
-    """A stop event that records the backoff pauses asked of it (and does not pause)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pauses: list[float | None] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.pauses.append(timeout)
-        return False
 
 
 @pytest.mark.parametrize(("error", "pauses"), [
