@@ -63,7 +63,8 @@ from psycopg import sql
 
 from bench.proc_cpu import cpu_seconds
 from bench.stats import rate
-from projections.projector import PROJECTED_TOPICS, projecting_process, projector_for
+from projections.lanes import PROJECTED_TOPICS, projecting_process
+from projections.projector import projector_for
 from schemas.base import Record
 from schemas.envelope import encode, wrap
 from schemas.events import (

@@ -32,7 +32,8 @@ import psycopg
 from confluent_kafka import KafkaException
 from psycopg import sql
 
-from projections.projector import POSITIONS_NAME, projector_for
+from projections.lanes import POSITIONS_NAME
+from projections.projector import projector_for
 from services.common.kafka import make_admin
 from services.common.settings import Settings
 

@@ -24,9 +24,9 @@ import sys
 import threading
 from types import FrameType
 
-from projections.lanes import ALL_TOPICS_LANE, LANES
+from projections.lanes import ALL_TOPICS_LANE, LANES, run_lanes
 from projections.migrate import apply_migrations
-from projections.projector import lane_projectors, run_lanes
+from projections.projector import lane_projectors
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import Settings

@@ -21,8 +21,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
+from projections.lanes import run_lanes
 from projections.migrate import apply_migrations
-from projections.projector import lane_projectors, projector_for, run_lanes
+from projections.projector import lane_projectors, projector_for
 from projections.rebuild import READ_MODEL_TABLES, RebuildRefused, rebuild
 from schemas.events import CampaignPaused
 from services.cli.main import app as cli

@@ -26,14 +26,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from projections.batch_writer import BatchWriter
-from projections.projector import (
-    DELIVERY_LANE,
-    MAIN_LANE,
-    Projector,
-    lane_projectors,
-    projector_for,
-    run_lanes,
-)
+from projections.lanes import DELIVERY_LANE, MAIN_LANE, run_lanes
+from projections.projector import Projector, lane_projectors, projector_for
 from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
 from projections.record_feed import RecordFeed
 from schemas.base import Record
@@ -360,7 +354,7 @@ def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
 
 
 def test_a_member_left_without_an_assignment_is_re_created_and_resumes(settings, db) -> None:
-    from projections.projector import STUCK_MEMBER_SECONDS
+    from projections.batching import STUCK_MEMBER_SECONDS
     from services.common.membership import GroupMembership
 
     campaign = Campaign()
