@@ -62,7 +62,8 @@ from psycopg import sql
 
 from bench.proc_cpu import cpu_seconds
 from bench.stats import rate
-from projections.projector import PROJECTED_TOPICS, Projector, projecting_process
+from projections.lanes import PROJECTED_TOPICS, projecting_process
+from projections.projector import projector_for
 from schemas.base import Record
 from schemas.envelope import encode, wrap
 from schemas.events import (
@@ -292,7 +293,7 @@ def drain(settings: Settings, count: int) -> Drained:
         started = time.monotonic()
         first: float | None = None
         checks = 0.0  # in caught_up(): the end-offset look-ups
-        with Projector(settings, logger=_quiet_logger()) as projector:
+        with projector_for(settings, logger=_quiet_logger()) as projector:
             deadline = started + timeout
             while True:
                 if projector.poll_once() and first is None:

@@ -45,6 +45,7 @@ from projections.projector import (
     PROJECTED_TOPICS,
     Projector,
     lane_projectors,
+    projector_for,
     run_lanes,
 )
 from schemas.base import Record
@@ -96,7 +97,7 @@ def measure(base: Settings, recipients: int, rate: float, mode: str = "lanes") -
     if mode == "lanes":
         projectors = lane_projectors(settings, logger=_quiet_logger())
     elif mode == "single":
-        projectors = [Projector(settings, logger=_quiet_logger())]
+        projectors = [projector_for(settings, logger=_quiet_logger())]
     else:
         raise ValueError(f"mode must be 'lanes' or 'single', not {mode!r}")
     stop = threading.Event()

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, cast, get_args
+from typing import NamedTuple, cast, get_args
 
 from projections.facts import RANK, RecipientFact, recipient_fact
 from schemas.base import Record
@@ -188,9 +188,9 @@ class BatchChanges:
     ignored: int = 0
     # campaign id -> tenant that named it first in this batch.
     owners: dict[str, str] = field(default_factory=dict)
-    # What batch_writer.prepare computed from `recipients` ahead of the write (the rows in key
-    # order, their counters); cleared whenever `recipients` changes after it.
-    prepared: Any = None
+    # `recipients` sorted into key order by batch_writer.prepare ahead of the write; cleared
+    # whenever `recipients` changes after it.
+    prepared: list[RecipientRow] | None = None
 
     def campaign_ids(self) -> list[str]:
         """Every campaign the batch may have moved, sorted (a stable lock order)."""

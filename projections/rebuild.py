@@ -6,7 +6,7 @@ models were projected up to exactly the live positions and equal the live rows (
 forces the swap). Readers see the old models or the new ones, never a mix. A live projector
 running meanwhile keeps its exactly-once guarantee: the swap replaces its stored positions, so
 its next batch fails the compare-and-set, reloads them and goes on from there. The live
-projector's lanes (projections.projector.LANES) all store their positions under
+projector's lanes (projections.lanes.LANES) all store their positions under
 `POSITIONS_NAME`, so "the live positions" are every lane's, compared and swapped together; the
 rebuild itself replays every topic through one `Projector` (the read models do not depend on
 the order the topics are read in).
@@ -32,7 +32,8 @@ import psycopg
 from confluent_kafka import KafkaException
 from psycopg import sql
 
-from projections.projector import POSITIONS_NAME, Projector
+from projections.lanes import POSITIONS_NAME
+from projections.projector import projector_for
 from services.common.kafka import make_admin
 from services.common.settings import Settings
 
@@ -165,8 +166,8 @@ def rebuild(
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         create_schema(conn, report.schema)
         try:
-            with Projector(settings, group=report.group, schema=report.schema,
-                           logger=logger) as projector:
+            with projector_for(settings, group=report.group, schema=report.schema,
+                               logger=logger) as projector:
                 for _ in range(SWAP_ATTEMPTS):
                     report.records += projector.drain(timeout=drain_timeout)
                     with conn.transaction():

@@ -1,12 +1,15 @@
 """`python -m services.projector`: project the campaign topics into PostgreSQL until SIGTERM.
 
-Wiring only: settings from the environment, migrations, topics, then one `Projector` per lane
-(`projections.projector.LANES`: campaign.deliveries in a lane of its own, so live progress is
-never queued behind a campaign start's burst of RecipientQueued; every other topic in the
-other), each in its own thread with its own Kafka consumer group. Exactly-once per lane, as
-`projections.projector` states. On SIGTERM or SIGINT each lane's batch in flight commits (or
-rolls back) as one transaction, the consumers leave their groups and the process exits 0; if
-one lane fails, the other stops too and the process exits non-zero.
+The service's one wiring point: settings from the environment, migrations, topics, then one
+`Projector` per lane (`projections.lanes.LANES`: campaign.deliveries in a lane of its own, so
+live progress is never queued behind a campaign start's burst of RecipientQueued; every other
+topic in the other), each handed the Kafka feed and PostgreSQL store that
+`projections.projector.lane_projectors` builds from these settings (the Projector itself reads
+no environment and opens no connection of its own), each in its own thread with its own Kafka
+consumer group. Exactly-once per lane, as `projections.projector` states. On SIGTERM or SIGINT
+each lane's batch in flight commits (or rolls back) as one transaction, the consumers leave
+their groups and the process exits 0; if one lane fails, the other stops too and the process
+exits non-zero.
 
 PROJECTOR_LANES=single runs one `Projector` over every topic instead (the design before the
 lanes; for comparison and as a fallback): same positions, so the two modes can replace each
@@ -20,8 +23,9 @@ import sys
 import threading
 from types import FrameType
 
+from projections.lanes import ALL_TOPICS_LANE, LANES, run_lanes
 from projections.migrate import apply_migrations
-from projections.projector import Projector, lane_projectors, run_lanes
+from projections.projector import lane_projectors
 from services.common.logs import configure_logging
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import ProjectorSettings, load_or_exit
@@ -45,10 +49,8 @@ def main() -> int:
     if applied:
         log.info("migrations applied", versions=applied)
     ensure_topics(settings)
-    if settings.projector_lanes == "single":
-        projectors = [Projector(settings, logger=log)]
-    else:
-        projectors = lane_projectors(settings, logger=log)
+    lanes = (ALL_TOPICS_LANE,) if settings.projector_lanes == "single" else LANES
+    projectors = lane_projectors(settings, lanes=lanes, logger=log)
     run_lanes(projectors, stop, settings.heartbeat())
     return 0
 

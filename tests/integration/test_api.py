@@ -20,7 +20,7 @@ from confluent_kafka import Consumer
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from projections.projector import Projector
+from projections.projector import projector_for
 from schemas.contacts import contact_key
 from schemas.envelope import encode, wrap
 from schemas.events import CampaignCreated, CommandRejected, MessageTemplate
@@ -493,7 +493,7 @@ def test_the_outcome_comes_from_the_events_the_command_caused(gateway, world, se
         with http.stream("GET", f"/commands/{rejected}/events",
                          headers=auth(world.key_a)) as response:
             assert response.status_code == 200
-            with Projector(settings) as projector:
+            with projector_for(settings) as projector:
                 projector.drain(timeout=60)
             events = list(read_events(response))  # ends at the final status
     assert [kind for kind, _ in events] == ["status"] * len(events)

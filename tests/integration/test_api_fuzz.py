@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from projections.projector import Projector
+from projections.projector import projector_for
 from schemas.commands import SendCampaign
 from schemas.contacts import ContactUpserted, contact_key
 from schemas.envelope import encode, wrap
@@ -138,7 +138,7 @@ def _seed(settings: Settings, tenant: str) -> dict[str, list[str]]:
         campaign_id=sending, contact_id=contacts[1], email=f"{contacts[1]}@example.com",
         message_id="<m@mx>", attempt=1), now))
     produce(settings, records)
-    with Projector(settings) as projector:
+    with projector_for(settings) as projector:
         projector.drain(timeout=60)
     return {"campaign_id": [sending, missed], "contact_id": contacts, "segment_id": ["pro"]}
 

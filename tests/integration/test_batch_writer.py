@@ -1,11 +1,6 @@
-"""The batch writer's ways of writing a large batch of recipients agree, against the real
-database.
-
-A large batch is first tried as all new unless the connection's last such batch found existing
-rows: a COPY straight into campaign_recipients where the session may (row-level security does
-not apply to it: the test platform's superuser), else a plain insert counted from the staging
-table. These tests run the same batches each of those ways and forced through the general
-statement, and compare every row and counter.
+"""The batch writer's one recipient path (COPY into the staging table, then one statement)
+against the real database: exact counters for new and existing recipients whatever the batch
+size, every value carried unchanged, and a session without the staging table yet.
 """
 
 from __future__ import annotations
@@ -19,20 +14,21 @@ import psycopg
 import pytest
 
 from projections import batch_writer, read_models
+from projections.batch_writer import BatchWriter
 from projections.facts import RecipientFact, RecipientStatus
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2030, 5, 1, 8, 0, tzinfo=UTC)
-# Larger than ARRAY_BATCH_MAX: these batches go through the staging table.
-BATCH = batch_writer.ARRAY_BATCH_MAX + 100
+BATCH = 600
 
 
 @pytest.fixture
-def db(platform_settings: Any) -> Iterator[psycopg.Connection[Any]]:
+def db(platform_settings: Any) -> Iterator[BatchWriter]:
     with psycopg.connect(platform_settings.database_url, autocommit=True) as conn:
-        batch_writer.prepare_session(conn)
-        yield conn
+        writer = BatchWriter(conn)
+        writer.prepare_session()
+        yield writer
 
 
 def fact(tenant: str, campaign: str, contact: str, status: RecipientStatus, *,
@@ -55,9 +51,8 @@ def first_status(i: int) -> RecipientStatus:
 
 
 def batches(tenant: str, campaign: str) -> list[list[RecipientFact]]:
-    """A backlog of new recipients in every status, then a batch mixing new ones (sorted
-    first, so a failed all-new try has already inserted some when it meets an existing row)
-    with duplicates and climbs of existing ones."""
+    """A backlog of new recipients in every status, then a batch mixing new ones with
+    duplicates and climbs of existing ones."""
     first = [fact(tenant, campaign, f"k-b-{i:04d}", first_status(i), seconds=i % 3,
                   ambiguous=i % 2) for i in range(BATCH)]
     second = [fact(tenant, campaign, f"k-a-{i:04d}", "queued" if i % 5 else "excluded",
@@ -77,13 +72,19 @@ def final_statuses() -> list[str]:
     return older + newer
 
 
-def apply_batches(conn: psycopg.Connection[Any], tenant: str, campaign: str, *,
-                  general_only: bool) -> None:
+def apply_batches(writer: BatchWriter, tenant: str, campaign: str, *, size: int) -> None:
+    """Both batches of `batches`, `size` facts per transaction."""
     for facts in batches(tenant, campaign):
-        if general_only:
-            batch_writer._FOUND_EXISTING.add(conn)
-        with conn.transaction():
-            batch_writer.apply(conn, read_models.plan(facts))
+        for start in range(0, len(facts), size):
+            with writer.conn.transaction():
+                writer.apply(read_models.plan(facts[start:start + size]))
+
+
+def forget(conn: psycopg.Connection[Any], tenant: str, campaign: str) -> None:
+    for table in ("campaign_recipients", "recipient_attempts", "campaign_throughput",
+                  "campaigns"):
+        conn.execute(f"DELETE FROM {table} WHERE campaign_id = %s", (campaign,))  # noqa: S608
+    conn.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
 
 
 def snapshot(conn: psycopg.Connection[Any], tenant: str, campaign: str) -> dict[str, Any]:
@@ -101,91 +102,47 @@ def snapshot(conn: psycopg.Connection[Any], tenant: str, campaign: str) -> dict[
     return {"counters": counters, "rows": rows, "daily": daily, "throughput": throughput}
 
 
-# The two all-new tries: (the function, whether the session copies straight into the table).
-TRIES = {"copy": ("_copy_all_new", True), "staged": ("_insert_all_new", False)}
-
-
-@pytest.mark.parametrize("way", sorted(TRIES))
-def test_the_all_new_try_and_the_general_statement_write_the_same(db, monkeypatch, way) -> None:
-    name, direct = TRIES[way]
-    tried: list[bool] = []
-    real_try = getattr(batch_writer, name)
-
-    def recording_try(*args: Any) -> bool:
-        tried.append(real_try(*args))
-        return tried[-1]
-
-    monkeypatch.setattr(batch_writer, name, recording_try)
-    monkeypatch.setitem(batch_writer._COPIES_DIRECT, db, direct)
+def test_new_and_existing_recipients_count_exactly_whatever_the_batch_size(db) -> None:
     runs = {}
-    for general_only in (False, True):
+    for size in (10_000, 97):
         tenant = f"tenant-{uuid.uuid4().hex[:8]}"
         campaign = f"camp-{uuid.uuid4()}"
-        batch_writer._FOUND_EXISTING.discard(db)
         try:
-            apply_batches(db, tenant, campaign, general_only=general_only)
-            runs[general_only] = snapshot(db, tenant, campaign)
+            apply_batches(db, tenant, campaign, size=size)
+            runs[size] = snapshot(db.conn, tenant, campaign)
         finally:
-            db.execute("DELETE FROM campaign_recipients WHERE campaign_id = %s", (campaign,))
-            db.execute("DELETE FROM recipient_attempts WHERE campaign_id = %s", (campaign,))
-            db.execute("DELETE FROM campaign_throughput WHERE campaign_id = %s", (campaign,))
-            db.execute("DELETE FROM campaigns WHERE campaign_id = %s", (campaign,))
-            db.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
-        # The first batch went in by the all-new try; the second one's try met existing
-        # rows after inserting some new ones, and was undone.
-        assert tried == ([] if general_only else [True, False])
-        tried.clear()
+            forget(db.conn, tenant, campaign)
 
-    assert runs[False] == runs[True]
+    assert runs[10_000] == runs[97]
     final = final_statuses()
-    queued, excluded, retrying, sent, failed, skipped, ambiguous, last = runs[True]["counters"]
+    queued, excluded, retrying, sent, failed, skipped, ambiguous, last = runs[97]["counters"]
     assert (queued, excluded, retrying, sent, failed, skipped) == (
         sum(f != "excluded" for f in final), final.count("excluded"), final.count("retrying"),
         final.count("sent"), final.count("failed"), final.count("skipped"))
     assert ambiguous == sum(i % 2 for i in range(BATCH) if first_status(i) in ("sent", "failed"))
     assert last == T0 + timedelta(seconds=30)
-    assert sorted(row[2] for row in runs[True]["rows"]) == sorted(final)
-    assert sum(settled for _, settled in runs[True]["throughput"]) == (
+    assert sorted(row[2] for row in runs[97]["rows"]) == sorted(final)
+    assert sum(settled for _, settled in runs[97]["throughput"]) == (
         final.count("sent") + final.count("failed") + final.count("skipped"))
 
 
-def test_a_superuser_session_copies_straight_into_the_table(db) -> None:
-    assert batch_writer._may_copy_direct(db) is True
-
-
-@pytest.mark.parametrize("way", sorted(TRIES))
-def test_only_a_connection_whose_last_large_batch_found_no_rows_tries_all_new(
-        db, monkeypatch, way) -> None:
-    name, direct = TRIES[way]
-    calls: list[bool] = []
-
-    def declining_try(*args: Any) -> bool:
-        calls.append(True)
-        return False  # as if some row existed: the general statement follows
-
-    monkeypatch.setattr(batch_writer, name, declining_try)
-    monkeypatch.setitem(batch_writer._COPIES_DIRECT, db, direct)
+def test_a_session_without_the_staging_table_creates_it_inside_the_batch(
+        platform_settings: Any) -> None:
     tenant, campaign = f"tenant-{uuid.uuid4().hex[:8]}", f"camp-{uuid.uuid4()}"
-    first, second = batches(tenant, campaign)
-    try:
-        batch_writer._FOUND_EXISTING.add(db)
-        with db.transaction():
-            batch_writer.apply(db, read_models.plan(first))
-        # No row of it existed: the next batch tries the all-new insert again ...
-        assert calls == [] and db not in batch_writer._FOUND_EXISTING
-        with db.transaction():
-            batch_writer.apply(db, read_models.plan(second))
-        # ... which found existing rows, so the one after that does not.
-        assert calls == [True] and db in batch_writer._FOUND_EXISTING
-        with db.transaction():
-            batch_writer.apply(db, read_models.plan(second))
-        assert calls == [True]
-    finally:
-        db.execute("DELETE FROM campaign_recipients WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM recipient_attempts WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM campaign_throughput WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM campaigns WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
+    first, _ = batches(tenant, campaign)
+    with psycopg.connect(platform_settings.database_url, autocommit=True) as conn:
+        try:
+            for facts in (first[:50], first[50:]):  # the second batch finds it there
+                with conn.transaction():
+                    batch_writer.apply(conn, read_models.plan(facts))
+            assert conn.execute("SELECT sent FROM campaigns WHERE campaign_id = %s",
+                                (campaign,)).fetchone() == (first_status_count("sent"),)
+        finally:
+            forget(conn, tenant, campaign)
+
+
+def first_status_count(status: str) -> int:
+    return sum(first_status(i) == status for i in range(BATCH))
 
 
 # Values the binary COPY must carry unchanged: non-ASCII and escaping-prone text, NULLs, the
@@ -212,29 +169,19 @@ def odd_facts(tenant: str, campaign: str) -> list[RecipientFact]:
     return facts
 
 
-@pytest.mark.parametrize("way", ["copy", "staged", "general"])
-def test_copied_rows_land_with_every_value_unchanged(db, monkeypatch, way) -> None:
-    """Each COPY path (straight into campaign_recipients; into the staging table, then the
-    all-new insert or the general statement) stores exactly the planned rows."""
-    monkeypatch.setitem(batch_writer._COPIES_DIRECT, db, way == "copy")
+def test_copied_rows_land_with_every_value_unchanged(db) -> None:
+    """The binary COPY into the staging table and the statement after it store exactly the
+    planned rows."""
     tenant, campaign = f"tenant-{uuid.uuid4().hex[:8]}", f"camp-{uuid.uuid4()}"
     changes = read_models.plan(odd_facts(tenant, campaign))
     expected = sorted(changes.recipients.values(), key=lambda row: row.contact_id)
-    assert len(expected) > batch_writer.ARRAY_BATCH_MAX  # through COPY, not arrays
-    batch_writer._FOUND_EXISTING.discard(db)
-    if way == "general":
-        batch_writer._FOUND_EXISTING.add(db)
     try:
-        with db.transaction():
-            batch_writer.apply(db, changes)
-        stored = db.execute(
+        with db.conn.transaction():
+            db.apply(changes)
+        stored = db.conn.execute(
             "SELECT tenant_id, campaign_id, contact_id, email, status, attempts, last_error,"
             " reason, smtp_code, ambiguous, last_event_at FROM campaign_recipients"
             " WHERE campaign_id = %s ORDER BY contact_id COLLATE \"C\"", (campaign,)).fetchall()
     finally:
-        batch_writer._FOUND_EXISTING.discard(db)
-        db.execute("DELETE FROM campaign_recipients WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM campaign_throughput WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM campaigns WHERE campaign_id = %s", (campaign,))
-        db.execute("DELETE FROM tenant_daily_sends WHERE tenant_id = %s", (tenant,))
+        forget(db.conn, tenant, campaign)
     assert [tuple(row) for row in stored] == [tuple(row) for row in expected]

@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from projections.projector import Projector
+from projections.projector import projector_for
 from services.api.app import create_app
 from services.api.auth import ApiKeys
 from services.cli.main import app as cli
@@ -43,7 +43,7 @@ LATE = re.compile(r"found 72\d\d s late, grace 60 s")
 def pipeline(settings: Settings) -> Iterator[Settings]:
     """The command handler and the projector, running until the test ends."""
     stop = threading.Event()
-    handler, projector = CommandHandler(settings), Projector(settings)
+    handler, projector = CommandHandler(settings), projector_for(settings)
     threads = [threading.Thread(target=handler.run, args=(stop,), daemon=True),
                threading.Thread(target=projector.run, args=(stop,), daemon=True)]
     for thread in threads:

@@ -1,4 +1,4 @@
-"""Live batching (projections.projector.LIVE_LINGER_SECONDS) against the real broker and
+"""Live batching (projections.batching.LIVE_LINGER_SECONDS) against the real broker and
 database: a trickle that follows a batch that was not full is gathered into one transaction,
 while a backlog, its last partial batch included, is handed over without waiting."""
 
@@ -11,7 +11,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from projections.projector import Projector
+from projections.projector import Projector, projector_for
 from services.common.settings import Settings
 from services.common.topics import DELIVERIES
 from tests.integration.test_projector import T0, Campaign, produce
@@ -43,7 +43,7 @@ def test_a_trickle_after_a_small_batch_goes_in_one_transaction(settings: Setting
     campaign = Campaign()
     sent = [campaign.sent(f"c{i}", 1, T0 + timedelta(seconds=i)) for i in range(4)]
     produce(settings, sent[:1])
-    with Projector(settings, topics=(DELIVERIES,), batch_size=3,
+    with projector_for(settings, topics=(DELIVERIES,), batch_size=3,
                    linger=LONG_LINGER_SECONDS) as projector:
         _poll_until(projector, 1)
         assert projector.batches_committed == 1  # one record: a batch that was not full
@@ -67,7 +67,7 @@ def test_a_trickle_after_a_small_batch_goes_in_one_transaction(settings: Setting
 def test_a_backlog_and_its_last_partial_batch_are_not_held(settings: Settings) -> None:
     campaign = Campaign()
     produce(settings, [campaign.sent(f"c{i}", 1, T0) for i in range(5)])
-    with Projector(settings, topics=(DELIVERIES,), batch_size=2,
+    with projector_for(settings, topics=(DELIVERIES,), batch_size=2,
                    linger=LONG_LINGER_SECONDS) as projector:
         # Batches of 2, 2, then 1 after a full one: were that one held for the linger, this
         # drain would time out.

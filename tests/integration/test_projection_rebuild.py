@@ -20,8 +20,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
+from projections.lanes import run_lanes
 from projections.migrate import apply_migrations
-from projections.projector import Projector, lane_projectors, run_lanes
+from projections.projector import lane_projectors, projector_for
 from projections.rebuild import READ_MODEL_TABLES, RebuildRefused, rebuild
 from schemas.events import CampaignPaused
 from services.cli.main import app as cli
@@ -64,7 +65,7 @@ def snapshot(url: str) -> dict[str, list[tuple]]:
 
 
 def live_projection(settings: Settings) -> None:
-    with Projector(settings) as projector:
+    with projector_for(settings) as projector:
         projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
 
 
@@ -103,7 +104,7 @@ def test_rebuilt_models_equal_the_live_ones_and_swap_in(own_db: Settings) -> Non
                             " WHERE consumer_group = %s", (own_db.group("projector"),)).fetchone()
     assert live is not None and live[0] > 0
     # And it does: nothing left to project, nothing projected twice.
-    with Projector(own_db) as projector:
+    with projector_for(own_db) as projector:
         assert projector.drain(timeout=DRAIN_TIMEOUT_SECONDS) == 0
     assert snapshot(own_db.database_url) == before
 

@@ -25,9 +25,11 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from projections import batch_writer
-from projections.projector import DELIVERY_LANE, MAIN_LANE, Projector, lane_projectors, run_lanes
+from projections.batch_writer import BatchWriter
+from projections.lanes import DELIVERY_LANE, MAIN_LANE, run_lanes
+from projections.projector import Projector, lane_projectors, projector_for
 from projections.queries import campaign_progress, list_campaigns, recipient_status_counts
+from projections.record_feed import RecordFeed
 from schemas.base import Record
 from schemas.commands import SendCampaign
 from schemas.contacts import (
@@ -67,6 +69,7 @@ from services.common.topics import (
     TopicSpec,
     topic_name,
 )
+from tests.recording_stop import RecordingStop
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -187,7 +190,7 @@ def stored_positions(db: psycopg.Connection, settings: Settings) -> dict[tuple[s
 
 
 def drain(settings: Settings, **kwargs: Any) -> int:
-    with Projector(settings, **kwargs) as projector:
+    with projector_for(settings, **kwargs) as projector:
         return projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
 
 
@@ -224,13 +227,7 @@ def full_scenario(campaign: Campaign, total: int) -> tuple[list, list, int, int,
     return head + first, rest, sent, failed, last
 
 
-@pytest.mark.parametrize("array_batch_max", [batch_writer.ARRAY_BATCH_MAX, 0],
-                         ids=["arrays", "copy-staging"])
-def test_counts_are_exact_under_duplicates_and_deliveries_before_queued(
-        settings, db, monkeypatch, array_batch_max: int) -> None:
-    # Both ways a batch's recipients reach PostgreSQL: arrays (small batches) and COPY into
-    # the staging table (large ones).
-    monkeypatch.setattr(batch_writer, "ARRAY_BATCH_MAX", array_batch_max)
+def test_counts_are_exact_under_duplicates_and_deliveries_before_queued(settings, db) -> None:
     campaign = Campaign()
     first, rest, sent, failed, last = full_scenario(campaign, 40)
 
@@ -320,7 +317,7 @@ def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
     total_records = len(first) + len(rest)
 
     # The first instance stops after a few small batches, mid-stream.
-    first_instance = Projector(settings, batch_size=10)
+    first_instance = projector_for(settings, batch_size=10)
     try:
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
         while first_instance.records_applied < 40:
@@ -334,7 +331,7 @@ def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
 
     # The second one runs like the service (a thread, stopped by an event) and must start
     # exactly where the first one's transactions left off.
-    second_instance = Projector(settings)
+    second_instance = projector_for(settings)
     stop = threading.Event()
     runner = threading.Thread(target=second_instance.run, args=(stop,), daemon=True)
     runner.start()
@@ -357,13 +354,13 @@ def test_restart_mid_stream_resumes_from_stored_positions(settings, db) -> None:
 
 
 def test_a_member_left_without_an_assignment_is_re_created_and_resumes(settings, db) -> None:
-    from projections.projector import STUCK_MEMBER_SECONDS
+    from projections.batching import STUCK_MEMBER_SECONDS
     from services.common.membership import GroupMembership
 
     campaign = Campaign()
     first, rest, sent, failed, _ = full_scenario(campaign, 40)
     produce(settings, first)
-    with Projector(settings) as projector:
+    with projector_for(settings) as projector:
         projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
         applied_before = projector.records_applied
         # As after a broker outage whose rebalance never answered: revoked, then silence.
@@ -371,10 +368,12 @@ def test_a_member_left_without_an_assignment_is_re_created_and_resumes(settings,
         stuck = GroupMembership(projector.group, clock=lambda: now[0])
         stuck.revoked()
         now[0] = STUCK_MEMBER_SECONDS + 1
-        projector._membership = stuck
-        old = projector._consumer
+        feed = projector.feed
+        assert isinstance(feed, RecordFeed)
+        feed.membership = stuck
+        old = feed.consumer
         projector._renew_if_stuck()
-        assert projector._consumer is not old, "a stuck member was not re-created"
+        assert feed.consumer is not old, "a stuck member was not re-created"
         assert not projector.caught_up()  # the new consumer has no assignment yet
         produce(settings, rest)
         now[0] += 1
@@ -525,18 +524,18 @@ def test_failed_transaction_is_rolled_back_and_retried(settings, db, monkeypatch
     campaign = Campaign()
     first, rest, sent, failed, _ = full_scenario(campaign, 10)
     produce(settings, first + rest)
-    real_apply = batch_writer.apply
+    real_apply = BatchWriter.apply
     calls = []
 
-    def apply_then_lose_connection(conn, changes):
+    def apply_then_lose_connection(writer, changes):
         calls.append(changes)
-        result = real_apply(conn, changes)
+        result = real_apply(writer, changes)
         if len(calls) == 1:
             # After the positions and rows were written: all of it must roll back.
             raise psycopg.OperationalError("simulated connection loss")
         return result
 
-    monkeypatch.setattr(batch_writer, "apply", apply_then_lose_connection)
+    monkeypatch.setattr(BatchWriter, "apply", apply_then_lose_connection)
     drain(settings)
     assert len(calls) >= 2
     progress = campaign_progress(db, campaign.id)
@@ -551,7 +550,7 @@ def test_a_stale_owner_cannot_commit_over_a_newer_position(settings, db) -> None
     campaign = Campaign()
     produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(3)]
             + [campaign.queued(c) for c in ("a", "b", "c")])
-    with Projector(settings) as projector:
+    with projector_for(settings) as projector:
         projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
         produce(settings, [campaign.delivered(c, T0 + timedelta(minutes=1), ok=True)
                            for c in ("a", "b", "c")])
@@ -577,7 +576,7 @@ def test_a_stale_owner_cannot_commit_over_a_newer_position(settings, db) -> None
 def test_projector_reconnects_after_losing_its_database_connection(settings, db) -> None:
     campaign = Campaign()
     first, rest, sent, failed, _ = full_scenario(campaign, 20)
-    with Projector(settings) as projector:
+    with projector_for(settings) as projector:
         produce(settings, first)
         projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
         killed = db.execute(
@@ -790,18 +789,6 @@ def test_lanes_running_together_on_shared_campaigns_count_exactly(settings, db) 
         assert settled == (sent + failed,)
 
 
-class RecordingStop(threading.Event):
-    """A stop event that records the backoff pauses asked of it (and does not pause)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pauses: list[float | None] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.pauses.append(timeout)
-        return False
-
-
 @pytest.mark.parametrize(("error", "pauses"), [
     (psycopg.errors.UniqueViolation("simulated: inserted by another transaction"), []),
     (psycopg.OperationalError("simulated connection loss"), [1.0]),
@@ -811,17 +798,17 @@ def test_a_row_conflict_is_retried_at_once_other_failures_back_off(
     campaign = Campaign()
     first, rest, sent, failed, _ = full_scenario(campaign, 10)
     produce(settings, first + rest)
-    real_apply = batch_writer.apply
+    real_apply = BatchWriter.apply
     calls = []
 
-    def apply_failing_once(conn, changes):
+    def apply_failing_once(writer, changes):
         calls.append(changes)
         if len(calls) == 1:
             raise error
-        return real_apply(conn, changes)
+        return real_apply(writer, changes)
 
-    monkeypatch.setattr(batch_writer, "apply", apply_failing_once)
-    with Projector(settings) as projector:
+    monkeypatch.setattr(BatchWriter, "apply", apply_failing_once)
+    with projector_for(settings) as projector:
         stop = RecordingStop()
         projector._stop = stop
         projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
@@ -842,11 +829,11 @@ def test_a_batch_in_flight_is_taken_as_soon_as_it_is_done_not_after_an_idle_poll
     produce(settings, [campaign.created(), campaign.send_requested(), campaign.hydrated(2),
                        campaign.queued("contact-001"), campaign.queued("contact-002")])
     poll_timeout = 60.0
-    with Projector(settings, poll_timeout=poll_timeout) as projector:
+    with projector_for(settings, poll_timeout=poll_timeout) as projector:
         covered = 0
         deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
         # Until everything was consumed, handed over and taken back from the writer.
-        while not (covered == 5 and projector._in_flight is None):
+        while not (covered == 5 and projector._writer.in_flight is None):
             assert time.monotonic() < deadline, f"only {covered} records covered"
             started = time.monotonic()
             covered += projector.poll_once()

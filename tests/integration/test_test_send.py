@@ -104,9 +104,9 @@ def test_a_draft_is_test_sent_to_exactly_the_given_addresses_and_its_audience_is
     assert services.mailed == 2
 
     # The read model, projected from these very topics, shows the campaign without recipients.
-    from projections.projector import Projector
+    from projections.projector import projector_for
 
-    with Projector(settings) as projector:
+    with projector_for(settings) as projector:
         projector.drain(timeout=60)
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         row = conn.execute("SELECT status, total, queued, sent, failed FROM campaigns"

@@ -8,7 +8,7 @@ import gc
 import sys
 import threading
 
-from projections.projector import GIL_SWITCH_INTERVAL_SECONDS, projecting_process, run_lanes
+from projections.lanes import GIL_SWITCH_INTERVAL_SECONDS, projecting_process, run_lanes
 from services.common.gc_tuning import GC_THRESHOLDS
 
 

@@ -1,11 +1,12 @@
-"""Projector._fetched: what is already fetched, taken CONSUME_CHUNK records per consume()."""
+"""record_feed.take_fetched: what is already fetched, taken CONSUME_CHUNK records per
+consume()."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-from projections.projector import CONSUME_CHUNK, Projector
+from projections.batching import CONSUME_CHUNK
+from projections.record_feed import take_fetched
 
 
 class QueuedConsumer:
@@ -24,7 +25,7 @@ class QueuedConsumer:
 
 def fetched(queued: int, count: int) -> tuple[list[Any], list[int]]:
     consumer = QueuedConsumer(queued)
-    records = Projector._fetched(SimpleNamespace(_consumer=consumer), count)  # type: ignore[arg-type]
+    records = take_fetched(consumer.consume, count)
     return records, consumer.calls
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from projections.projector import GIL_SWITCH_INTERVAL_SECONDS, run_lanes
+from projections.lanes import GIL_SWITCH_INTERVAL_SECONDS, run_lanes
 
 
 class IntervalRecordingLane:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from projections.projector import DELIVERY_LANE, LANES, PROJECTED_TOPICS
+from projections.lanes import DELIVERY_LANE, LANES, PROJECTED_TOPICS
 from projections.read_models import RecipientRow, plan
 from schemas.base import Record
 from schemas.commands import SendCampaign
