@@ -62,6 +62,9 @@ POLL_SECONDS = 0.05
 CLOSE_FLUSH_SECONDS = 2.0
 # A hit leaves at once: the person waits for its acknowledgement.
 LINGER_MS = 1
+# Bounds the wait for the topic's metadata at start, so the first hits do not pay for it; a
+# broker away at start only delays serving by this much, it never stops it.
+START_METADATA_SECONDS = 3.0
 
 
 class HitPublisher:
@@ -86,6 +89,13 @@ class HitPublisher:
     def start(self) -> HitPublisher:
         self._thread.start()
         return self
+
+    def warm_up(self) -> None:
+        """Fetch the topic's metadata (and let the producer get its id) before serving."""
+        try:
+            self.producer.list_topics(self.topic, timeout=START_METADATA_SECONDS)
+        except KafkaException as exc:
+            log.warning("broker not reachable at start; serving anyway", error=str(exc))
 
     def close(self) -> None:
         self._stop.set()
@@ -124,10 +134,11 @@ class HitPublisher:
             metrics.TRACKER_HITS_LOST.labels(kind=label).inc()
             log.warning("hit lost", kind=label, error=str(exc))
             return False
+        timer = loop.call_later(self.wait_seconds, _settle, acked, False)
         try:
-            return await asyncio.wait_for(asyncio.shield(acked), self.wait_seconds)
-        except TimeoutError:
-            return False  # its delivery report will come and count it
+            return await acked  # False at the bound: its delivery report will count it
+        finally:
+            timer.cancel()
 
 
 def _settle(future: asyncio.Future[bool], ok: bool) -> None:
@@ -163,6 +174,7 @@ def create_app(settings: TrackerSettings, keys: TrackingKeys,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hits = (publisher or HitPublisher(settings)).start()
+        await asyncio.to_thread(hits.warm_up)
         app.state.publisher = hits
         try:
             yield

@@ -28,14 +28,16 @@ CHROME = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko
           "Chrome/131.0.0.0 Safari/537.36")
 # Mail sent an hour ago: no click is "right after delivery".
 SENT_AT = int(time.time()) - 3600
-# The answer's bound in these tests (TRACKER_HIT_WAIT_MS), and what the HTTP round trip adds.
+# The answer's bound in the outage test (TRACKER_HIT_WAIT_MS), and what the HTTP round trip
+# adds; the broker test waits longer, so that a loaded machine cannot make it lose a hit.
 WAIT_MS = 1000
 SLACK_SECONDS = 0.5
+PATIENT_WAIT_MS = 10_000
 
 
-def tracker_settings(settings: Settings, **changes: object) -> TrackerSettings:
+def tracker_settings(settings: Settings, wait_ms: int, **changes: object) -> TrackerSettings:
     return TrackerSettings.model_validate({
-        **settings.model_dump(), "tracker_keys": f"k1:{SECRET}", "tracker_hit_wait_ms": WAIT_MS,
+        **settings.model_dump(), "tracker_keys": f"k1:{SECRET}", "tracker_hit_wait_ms": wait_ms,
         **changes})
 
 
@@ -52,17 +54,15 @@ def test_pixels_and_redirects_each_hit_once_on_the_topic(settings: Settings) -> 
     scanned = KEYS.sign_click(tenant, campaign, "bob", sent_at=SENT_AT, link_index=0,
                               links_in_mail=2, url="https://shop.example/")
     hits_before = sample("campaign_tracker_hits_total", kind="click", machine="true")
-    with serving(create_app(tracker_settings(settings), KEYS)) as base, \
+    with serving(create_app(tracker_settings(settings, PATIENT_WAIT_MS), KEYS)) as base, \
             httpx.Client(base_url=base, headers={"User-Agent": CHROME}, timeout=10) as http:
         pixel = http.get(f"/o/{opened}.gif")
         assert pixel.status_code == 200 and pixel.content == PIXEL and len(pixel.content) == 43
         assert pixel.headers["content-type"] == "image/gif"
         assert "no-store" in pixel.headers["cache-control"] and pixel.headers["pragma"] == "no-cache"
 
-        started = time.monotonic()
         redirect = http.get(f"/c/{clicked}", follow_redirects=False)
         assert redirect.status_code == 302 and redirect.headers["location"] == url
-        assert time.monotonic() - started < WAIT_MS / 1000 + SLACK_SECONDS
         assert "no-store" in redirect.headers["cache-control"]
         assert redirect.headers["referrer-policy"] == "no-referrer"
 
@@ -103,7 +103,8 @@ def test_pixels_and_redirects_each_hit_once_on_the_topic(settings: Settings) -> 
 
 def test_with_the_broker_unreachable_the_person_is_still_redirected(settings: Settings) -> None:
     [closed_port] = free_ports(1)
-    unreachable = tracker_settings(settings, kafka_bootstrap_servers=f"127.0.0.1:{closed_port}")
+    unreachable = tracker_settings(settings, WAIT_MS,
+                                   kafka_bootstrap_servers=f"127.0.0.1:{closed_port}")
     url = "https://shop.example/outage"
     token = KEYS.sign_click("acme", "cmp-outage", "cy", sent_at=SENT_AT, link_index=0,
                             links_in_mail=1, url=url)
