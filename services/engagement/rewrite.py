@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+from services.common.settings import TrackerSettings
 from services.engagement.tokens import TrackingKeys, trackable_url
 
 PIXEL_PATH = "/o/{token}.gif"
@@ -48,6 +49,17 @@ class TrackingSite:
     keys: TrackingKeys
     base_url: str
     keep_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, tracker: TrackerSettings, public_api_url: str) -> TrackingSite | None:
+        """The site of TRACKER_KEYS and TRACKER_PUBLIC_URL, keeping the one-click unsubscribe
+        page under `public_api_url` as it is; None without keys (tracking off). ValueError
+        for keys that cannot sign."""
+        text = tracker.tracker_keys.get_secret_value()
+        if not text.strip():
+            return None
+        return cls(TrackingKeys.parse(text), tracker.tracker_public_url,
+                   (public_api_url.rstrip("/") + "/unsubscribe",))
 
     def keeps(self, url: str) -> bool:
         own = self.base_url.rstrip("/") + "/"

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.settings import TrackerSettings
 from services.engagement.rewrite import TrackedBodies, TrackingSite, track_bodies
 from services.engagement.tokens import Kind, TrackingKeys
 
@@ -162,3 +163,15 @@ def test_any_html_keeps_its_untracked_links_and_gains_one_pixel(parts: list[str]
     for old, new in zip(before.hrefs, after.hrefs, strict=True):
         assert new == old or claim_of(new).url == old
     assert len(after.images) == len(before.images) + 1
+
+
+def test_the_site_of_the_settings_keeps_the_unsubscribe_page() -> None:
+    off = TrackerSettings(tracker_keys="")
+    assert TrackingSite.from_settings(off, "https://api.example") is None
+    on = TrackerSettings(tracker_keys="k1:rewrite-test-secret-0123456789ab",
+                         tracker_public_url="https://t.example")
+    site = TrackingSite.from_settings(on, "https://api.example/")
+    assert site is not None and site.base_url == "https://t.example"
+    assert site.keeps(UNSUBSCRIBE + "?token=x") and not site.keeps("https://shop.example/")
+    with pytest.raises(ValueError):
+        TrackingSite.from_settings(TrackerSettings(tracker_keys="k1:short"), "https://api.example")
