@@ -65,6 +65,8 @@ LINGER_MS = 1
 # Bounds the wait for the topic's metadata at start, so the first hits do not pay for it; a
 # broker away at start only delays serving by this much, it never stops it.
 START_METADATA_SECONDS = 3.0
+# During an outage every hit is lost: one log line per this many seconds says how many.
+LOSS_LOG_SECONDS = 5.0
 
 
 class HitPublisher:
@@ -85,6 +87,8 @@ class HitPublisher:
         })
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="tracker-producer", daemon=True)
+        self._lost_unlogged = 0
+        self._loss_logged_at = float("-inf")
 
     def start(self) -> HitPublisher:
         self._thread.start()
@@ -121,8 +125,7 @@ class HitPublisher:
             if error is None:
                 metrics.TRACKER_HITS.labels(kind=label, machine=str(machine).lower()).inc()
             else:
-                metrics.TRACKER_HITS_LOST.labels(kind=label).inc()
-                log.warning("hit lost", kind=label, error=str(error))
+                self._lost(label, str(error))
             try:
                 loop.call_soon_threadsafe(_settle, acked, error is None)
             except RuntimeError:
@@ -131,14 +134,22 @@ class HitPublisher:
         try:
             self.producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
         except (BufferError, KafkaException) as exc:
-            metrics.TRACKER_HITS_LOST.labels(kind=label).inc()
-            log.warning("hit lost", kind=label, error=str(exc))
+            self._lost(label, str(exc))
             return False
         timer = loop.call_later(self.wait_seconds, _settle, acked, False)
         try:
             return await acked  # False at the bound: its delivery report will count it
         finally:
             timer.cancel()
+
+
+    def _lost(self, kind: str, error: str) -> None:
+        metrics.TRACKER_HITS_LOST.labels(kind=kind).inc()
+        self._lost_unlogged += 1
+        now = time.monotonic()
+        if now - self._loss_logged_at >= LOSS_LOG_SECONDS:
+            log.warning("hits lost", hits=self._lost_unlogged, last_error=error)
+            self._lost_unlogged, self._loss_logged_at = 0, now
 
 
 def _settle(future: asyncio.Future[bool], ok: bool) -> None:
