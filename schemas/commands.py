@@ -14,21 +14,32 @@ from schemas.base import EntityId, HeaderText, InputEmail, Record
 from schemas.registry import message, upcaster
 
 
-@message("CreateCampaign", 1)
+@message("CreateCampaign", 2)
 class CreateCampaign(Record):
-    """Create a draft campaign with its content. The envelope's aggregate id is its id."""
+    """Create a draft campaign with its content. The envelope's aggregate id is its id.
+
+    Tracking is opt-in: `track_opens` adds an open pixel to the HTML body, `track_clicks`
+    turns its links into signed redirects (services/engagement/rewrite.py)."""
 
     name: str = Field(min_length=1, max_length=200)
     subject: HeaderText
     from_address: InputEmail
     body_text: str | None = Field(default=None, max_length=1_000_000)
     body_html: str | None = Field(default=None, max_length=1_000_000)
+    track_opens: bool = False
+    track_clicks: bool = False
 
     @model_validator(mode="after")
     def _has_a_body(self) -> CreateCampaign:
         if not (self.body_text or self.body_html):
             raise ValueError("a campaign needs body_text, body_html or both")
         return self
+
+
+@upcaster("CreateCampaign", 1)
+def upcast_create_campaign_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 knew no tracking: opens and clicks are not tracked."""
+    return {**payload, "track_opens": False, "track_clicks": False}
 
 
 @message("SendCampaign", 2)

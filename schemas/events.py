@@ -47,10 +47,20 @@ class Audience(Record):
 # --- campaign.events -------------------------------------------------------------------
 
 
-@message("CampaignCreated", 1)
+@message("CampaignCreated", 2)
 class CampaignCreated(Record):
+    """A draft campaign exists; `track_opens` / `track_clicks` as its CreateCampaign asked."""
+
     name: str
     template: MessageTemplate
+    track_opens: bool = False
+    track_clicks: bool = False
+
+
+@upcaster("CampaignCreated", 1)
+def upcast_campaign_created_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 knew no tracking: opens and clicks are not tracked."""
+    return {**payload, "track_opens": False, "track_clicks": False}
 
 
 @message("CampaignSendRequested", 2)

@@ -68,6 +68,9 @@ class Campaign:
     status: Status
     template: MessageTemplate
     schedule: Schedule | None = None
+    # What the sender adds to each mail (open pixel, click redirects); set at creation.
+    track_opens: bool = False
+    track_clicks: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,9 @@ def decide(
                 body_text=command.body_text,
                 body_html=command.body_html,
             )
-            return [CampaignCreated(name=command.name, template=template)]
+            return [CampaignCreated(name=command.name, template=template,
+                                    track_opens=command.track_opens,
+                                    track_clicks=command.track_clicks)]
         case SendCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
@@ -175,7 +180,8 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
     """Fold one event into the state; events this aggregate does not own leave it unchanged."""
     match event:
         case CampaignCreated():
-            return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, event.template)
+            return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, event.template,
+                            track_opens=event.track_opens, track_clicks=event.track_clicks)
         case CampaignSendRequested() if state is not None:
             return replace(state, status=Status.SENDING, schedule=None)
         case CampaignScheduled() if state is not None and state.status is Status.DRAFT:

@@ -100,6 +100,17 @@ SERVICE_INFO = _metric(
 OUTBOX_DEPTH = _metric(
     Gauge, "campaign_outbox_depth_records", "Accepted commands not yet relayed to Kafka.")
 
+TRACKER_HITS = _metric(
+    Counter, "campaign_tracker_hits", "Opens and clicks the tracker answered and Kafka "
+    "acknowledged, by kind (open, click) and machine (true, false).", ["kind", "machine"])
+TRACKER_HITS_LOST = _metric(
+    Counter, "campaign_tracker_hits_lost", "Hits answered (pixel served, person redirected) "
+    "whose event Kafka did not acknowledge in time, by kind: never on campaign.engagement.",
+    ["kind"])
+TRACKER_REFUSED = _metric(
+    Counter, "campaign_tracker_refused_tokens", "Tracking requests refused, by reason "
+    "(malformed, unknown key, bad signature, unsupported version, wrong kind).", ["reason"])
+
 
 @functools.cache
 def _produced(topic: str) -> Any:

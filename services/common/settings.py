@@ -24,6 +24,7 @@ DEFAULT_KAFKA_PORT = 29092
 DEFAULT_POSTGRES_PORT = 25432
 DEFAULT_SMTP_PORT = 22525
 DEFAULT_API_PORT = 28080
+DEFAULT_TRACKER_PORT = 28090
 
 S = TypeVar("S", bound="Settings")
 
@@ -244,6 +245,24 @@ class BounceSettings(Settings):
         SecretStr(""), description="'user:password' Postmark's webhook must send (empty: Postmark refused)")
 
 
+class TrackerSettings(Settings):
+    """The open and click tracker (services/tracker); senders sign with the same keys."""
+
+    tracker_host: str = Field("127.0.0.1", description="Address the tracker listens on")
+    tracker_port: int = Field(DEFAULT_TRACKER_PORT, ge=0, le=65535, description="Its port")
+    tracker_keys: SecretStr = Field(
+        SecretStr(""), description="'id:secret' signing keys, comma-separated: the first "
+        "signs, every one verifies (rotation); empty: tracking off, the tracker refuses to start")
+    tracker_public_url: str = Field(
+        f"http://127.0.0.1:{DEFAULT_TRACKER_PORT}",
+        description="Base URL of pixels and redirects, as recipients reach the tracker")
+    tracker_scanner_window_seconds: float = Field(
+        10.0, ge=0, description="A click this soon after delivery is taken as a link scanner's")
+    tracker_hit_wait_ms: int = Field(
+        1000, ge=1, le=30_000, description="Longest wait for Kafka's ack of a hit before the "
+        "answer; a hit not acknowledged by then is lost and counted")
+
+
 # Which classes the README documents, in order, and who reads each.
 DOCUMENTED: tuple[tuple[type[Settings], str], ...] = (
     (Settings, "every service"),
@@ -257,6 +276,7 @@ DOCUMENTED: tuple[tuple[type[Settings], str], ...] = (
     (PlatformSettings, "local platform (make up, tests, demo)"),
     (WatchdogSettings, "watchdog"),
     (BounceSettings, "bounce receiver and webhooks"),
+    (TrackerSettings, "tracker"),
 )
 
 

@@ -71,9 +71,14 @@ HYDRATION_FANOUTS = TopicSpec(
     {"cleanup.policy": "compact"},
 )
 
+# Opens and clicks (EmailOpened, LinkClicked) from the tracker: keyed by contact, so one
+# recipient's hits keep their order; spread like the recipients they come from.
+ENGAGEMENT = TopicSpec("campaign.engagement", "tenant + contact", RECIPIENT_PARTITIONS, INFINITE)
+
 CATALOGUE: tuple[TopicSpec, ...] = (
     COMMANDS, COMMANDS_DLQ, EVENTS, CONTACTS, HYDRATION_REQUESTS, HYDRATION_REPORTS,
     RECIPIENTS, DELIVERIES, *RETRY_TIERS, HELD, RECIPIENTS_DLQ, SEGMENTS, HYDRATION_FANOUTS,
+    ENGAGEMENT,
 )
 
 
