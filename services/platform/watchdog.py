@@ -45,6 +45,9 @@ class ProgramView:
     beat_at: float | None  # epoch seconds of its heartbeat file's last touch, None if absent
 
 
+START_RESOLUTION_S = 1.0
+
+
 def stuck(programs: Iterable[ProgramView], now: float, *, stale_after: float,
           start_grace: float) -> list[str]:
     """Names of the RUNNING programs to restart: no beat since this start for longer than
@@ -53,7 +56,9 @@ def stuck(programs: Iterable[ProgramView], now: float, *, stale_after: float,
     for program in programs:
         if program.state != "RUNNING":
             continue
-        if program.beat_at is None or program.beat_at < program.started_at:
+        # supervisord reports the start in whole seconds: a beat within that second may be the
+        # killed predecessor's last one, so only a later beat counts as this start's.
+        if program.beat_at is None or program.beat_at < program.started_at + START_RESOLUTION_S:
             if now - program.started_at > start_grace:
                 found.append(program.name)
         elif now - program.beat_at > stale_after:

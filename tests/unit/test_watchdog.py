@@ -35,6 +35,17 @@ def test_a_beat_from_before_the_current_start_does_not_count() -> None:
     assert stuck([previous_life], NOW, stale_after=10.0, start_grace=20.0) == ["svc"]
 
 
+def test_a_beat_in_the_whole_second_of_the_start_is_the_predecessors() -> None:
+    # supervisord's start is in whole seconds: the killed process's last beat at .7 of the
+    # second the new one started in must not count as the new one's.
+    started = float(int(NOW) - 6)
+    restarted = ProgramView("svc", "RUNNING", started, started + 0.7)
+    assert stuck([restarted], NOW, stale_after=5.0, start_grace=60.0) == []
+    beat_since = ProgramView("svc", "RUNNING", started, started + 1.2)
+    assert stuck([beat_since], NOW, stale_after=5.0, start_grace=60.0) == []
+    assert stuck([beat_since], NOW + 1.0, stale_after=5.0, start_grace=60.0) == ["svc"]
+
+
 def test_only_running_programs_are_judged() -> None:
     programs = [view(n, state=n, beat_age=1_000.0) for n in ("STARTING", "BACKOFF", "EXITED", "FATAL")]
     assert stuck(programs, NOW, stale_after=60.0, start_grace=120.0) == []
