@@ -89,8 +89,12 @@ def main() -> int:
     settings = load_or_exit(SenderSettings, log)
     try:
         transports = transport_factory(settings)
+    except RelayConfigError as exc:
+        log.error("relay configuration refused", error=str(exc))
+        return 2
+    try:
         limiter = RateLimiter.from_settings(settings)
-    except (RelayConfigError, ValueError) as exc:
+    except ValueError as exc:
         log.error("invalid settings", error=str(exc))
         return 2
     start_observability(settings, "sender", standard_checks(settings))
