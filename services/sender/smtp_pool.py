@@ -428,7 +428,7 @@ class SmtpConnection:
                 raise
             # Transactions go straight to the socket from here on (see smtp_commands).
             assert smtp.sock is not None  # connected by the constructor
-            self._channel = CommandChannel(smtp.sock)
+            self._channel = CommandChannel(smtp.sock, self.timeout)
             # From the last EHLO: after STARTTLS, what the relay said in the clear is void.
             self._pipelining = smtp.has_extn("pipelining")
             self._chunking = self._pipelining and smtp.has_extn("chunking")
