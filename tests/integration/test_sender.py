@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from dataclasses import replace
 
+import psycopg
 import pytest
 
 from schemas.contacts import ContactSuppressed
@@ -168,6 +169,31 @@ def test_ledger_claim_states(settings):
     assert rows["k1"]["ambiguous"] == 2
     assert rows["k2"]["status"] == "failed" and rows["k2"]["reason"] == "550 no"
     assert "k3" not in rows  # a cancelled campaign's recipient is looked up, never claimed
+
+
+def test_a_chunk_of_new_and_known_recipients_claims_each_as_its_row_says(settings):
+    # New rows are claimed by one insert, known ones by the lock-and-judge transaction: a
+    # chunk with both gets each verdict, and a new row is written as a fresh claim in flight.
+    campaign = f"cmp-{uuid.uuid4()}"
+    known = LedgerEntry(campaign, "k1", TENANT, f"<{campaign}.k1@example.com>")
+    new = LedgerEntry(campaign, "k2", TENANT, f"<{campaign}.k2@example.com>")
+    ledger = SendLedger(settings.database_url)
+    try:
+        ledger.claim([known])
+        ledger.settle({known.key: Outcome(Status.SENT, 1, 250, "250 OK")})
+        claims = ledger.claim([new, known])
+        assert claims[new.key].state is ClaimState.FRESH and claims[new.key].ambiguous == 0
+        assert claims[known.key].state is ClaimState.SETTLED
+        with psycopg.connect(settings.database_url) as conn:
+            row = conn.execute(
+                "SELECT status, claims, attempts, ambiguous, settled_at IS NULL,"
+                " claimed_at IS NOT NULL, message_id, tenant_id FROM send_ledger"
+                " WHERE campaign_id = %s AND contact_id = 'k2'", (campaign,)).fetchone()
+        assert row == ("claimed", 1, 0, 0, True, True, new.message_id, TENANT)
+        # In flight: claimed again before a settlement, it is a possible duplicate.
+        assert ledger.claim([new])[new.key].state is ClaimState.UNSETTLED
+    finally:
+        ledger.close()
 
 
 def test_ledger_statements_find_rows_by_key_even_when_statistics_say_the_table_is_tiny(settings):
