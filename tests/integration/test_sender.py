@@ -137,10 +137,15 @@ def test_pool_refuses_an_address_that_would_inject_a_command_without_sending_any
 # --- the send ledger (PostgreSQL only) -------------------------------------------------------------
 
 
-def test_ledger_claim_states(settings):
+def _entries(*contacts: str) -> tuple[str, list[LedgerEntry]]:
+    """A fresh campaign and a ledger entry of each contact in it."""
     campaign = f"cmp-{uuid.uuid4()}"
-    entry = LedgerEntry(campaign, "k1", TENANT, f"<{campaign}.k1@example.com>")
-    other = LedgerEntry(campaign, "k2", TENANT, f"<{campaign}.k2@example.com>")
+    return campaign, [LedgerEntry(campaign, contact, TENANT, f"<{campaign}.{contact}@example.com>")
+                      for contact in contacts]
+
+
+def test_ledger_claim_states(settings):
+    campaign, (entry, other) = _entries("k1", "k2")
     ledger = SendLedger(settings.database_url)
     try:
         assert ledger.claim([entry, other])[entry.key].state is ClaimState.FRESH
@@ -174,9 +179,7 @@ def test_ledger_claim_states(settings):
 def test_a_chunk_of_new_and_known_recipients_claims_each_as_its_row_says(settings):
     # New rows are claimed by one insert, known ones by the lock-and-judge transaction: a
     # chunk with both gets each verdict, and a new row is written as a fresh claim in flight.
-    campaign = f"cmp-{uuid.uuid4()}"
-    known = LedgerEntry(campaign, "k1", TENANT, f"<{campaign}.k1@example.com>")
-    new = LedgerEntry(campaign, "k2", TENANT, f"<{campaign}.k2@example.com>")
+    campaign, (known, new) = _entries("k1", "k2")
     ledger = SendLedger(settings.database_url)
     try:
         ledger.claim([known])
