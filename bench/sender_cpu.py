@@ -1,6 +1,7 @@
 """CPU per mail of one real sender process, old code against new, alternated in one session.
 
-`python -m bench.sender_cpu [--count N] [--rounds R] [--warm W] [--tree NAME=PATH ...]`
+`python -m bench.sender_cpu [--count N] [--rounds R] [--warm W] [--tree NAME=PATH ...]
+[--sink python|c] [--profile OPTIONS]`
 
 Each run, on fresh topics (own prefix, deleted afterwards) of the platform Settings() point at:
 N RecipientQueued records of the bench campaign's shape (bench/campaign.py: personalised
@@ -16,7 +17,11 @@ publish), the other Python threads (SMTP threads, feeds), librdkafka's threads (
 threads that ended meanwhile; `.sys` is the system-time part of a group, `switches/mail` the
 context switches of all threads. The sink's CPU per mail is printed as a control (it does the
 same work whatever the sender's code). Every recipient must be accepted exactly once, else the
-run fails: a figure over lost mail would mean nothing. With --profile, py-spy samples the
+run fails: a figure over lost mail would mean nothing. With `--sink c` Postfix's smtp-sink
+(C; Debian's postfix, `make bench-tools`) takes the mail instead: the pipeline's real ceiling,
+and a sink that never makes the sender wait, so its CPU per mail is not the Python sink's
+pace; smtp-sink records nothing, so its counter must reach exactly N and stay there (no
+copy), and its own CPU is the control. With --profile, py-spy samples the
 sender over the measured part (its own overhead then inflates the figures).
 
 Trees are alternated within each round (A B, then B A in the next round, ...), so a drift in
@@ -37,6 +42,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.c_sink import COUNTER_SETTLE_SECONDS, PostfixSink
 from bench.campaign import BenchIds, contacts, template
 from bench.proc_cpu import stat_cpu_seconds, stat_fields, ticks_to_seconds
 from bench.scaleout import (
@@ -128,9 +134,10 @@ def backlog(count: int) -> list[tuple[bytes, bytes]]:
 
 
 def one_run(base: Settings, tree: Path, count: int, warm: int,
-            profile: list[str] | None = None) -> tuple[Sample, Sample, float]:
+            profile: list[str] | None = None, c_sink: bool = False) -> tuple[Sample, Sample, float]:
     """(sample at `warm` accepted, sample at `count`, sink CPU per mail in between). With
-    `profile` (py-spy record options and `-o FILE`), py-spy samples the sender in between."""
+    `profile` (py-spy record options and `-o FILE`), py-spy samples the sender in between;
+    with `c_sink`, Postfix's smtp-sink takes the mail."""
     settings = fresh_settings(base, "sendercpu")
     ensure_topics(settings)
     folder = Path(tempfile.mkdtemp(prefix="sender-cpu-"))
@@ -141,11 +148,16 @@ def one_run(base: Settings, tree: Path, count: int, warm: int,
            "UNSUBSCRIBE_SECRET": "bench-sender-cpu", "PYTHONPATH": str(tree)}
     produce_records(settings, backlog(count))
     started: list[subprocess.Popen[bytes]] = []
-    counter = LineCounter(records)
+    lines = LineCounter(records)
+    postfix: PostfixSink | None = None
     try:
-        sink = spawn("services.smtp_sink", env)
+        if c_sink:
+            postfix = PostfixSink(settings.smtp_host, settings.smtp_port)
+            sink = postfix.process
+        else:
+            sink = spawn("services.smtp_sink", env)
+            wait_listening(settings.smtp_port)
         started.append(sink)
-        wait_listening(settings.smtp_port)
         sender = subprocess.Popen([str(tree / ".venv/bin/python"), "-m", "services.sender"],
                                   env=env, cwd=tree, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
@@ -153,7 +165,10 @@ def one_run(base: Settings, tree: Path, count: int, warm: int,
         deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
         first: Sample | None = None
         sink_first = 0.0
-        while (accepted := counter.count()) < count:
+        def accepted_so_far() -> int:
+            return postfix.messages if postfix is not None else lines.count()
+
+        while (accepted := accepted_so_far()) < count:
             if first is None and accepted >= warm:
                 first = Sample(accepted, thread_cpu(sender.pid))
                 sink_first = Sample(0, thread_cpu(sink.pid)).total
@@ -170,10 +185,21 @@ def one_run(base: Settings, tree: Path, count: int, warm: int,
         if profile is not None and len(started) > 2:
             started[2].send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             started[2].wait(30)
+        if postfix is not None:
+            # A copy would show as a count past N once the sender's last mails are in.
+            time.sleep(COUNTER_SETTLE_SECONDS)
+            if postfix.messages != count:
+                raise RuntimeError(f"smtp-sink took {postfix.messages:,} of {count:,} mails")
     finally:
-        stop_processes(started)
+        if postfix is not None:
+            started.remove(postfix.process)
+            stop_processes(started)
+            postfix.stop()
+        else:
+            stop_processes(started)
         delete_topics(settings)
-    check_exactly_once(records, count)
+    if postfix is None:
+        check_exactly_once(records, count)
     shutil.rmtree(folder, ignore_errors=True)
     if first is None:
         raise RuntimeError("the run finished before the first sample")
@@ -187,6 +213,8 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=1_000)
     parser.add_argument("--tree", action="append", default=[],
                         help="NAME=PATH of a checkout with .venv (default: this one)")
+    parser.add_argument("--sink", choices=("python", "c"), default="python",
+                        help="the sink taking the mail: ours, or Postfix's smtp-sink (C)")
     parser.add_argument("--profile", help="py-spy record options for the measured part, e.g. "
                         "'--gil -f raw -o /tmp/gil.txt' (each run overwrites the file)")
     args = parser.parse_args()
@@ -196,7 +224,8 @@ def main() -> None:
         order = trees if round_number % 2 == 0 else list(reversed(trees))
         for name, path in order:
             profile = shlex.split(args.profile) if args.profile else None
-            first, last, sink = one_run(Settings(), Path(path), args.count, args.warm, profile)
+            first, last, sink = one_run(Settings(), Path(path), args.count, args.warm, profile,
+                                         c_sink=args.sink == "c")
             mails = last.accepted - first.accepted
             per_mail = (last.total - first.total) / mails * 1e6
             results[name].append(per_mail)

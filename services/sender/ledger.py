@@ -1,9 +1,11 @@
 """The send ledger: PostgreSQL's record of each campaign recipient's attempts and outcome.
 
 Protocol, per batch: `claim` every recipient (with the attempt number its record carries)
-before any SMTP transaction, `settle` every outcome after them. Each is one transaction for
-the whole batch. The verdict of a claim is the pure function `judge_claim` of the row as it
-was and the attempt claimed:
+before any SMTP transaction, `settle` every outcome after them. A claim is one statement for
+the recipients the ledger has no row of yet (inserted as claimed, in flight: FRESH), then one
+transaction for those it has (locked, judged, written back); a settlement is one statement.
+The verdict of a claim is the pure function `judge_claim` of the row as it was and the
+attempt claimed:
 
 - FRESH: this attempt was never claimed -> mail it.
 - UNSETTLED: this attempt was claimed but never settled (a sender died or lost its partition
@@ -59,6 +61,16 @@ LedgerKey = tuple[str, str]  # (campaign_id, contact_id)
 
 # Every statement reads its rows from one jsonb parameter: an array of arrays, one per row,
 # values in the order the SELECT names them (see _rows).
+
+# Recipients without a row are claimed by inserting it: the table's defaults are a fresh
+# claim in flight (claims 1, status 'claimed', attempts 0, claimed now, not settled), what
+# judge_claim writes back for a row _INSERT_NEW just inserted. The rows returned are FRESH.
+_CLAIM_NEW = """
+INSERT INTO send_ledger (campaign_id, contact_id, tenant_id, message_id)
+SELECT r->>0, r->>1, r->>2, r->>3 FROM jsonb_array_elements(%s::jsonb) AS r
+ON CONFLICT (campaign_id, contact_id) DO NOTHING
+RETURNING campaign_id, contact_id
+"""
 _INSERT_NEW = """
 INSERT INTO send_ledger (campaign_id, contact_id, tenant_id, message_id, claims)
 SELECT r->>0, r->>1, r->>2, r->>3, 0 FROM jsonb_array_elements(%s::jsonb) AS r
@@ -302,7 +314,22 @@ class SendLedger:
         if not entries:
             return {}
         ordered = sorted(entries, key=lambda e: e.key)
-        return self._retried("claim", lambda conn: self._claim(conn, ordered))
+        # Most recipients reach the ledger for the first time: one round trip claims them
+        # (autocommit: its own transaction), instead of insert, lock, write back and commit.
+        # A reply lost after the commit is retried like any other: the rows are then found
+        # in flight, UNSETTLED, one possible duplicate too many, never one too few.
+        new = [(e.campaign_id, e.contact_id, e.tenant_id, e.message_id)
+               for e in ordered if not e.cancelled]
+        verdicts: dict[LedgerKey, Claim] = {}
+        if new:
+            parameter = _rows(new)
+            inserted = self._retried(
+                "claim", lambda conn: conn.execute(_CLAIM_NEW, parameter).fetchall())
+            verdicts = {(r[0], r[1]): _FRESH for r in inserted}
+        rest = [e for e in ordered if e.key not in verdicts]
+        if rest:
+            verdicts.update(self._retried("claim", lambda conn: self._claim(conn, rest)))
+        return verdicts
 
     def _claim(self, conn: psycopg.Connection[Any],
                ordered: list[LedgerEntry]) -> dict[LedgerKey, Claim]:

@@ -9,11 +9,15 @@ clients reach the API); without a secret, mails carry no such headers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
 from services.common.settings import SenderSettings
 from services.common.unsubscribe_tokens import sign
+
+# What quote() leaves as it is: a token (URL-safe base64 and a dot) needs no escaping.
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
 @dataclass(frozen=True)
@@ -30,5 +34,6 @@ class ListUnsubscribe:
 
     def headers(self, tenant_id: str, contact_id: str, campaign_id: str) -> list[tuple[str, str]]:
         token = sign(self.secret, tenant_id, contact_id, campaign_id)
-        url = f"{self.base_url}/unsubscribe?token={quote(token, safe='')}"
+        url = (f"{self.base_url}/unsubscribe?token="
+               f"{token if _URL_SAFE.fullmatch(token) else quote(token, safe='')}")
         return [("List-Unsubscribe", f"<{url}>"), ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]

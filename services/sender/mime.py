@@ -52,6 +52,9 @@ _TAG = re.compile(r"<[^>]*>")
 _INVISIBLE = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _BLOCK_END = re.compile(r"<br\s*/?>|</(p|div|h[1-6]|li|tr|table)\s*>", re.IGNORECASE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# A display name formataddr writes as it is: ASCII without RFC 5322 specials, quotes or
+# backslashes (its `specialsre` and `escapesre`).
+_PLAIN_NAME = re.compile(r'[^\]\[\\()<>@,:;".\x80-\U0010ffff]+')
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def build_mail(recipient: RecipientQueued, content: RenderedContent, now: dateti
         _header("To", _mailbox(f"{recipient.first_name} {recipient.last_name}", recipient.email)),
         _header("Subject", unstructured(content.subject, len("Subject: "))),
         _header("Message-ID", message_id),
-        _date_line(now.replace(microsecond=0), now.utcoffset()),
+        _date_line(now),
         fixed_lines,
         *(_header(name, value) for name, value in extra_headers or ()),
     ]
@@ -181,6 +184,8 @@ def _mailbox(name: str, address: str) -> str:
     name = header_safe(name)
     if not name:
         return address
+    if _PLAIN_NAME.fullmatch(name) and address.isascii():
+        return f"{name} <{address}>"  # what formataddr writes for it, without its checks
     if name.isascii():
         return formataddr((name, address))
     return _fold([*encoded_words(name), f"<{address}>"], len("To: "))
@@ -212,8 +217,27 @@ def _campaign_lines(from_address: str, campaign_id: str) -> tuple[bytes, bytes]:
 # (format_datetime costs a few microseconds). Keyed by the time without microseconds and its
 # UTC offset, which is all format_datetime reads: equal keys give equal lines.
 @functools.lru_cache(maxsize=16)
-def _date_line(second: datetime, _offset: timedelta | None) -> bytes:
+def _date_line_of(second: datetime, _offset: timedelta | None) -> bytes:
     return _header("Date", format_datetime(second))
+
+
+# The last Date line and its (timestamp, offset): one comparison per mail instead of building
+# and hashing a datetime key. A tuple, swapped whole, so threads never see half of one.
+_last_date: tuple[float, timedelta | None, bytes] = (-1.0, None, b"")
+
+
+def _date_line(now: datetime) -> bytes:
+    global _last_date
+    offset = now.utcoffset()
+    if offset is None:  # a naive time: no instant to compare by
+        return _date_line_of(now.replace(microsecond=0), offset)
+    second = now.timestamp() // 1
+    last = _last_date
+    if last[0] == second and last[1] == offset:
+        return last[2]
+    line = _date_line_of(now.replace(microsecond=0), offset)
+    _last_date = (second, offset, line)
+    return line
 
 
 def _quoted_printable(text: str) -> bytes:

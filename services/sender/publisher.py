@@ -12,6 +12,7 @@ Copies (after a redelivery) carry the same outcome and Message-ID.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -211,9 +212,16 @@ class DeliveryPublisher:
 def count_outcome(outcome: Outcome) -> None:
     """The deliveries metrics of one settled outcome (sent, failed or deferred)."""
     code = outcome.smtp_code
-    reply_class = f"{code // 100}xx" if code is not None and 200 <= code < 600 else "none"
-    metrics.DELIVERIES.labels(outcome=outcome.status.value, reply_class=reply_class).inc()
+    _deliveries(outcome.status, code // 100 if code is not None and 200 <= code < 600 else None
+                ).inc()
     if outcome.ambiguous:
         metrics.AMBIGUOUS.inc(outcome.ambiguous)
     if outcome.status is Status.DEFERRED:
         metrics.RETRIES_SCHEDULED.inc()
+
+
+# Looked up once per (outcome, reply class): `labels` costs a few microseconds per mail.
+@functools.cache
+def _deliveries(status: Status, reply_hundreds: int | None) -> Any:
+    reply_class = f"{reply_hundreds}xx" if reply_hundreds is not None else "none"
+    return metrics.DELIVERIES.labels(outcome=status.value, reply_class=reply_class)

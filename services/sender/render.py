@@ -103,6 +103,8 @@ def render_text(
 
 def header_safe(value: str) -> str:
     """A value fit for a header line: no CR/LF (each run becomes a space), no controls."""
+    if value.isprintable():  # no CR, LF or control at all: the common case, without a regex
+        return value.strip()
     return _CONTROLS.sub("", _LINE_BREAKS.sub(" ", value)).strip()
 
 

@@ -66,8 +66,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -428,7 +426,7 @@ class SmtpConnection:
                 raise
             # Transactions go straight to the socket from here on (see smtp_commands).
             assert smtp.sock is not None  # connected by the constructor
-            self._channel = CommandChannel(smtp.sock)
+            self._channel = CommandChannel(smtp.sock, self.timeout)
             # From the last EHLO: after STARTTLS, what the relay said in the clear is void.
             self._pipelining = smtp.has_extn("pipelining")
             self._chunking = self._pipelining and smtp.has_extn("chunking")
@@ -581,21 +579,19 @@ class SmtpPool:
 
     def send(self, mail: OutgoingMail) -> RelayResult:
         """Like `transmit`, also telling whether the relay could not be used at all."""
-        with self._connection() as connection:
-            return connection.send(mail)
-
-    @contextmanager
-    def _connection(self) -> Iterator[SmtpConnection]:
-        with self._available:
-            self._available.wait_for(lambda: bool(self._idle))
+        # Check-out and return written out, not as a context manager: this runs once per mail.
+        available = self._available
+        with available:
+            while not self._idle:
+                available.wait()
             # Most recently used first: it is the one most likely still open.
             connection = self._idle.pop()
         try:
-            yield connection
+            return connection.send(mail)
         finally:
-            with self._available:
+            with available:
                 self._idle.append(connection)
-                self._available.notify()
+                available.notify()
 
     def close(self) -> None:
         """QUIT every idle connection (call when no thread is transmitting)."""

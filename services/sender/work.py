@@ -3,9 +3,8 @@ the worker's running totals (`SenderStats`). Plain values, no I/O."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
 
 from confluent_kafka import Message
 
@@ -48,17 +47,16 @@ class Work:
     skip: str | None
     # Throttled before: the rate-limit slot it booked then (its retry_at), already paid for.
     slot: datetime | None = None
-    @cached_property
-    def key(self) -> LedgerKey:
-        """(campaign_id, contact_id): the recipient's ledger key, read many times per mail by
-        the pipeline, so built once."""
-        return (self.recipient.campaign_id, self.recipient.contact_id)
+    # (campaign_id, contact_id): the recipient's ledger key, read many times per mail by the
+    # pipeline; and `message_id(recipient)`, which the ledger claim and the delivery event
+    # both need. Built with the item (a cached_property would take a lock on first use).
+    key: LedgerKey = field(init=False, repr=False, compare=False)
+    message_id: str = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def message_id(self) -> str:
-        """`message_id(recipient)`, worked out once (the ledger claim and the delivery event
-        both need it)."""
-        return message_id(self.recipient)
+    def __post_init__(self) -> None:
+        recipient = self.recipient
+        object.__setattr__(self, "key", (recipient.campaign_id, recipient.contact_id))
+        object.__setattr__(self, "message_id", message_id(recipient))
 
 
 def message_id(recipient: RecipientQueued) -> str:

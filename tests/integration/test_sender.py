@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from dataclasses import replace
 
+import psycopg
 import pytest
 
 from schemas.contacts import ContactSuppressed
@@ -136,10 +137,15 @@ def test_pool_refuses_an_address_that_would_inject_a_command_without_sending_any
 # --- the send ledger (PostgreSQL only) -------------------------------------------------------------
 
 
-def test_ledger_claim_states(settings):
+def _entries(*contacts: str) -> tuple[str, list[LedgerEntry]]:
+    """A fresh campaign and a ledger entry of each contact in it."""
     campaign = f"cmp-{uuid.uuid4()}"
-    entry = LedgerEntry(campaign, "k1", TENANT, f"<{campaign}.k1@example.com>")
-    other = LedgerEntry(campaign, "k2", TENANT, f"<{campaign}.k2@example.com>")
+    return campaign, [LedgerEntry(campaign, contact, TENANT, f"<{campaign}.{contact}@example.com>")
+                      for contact in contacts]
+
+
+def test_ledger_claim_states(settings):
+    campaign, (entry, other) = _entries("k1", "k2")
     ledger = SendLedger(settings.database_url)
     try:
         assert ledger.claim([entry, other])[entry.key].state is ClaimState.FRESH
@@ -168,6 +174,29 @@ def test_ledger_claim_states(settings):
     assert rows["k1"]["ambiguous"] == 2
     assert rows["k2"]["status"] == "failed" and rows["k2"]["reason"] == "550 no"
     assert "k3" not in rows  # a cancelled campaign's recipient is looked up, never claimed
+
+
+def test_a_chunk_of_new_and_known_recipients_claims_each_as_its_row_says(settings):
+    # New rows are claimed by one insert, known ones by the lock-and-judge transaction: a
+    # chunk with both gets each verdict, and a new row is written as a fresh claim in flight.
+    campaign, (known, new) = _entries("k1", "k2")
+    ledger = SendLedger(settings.database_url)
+    try:
+        ledger.claim([known])
+        ledger.settle({known.key: Outcome(Status.SENT, 1, 250, "250 OK")})
+        claims = ledger.claim([new, known])
+        assert claims[new.key].state is ClaimState.FRESH and claims[new.key].ambiguous == 0
+        assert claims[known.key].state is ClaimState.SETTLED
+        with psycopg.connect(settings.database_url) as conn:
+            row = conn.execute(
+                "SELECT status, claims, attempts, ambiguous, settled_at IS NULL,"
+                " claimed_at IS NOT NULL, message_id, tenant_id FROM send_ledger"
+                " WHERE campaign_id = %s AND contact_id = 'k2'", (campaign,)).fetchone()
+        assert row == ("claimed", 1, 0, 0, True, True, new.message_id, TENANT)
+        # In flight: claimed again before a settlement, it is a possible duplicate.
+        assert ledger.claim([new])[new.key].state is ClaimState.UNSETTLED
+    finally:
+        ledger.close()
 
 
 def test_ledger_statements_find_rows_by_key_even_when_statistics_say_the_table_is_tiny(settings):

@@ -6,10 +6,20 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+
+import pytest
 
 from schemas.events import MessageTemplate, RecipientQueued
-from services.sender.mime import build_mail, encoded_words, message_id_for, unstructured
-from services.sender.render import render
+from services.sender.mime import (
+    _date_line,
+    _mailbox,
+    build_mail,
+    encoded_words,
+    message_id_for,
+    unstructured,
+)
+from services.sender.render import header_safe, render
 
 NOW = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
 
@@ -176,3 +186,33 @@ def test_encoded_words_respect_the_length_limit_and_split_on_characters() -> Non
     words = encoded_words("ü" * 100 + "😀" * 30)
     assert all(len(w) <= 75 for w in words)
     assert unstructured("short") == "short"
+
+
+# Names and addresses the To fast path must write exactly as formataddr does (or leave to it).
+_NAMES = ["Ada Lovelace", "Ada", "O'Brien", "Jane Q. Public", 'Ann "Nan" Lee', "Doe, John",
+          "a\\b", "[x]", "x@y", "tab\there", "José", "李 雷", "  padded  ", "#!$%&*+-/=?^_`{|}~"]
+_ADDRESSES = ["ada@example.com", "jos\u00e9@example.com"]
+
+
+def test_to_is_written_as_formataddr_writes_it() -> None:
+    for name in _NAMES:
+        for address in _ADDRESSES:
+            clean = header_safe(name)
+            if not clean.isascii():
+                continue  # encoded words: not formataddr's job here
+            try:
+                expected = formataddr((clean, address))
+            except UnicodeEncodeError:
+                with pytest.raises(UnicodeEncodeError):
+                    _mailbox(name, address)
+                continue
+            assert _mailbox(name, address) == expected, (name, address)
+
+
+def test_date_line_follows_every_second_and_offset() -> None:
+    base = datetime(2026, 3, 1, 9, 0, 0, 999_999, tzinfo=UTC)
+    times = [base, base + timedelta(microseconds=1), base + timedelta(seconds=1),
+             base.astimezone(timezone(timedelta(hours=2))), base, base.replace(tzinfo=None),
+             base - timedelta(days=30000)]
+    for when in times:
+        assert _date_line(when) == f"Date: {format_datetime(when.replace(microsecond=0))}\r\n".encode()

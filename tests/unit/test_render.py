@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from schemas.events import MessageTemplate, RecipientQueued
@@ -122,3 +124,10 @@ def test_header_safe_strips_breaks_and_trims() -> None:
 def test_body_keeps_line_breaks_from_values() -> None:
     content = render(recipient(attributes={"x": "line1\nline2"}, template=template(text="{{ attr.x }}")))
     assert content.text == "line1\nline2"
+
+
+@pytest.mark.parametrize("value", ["Ada", "  Ada  ", "a\tb", "a\r\nb", "a\x00b\x7f", "\u2028x",
+                                   "x\x85y", "Jos\u00e9", "", " ", "\u00a0nbsp\u00a0"])
+def test_header_safe_is_the_same_with_and_without_its_shortcut(value: str) -> None:
+    slow = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", re.sub(r"[\r\n]+", " ", value)).strip()
+    assert header_safe(value) == slow

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from schemas.base import Record
-from schemas.envelope import encode, wrap
+from schemas.envelope import SchemaViolation, decode, encode, wrap
 from schemas.events import (
     CampaignPaused,
     MessageTemplate,
@@ -35,6 +36,7 @@ from services.sender.decisions import (
     WaitUntil,
     Wake,
     booked,
+    decode_recipient,
     due_at,
     fair,
     poll_timeout,
@@ -108,6 +110,54 @@ def test_an_unreadable_record_is_dead_lettered_with_the_reason(raw: bytes | None
                                                                  reason: str) -> None:
     found = read(raw, NOW)
     assert isinstance(found, DeadLetter) and found.reason.startswith(reason)
+
+
+def _edited(change: dict[str, object], payload: dict[str, object] | None = None) -> bytes:
+    envelope = json.loads(value(RECIPIENT))
+    envelope.update(change)
+    envelope["payload"].update(payload or {})
+    return json.dumps(envelope).encode()
+
+
+@pytest.mark.parametrize("raw", [
+    value(RECIPIENT),
+    value(RECIPIENT.model_copy(update={"first_name": "José", "attributes": {"city": "Oslo"}})),
+    value(RecipientRetryScheduled(recipient=RECIPIENT, attempt=2, retry_at=NOW,
+                                  first_attempt_at=NOW)),
+    _edited({}, {"email": "K1@EXAMPLE.COM"}),  # the validator normalises it either way
+    _edited({}, {"email": "not an address"}),
+    _edited({}, {"surprise": 1}),
+    _edited({"surprise": 1}),
+    _edited({"version": 2}),
+    _edited({"version": "1"}),
+    _edited({"type": "RecipientExcluded"}),
+    _edited({"occurred_at": "2030-01-01T12:00:00"}),  # naive
+    _edited({"id": "not-a-uuid"}),
+    _edited({}, {"template": {"subject": "a\r\nBcc: x@example.com", "from_address": "n@example.com"}}),
+    b'{"id": NaN}',
+    b"\xff\xfe",
+    b"[]",
+    b"",
+    None,
+])
+def test_decode_recipient_reads_exactly_what_decode_reads(raw: bytes | None) -> None:
+    try:
+        expected = decode(raw)
+    except SchemaViolation as exc:
+        with pytest.raises(SchemaViolation) as found:
+            decode_recipient(raw)
+        assert str(found.value) == str(exc)  # the full decode words the reason
+        return
+    message = decode_recipient(raw)
+    assert message.payload == expected.payload
+    assert message.envelope.model_dump(exclude={"payload"}) == expected.envelope.model_dump(
+        exclude={"payload"})
+
+
+def test_a_queued_recipient_is_read_in_one_pass_with_its_envelope() -> None:
+    message = decode_recipient(value(RECIPIENT))
+    # The one-pass reader holds the payload model itself (decode's envelope holds a dict).
+    assert message.payload == RECIPIENT and message.envelope.payload is message.payload
 
 
 def test_another_event_on_a_recipient_topic_is_dead_lettered() -> None:

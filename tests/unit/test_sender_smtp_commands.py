@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from services.sender.smtp_commands import CommandChannel, InvalidPath, mailbox_path
+from services.sender.smtp_commands import CommandChannel, InvalidPath, kernel_timeouts, mailbox_path
 
 
 @pytest.fixture
@@ -107,3 +108,36 @@ def test_paths_are_what_smtplib_quoteaddr_gives(address: str) -> None:
 def test_a_line_break_in_an_address_never_reaches_a_command(address: str) -> None:
     with pytest.raises(InvalidPath):
         mailbox_path(address)
+
+
+def test_with_a_timeout_a_silent_relay_reads_as_smtplibs_timed_out_disconnect() -> None:
+    ours, server = socket.socketpair()
+    try:
+        channel = CommandChannel(ours, timeout=0.2)
+        assert ours.gettimeout() is None  # the kernel keeps the bound, not Python's poll
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPServerDisconnected, match="timed out"):
+            channel.command("NOOP")
+        assert 0.15 < time.monotonic() - started < 2.0
+        assert server.recv(100) == b"NOOP\r\n"
+    finally:
+        ours.close()
+        server.close()
+
+
+def test_with_a_timeout_replies_still_read_whole_and_in_order() -> None:
+    ours, server = socket.socketpair()
+    try:
+        channel = CommandChannel(ours, timeout=2.0)
+        server.sendall(b"250 one\r\n250-two\r\n")
+        assert channel.reply() == (250, b"one")
+        server.sendall(b"250 three\r\n")
+        assert channel.reply() == (250, b"two\nthree")
+    finally:
+        ours.close()
+        server.close()
+
+
+def test_a_kernel_timeout_must_be_positive() -> None:
+    with socket.socket() as sock, pytest.raises(ValueError, match="positive"):
+        kernel_timeouts(sock, 0)
