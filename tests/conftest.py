@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,3 +125,15 @@ def settings(platform_settings: Settings) -> Iterator[Settings]:
     if mine:
         for future in admin.delete_topics(mine, operation_timeout=30).values():
             future.result()
+
+
+@pytest.fixture
+def server_folder() -> Iterator[Path]:
+    """A folder for a test's own server that the `postgres` user can reach: outside pytest's
+    basetemp, whose root another pytest session on this machine may reset to mode 0700 (it
+    did, under a concurrent run, and the server's pg_ctl lost its data folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="campaign-test-server-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -62,8 +62,8 @@ COMPLETION_BOUND_SECONDS = 60.0
 
 
 @pytest.fixture
-def private_postgres(tmp_path):
-    postgres = PrivatePostgres(tmp_path / "platform")
+def private_postgres(server_folder):
+    postgres = PrivatePostgres(server_folder / "platform")
     postgres.start()
     try:
         yield postgres

@@ -38,8 +38,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path, free_port(), durable=False)
+def own_postgres(server_folder: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(server_folder, free_port(), durable=False)
     server.start()
     try:
         apply_migrations(server.url())
