@@ -141,6 +141,12 @@ def test_a_session_without_the_staging_table_creates_it_inside_the_batch(
             forget(conn, tenant, campaign)
 
 
+def test_the_writers_session_plans_without_jit(db) -> None:
+    # A batch's estimate crosses the JIT thresholds (the staging table is never analysed);
+    # compiling then costs several times the statement.
+    assert db.conn.execute("SHOW jit").fetchone() == ("off",)
+
+
 def first_status_count(status: str) -> int:
     return sum(first_status(i) == status for i in range(BATCH))
 
