@@ -46,11 +46,12 @@ SELECT campaign_id, tenant_id FROM campaigns WHERE campaign_id = ANY(%b::text[])
 ORDER BY campaign_id FOR UPDATE
 """
 
-# Facts that happen once keep their first value (COALESCE); pause state takes the batch's.
+# Facts that happen once keep their first value (COALESCE); pause state takes the batch's;
+# an edit (CampaignUpdated) replaces name and subject.
 _CAMPAIGN_FACTS = """
 UPDATE campaigns AS c
-SET name = COALESCE(c.name, u.name),
-    subject = COALESCE(c.subject, u.subject),
+SET name = COALESCE(u.edited_name, c.name, u.name),
+    subject = COALESCE(u.edited_subject, c.subject, u.subject),
     created_at = COALESCE(c.created_at, u.created_at),
     started_at = COALESCE(c.started_at, u.started_at),
     total = COALESCE(c.total, u.total),
@@ -72,11 +73,12 @@ SET name = COALESCE(c.name, u.name),
 FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[],
             %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
             %b::boolean[], %b::timestamptz[], %b::timestamptz[], %b::text[], %b::boolean[],
-            %b::timestamptz[], %b::timestamptz[], %b::text[], %b::text[], %b::bigint[])
+            %b::timestamptz[], %b::timestamptz[], %b::text[], %b::text[], %b::bigint[],
+            %b::text[], %b::text[])
      AS u(tenant_id, campaign_id, name, subject, created_at, started_at, total, hydrated_at,
           cancelled_at, paused, paused_at, resumed_at, pause_reason, paused_automatically,
           scheduled_for, schedule_missed_at, schedule_missed_reason, unknown_contact_ids,
-          unknown_contact_count)
+          unknown_contact_count, edited_name, edited_subject)
 WHERE c.campaign_id = u.campaign_id AND c.tenant_id = u.tenant_id
 """
 
@@ -84,7 +86,7 @@ _CAMPAIGN_FACT_FIELDS = (
     "tenant_id", "campaign_id", "name", "subject", "created_at", "started_at", "total",
     "hydrated_at", "cancelled_at", "paused", "paused_at", "resumed_at", "pause_reason",
     "paused_automatically", "scheduled_for", "schedule_missed_at", "schedule_missed_reason",
-    "unknown_contact_ids", "unknown_contact_count",
+    "unknown_contact_ids", "unknown_contact_count", "edited_name", "edited_subject",
 )
 
 _REJECTIONS = """

@@ -36,6 +36,7 @@ from schemas.events import (
     CampaignScheduled,
     CampaignScheduleMissed,
     CampaignSendRequested,
+    CampaignUpdated,
     CommandRejected,
     TestEmailRequested,
 )
@@ -50,8 +51,8 @@ INT_MIN = -(2**31)
 _CONTACT_EVENTS: tuple[type[Record], ...] = get_args(ContactEvent)
 # campaign.events facts whose cause is recorded in command_outcomes.
 _CAMPAIGN_OUTCOMES = (
-    CampaignCreated, CampaignSendRequested, CampaignHydrated, CampaignCancelled, CampaignPaused,
-    CampaignResumed, CampaignScheduled, CampaignScheduleMissed, CommandRejected,
+    CampaignCreated, CampaignUpdated, CampaignSendRequested, CampaignHydrated, CampaignCancelled,
+    CampaignPaused, CampaignResumed, CampaignScheduled, CampaignScheduleMissed, CommandRejected,
     SegmentDefined, SegmentChanged, SegmentDeleted, TestEmailRequested,
 )
 
@@ -97,6 +98,9 @@ class CampaignChange:
     scheduled_for: datetime | None = None  # CampaignScheduled.send_at
     schedule_missed_at: datetime | None = None
     schedule_missed_reason: str | None = None
+    # The last CampaignUpdated of the batch: replaces the stored name and subject.
+    edited_name: str | None = None
+    edited_subject: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +326,8 @@ def _plan_message(changes: BatchChanges, message: Message[Record]) -> None:
     if fact is not None:
         _plan_recipient(changes, fact)
         return
-    if not isinstance(payload, CampaignCreated | CampaignSendRequested | CampaignHydrated
+    if not isinstance(payload, CampaignCreated | CampaignUpdated | CampaignSendRequested
+                      | CampaignHydrated
                       | CampaignCancelled | CampaignPaused | CampaignResumed
                       | CampaignScheduled | CampaignScheduleMissed):
         changes.ignored += 1
@@ -337,6 +342,9 @@ def _plan_message(changes: BatchChanges, message: Message[Record]) -> None:
         if change.created_at is None:
             change.name, change.subject = _text(payload.name), _text(payload.template.subject)
             change.created_at = at
+    elif isinstance(payload, CampaignUpdated):
+        change.edited_name = _text(payload.name)
+        change.edited_subject = _text(payload.template.subject)
     elif isinstance(payload, CampaignSendRequested):
         change.started_at = change.started_at or at
     elif isinstance(payload, CampaignHydrated):

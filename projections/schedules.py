@@ -95,3 +95,15 @@ def caused_events(conn: psycopg.Connection[Any], tenant_id: str, command_id: str
         {"tenant": tenant_id, "command": command_id},
     ).fetchall()
     return [CausedEvent(*row) for row in rows]
+
+
+def command_outcome(
+    conn: psycopg.Connection[Any], tenant_id: str, command_id: str
+) -> tuple[list[CausedEvent], str | None]:
+    """The events a command caused on campaign.events (with those its schedule caused later),
+    and its rejection reason (if any)."""
+    events = caused_events(conn, tenant_id, command_id)
+    row = conn.execute(
+        "SELECT reason FROM command_rejections WHERE tenant_id = %s AND command_id = %s"
+        " ORDER BY occurred_at LIMIT 1", (tenant_id, command_id)).fetchone()
+    return events, (row[0] if row else None)

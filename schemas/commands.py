@@ -42,6 +42,27 @@ def upcast_create_campaign_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "track_opens": False, "track_clicks": False}
 
 
+@message("UpdateCampaign", 1)
+class UpdateCampaign(Record):
+    """Change a campaign's content or tracking before it sends (a draft, or a scheduled one:
+    the content is fixed when sending starts). Only the fields given change; an empty
+    body_text or body_html removes that body (one must remain)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    subject: HeaderText | None = None
+    from_address: InputEmail | None = None
+    body_text: str | None = Field(default=None, max_length=1_000_000)
+    body_html: str | None = Field(default=None, max_length=1_000_000)
+    track_opens: bool | None = None
+    track_clicks: bool | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> UpdateCampaign:
+        if all(value is None for _, value in self):
+            raise ValueError("nothing to change: give at least one field")
+        return self
+
+
 @message("SendCampaign", 2)
 class SendCampaign(Record):
     """Start sending to an audience: any mix of hand-picked contacts, lists and segments,

@@ -63,6 +63,17 @@ def upcast_campaign_created_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "track_opens": False, "track_clicks": False}
 
 
+@message("CampaignUpdated", 1)
+class CampaignUpdated(Record):
+    """A campaign's content or tracking changed before it sent: its whole content as it is
+    now (not a diff), so a consumer overwrites what it holds."""
+
+    name: str
+    template: MessageTemplate
+    track_opens: bool = False
+    track_clicks: bool = False
+
+
 @message("CampaignSendRequested", 2)
 class CampaignSendRequested(Record):
     """Sending starts. `contacts_snapshot` holds contacts.events end offsets per partition at

@@ -21,7 +21,7 @@ from schemas.registry import registered
 # too). Named, not derived from schemas.commands: internal commands (the failure-rate guard's
 # automatic pause) must not be accepted from outside. Names not registered are left out.
 _PUBLIC_COMMANDS = (
-    "CreateCampaign", "SendCampaign", "ScheduleCampaign", "ForceScheduledSend",
+    "CreateCampaign", "UpdateCampaign", "SendCampaign", "ScheduleCampaign", "ForceScheduledSend",
     "CancelCampaign", "PauseCampaign", "ResumeCampaign",
     "DefineSegment", "ChangeSegment", "DeleteSegment", "SendTestEmail",
 )

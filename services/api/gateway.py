@@ -32,7 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules
+from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules, command_outcome
 from services.api import outbox, queries
 from services.api.commands import CommandInvalid, CommandRequest, build_envelope
 from services.api.deps import DB_RETRY_AFTER_S, TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
@@ -116,7 +116,7 @@ def is_settled(status: CommandStatus) -> bool:
 def _status(pool: Pool, tenant: str, command_id: uuid.UUID) -> CommandStatus | None:
     with queries.tenant_snapshot(pool, tenant) as conn:
         entry = outbox.entry_of(conn, tenant, command_id)
-        events, reason = queries.command_outcome(conn, tenant, str(command_id))
+        events, reason = command_outcome(conn, tenant, str(command_id))
         # A schedule this command made (one at most: a campaign is scheduled once).
         scheduled = [e.aggregate_id for e in events
                      if e.type == "CampaignScheduled" and e.caused_by is None][:1]

@@ -17,7 +17,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from projections.queries import CampaignProgress, campaign_progress, list_campaigns
-from projections.schedules import CampaignSchedule, CausedEvent, campaign_schedules, caused_events
+from projections.schedules import CampaignSchedule, campaign_schedules
 
 # Rate "over the last minute": recipients that reached a terminal status (sent, failed,
 # skipped) within this window, by event time (campaign_throughput's per-second buckets).
@@ -278,15 +278,3 @@ def list_counts(conn: psycopg.Connection[Any], tenant_id: str) -> list[ListCount
         (tenant_id,),
     ).fetchall()
     return [ListCountsRow(*row) for row in rows]
-
-
-def command_outcome(
-    conn: psycopg.Connection[Any], tenant_id: str, command_id: str
-) -> tuple[list[CausedEvent], str | None]:
-    """The events a command caused on campaign.events (with those its schedule caused later),
-    and its rejection reason (if any)."""
-    events = caused_events(conn, tenant_id, command_id)
-    row = conn.execute(
-        "SELECT reason FROM command_rejections WHERE tenant_id = %s AND command_id = %s"
-        " ORDER BY occurred_at LIMIT 1", (tenant_id, command_id)).fetchone()
-    return events, (row[0] if row else None)

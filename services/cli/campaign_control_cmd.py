@@ -1,15 +1,17 @@
-"""`campaignctl campaign list|pause|resume`.
+"""`campaignctl campaign list|update|pause|resume`.
 
 `list` reads the campaigns read model (newest first; filter by status, bounded by --limit);
 `pause` and `resume` publish PauseCampaign / ResumeCampaign onto campaign.commands and return
 once the broker acknowledged them: the command handler answers with CampaignPaused /
-CampaignResumed or a CommandRejected (`campaign show` tells which).
+CampaignResumed or a CommandRejected (`campaign show` tells which). `update` publishes
+UpdateCampaign and, unless --no-wait, waits for its CampaignUpdated or its rejection (exit 1).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import psycopg
@@ -18,8 +20,9 @@ from rich.table import Table
 
 from projections.queries import CampaignProgress, list_campaigns
 from schemas.base import Record
-from schemas.commands import PauseCampaign, ResumeCampaign
-from services.cli.failures import EXIT_INVALID, cli_settings, fail, fatal_errors, out
+from schemas.commands import PauseCampaign, ResumeCampaign, UpdateCampaign
+from services.cli.failures import EXIT_INVALID, cli_settings, err, fail, fatal_errors, out
+from services.cli.progress import await_outcome
 from services.cli.publishing import publish_command
 
 Tenant = Annotated[str, typer.Option("--tenant", help="Tenant id.")]
@@ -80,3 +83,46 @@ def pause(
 def resume(campaign_id: CampaignId, tenant: Tenant) -> None:
     """Resume a paused campaign where it stopped."""
     _request(ResumeCampaign(), tenant, campaign_id, "resume")
+
+
+def _body(text: str | None, path: Path | None, option: str) -> str | None:
+    if text is not None and path is not None:
+        fail(f"give {option} or {option}-file, not both", EXIT_INVALID)
+    return text if path is None else path.read_text(encoding="utf-8")
+
+
+def update(
+    campaign_id: CampaignId, tenant: Tenant,
+    name: Annotated[str | None, typer.Option("--name", help="New name.")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="New subject line.")] = None,
+    from_address: Annotated[str | None, typer.Option("--from", help="New sender address.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help='New plain-text body ("" removes it).')
+                    ] = None,
+    text_file: Annotated[Path | None, typer.Option("--text-file", help="New plain-text body file.",
+                                                   exists=True, dir_okay=False)] = None,
+    html: Annotated[str | None, typer.Option("--html", help='New HTML body ("" removes it).')] = None,
+    html_file: Annotated[Path | None, typer.Option("--html-file", help="New HTML body file.",
+                                                   exists=True, dir_okay=False)] = None,
+    track_opens: Annotated[bool | None, typer.Option("--track-opens/--no-track-opens",
+                                                     help="Add an open pixel, or stop.")] = None,
+    track_clicks: Annotated[bool | None, typer.Option("--track-clicks/--no-track-clicks",
+                                                      help="Redirect links, or stop.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the outcome.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up waiting after S seconds.")
+                       ] = 30.0,
+) -> None:
+    """Change a draft (or scheduled) campaign's content or tracking; only the options given
+    change. Exits 1 when it is rejected (e.g. the campaign is already sending)."""
+    with fatal_errors():
+        command = UpdateCampaign(
+            name=name, subject=subject, from_address=from_address,
+            body_text=_body(text, text_file, "--text"), body_html=_body(html, html_file, "--html"),
+            track_opens=track_opens, track_clicks=track_clicks,
+        )
+        command_id = publish_command(cli_settings(), command, tenant_id=tenant,
+                                     campaign_id=campaign_id)
+        out.print(f"update requested for {campaign_id} (command {command_id})", highlight=False)
+        if wait:
+            await_outcome(cli_settings(), campaign_id, tenant, command_id=command_id,
+                          event_type="CampaignUpdated", timeout=timeout, console=err)
+            out.print(f"updated {campaign_id}", highlight=False)

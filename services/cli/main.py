@@ -63,7 +63,7 @@ contacts_app = typer.Typer(
     help="Contacts: add, get, unsubscribe, delete, import from CSV, lift a suppression or an"
          " unsubscribe.", no_args_is_help=True)
 campaign_app = typer.Typer(
-    help="Campaigns: create, list, send, schedule, pause, resume, force-send, test-send, cancel,"
+    help="Campaigns: create, list, update, send, schedule, pause, resume, force-send, test-send, cancel,"
          " watch, show.",
     no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
@@ -73,6 +73,7 @@ contacts_app.command("unsubscribe")(contacts_cmd.unsubscribe)
 contacts_app.command("delete")(contacts_cmd.delete)
 app.add_typer(campaign_app, name="campaign")
 campaign_app.command("list")(campaign_control_cmd.list_command)
+campaign_app.command("update")(campaign_control_cmd.update)
 campaign_app.command("pause")(campaign_control_cmd.pause)
 campaign_app.command("resume")(campaign_control_cmd.resume)
 app.add_typer(segment_app, name="segment")

@@ -205,6 +205,35 @@ def await_schedule(
             time.sleep(POLL_SECONDS)
 
 
+def await_outcome(
+    settings: Settings,
+    campaign_id: str,
+    tenant_id: str,
+    *,
+    command_id: uuid.UUID,
+    event_type: str,
+    timeout: float,
+    console: Console,
+) -> None:
+    """Wait until the command handler answered `command_id` with `event_type` and the
+    projector recorded it. Raises CommandWasRejected (after printing the reason in red) or
+    TimeoutError."""
+    since = datetime.now(UTC) - REJECTION_SKEW
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10) as conn:
+        while True:
+            rejection = find_rejection(conn, tenant_id, campaign_id, command_id=command_id, since=since)
+            if rejection is not None:
+                raise _rejected(console, campaign_id, rejection)
+            if any(e.type == event_type for e in caused_events(conn, tenant_id, str(command_id))):
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{campaign_id}: no answer to command {command_id} after"
+                                   f" {timeout:g} s (are the command handler and the projector"
+                                   " running?)")
+            time.sleep(POLL_SECONDS)
+
+
 def elapsed_seconds(progress: CampaignProgress, watched_seconds: float) -> float:
     """Sending time by the read model's clock when known, else how long we watched."""
     if progress.started_at is not None and progress.completed_at is not None:

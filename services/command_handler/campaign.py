@@ -5,6 +5,7 @@ reason; `evolve(state, event)` folds one event into the state. Replaying a campa
 through `evolve` always rebuilds the same state.
 
 Life cycle: draft -> (scheduled ->) sending <-> paused; any of them -> cancelled (final).
+Content and tracking change (UpdateCampaign) only before sending starts: in draft or scheduled.
 A pause is refused unless the campaign is sending, a resume unless it is paused; an automatic
 pause (the failure-rate guard) is refused the same way, so it never overrides a person's.
 A schedule fires on the first `ScheduleDue` tick at or after its time, within its grace;
@@ -32,6 +33,7 @@ from schemas.commands import (
     ScheduleCampaign,
     SendCampaign,
     SendTestEmail,
+    UpdateCampaign,
 )
 from schemas.events import (
     Audience,
@@ -43,6 +45,7 @@ from schemas.events import (
     CampaignScheduled,
     CampaignScheduleMissed,
     CampaignSendRequested,
+    CampaignUpdated,
     MessageTemplate,
     TestEmailRequested,
 )
@@ -134,6 +137,12 @@ def decide(
             return [CampaignCreated(name=command.name, template=template,
                                     track_opens=command.track_opens,
                                     track_clicks=command.track_clicks)]
+        case UpdateCampaign():
+            current = _existing(state, campaign_id, tenant_id)
+            if current.status not in (Status.DRAFT, Status.SCHEDULED):
+                raise Rejected(f"campaign {campaign_id!r} is {current.status}: its content is "
+                               "fixed once sending starts")
+            return [_updated(current, command)]
         case SendCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
@@ -182,6 +191,9 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
         case CampaignCreated():
             return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, event.template,
                             track_opens=event.track_opens, track_clicks=event.track_clicks)
+        case CampaignUpdated() if state is not None:
+            return replace(state, name=event.name, template=event.template,
+                           track_opens=event.track_opens, track_clicks=event.track_clicks)
         case CampaignSendRequested() if state is not None:
             return replace(state, status=Status.SENDING, schedule=None)
         case CampaignScheduled() if state is not None and state.status is Status.DRAFT:
@@ -209,6 +221,30 @@ def _not_draft(current: Campaign) -> str:
     return (f"{reason}: its schedule for {schedule.send_at.isoformat()} was missed"
             f" ({schedule.missed_reason or 'no reason given'}); ForceScheduledSend sends it now,"
             " CancelCampaign drops it")
+
+
+def _updated(current: Campaign, command: UpdateCampaign) -> CampaignUpdated:
+    """The campaign's content after `command`: given fields replace, an empty body removes."""
+    old = current.template
+
+    def body(given: str | None, kept: str | None) -> str | None:
+        return kept if given is None else (given or None)
+
+    body_text, body_html = body(command.body_text, old.body_text), body(command.body_html, old.body_html)
+    if not (body_text or body_html):
+        raise Rejected("a campaign needs body_text, body_html or both")
+    template = MessageTemplate(
+        subject=old.subject if command.subject is None else command.subject,
+        from_address=old.from_address if command.from_address is None else command.from_address,
+        body_text=body_text,
+        body_html=body_html,
+    )
+    return CampaignUpdated(
+        name=current.name if command.name is None else command.name,
+        template=template,
+        track_opens=current.track_opens if command.track_opens is None else command.track_opens,
+        track_clicks=current.track_clicks if command.track_clicks is None else command.track_clicks,
+    )
 
 
 def _existing(state: Campaign | None, campaign_id: str, tenant_id: str) -> Campaign:

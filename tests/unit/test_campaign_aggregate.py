@@ -14,6 +14,7 @@ from schemas.commands import (
     PauseCampaign,
     ResumeCampaign,
     SendCampaign,
+    UpdateCampaign,
 )
 from schemas.events import (
     AudienceSegment,
@@ -23,6 +24,7 @@ from schemas.events import (
     CampaignResumed,
     CampaignScheduleMissed,
     CampaignSendRequested,
+    CampaignUpdated,
 )
 from services.command_handler.campaign import Campaign, Rejected, Status, decide, evolve
 
@@ -233,3 +235,42 @@ def _segment(segment_id: str) -> AudienceSegment:
 
     return AudienceSegment(segment_id=segment_id,
                            criteria=parse_criteria({"op": "eq", "field": "attr.plan", "value": "pro"}))
+
+
+SEND = SendCampaign(contact_ids=["k1"])
+
+
+def test_an_update_changes_only_the_fields_it_gives():
+    state = folded(CREATE, UpdateCampaign(subject="New subject", track_clicks=True))
+    assert state.template.subject == "New subject"
+    assert (state.name, state.template.body_text, state.template.from_address) == (
+        "Spring", "Hi", "news@example.com")
+    assert (state.track_opens, state.track_clicks) == (False, True)
+
+
+def test_an_update_carries_the_whole_content_and_the_send_takes_it():
+    state = folded(CREATE, UpdateCampaign(name="Summer", body_html="<p>Hi</p>", body_text=""))
+    [send] = decide(state, SEND, contacts_snapshot={}, **IDS)
+    assert isinstance(send, CampaignSendRequested)
+    assert (send.template.body_text, send.template.body_html) == (None, "<p>Hi</p>")
+    [event] = decide(folded(CREATE), UpdateCampaign(name="Summer"), **IDS)
+    assert isinstance(event, CampaignUpdated)
+    assert event.template == folded(CREATE).template and event.name == "Summer"
+
+
+def test_an_update_that_removes_the_last_body_is_rejected():
+    with pytest.raises(Rejected, match="needs body_text, body_html or both"):
+        decide(folded(CREATE), UpdateCampaign(body_text=""), **IDS)
+
+
+def test_an_update_is_rejected_once_sending_started():
+    state = folded(CREATE, SEND)
+    with pytest.raises(Rejected, match="fixed once sending starts"):
+        decide(state, UpdateCampaign(subject="Too late"), **IDS)
+    with pytest.raises(Rejected, match="unknown campaign"):
+        decide(None, UpdateCampaign(subject="Nothing"), **IDS)
+
+
+def test_an_update_that_changes_nothing_is_invalid():
+    with pytest.raises(ValueError, match="nothing to change"):
+        UpdateCampaign()
