@@ -47,6 +47,7 @@ from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
 from services.common.heartbeat import BEAT_INTERVAL_SECONDS, Heartbeat
 from services.common.settings import Settings
+from services.console import console_router
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 # Connections shared by all requests; a request holds one only for its few statements.
@@ -319,6 +320,7 @@ def create_app(
     app.include_router(gateway_router)
     app.include_router(unsubscribe_router)
     app.include_router(contacts_router, responses=TENANT_ERRORS)
+    app.include_router(console_router)  # the console for people: services/console
 
     @app.exception_handler(psycopg.OperationalError)
     async def on_database_unreachable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:

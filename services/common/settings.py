@@ -155,6 +155,8 @@ class ApiSettings(Settings):
         None, description="A file of 'tenant:key' lines (added to API_KEYS)")
     unsubscribe_secret: SecretStr = Field(
         SecretStr(""), description="Checks one-click unsubscribe links (empty: 503)")
+    console_session_secret: SecretStr = Field(
+        SecretStr(""), description="Signs console sessions (empty: random per start)")
 
 
 class SinkSettings(Settings):
