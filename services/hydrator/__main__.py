@@ -3,6 +3,8 @@ until SIGTERM (faust stops cleanly)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from typing import Any
 
@@ -31,7 +33,27 @@ class HydratorWorker(faust.Worker):
         logger.setLevel(level)
 
 
+# glibc's mallopt parameter and the arena cap: each thread (faust's, librdkafka's, RocksDB's,
+# the replicas' and fan-outs' workers) would otherwise get its own malloc arena, and memory
+# freed in one is rarely handed back, so peak RSS grows with the threads.
+M_ARENA_MAX = -8
+ARENA_MAX = 2
+
+
+def cap_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas at ARENA_MAX; False (nothing done) without glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    return bool(mallopt(M_ARENA_MAX, ARENA_MAX))
+
+
 def main() -> None:
+    cap_malloc_arenas()  # first, before threads start allocating
     settings = load_or_exit(HydratorSettings, configure_logging("hydrator"))
     app = create_app(settings)
     heartbeat = settings.heartbeat()

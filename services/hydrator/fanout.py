@@ -19,11 +19,12 @@ report goes to the reports topic keyed by campaign (so one gatherer sees a campa
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from schemas.envelope import Envelope, encode, wrap_caused_by
 from schemas.events import MAX_UNKNOWN_CONTACT_IDS, HydrationPartitionReported, HydrationRequested
@@ -43,6 +44,10 @@ MARKER_READ_TIMEOUT_SECONDS = 30.0
 # and freed memory is not always handed back to the system).
 QUEUE_MAX_MESSAGES = 50_000
 QUEUE_MAX_KBYTES = 16 * 1024
+# How long one record may wait for room in a full local queue before the fan-out gives up
+# (aborted, retried): the broker is not taking records at all.
+PRODUCE_WAIT_SECONDS = 60.0
+PRODUCE_POLL_SECONDS = 0.05
 
 
 class FanoutAborted(RuntimeError):
@@ -175,9 +180,10 @@ class PartitionFanout:
             )
             value = encode(wrap_caused_by(report, cause, aggregate_id=request.campaign_id))
             self._produce(producer, self.reports_topic, request.campaign_id.encode(), value)
-            producer.produce(self.markers_topic, value=value, partition=partition,
-                             key=f"{request.campaign_id}:{partition}".encode())
-            metrics.count_produced(self.markers_topic)
+            # Like every record of the transaction, the marker waits for room in a full
+            # queue: a BufferError here crashed faust's agent and the campaign never hydrated.
+            self._produce(producer, self.markers_topic, f"{request.campaign_id}:{partition}".encode(),
+                          value, partition=partition)
             producer.commit_transaction(60)
             metrics.TRANSACTIONS.labels(result="committed").inc()
         except KafkaException as exc:
@@ -196,14 +202,23 @@ class PartitionFanout:
         return report
 
     @staticmethod
-    def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+    def _produce(producer: Producer, topic: str, key: bytes, value: bytes,
+                 partition: int = -1) -> None:
+        """Queue one record, waiting (polling) while the local queue is full, at most
+        PRODUCE_WAIT_SECONDS; then KafkaException, which aborts the fan-out (retried)."""
+        deadline = time.monotonic() + PRODUCE_WAIT_SECONDS
         while True:
             try:
-                producer.produce(topic, value=value, key=key)
+                # -1: librdkafka's partitioner picks (by the key)
+                producer.produce(topic, value=value, key=key, partition=partition)
                 metrics.count_produced(topic)
                 return
-            except BufferError:
-                producer.poll(0.05)  # the local queue is full: let librdkafka drain it
+            except BufferError as exc:
+                if time.monotonic() >= deadline:
+                    raise KafkaException(KafkaError(KafkaError._QUEUE_FULL,
+                                                    f"{topic}: local queue full for "
+                                                    f"{PRODUCE_WAIT_SECONDS:g} s")) from exc
+                producer.poll(PRODUCE_POLL_SECONDS)  # the local queue is full: let librdkafka drain it
 
     def close(self) -> None:
         for partition in list(self._partitions):

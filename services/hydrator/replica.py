@@ -16,12 +16,16 @@ Guarantees: `catch_up(until)` returns once every record before `until` is applie
 snapshot of a send), whichever producer wrote the partition: the stored next offset is where
 the broker says the partition is read up to, past transaction markers and aborted records
 (never delivered as records), so a partition whose last offset is a marker (the API's outbox
-relay publishes transactionally) is caught up, not waited on; memory stays flat (the working
-set is one consumer batch; RocksDB keeps the rest on disk, with a bounded block cache).
+relay publishes transactionally) is caught up, not waited on; memory stays flat, whatever
+the number of contacts or partitions: the working set is one consumer batch per catching-up
+reader (a small shared pool of readers, not one per partition), and RocksDB keeps the rest on
+disk behind ONE block cache shared by every replica (index and bloom filter blocks included)
+and small write buffers.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,11 +38,12 @@ import structlog
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-from schemas.contacts import CONTACT_EVENT_TYPES, ContactEvent
-from schemas.envelope import SchemaViolation, decode
+from schemas.contacts import CONTACT_EVENT_TYPES
+from schemas.envelope import SchemaViolation
 from services.common.kafka import CLIENT_LOG, partition_reader
 from services.common.settings import Settings
-from services.hydrator.audience import StoredContact, apply_to_stored
+from services.hydrator.audience import StoredContact
+from services.hydrator.contact_records import apply_record, contact_event
 
 log = structlog.get_logger("hydrator.replica")
 
@@ -53,16 +58,24 @@ POLL_SECONDS = 0.2
 IDLE_TIMEOUT_SECONDS = 60.0
 
 
-# RocksDB memory per replica (memtables + block cache): bounded, whatever the audience size.
+# RocksDB memory: memtables per replica, ONE block cache for all of them (with the index and
+# filter blocks in it, so their memory is bounded by it too, not by the number of files).
 WRITE_BUFFER_BYTES = 4 * 2**20
-BLOCK_CACHE_BYTES = 8 * 2**20
-# Kafka prefetch per replica consumer while it catches up (its queue is empty otherwise).
-FETCH_BYTES = 16 * 2**20
+SHARED_BLOCK_CACHE_BYTES = 32 * 2**20
+# Bloom filter bits per key: an import's upserts are mostly new contacts, whose look-up the
+# filter answers without reading a data block.
+BLOOM_BITS_PER_KEY = 10
+# Kafka prefetch per reader while it catches up (its queue is empty otherwise). 2 MiB
+# fetches with a short backoff keep up with decoding; bigger only grows the process.
+FETCH_BYTES = 2 * 2**20
+FETCH_QUEUE_BACKOFF_MS = 10
 # Replicas caught up at once by the background refresh: two overlap one's broker waits with
 # the other's decoding; more would only add memory (the decoding holds the GIL).
 REFRESH_THREADS = 2
 # Bounds the background refresh's offsets request on a broker that does not answer.
 END_OFFSETS_TIMEOUT_SECONDS = 10.0
+# Readers shared by all replicas: the refresh's threads plus the fan-outs' catch-ups.
+READERS = REFRESH_THREADS + 2
 
 
 class CatchUpStalled(RuntimeError):
@@ -90,29 +103,85 @@ def next_position(position: int, offsets: Sequence[int], end: int | None) -> int
     return after
 
 
-def _options() -> Options:
+def _options(cache: Cache) -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     options.set_max_open_files(256)
     options.set_write_buffer_size(WRITE_BUFFER_BYTES)
     options.set_max_write_buffer_number(2)
     table = BlockBasedOptions()
-    table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    table.set_block_cache(cache)
+    table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
     options.set_block_based_table_factory(table)
     return options
+
+
+class ReaderPool:
+    """At most READERS contacts.events consumers, lent to one catch-up at a time: a
+    consumer per partition held a fetch queue each (memory grew with the partitions)."""
+
+    def __init__(self, settings: Settings, size: int = READERS) -> None:
+        self.settings = settings
+        self._idle: queue.LifoQueue[Consumer] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._all: list[Consumer] = []
+        self._lock = threading.Lock()
+
+    def borrow(self) -> Consumer:
+        """An idle reader (or a new one while fewer than `size` exist); waits for one."""
+        self._slots.acquire()
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            reader = self._new()
+            with self._lock:
+                self._all.append(reader)
+            return reader
+
+    def give_back(self, reader: Consumer) -> None:
+        self._idle.put(reader)
+        self._slots.release()
+
+    def _new(self) -> Consumer:
+        return Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            "logger": CLIENT_LOG,
+            "group.id": self.settings.group(REPLICAS_GROUP),
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            # Bounded prefetch (librdkafka's default queue is 64 MiB per consumer); the short
+            # backoff refetches as soon as the queue has room, so 2 MiB keep up.
+            "fetch.max.bytes": FETCH_BYTES,
+            "queued.max.messages.kbytes": FETCH_BYTES // 1024,
+            "max.partition.fetch.bytes": FETCH_BYTES,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
+            # The end of the partition is noticed after this long, not the default 500 ms.
+            "fetch.wait.max.ms": 50,
+        })
+
+    def close(self) -> None:
+        with self._lock:
+            readers, self._all = self._all, []
+        for reader in readers:
+            reader.close()
 
 
 class ContactReplica:
     """One contacts.events partition folded into a local RocksDB database."""
 
-    def __init__(self, settings: Settings, topic: str, partition: int, path: Path) -> None:
+    def __init__(self, settings: Settings, topic: str, partition: int, path: Path, *,
+                 readers: ReaderPool | None = None, cache: Cache | None = None) -> None:
         self.settings = settings
         self.topic = topic
         self.partition = partition
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), options=_options())
+        self.db = Rdict(str(path), options=_options(cache or Cache(SHARED_BLOCK_CACHE_BYTES)))
         self.lock = threading.Lock()
-        self._consumer: Consumer | None = None
+        self._own_readers = readers is None
+        self._readers = readers or ReaderPool(settings, size=1)
 
     def next_offset(self) -> int:
         raw = self.db.get(NEXT_OFFSET_KEY)
@@ -131,88 +200,75 @@ class ContactReplica:
             position = self.next_offset()
             if until is not None and position >= until:
                 return position
-            consumer = self._reader()
-            if until is None:
-                # The background refresh runs every half second over every held partition:
-                # one offsets request settles an idle one, instead of a fetch waiting for EOF.
-                _, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, self.partition), timeout=10, cached=False)
-                if position >= high:
-                    return position
-            consumer.assign([TopicPartition(self.topic, self.partition, position)])
+            consumer = self._readers.borrow()
             try:
-                moved_at = time.monotonic()
-                while until is None or position < until:
-                    batch = consumer.consume(BATCH_SIZE, POLL_SECONDS)
-                    records = []
-                    end: int | None = None
-                    for msg in batch:
-                        error = msg.error()
-                        if error is None:
-                            records.append((msg.offset() or 0, msg.key(), msg.value()))
-                        elif error.code() == KafkaError._PARTITION_EOF:
-                            end = msg.offset()
-                        else:
-                            raise KafkaException(error)
-                    after = next_position(position, [offset for offset, _, _ in records], end)
-                    if after > position:
-                        moved_at = time.monotonic()
-                        # The fold and the offset it reaches in one write, records or none.
-                        position = self._apply(records, after)
-                        # Progress for operators (consumer lag of the group) and the bench;
-                        # the replica's own offset, not this commit, is what resumes it.
-                        consumer.commit(offsets=[TopicPartition(self.topic, self.partition, position)],
-                                        asynchronous=True)
-                    elif time.monotonic() - moved_at >= IDLE_TIMEOUT_SECONDS:
-                        raise CatchUpStalled(self.partition, position, until)
-                    if end is not None and until is None:
-                        break  # the end of the partition as it stood when asked
+                return self._catch_up(consumer, position, until)
             finally:
-                consumer.unassign()
-            return position
+                self._readers.give_back(consumer)
 
-    def _reader(self) -> Consumer:
-        if self._consumer is None:
-            self._consumer = Consumer({
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "logger": CLIENT_LOG,
-                "group.id": self.settings.group(REPLICAS_GROUP),
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                # Bounded prefetch (librdkafka's default queue is 64 MiB per consumer), yet
-                # large enough that ingest is not paced by fetch round trips: 4 MiB fetches
-                # held ingest to ~16k contacts/s per partition, 16 MiB gives ~24k/s.
-                "fetch.max.bytes": FETCH_BYTES,
-                "queued.max.messages.kbytes": FETCH_BYTES // 1024,
-                # The end of the partition is noticed after this long, not the default 500 ms.
-                "fetch.wait.max.ms": 50,
-                "max.partition.fetch.bytes": FETCH_BYTES // 2,
-            })
-        return self._consumer
+    def _catch_up(self, consumer: Consumer, position: int, until: int | None) -> int:
+        if until is None:
+            # The background refresh runs every half second over every held partition:
+            # one offsets request settles an idle one, instead of a fetch waiting for EOF.
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topic, self.partition), timeout=10, cached=False)
+            if position >= high:
+                return position
+        consumer.assign([TopicPartition(self.topic, self.partition, position)])
+        try:
+            moved_at = time.monotonic()
+            while until is None or position < until:
+                batch = consumer.consume(BATCH_SIZE, POLL_SECONDS)
+                records = []
+                end: int | None = None
+                for msg in batch:
+                    error = msg.error()
+                    if error is None:
+                        records.append((msg.offset() or 0, msg.key(), msg.value()))
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        end = msg.offset()
+                    else:
+                        raise KafkaException(error)
+                after = next_position(position, [offset for offset, _, _ in records], end)
+                if after > position:
+                    moved_at = time.monotonic()
+                    # The fold and the offset it reaches in one write, records or none.
+                    position = self._apply(records, after)
+                    # Progress for operators (consumer lag of the group) and the bench;
+                    # the replica's own offset, not this commit, is what resumes it.
+                    consumer.commit(offsets=[TopicPartition(self.topic, self.partition, position)],
+                                    asynchronous=True)
+                elif time.monotonic() - moved_at >= IDLE_TIMEOUT_SECONDS:
+                    raise CatchUpStalled(self.partition, position, until)
+                if end is not None and until is None:
+                    break  # the end of the partition as it stood when asked
+        finally:
+            consumer.unassign()
+        return position
 
     def _apply(self, records: Iterable[tuple[int, bytes | None, bytes | None]], next_offset: int) -> int:
         """Fold a batch into the database atomically with `next_offset`, where the partition
         is read up to (past the batch's records, and any transaction markers after them)."""
-        touched: dict[bytes, StoredContact | None] = {}
+        events = []
         for offset, key, value in records:
             if key is None:
                 continue
             try:
-                message = decode(value)
+                event = contact_event(value)
             except SchemaViolation as exc:
                 log.warning("contact record skipped", partition=self.partition, offset=offset,
                             reason=str(exc))
                 continue
-            if not isinstance(message.payload, CONTACT_EVENTS):
-                continue
-            if key in touched:
-                existing = touched[key]
-            else:
-                raw = self.db.get(key)
-                existing = orjson.loads(raw) if raw is not None else None
-            stored = apply_to_stored(existing, cast(ContactEvent, message.payload), offset=offset,
-                                     partition=self.partition)
+            if event is not None:
+                events.append((offset, key, event))
+        # The batch's stored contacts in ONE multi-get, not a look-up per record.
+        keys: list[str | int | float | bytes | bool] = list(dict.fromkeys(key for _, key, _ in events))
+        found = cast(list[bytes | None], self.db.get(keys)) if keys else []
+        touched: dict[bytes, StoredContact | None] = {
+            cast(bytes, key): orjson.loads(raw) if raw is not None else None
+            for key, raw in zip(keys, found, strict=True)}
+        for offset, key, event in events:
+            stored = apply_record(touched[key], event, offset=offset, partition=self.partition)
             if stored is not None:
                 touched[key] = stored
         batch = WriteBatch(raw_mode=True)
@@ -239,9 +295,8 @@ class ContactReplica:
 
     def close(self) -> None:
         with self.lock:
-            if self._consumer is not None:
-                self._consumer.close()
-                self._consumer = None
+            if self._own_readers:
+                self._readers.close()
             self.db.close()
 
 
@@ -256,13 +311,16 @@ class Replicas:
         self._open: dict[int, ContactReplica] = {}
         self._lock = threading.Lock()
         self._probe: Consumer | None = None  # asks the broker where the partitions end
+        self._readers = ReaderPool(settings)
+        self._cache = Cache(SHARED_BLOCK_CACHE_BYTES)  # one for every replica
 
     def get(self, partition: int) -> ContactReplica:
         with self._lock:
             replica = self._open.get(partition)
             if replica is None:
                 replica = ContactReplica(self.settings, self.topic, partition,
-                                         self.folder / f"contacts-{partition}.db")
+                                         self.folder / f"contacts-{partition}.db",
+                                         readers=self._readers, cache=self._cache)
                 self._open[partition] = replica
             return replica
 
@@ -309,4 +367,5 @@ class Replicas:
             probe.close()
         for replica in closing:
             replica.close()
+        self._readers.close()
 

@@ -102,3 +102,21 @@ def test_a_fan_out_killed_mid_transaction_is_invisible_and_redone_once(settings)
                      if isinstance(m.payload, RecipientQueued))
     assert len(queued) == SHARE and set(queued.values()) == {1}
     assert log_end(settings) >= SHARE + SHARE // 2  # the aborted half is still on the log
+
+
+def test_a_full_producer_queue_delays_the_marker_instead_of_crashing(settings, monkeypatch):
+    """A local queue of one record is full whenever the previous one is unsent: the report
+    and the marker must wait for room (the marker's BufferError once crashed faust's agent
+    and the campaign never hydrated)."""
+    monkeypatch.setattr("services.hydrator.fanout.QUEUE_MAX_MESSAGES", 1)
+    campaign, app_id = f"c-{uuid.uuid4().hex[:8]}", f"{settings.topic_prefix}hydrator-q1"
+    payload, env = request(campaign)
+    fanout = PartitionFanout(settings, app_id)
+    try:
+        report = fanout.fan_out(payload, env, contacts(20))
+        assert report is not None and report.queued == 20
+    finally:
+        fanout.close()
+    queued = {m.payload.contact_id for m in read_topic(settings, RECIPIENTS, until=20, timeout=60)
+              if isinstance(m.payload, RecipientQueued) and m.payload.campaign_id == campaign}
+    assert len(queued) == 20
