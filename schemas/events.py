@@ -15,13 +15,24 @@ from schemas.registry import message, upcaster
 from schemas.segments import Criteria
 
 
+def _unset(value: bool) -> bool:
+    return not value
+
+
 class MessageTemplate(Record):
-    """The content of a campaign, rendered per recipient by the sender."""
+    """The content of a campaign, rendered per recipient by the sender. `track_opens` /
+    `track_clicks`: the campaign's tracking (its CampaignCreated's), carried to every
+    RecipientQueued; records written before they existed decode as untracked."""
 
     subject: HeaderText
     from_address: Email
     body_text: str | None = None
     body_html: str | None = None
+    # Written only when set: an untracked campaign's records stay byte for byte what they
+    # were (readers with a closed shape of the template, like the projector's fast decode,
+    # keep reading them).
+    track_opens: bool = Field(False, exclude_if=_unset)
+    track_clicks: bool = Field(False, exclude_if=_unset)
 
 
 class AudienceSegment(Record):

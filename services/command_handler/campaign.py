@@ -133,6 +133,8 @@ def decide(
                 from_address=command.from_address,
                 body_text=command.body_text,
                 body_html=command.body_html,
+                track_opens=command.track_opens,
+                track_clicks=command.track_clicks,
             )
             return [CampaignCreated(name=command.name, template=template,
                                     track_opens=command.track_opens,
@@ -189,7 +191,11 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
     """Fold one event into the state; events this aggregate does not own leave it unchanged."""
     match event:
         case CampaignCreated():
-            return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, event.template,
+            # The template carries the flags to every RecipientQueued (via the send request
+            # and the hydrator); a CampaignCreated written before it did has them beside it.
+            template = event.template.model_copy(
+                update={"track_opens": event.track_opens, "track_clicks": event.track_clicks})
+            return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, template,
                             track_opens=event.track_opens, track_clicks=event.track_clicks)
         case CampaignUpdated() if state is not None:
             return replace(state, name=event.name, template=event.template,

@@ -25,6 +25,7 @@ DEFAULT_POSTGRES_PORT = 25432
 DEFAULT_SMTP_PORT = 22525
 DEFAULT_API_PORT = 28080
 DEFAULT_TRACKER_PORT = 28090
+DEFAULT_BOUNCE_SMTP_PORT = 22526
 
 S = TypeVar("S", bound="Settings")
 
@@ -122,6 +123,19 @@ class SenderSettings(Settings):
         "empty: no List-Unsubscribe header")
     public_api_url: str = Field(
         f"http://127.0.0.1:{DEFAULT_API_PORT}", description="Base URL of unsubscribe links")
+    # The tracker's and the bounce receiver's variables: the sender signs what they verify.
+    tracker_keys: SecretStr = Field(
+        SecretStr(""), description="The tracker's signing keys ('id:secret,...', the first "
+        "signs); empty: mails of tracked campaigns go untracked")
+    tracker_public_url: str = Field(
+        f"http://127.0.0.1:{DEFAULT_TRACKER_PORT}",
+        description="Base URL of the pixels and redirects the sender writes")
+    bounce_domain: str = Field(
+        "bounces.localhost", description="Domain of the VERP return paths (the bounce "
+        "receiver's)")
+    bounce_verp_keys: SecretStr = Field(
+        SecretStr(""), description="The bounce receiver's VERP keys (the first signs); empty: "
+        "no VERP, the From address is the envelope sender")
 
 
 class ProjectorSettings(Settings):
@@ -225,7 +239,8 @@ class BounceSettings(Settings):
     bounce_domain: str = Field(
         "bounces.localhost", description="Domain of the VERP return paths (bounces+<token>@it)")
     bounce_smtp_host: str = Field("127.0.0.1", description="Address the bounce receiver listens on")
-    bounce_smtp_port: int = Field(22526, ge=0, le=65535, description="Port of the bounce receiver")
+    bounce_smtp_port: int = Field(DEFAULT_BOUNCE_SMTP_PORT, ge=0, le=65535,
+                                  description="Port of the bounce receiver")
     bounce_verp_keys: SecretStr = Field(
         SecretStr(""), description="'id:secret,...' VERP keys (id one of a-z, 2-7); the first signs, "
         "all verify")

@@ -18,9 +18,11 @@ from projections.migrate import apply_migrations
 from services.common.observability import ask_readiness
 from services.common.settings import (
     DEFAULT_API_PORT,
+    DEFAULT_BOUNCE_SMTP_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
     DEFAULT_SMTP_PORT,
+    DEFAULT_TRACKER_PORT,
     PlatformSettings,
     Settings,
     load,
@@ -31,7 +33,11 @@ from services.platform.postgres import PostgresServer
 from services.platform.supervision import Program, Supervision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion", "api")
+SERVICES = ("command_handler", "hydrator", "sender", "projector", "completion", "api", "tracker")
+# Supervised and watched (heartbeat) too, but with no /metrics, /readyz endpoint of their own.
+RECEIVERS = ("bounces",)
+# The local stack's VERP domain: mail to it reaches the bounce receiver only by direct SMTP.
+BOUNCE_DOMAIN = "bounces.localhost"
 # Bounds `status` waiting for one service's readiness answer.
 READINESS_TIMEOUT_SECONDS = 5.0
 
@@ -47,6 +53,8 @@ class StackPorts:
     # 3: a 3-node KRaft cluster on kafka, +2, +4 (controllers on +1, +3, +5).
     kafka_brokers: int = 1
     api: int = DEFAULT_API_PORT
+    tracker: int = DEFAULT_TRACKER_PORT
+    bounce_smtp: int = DEFAULT_BOUNCE_SMTP_PORT
 
     @classmethod
     def from_settings(cls, settings: PlatformSettings) -> StackPorts:
@@ -79,10 +87,23 @@ class Stack:
     @property
     def unsubscribe_secret(self) -> str:
         """Signs the List-Unsubscribe links of the sender; the API verifies them. Made once."""
-        path = self.state_dir / "unsubscribe-secret"
+        return self._secret("unsubscribe-secret", "")
+
+    @property
+    def tracker_keys(self) -> str:
+        """TRACKER_KEYS: the sender signs opens and clicks, the tracker verifies. Made once."""
+        return self._secret("tracker-keys", "k1:")
+
+    @property
+    def verp_keys(self) -> str:
+        """BOUNCE_VERP_KEYS: the sender signs return paths, the bounce receiver reads them."""
+        return self._secret("verp-keys", "a:")
+
+    def _secret(self, name: str, prefix: str) -> str:
+        path = self.state_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(32))
+            path.write_text(prefix + secrets.token_urlsafe(32))
             path.chmod(0o600)
         return path.read_text().strip()
 
@@ -121,6 +142,12 @@ class Stack:
             "UNSUBSCRIBE_SECRET": self.unsubscribe_secret,
             "API_PORT": str(self.ports.api),
             "PUBLIC_API_URL": f"http://127.0.0.1:{self.ports.api}",
+            "TRACKER_KEYS": self.tracker_keys,
+            "TRACKER_PORT": str(self.ports.tracker),
+            "TRACKER_PUBLIC_URL": f"http://127.0.0.1:{self.ports.tracker}",
+            "BOUNCE_VERP_KEYS": self.verp_keys,
+            "BOUNCE_DOMAIN": BOUNCE_DOMAIN,
+            "BOUNCE_SMTP_PORT": str(self.ports.bounce_smtp),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -129,6 +156,7 @@ class Stack:
         programs += [Program(name, [sys.executable, "-m", f"services.{name}"],
                              env={"METRICS_PORT": str(self.metrics_port(name))})
                      for name in SERVICES]
+        programs += [Program(name, [sys.executable, "-m", f"services.{name}"]) for name in RECEIVERS]
         return Supervision(self.state_dir, programs, env=self.env(), cwd=REPO_ROOT)
 
     def metrics_port(self, service: str) -> int:
@@ -177,7 +205,7 @@ class Stack:
         """Print what runs; True when everything does."""
         supervision = self.supervision()
         states = {info["name"]: info["statename"] for info in supervision.processes()}
-        ok = all(states.get(name) == "RUNNING" for name in ("smtp_sink", *SERVICES))
+        ok = all(states.get(name) == "RUNNING" for name in ("smtp_sink", *SERVICES, *RECEIVERS))
         if states:
             for line in supervision.status_lines():
                 name = line.split()[0]

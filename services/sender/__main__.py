@@ -40,6 +40,7 @@ from services.sender.held_gauge import HeldGauge
 from services.sender.ledger import SendLedger
 from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mailer import SEND_BOUNDS
+from services.sender.marks import MailMarks
 from services.sender.proof_mail import TestSendWorker
 from services.sender.relay_config import RelayConfigError
 from services.sender.relays import transport_factory
@@ -56,7 +57,7 @@ TEST_SENDS_STOP_SECONDS = 60.0
 def sender_worker(settings: Settings, stop: threading.Event, transport: MailTransport, *,
                   policy: RetryPolicy, limiter: RateLimiter,
                   list_unsubscribe: ListUnsubscribe | None, concurrency: int = 8,
-                  bounds: Bounds = SEND_BOUNDS) -> SenderWorker:
+                  bounds: Bounds = SEND_BOUNDS, marks: MailMarks | None = None) -> SenderWorker:
     """The sender's worker with its adapters (`stop` also ends the send ledger's wait for an
     absent database). Tests call it with a transport, policy and limiter of their own."""
     return SenderWorker(
@@ -73,6 +74,7 @@ def sender_worker(settings: Settings, stop: threading.Event, transport: MailTran
         list_unsubscribe=list_unsubscribe,
         concurrency=concurrency,
         bounds=bounds,
+        marks=marks,
     )
 
 
@@ -94,6 +96,7 @@ def main() -> int:
         return 2
     try:
         limiter = RateLimiter.from_settings(settings)
+        marks = MailMarks.from_settings(settings)
     except ValueError as exc:
         log.error("invalid settings", error=str(exc))
         return 2
@@ -116,7 +119,7 @@ def main() -> int:
                                policy=RetryPolicy.from_settings(settings),
                                limiter=limiter,
                                list_unsubscribe=ListUnsubscribe.from_settings(settings),
-                               concurrency=concurrency)
+                               concurrency=concurrency, marks=marks)
         with relaxed_gc():
             worker.run(stop)
     except Stopping as exc:  # asked to stop while the send ledger waited for the database

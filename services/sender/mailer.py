@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import structlog
@@ -21,6 +22,7 @@ from services.sender.decisions import Book, Bounds, Send, booked, pre_send, skip
 from services.sender.delivery import Outcome, judge_attempt
 from services.sender.do_not_mail import DoNotMailList
 from services.sender.list_unsubscribe import ListUnsubscribe
+from services.sender.marks import MailMarks
 from services.sender.mime import build_mail
 from services.sender.render import render
 from services.sender.retries import RetryPolicy
@@ -53,7 +55,8 @@ class Mailer:
 
     def __init__(self, transport: MailTransport, *, board: ControlBoard,
                  do_not_mail: DoNotMailList, limiter: RateLimiter, policy: RetryPolicy,
-                 list_unsubscribe: ListUnsubscribe | None, bounds: Bounds = SEND_BOUNDS) -> None:
+                 list_unsubscribe: ListUnsubscribe | None, bounds: Bounds = SEND_BOUNDS,
+                 marks: MailMarks | None = None) -> None:
         self._transport = transport
         self._board = board
         self._do_not_mail = do_not_mail
@@ -61,6 +64,7 @@ class Mailer:
         self._policy = policy
         self._list_unsubscribe = list_unsubscribe
         self._bounds = bounds
+        self._marks = marks
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not security
 
     def mail(self, item: Work, started: float) -> Outcome:
@@ -87,7 +91,16 @@ class Mailer:
             extra = (self._list_unsubscribe.headers(tenant, recipient.contact_id,
                                                     recipient.campaign_id)
                      if self._list_unsubscribe else None)
-            mail = build_mail(recipient, render(recipient), now, extra)
+            content = render(recipient)
+            marks = self._marks
+            if marks is None:
+                mail = build_mail(recipient, content, now, extra)
+            else:
+                mail = build_mail(recipient, marks.content(tenant, recipient, content, now),
+                                  now, extra)
+                sender = marks.envelope_sender(tenant, recipient)
+                if sender is not None:
+                    mail = replace(mail, sender=sender)
         except Exception as exc:  # a recipient that cannot be built must not stop the batch
             log.exception("message not built", campaign_id=recipient.campaign_id,
                           contact_id=recipient.contact_id)

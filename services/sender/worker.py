@@ -76,6 +76,7 @@ from services.sender.ledger import SendLedger
 from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.mail_lanes import MailLanes
 from services.sender.mailer import SEND_BOUNDS, Mailer
+from services.sender.marks import MailMarks
 from services.sender.pipeline import SendPipeline
 from services.sender.publisher import FLUSH_TIMEOUT_SECONDS, STOP_FLUSH_SECONDS, DeliveryPublisher
 from services.sender.retries import RetryPolicy
@@ -131,6 +132,7 @@ class SenderWorker:
         concurrency: int = 8,
         batch_size: int = BATCH_SIZE,
         bounds: Bounds = SEND_BOUNDS,
+        marks: MailMarks | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -146,7 +148,7 @@ class SenderWorker:
         self._do_not_mail = do_not_mail.flags
         self._mailer = Mailer(transport, board=self.board, do_not_mail=do_not_mail.flags,
                               limiter=limiter, policy=policy, list_unsubscribe=list_unsubscribe,
-                              bounds=bounds)
+                              bounds=bounds, marks=marks)
         self._waiting = WaitingPartitions(consumer, self.board, held)
         self._topics = [topic_name(RECIPIENTS, settings),
                         *(topic_name(t, settings) for t in RETRY_TIERS), topic_name(HELD, settings)]

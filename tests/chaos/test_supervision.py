@@ -46,13 +46,14 @@ PROBE_PORTS: dict[str, int] = {}
 def supervised(settings) -> Iterator[Supervision]:
     # A short path: the supervisor's unix socket path must fit in 108 bytes.
     state = Path(tempfile.mkdtemp(prefix="sv-"))
-    ports = free_ports(len(SERVICES) + 1)
+    ports = free_ports(len(SERVICES) + 2)
     PROBE_PORTS.clear()
     PROBE_PORTS.update(zip(SERVICES, ports, strict=False))
     programs = [Program(name, [sys.executable, "-m", f"services.{name}"],
                         env={"METRICS_PORT": str(PROBE_PORTS[name])}) for name in SERVICES]
     env = service_env(settings, CAMPAIGN_STATE_DIR=str(state), API_PORT=str(ports[-1]),
-                      API_KEYS="acme:supervision-test-key")
+                      API_KEYS="acme:supervision-test-key", TRACKER_PORT=str(ports[-2]),
+                      TRACKER_KEYS="k1:supervision-test-tracker-key")
     supervision = Supervision(state, programs, env=env, cwd=REPO_ROOT, watchdog_env={
         "WATCHDOG_STALE_SECONDS": str(STALE_SECONDS), "WATCHDOG_START_GRACE_SECONDS": "60"})
     supervision.start()
