@@ -41,6 +41,7 @@ from services.api.deps import (
     Tenant,
     database_unavailable,
 )
+from services.api.engagement import engagement_router
 from services.api.gateway import Schedule, gateway_router, schedule_out
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
@@ -320,6 +321,7 @@ def create_app(
     app.include_router(gateway_router)
     app.include_router(unsubscribe_router)
     app.include_router(contacts_router, responses=TENANT_ERRORS)
+    app.include_router(engagement_router, responses=TENANT_ERRORS)
     app.include_router(console_router)  # the console for people: services/console
 
     @app.exception_handler(psycopg.OperationalError)

@@ -23,7 +23,8 @@ import sys
 import threading
 from types import FrameType
 
-from projections.lanes import ALL_TOPICS_LANE, LANES, run_lanes
+from projections.engagement_projector import engagement_projector_for
+from projections.lanes import ALL_TOPICS_LANE, LANES, LaneLoop, run_lanes
 from projections.migrate import apply_migrations
 from projections.projector import lane_projectors
 from services.common.logs import configure_logging
@@ -50,7 +51,9 @@ def main() -> int:
         log.info("migrations applied", versions=applied)
     ensure_topics(settings)
     lanes = (ALL_TOPICS_LANE,) if settings.projector_lanes == "single" else LANES
-    projectors = lane_projectors(settings, lanes=lanes, logger=log)
+    projectors: list[LaneLoop] = [*lane_projectors(settings, lanes=lanes, logger=log)]
+    # One more lane: engagement, bounces and complaints (its own group and positions).
+    projectors.append(engagement_projector_for(settings, logger=log.bind(lane="engagement")))
     run_lanes(projectors, stop, settings.heartbeat())
     return 0
 

@@ -1,0 +1,188 @@
+"""The engagement projector: campaign.engagement (opens, clicks) and the bounces and
+complaints on campaign.deliveries, into engagement_events (migration 0009).
+
+Its own Kafka consumer group and its own stored positions (projector_positions under
+`ENGAGEMENT_POSITIONS_NAME`), with the main projector's exactly-once scheme and helpers:
+where a partition starts comes from PostgreSQL (projections.positions), each batch's rows and
+its position moves commit in one transaction (compare-and-set: an instance that lost a
+partition to a rebalance has its whole batch rolled back by PositionConflict, then reloads the
+positions and seeks there). A crash, a restart or a rebalance therefore never counts a record
+twice; on top of that every row is keyed by its event (projections.engagement_sql), so even a
+replay of the same hit under another offset adds nothing. The main projector ignores these
+event types; EmailSent and the other deliveries records are read here and skipped.
+
+A PostgreSQL outage is waited out: the batch in flight is dropped (nothing was committed),
+the connection is re-opened with a back-off, and reading resumes from the stored positions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+import structlog
+
+from projections.consumed import OwnedPartitions, collect
+from projections.engagement_sql import engagement_rows, insert_rows
+from projections.positions import PositionConflict, advance_positions, load_positions
+from projections.record_feed import RecordFeed
+from services.common.kafka import PartitionKey
+from services.common.settings import Settings
+from services.common.topics import DELIVERIES, ENGAGEMENT, TopicSpec, topic_name
+
+ENGAGEMENT_TOPICS: tuple[TopicSpec, ...] = (ENGAGEMENT, DELIVERIES)
+# The Kafka consumer group and the name positions are stored under (under the topic prefix).
+ENGAGEMENT_GROUP = "projector-engagement"
+ENGAGEMENT_POSITIONS_NAME = "engagement"
+BATCH_MAX_RECORDS = 2000
+POLL_TIMEOUT_SECONDS = 0.2
+# Bounded waits for PostgreSQL: a connection attempt, and the pause between attempts.
+CONNECT_TIMEOUT_SECONDS = 5
+RECONNECT_PAUSE_SECONDS = 1.0
+
+
+class EngagementProjector:
+    """Drives one RecordFeed over ENGAGEMENT_TOPICS. Not thread-safe: one thread runs it."""
+
+    def __init__(self, feed: RecordFeed, database_url: str, positions_group: str, *,
+                 batch_size: int = BATCH_MAX_RECORDS, logger: Any = None) -> None:
+        self.feed = feed
+        self.group = feed.group
+        self.positions_group = positions_group
+        self.database_url = database_url
+        self.batch_size = batch_size
+        self.looped_at = time.monotonic()
+        self.rows_written = 0
+        self._owned = OwnedPartitions()
+        self._started = False
+        self._conn: psycopg.Connection[Any] | None = None
+        self._log = logger or structlog.get_logger().bind(component="engagement-projector")
+
+    # --- PostgreSQL ---------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.database_url, autocommit=True,
+                                         connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    # --- rebalance hooks (called from inside consume, on the driving thread) -----------------
+
+    def _on_assign(self, keys: list[PartitionKey]) -> Mapping[PartitionKey, int | None] | None:
+        while True:
+            try:
+                stored = load_positions(self._connection(), self.positions_group, keys)
+                break
+            except psycopg.OperationalError as exc:
+                self._log.warning("positions unavailable, waiting", error=str(exc))
+                self._drop_connection()
+                time.sleep(RECONNECT_PAUSE_SECONDS)
+        self._owned.assigned(keys, stored)
+        return {key: stored.get(key) for key in keys}
+
+    def _on_revoke(self, keys: list[PartitionKey]) -> None:
+        self._owned.revoked(keys)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = True
+        self.feed.subscribe(self._on_assign, self._on_revoke)
+
+    def step(self, timeout: float = POLL_TIMEOUT_SECONDS) -> int:
+        """Consume and apply one batch; returns the records its positions moved past."""
+        records = self.feed.consume(self.batch_size, timeout)
+        if not records:
+            return 0
+        batch = collect(records, self._owned)
+        for skipped in batch.skipped:
+            self._log.warning("undecodable record skipped", topic=skipped.key[0],
+                              partition=skipped.key[1], offset=skipped.offset,
+                              reason=skipped.reason)
+        if not batch.moves:
+            return 0
+        rows = engagement_rows(batch.messages)
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                advance_positions(conn, self.positions_group, batch.moves)
+                self.rows_written += insert_rows(conn, rows)
+        except PositionConflict as exc:
+            self._log.info("positions moved elsewhere, reloading", partitions=exc.partitions)
+            self._reload()
+            return 0
+        except psycopg.OperationalError as exc:
+            # Nothing of this batch committed: wait for PostgreSQL, then read it again.
+            self._log.warning("database unavailable, batch dropped", error=str(exc))
+            self._drop_connection()
+            time.sleep(RECONNECT_PAUSE_SECONDS)
+            self._reload()
+            return 0
+        self._owned.committed(batch.moves)
+        self.feed.commit_lag_gauge({key: move.next_offset for key, move in batch.moves.items()})
+        return batch.covered
+
+    def _reload(self) -> None:
+        try:
+            stored = load_positions(self._connection(), self.positions_group,
+                                    list(self._owned.stored))
+        except psycopg.OperationalError as exc:
+            self._log.warning("positions unavailable", error=str(exc))
+            self._drop_connection()
+            # Nothing known: seek to where this instance last committed, which is stored
+            # or older; a stale one fails the compare-and-set and is reloaded again.
+            self.feed.seek(dict(self._owned.stored))
+            return
+        self.feed.seek(self._owned.reloaded(stored))
+
+    def drain(self, timeout: float) -> int:
+        """Project until every assigned partition's stored position is its end offset (the
+        backlog at the time of each look); returns the records moved past. Raises
+        TimeoutError if that takes longer than `timeout` seconds."""
+        if not self._started:
+            self.start()
+        deadline = time.monotonic() + timeout
+        moved = 0
+        while time.monotonic() < deadline:
+            moved += self.step()
+            if not self._owned.stored or self._owned.ahead:
+                continue
+            looked = self.feed.offsets()
+            if looked is None:
+                continue
+            _, ends = looked
+            if all((self._owned.stored.get(key) or 0) >= end for key, end in ends.items()):
+                return moved
+        raise TimeoutError(f"engagement projector not caught up within {timeout}s")
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Project until `stop_event` is set, then leave the group."""
+        self.start()
+        try:
+            while not stop_event.is_set():
+                self.looped_at = time.monotonic()
+                self.step()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.feed.close()
+        self._drop_connection()
+
+
+def engagement_projector_for(settings: Settings, *, logger: Any = None,
+                             **options: Any) -> EngagementProjector:
+    """The engagement projector with its feed built from `settings`."""
+    log = logger or structlog.get_logger().bind(component="engagement-projector")
+    feed = RecordFeed(settings.kafka_bootstrap_servers, settings.group(ENGAGEMENT_GROUP),
+                      [topic_name(t, settings) for t in ENGAGEMENT_TOPICS], logger=log)
+    return EngagementProjector(feed, settings.database_url,
+                               settings.group(ENGAGEMENT_POSITIONS_NAME), logger=log, **options)
