@@ -198,7 +198,9 @@ def evolve(state: Campaign | None, event: Record, *, campaign_id: str, tenant_id
             return Campaign(campaign_id, tenant_id, event.name, Status.DRAFT, template,
                             track_opens=event.track_opens, track_clicks=event.track_clicks)
         case CampaignUpdated() if state is not None:
-            return replace(state, name=event.name, template=event.template,
+            template = event.template.model_copy(
+                update={"track_opens": event.track_opens, "track_clicks": event.track_clicks})
+            return replace(state, name=event.name, template=template,
                            track_opens=event.track_opens, track_clicks=event.track_clicks)
         case CampaignSendRequested() if state is not None:
             return replace(state, status=Status.SENDING, schedule=None)
@@ -239,18 +241,18 @@ def _updated(current: Campaign, command: UpdateCampaign) -> CampaignUpdated:
     body_text, body_html = body(command.body_text, old.body_text), body(command.body_html, old.body_html)
     if not (body_text or body_html):
         raise Rejected("a campaign needs body_text, body_html or both")
+    track_opens = current.track_opens if command.track_opens is None else command.track_opens
+    track_clicks = current.track_clicks if command.track_clicks is None else command.track_clicks
     template = MessageTemplate(
         subject=old.subject if command.subject is None else command.subject,
         from_address=old.from_address if command.from_address is None else command.from_address,
         body_text=body_text,
         body_html=body_html,
+        track_opens=track_opens,
+        track_clicks=track_clicks,
     )
-    return CampaignUpdated(
-        name=current.name if command.name is None else command.name,
-        template=template,
-        track_opens=current.track_opens if command.track_opens is None else command.track_opens,
-        track_clicks=current.track_clicks if command.track_clicks is None else command.track_clicks,
-    )
+    return CampaignUpdated(name=current.name if command.name is None else command.name,
+                           template=template, track_opens=track_opens, track_clicks=track_clicks)
 
 
 def _existing(state: Campaign | None, campaign_id: str, tenant_id: str) -> Campaign:

@@ -54,7 +54,7 @@ def test_tracked_campaign_mail_carries_signed_links_and_a_verp_return_path(setti
         run = settings.replace(smtp_port=sink.port)
         marks = {"TRACKER_KEYS": TRACKER_KEYS, "TRACKER_PUBLIC_URL": TRACKER_URL,
                  "BOUNCE_VERP_KEYS": VERP_KEYS, "BOUNCE_DOMAIN": BOUNCE_DOMAIN}
-        procs = [ServiceProcess(name, run, **(marks if name == "sender" else {})).start()
+        procs = [ServiceProcess(name, run, None, **(marks if name == "sender" else {})).start()
                  for name in SERVICES]
         try:
             publish(settings, COMMANDS, commands)
@@ -99,5 +99,5 @@ def test_tracked_campaign_mail_carries_signed_links_and_a_verp_return_path(setti
         assert m["body"].strip() == TEXT.replace("{{ first_name }}", "Kay")
         assert TRACKER_URL not in m["html"]
         # VERP is the sender's, not the campaign's: every campaign's mail gets a return path.
-        claim = read_address(m["mail_from"], BOUNCE_DOMAIN, verp_keys, directory)
-        assert claim == VerpClaim(tenant, untracked, contact_of[m["rcpt_tos"][0]])
+        return_path = read_address(m["mail_from"], BOUNCE_DOMAIN, verp_keys, directory)
+        assert return_path == VerpClaim(tenant, untracked, contact_of[m["rcpt_tos"][0]])

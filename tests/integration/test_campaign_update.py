@@ -66,7 +66,7 @@ def test_a_draft_is_edited_then_sent_with_its_new_content(pipeline: Settings) ->
     [update] = [e for e in events if isinstance(e, CampaignUpdated)]
     [send] = [e for e in events if isinstance(e, CampaignSendRequested)]
     assert update.track_clicks and not update.track_opens
-    assert send.template == update.template
+    assert send.template == update.template and send.template.track_clicks
     assert (send.template.subject, send.template.body_text, send.template.body_html) == (
         "Hello again", "Hi", "<p>Hi</p>")
     assert shown(settings, tenant, campaign_id)["subject"] == "Hello again"

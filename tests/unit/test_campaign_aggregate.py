@@ -246,6 +246,10 @@ def test_an_update_changes_only_the_fields_it_gives():
     assert (state.name, state.template.body_text, state.template.from_address) == (
         "Spring", "Hi", "news@example.com")
     assert (state.track_opens, state.track_clicks) == (False, True)
+    # The send carries the edited tracking to every recipient through the template.
+    [send] = decide(state, SendCampaign(contact_ids=["k1"]), contacts_snapshot={}, **IDS)
+    assert isinstance(send, CampaignSendRequested)
+    assert (send.template.track_opens, send.template.track_clicks) == (False, True)
 
 
 def test_an_update_carries_the_whole_content_and_the_send_takes_it():
