@@ -36,13 +36,14 @@ def _tenant(
     return tenant
 
 
-def _pool(request: Request) -> Pool:
+def pool_of(request: Request) -> Pool:
+    """The app's read-model connection pool (the console shares it)."""
     pool: Pool = request.app.state.pool
     return pool
 
 
 Tenant = Annotated[str, Depends(_tenant)]
-DbPool = Annotated[Pool, Depends(_pool)]
+DbPool = Annotated[Pool, Depends(pool_of)]
 
 # Ids of campaigns, contacts, segments: the same pattern as the events that name them, so an
 # id that no event could carry is refused up front instead of reaching PostgreSQL.

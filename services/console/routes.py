@@ -35,7 +35,7 @@ from schemas.base import EntityId, normalise_email
 from services.api import gateway, queries
 from services.api.auth import ApiKeys
 from services.api.commands import CommandRequest
-from services.api.deps import Pool
+from services.api.deps import Pool, pool_of
 from services.console.session import CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL_S, Signer
 from services.sender.render import render_text
 
@@ -76,11 +76,6 @@ def _require(request: Request) -> str:
     if tenant is None:
         raise HTTPException(303, "sign in first", headers={"Location": "/console/signin"})
     return tenant
-
-
-def _pool(request: Request) -> Pool:
-    pool: Pool = request.app.state.pool
-    return pool
 
 
 def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -170,14 +165,14 @@ def _campaign_views(pool: Pool, tenant: str) -> list[queries.CampaignView]:
 @console_router.get("/campaigns", response_class=HTMLResponse)
 def campaigns(request: Request) -> Response:
     tenant = _require(request)
-    return page(request, "campaigns.html", campaigns=_campaign_views(_pool(request), tenant))
+    return page(request, "campaigns.html", campaigns=_campaign_views(pool_of(request), tenant))
 
 
 @console_router.get("/campaigns/rows", response_class=HTMLResponse)
 def campaign_rows(request: Request) -> Response:
     """The list's rows alone: what the list page polls for live progress."""
     tenant = _require(request)
-    return page(request, "_campaign_rows.html", campaigns=_campaign_views(_pool(request), tenant))
+    return page(request, "_campaign_rows.html", campaigns=_campaign_views(pool_of(request), tenant))
 
 
 @console_router.get("/campaigns/new", response_class=HTMLResponse)
@@ -206,7 +201,7 @@ def _sample_fields(pool: Pool, tenant: str, contact_ids: list[str]) -> dict[str,
 async def create_campaign(request: Request) -> Response:
     tenant = _require(request)
     fields = await form(request)
-    pool = _pool(request)
+    pool = pool_of(request)
     payload = {"name": fields.get("name", ""), "subject": fields.get("subject", ""),
                "from_address": fields.get("from_address", ""),
                "body_text": fields.get("body_text") or None, "body_html": fields.get("body_html") or None}
@@ -255,7 +250,7 @@ async def _command(request: Request, tenant: str, kind: str, aggregate_id: str,
     except ValidationError as exc:
         return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
     try:
-        result = await gateway.post_command(body, request, tenant, _pool(request))
+        result = await gateway.post_command(body, request, tenant, pool_of(request))
     except HTTPException as exc:
         return [str(exc.detail)]
     if isinstance(result, JSONResponse):
@@ -292,7 +287,7 @@ def _checked_id(value: str) -> str:
 def campaign(request: Request, campaign_id: str, lists: str = "", contacts: str = "",
              status: str | None = None, after: str | None = None, msg: str | None = None) -> Response:
     tenant = _require(request)
-    pool = _pool(request)
+    pool = pool_of(request)
     found = _campaign(pool, tenant, _checked_id(campaign_id))
     if found is None:
         return page(request, "message.html", status_code=404, title="Not found",
@@ -309,7 +304,7 @@ def campaign(request: Request, campaign_id: str, lists: str = "", contacts: str 
 def campaign_progress(request: Request, campaign_id: str) -> Response:
     """The progress panel alone: what the campaign page polls."""
     tenant = _require(request)
-    found = _campaign(_pool(request), tenant, _checked_id(campaign_id))
+    found = _campaign(pool_of(request), tenant, _checked_id(campaign_id))
     if found is None:
         raise HTTPException(404, "campaign not found")
     return page(request, "_progress.html", c=found)
@@ -347,7 +342,7 @@ async def campaign_action(request: Request, campaign_id: str, action: str) -> Re
     if action not in ACTIONS:
         raise HTTPException(404, "no such action")
     campaign_id = _checked_id(campaign_id)
-    pool = _pool(request)
+    pool = pool_of(request)
     # Another tenant's campaign is refused here, before any command is stored.
     if await run_in_threadpool(_campaign, pool, tenant, campaign_id) is None:
         raise HTTPException(404, "campaign not found")
@@ -366,7 +361,7 @@ async def campaign_action(request: Request, campaign_id: str, action: str) -> Re
 def recipient(request: Request, campaign_id: str, contact_id: str) -> Response:
     tenant = _require(request)
     campaign_id, contact_id = _checked_id(campaign_id), _checked_id(contact_id)
-    with queries.tenant_snapshot(_pool(request), tenant) as conn:
+    with queries.tenant_snapshot(pool_of(request), tenant) as conn:
         row = queries.recipient(conn, tenant, campaign_id, contact_id)
         history = queries.attempts(conn, tenant, campaign_id, contact_id) if row else []
     if row is None:
@@ -382,7 +377,7 @@ def contacts(request: Request, email: str = "") -> Response:
     tenant = _require(request)
     found = []
     if email.strip():
-        with queries.tenant_snapshot(_pool(request), tenant) as conn:
+        with queries.tenant_snapshot(pool_of(request), tenant) as conn:
             found = contacts_by_email(conn, tenant, email.strip())
     return page(request, "contacts.html", email=email, contacts=found)
 
@@ -390,7 +385,7 @@ def contacts(request: Request, email: str = "") -> Response:
 @console_router.get("/contacts/{contact_id}", response_class=HTMLResponse)
 def contact(request: Request, contact_id: str) -> Response:
     tenant = _require(request)
-    with queries.tenant_snapshot(_pool(request), tenant) as conn:
+    with queries.tenant_snapshot(pool_of(request), tenant) as conn:
         found = contacts_by_id(conn, tenant, [_checked_id(contact_id)])
     if not found:
         return page(request, "message.html", status_code=404, title="Not found", message="No such contact.")
