@@ -66,6 +66,8 @@ class _Template(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     from_address: _Email
     body_text: str | None = None
     body_html: str | None = None
+    track_opens: bool = False
+    track_clicks: bool = False
 
 
 class _QueuedPayload(msgspec.Struct, forbid_unknown_fields=True, gc=False):

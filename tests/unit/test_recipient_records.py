@@ -193,6 +193,19 @@ def test_a_recipient_queued_decodes_to_the_fact_of_the_full_decode() -> None:
     assert (ours.status, ours.contact_id, ours.email) == ("queued", "k1", "k1@example.com")
 
 
+@pytest.mark.parametrize("flags", [{"track_opens": True}, {"track_opens": True, "track_clicks": True}])
+def test_a_tracked_recipient_queued_takes_the_fast_decode(flags, monkeypatch) -> None:
+    raw = raw_queued(lambda d: d["payload"]["template"].update(flags))
+    expected = recipient_fact(decode(raw))
+    # The full decode is what a record outside the fast shape falls back to: not this one.
+    monkeypatch.setattr("projections.recipient_records.decode", _refuse_full_decode)
+    assert decode_record(raw) == expected
+
+
+def _refuse_full_decode(raw: object) -> None:
+    raise AssertionError("took the full decode")
+
+
 @pytest.mark.parametrize("mutate", [
     lambda d: d["payload"]["template"].update(subject=""),
     lambda d: d["payload"]["template"].update(subject="x" * 999),
