@@ -24,7 +24,6 @@ from tests.integration.test_api import World, serving
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 MISSING = not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists())
@@ -50,7 +49,7 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_dashboard_follows_a_campaign_to_completion(platform_settings, browser):
+def test_dashboard_follows_a_campaign_to_completion(platform_settings, browser, tmp_path):
     world = World(platform_settings.database_url)
     total = 200
     finished = world.campaign(world.a, name="Autumn sale", status="completed", total=50, sent=49, failed=1,
@@ -74,8 +73,7 @@ def test_dashboard_follows_a_campaign_to_completion(platform_settings, browser):
                   (campaign_id,))
 
     writer = threading.Thread(target=advance)
-    shots = REPO_ROOT / ".state"
-    shots.mkdir(exist_ok=True)
+    shots = tmp_path  # pytest keeps the last runs' tmp dirs: the screenshots stay artefacts
     with serving(create_app(platform_settings, world.keys)) as base:
         browser.get(f"{base}/dashboard#key={world.key_a}")
         writer.start()
