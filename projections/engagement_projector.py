@@ -8,7 +8,9 @@ its position moves commit in one transaction (compare-and-set: an instance that 
 partition to a rebalance has its whole batch rolled back by PositionConflict, then reloads the
 positions and seeks there). A crash, a restart or a rebalance therefore never counts a record
 twice; on top of that every row is keyed by its event (projections.engagement_sql), so even a
-replay of the same hit under another offset adds nothing. The main projector ignores these
+replay of the same hit under another offset adds nothing. In the same transaction the
+clicks of a recipient who followed every link of a mail at once are marked machine
+(projections.engagement_sql.mark_click_bursts). The main projector ignores these
 event types; EmailSent and the other deliveries records are read here and skipped.
 
 A PostgreSQL outage is waited out: the batch in flight is dropped (nothing was committed),
@@ -26,7 +28,7 @@ import psycopg
 import structlog
 
 from projections.consumed import OwnedPartitions, collect
-from projections.engagement_sql import engagement_rows, insert_rows
+from projections.engagement_sql import engagement_rows, insert_rows, mark_click_bursts
 from projections.positions import PositionConflict, advance_positions, load_positions
 from projections.record_feed import RecordFeed
 from services.common.kafka import PartitionKey
@@ -115,6 +117,7 @@ class EngagementProjector:
             with conn.transaction():
                 advance_positions(conn, self.positions_group, batch.moves)
                 self.rows_written += insert_rows(conn, rows)
+                mark_click_bursts(conn, rows)
         except PositionConflict as exc:
             self._log.info("positions moved elsewhere, reloading", partitions=exc.partitions)
             self._reload()

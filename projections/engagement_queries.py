@@ -78,7 +78,8 @@ def engagement_minutes(conn: psycopg.Connection[Any], tenant: str,
 
 def recipient_history(conn: psycopg.Connection[Any], tenant: str, campaign_id: str,
                       contact_id: str) -> list[dict[str, Any]]:
-    keys = ("kind", "occurred_at", "machine", "agent", "link_index", "url", "detail")
+    keys = ("kind", "occurred_at", "machine", "machine_reason", "agent", "link_index", "url",
+            "detail")
     rows = conn.execute(
         f"SELECT {', '.join(keys)} FROM analyst_recipient_engagement"
         " WHERE tenant_id = %s AND campaign_id = %s AND contact_id = %s"

@@ -94,6 +94,7 @@ class RecipientEvent(BaseModel):
     kind: str
     occurred_at: datetime
     machine: bool
+    machine_reason: str | None
     agent: str | None
     link_index: int | None
     url: str | None
