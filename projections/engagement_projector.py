@@ -95,6 +95,11 @@ class EngagementProjector:
 
     # --- the loop -------------------------------------------------------------------------------
 
+    @property
+    def owned_partitions(self) -> int:
+        """How many partitions this instance is assigned now (0 until the group assigns)."""
+        return len(self._owned.stored)
+
     def start(self) -> None:
         self._started = True
         self.feed.subscribe(self._on_assign, self._on_revoke)
@@ -167,8 +172,9 @@ class EngagementProjector:
         raise TimeoutError(f"engagement projector not caught up within {timeout}s")
 
     def run(self, stop_event: threading.Event) -> None:
-        """Project until `stop_event` is set, then leave the group."""
-        self.start()
+        """Project until `stop_event` is set, then leave the group (started unless it was)."""
+        if not self._started:
+            self.start()
         try:
             while not stop_event.is_set():
                 self.looped_at = time.monotonic()
