@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import make_conninfo
 
 from projections.consumed import OwnedPartitions, collect
 from projections.engagement_sql import engagement_rows, insert_rows, mark_click_bursts
@@ -187,11 +188,17 @@ class EngagementProjector:
         self._drop_connection()
 
 
-def engagement_projector_for(settings: Settings, *, logger: Any = None,
-                             **options: Any) -> EngagementProjector:
-    """The engagement projector with its feed built from `settings`."""
+def engagement_projector_for(settings: Settings, *, group: str | None = None,
+                             positions_group: str | None = None, schema: str | None = None,
+                             logger: Any = None, **options: Any) -> EngagementProjector:
+    """The engagement projector with its feed built from `settings`: the live one, or with
+    another Kafka `group`, `positions_group` and `schema` (its search_path), the one
+    `projections.rebuild` replays into a fresh schema."""
     log = logger or structlog.get_logger().bind(component="engagement-projector")
-    feed = RecordFeed(settings.kafka_bootstrap_servers, settings.group(ENGAGEMENT_GROUP),
+    feed = RecordFeed(settings.kafka_bootstrap_servers, group or settings.group(ENGAGEMENT_GROUP),
                       [topic_name(t, settings) for t in ENGAGEMENT_TOPICS], logger=log)
-    return EngagementProjector(feed, settings.database_url,
-                               settings.group(ENGAGEMENT_POSITIONS_NAME), logger=log, **options)
+    conninfo = settings.database_url if schema is None else make_conninfo(
+        settings.database_url, options=f"-c search_path={schema}")
+    return EngagementProjector(
+        feed, conninfo, positions_group or settings.group(ENGAGEMENT_POSITIONS_NAME),
+        logger=log, **options)
