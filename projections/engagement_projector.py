@@ -1,5 +1,6 @@
-"""The engagement projector: campaign.engagement (opens, clicks) and the bounces and
-complaints on campaign.deliveries, into engagement_events (migration 0009).
+"""The engagement projector: campaign.engagement (opens, clicks), the bounces and complaints
+on campaign.deliveries and the unsubscribes from a campaign's mail on contacts.events, into
+engagement_events (migrations 0009, 0011).
 
 Its own Kafka consumer group and its own stored positions (projector_positions under
 `ENGAGEMENT_POSITIONS_NAME`), with the main projector's exactly-once scheme and helpers:
@@ -11,7 +12,8 @@ twice; on top of that every row is keyed by its event (projections.engagement_sq
 replay of the same hit under another offset adds nothing. In the same transaction the
 clicks of a recipient who followed every link of a mail at once are marked machine
 (projections.engagement_sql.mark_click_bursts). The main projector ignores these
-event types; EmailSent and the other deliveries records are read here and skipped.
+event types; EmailSent, the other deliveries records and every other contact event are read
+here and skipped.
 
 A PostgreSQL outage is waited out: the batch in flight is dropped (nothing was committed),
 the connection is re-opened with a back-off, and reading resumes from the stored positions.
@@ -34,9 +36,9 @@ from projections.positions import PositionConflict, advance_positions, load_posi
 from projections.record_feed import RecordFeed
 from services.common.kafka import PartitionKey
 from services.common.settings import Settings
-from services.common.topics import DELIVERIES, ENGAGEMENT, TopicSpec, topic_name
+from services.common.topics import CONTACTS, DELIVERIES, ENGAGEMENT, TopicSpec, topic_name
 
-ENGAGEMENT_TOPICS: tuple[TopicSpec, ...] = (ENGAGEMENT, DELIVERIES)
+ENGAGEMENT_TOPICS: tuple[TopicSpec, ...] = (ENGAGEMENT, DELIVERIES, CONTACTS)
 # The Kafka consumer group and the name positions are stored under (under the topic prefix).
 ENGAGEMENT_GROUP = "projector-engagement"
 ENGAGEMENT_POSITIONS_NAME = "engagement"

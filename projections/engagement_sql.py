@@ -1,10 +1,11 @@
-"""Engagement events as rows of engagement_events (migration 0009), and their insert.
+"""Engagement events as rows of engagement_events (migrations 0009, 0011), and their insert.
 
 Guarantee: one row per distinct event: a hit is keyed by its request id (the tracker answers
 each request once; a replay carries the same id), a bounce or complaint by its envelope id
-(derived from the report's dedup key, schemas.bounces.bounce_event_id). `insert_rows` writes
-with ON CONFLICT DO NOTHING, so a redelivered record, or one a restart reads again, adds
-nothing. `mark_click_bursts` then marks machine (reason BURST_REASON) every click inside a
+(derived from the report's dedup key, schemas.bounces.bounce_event_id), an unsubscribe from a
+campaign's mail by its envelope id (a one-click unsubscribe's is derived from its token).
+`insert_rows` writes with ON CONFLICT DO NOTHING, so a redelivered record, or one a restart
+reads again, adds nothing. `mark_click_bursts` then marks machine (reason BURST_REASON) every click inside a
 burst over all of a recipient's clicks on one mail (services.engagement.machine.burst_clicks):
 a burst found in some of the clicks is still one when more arrive, and marks are never lifted,
 so the result depends only on the set of clicks, not on batches or their order (a rebuild
@@ -22,6 +23,7 @@ import psycopg
 from projections.facts import RecipientFact
 from schemas.base import Record
 from schemas.bounces import EmailBounced, EmailComplained
+from schemas.contacts import ContactUnsubscribed
 from schemas.engagement import EmailOpened, LinkClicked
 from schemas.envelope import Message
 from services.engagement.machine import burst_clicks
@@ -52,7 +54,8 @@ def _text(value: str) -> str:
 
 
 def engagement_row(item: Message[Record] | RecipientFact) -> EngagementRow | None:
-    """The row an engagement, bounce or complaint event gives; None for any other record."""
+    """The row an engagement, bounce, complaint or campaign unsubscribe event gives; None for
+    any other record."""
     if isinstance(item, RecipientFact):
         return None
     env, payload = item.envelope, item.payload
@@ -69,6 +72,12 @@ def engagement_row(item: Message[Record] | RecipientFact) -> EngagementRow | Non
         return EngagementRow(env.tenant_id, str(env.id), payload.campaign_id,
                              payload.contact_id, f"{payload.kind}_bounce", env.occurred_at,
                              False, None, None, None, payload.status or None)
+    if isinstance(payload, ContactUnsubscribed):
+        if payload.campaign_id is None:
+            return None  # not from a campaign's mail: no campaign's engagement
+        return EngagementRow(env.tenant_id, str(env.id), payload.campaign_id,
+                             payload.contact_id, "unsubscribe", env.occurred_at, False, None,
+                             None, None, payload.list_id)
     if isinstance(payload, EmailComplained):
         return EngagementRow(env.tenant_id, str(env.id), payload.campaign_id,
                              payload.contact_id, "complaint", env.occurred_at, False, None,

@@ -3,8 +3,9 @@ hydrator, sender, projector with its engagement lane, and the tracker, each a pr
 real Kafka, PostgreSQL and SMTP sink). The test reads the mail the sink recorded and acts as
 the recipients' mail clients would over HTTP against the running tracker: some as people
 (pixels fetched, links followed), some as machines (an image proxy, HEAD requests, a scanner's
-agent, every link of a mail at once). The engagement API's counts are then exactly what was
-done: unique and total opens and clicks, human and machine, per link.
+agent, every link of a mail at once), and one person unsubscribes with the one-click link of
+the mail's List-Unsubscribe (twice). The engagement API's counts are then exactly what was
+done: unique and total opens and clicks, human and machine, per link, and unsubscribes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tests.service_process import ServiceProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 SERVICES = ("command_handler", "hydrator", "sender", "projector", "tracker")
 TRACKER_KEYS = "e2e:engagement-secret-0123456789"
+UNSUBSCRIBE_SECRET = "e2e-unsubscribe-secret-0123456789"
 # A click sooner than this after delivery is a scanner's: small, so people can click here.
 SCANNER_WINDOW_SECONDS = 1
 LINK_A = "https://shop.example.com/spring?ref=mail"
@@ -55,6 +57,7 @@ EXPECTED = {
     "clicks_unique_human": 2, "clicks_total_human": 3,  # ann A twice, bob B
     "clicks_unique_machine": 3, "clicks_total_machine": 5,  # head A, gateway A+B, burst A+B
     "bounces_hard": 0, "bounces_soft": 0, "complaints": 0,
+    "unsubscribes": 1,  # cat, by one-click POST, twice: one event
 }
 # Per link: (index, url, unique human, total human, unique machine, total machine).
 EXPECTED_LINKS = [(0, LINK_A, 1, 2, 3, 3), (1, LINK_B, 1, 1, 2, 2)]
@@ -126,7 +129,8 @@ def test_opens_and_clicks_of_people_and_machines_are_counted_exactly(settings) -
     [tracker_port] = free_ports(1)
     base = f"http://127.0.0.1:{tracker_port}"
     marks = {"TRACKER_KEYS": TRACKER_KEYS, "TRACKER_PUBLIC_URL": base}
-    env = {"sender": marks,
+    env = {"sender": {**marks, "UNSUBSCRIBE_SECRET": UNSUBSCRIBE_SECRET,
+                      "PUBLIC_API_URL": "https://api.example.net"},
            "tracker": {**marks, "TRACKER_PORT": str(tracker_port),
                        "TRACKER_SCANNER_WINDOW_SECONDS": str(SCANNER_WINDOW_SECONDS)}}
     api_key = uuid.uuid4().hex
@@ -149,6 +153,8 @@ def test_opens_and_clicks_of_people_and_machines_are_counted_exactly(settings) -
                 time.sleep(0.5)
             assert len(mails) == len(ROLES)
             by_role = {role_of[m["rcpt_tos"][0]]: tracked_links(m, base) for m in mails}
+            [unsubscribe_url] = [str(header(m, "List-Unsubscribe")).strip("<>") for m in mails
+                                 if role_of[m["rcpt_tos"][0]] == "cat"]
             assert all(len(links) == 2 for _, links in by_role.values())
 
             # People click after the scanner window; the tracker must be answering first.
@@ -166,9 +172,18 @@ def test_opens_and_clicks_of_people_and_machines_are_counted_exactly(settings) -
             for role, (pixel, links) in by_role.items():
                 act(role, pixel, links)
 
-            with serving(create_app(settings, ApiKeys([(tenant, api_key)]))) as api, \
-                    httpx.Client(base_url=api, timeout=10,
-                                 headers={"Authorization": f"Bearer {api_key}"}) as http:
+            app = create_app(settings, ApiKeys([(tenant, api_key)]),
+                             unsubscribe_secret=UNSUBSCRIBE_SECRET.encode())
+            with serving(app) as api, httpx.Client(
+                    base_url=api, timeout=10,
+                    headers={"Authorization": f"Bearer {api_key}"}) as http:
+                # The mail client's one-click POST (RFC 8058) to the List-Unsubscribe link,
+                # sent twice: the second is the same event.
+                assert unsubscribe_url.startswith("https://api.example.net/unsubscribe?token=")
+                for _ in range(2):
+                    done = http.post(api + unsubscribe_url.removeprefix("https://api.example.net"),
+                                     data={"List-Unsubscribe": "One-Click"})
+                    assert done.status_code == 200, done.text
                 body: dict[str, Any] = {}
                 while time.monotonic() < deadline:
                     alive()
