@@ -70,8 +70,19 @@ minute. `warmup_seconds` shows the cold cost.
   step, see bench/metrics_cost.py: one sender with metrics on (scraped every second) and off
   (CAMPAIGN_METRICS=off), alternating, best run of each; target ratio >= 0.97.
 
-BENCH_SKIP="c_sink,projection,audience,scaleout,sender_memory,metrics" (any of them) leaves those separate
-steps out, for a quick loop on the campaign figures; the JSON lists them under
+- tracker_hits_per_s, bare_hits_per_s, tracker_to_bare_ratio, tracker_p50_ms, tracker_p99_ms,
+  tracker_cpu_us_per_hit, ... (issue 16): a separate step, see bench/tracker.py: the real
+  tracker process against a bare endpoint of the same web stack, loaded from a separate
+  process; full speed (16 in flight) and at 2,000 hits/s, TRACKER_STEP_SECONDS a run (3 s
+  with BENCH_SCALE=small, else 10 s), best of 3 alternating rounds; targets ratio >= 0.5 and
+  p99 < 20 ms at 2,000 hits/s.
+- engagement_projection_lag_p50_ms / _p99_ms / _max_ms (issue 16): a separate step, see
+  bench/engagement_lag.py: 500 hits/s (300 with BENCH_SCALE=small) for 10 s (5 s) through
+  the real tracker while the engagement projector runs on fresh topics; per hit, the first
+  50 ms poll showing its row minus the hit's occurred_at (an upper bound); target p99 < 1 s.
+
+BENCH_SKIP="c_sink,projection,audience,scaleout,sender_memory,metrics,tracker,engagement" (any
+of them) leaves those separate steps out, for a quick loop on the campaign figures; the JSON lists them under
 `skipped_steps` and their figures are absent.
 
 Checks (exit status 1 when one fails; the JSON is written either way): the sink recorded
@@ -83,6 +94,7 @@ read model counts exactly its backlog as sent.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections import deque
@@ -93,7 +105,8 @@ import psycopg
 from confluent_kafka import KafkaException
 from rich.console import Console
 
-from bench import c_sink, campaign, figures, hydration, projection, raw_smtp
+from bench import c_sink, campaign, engagement_lag, figures, hydration, projection, raw_smtp
+from bench import tracker as tracker_bench
 from bench.event_log import read_campaign_messages
 from bench.metrics_cost import measure_metrics_cost
 from bench.proc_cpu import CpuMeter, per_mail_us
@@ -134,7 +147,19 @@ SMALL_WARMUP_RECIPIENTS = 200
 MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "completion", "api",
                       "smtp_sink")
 # The separate steps after the campaign, in the order they run (BENCH_SKIP names them).
-SEPARATE_STEPS = ("c_sink", "projection", "audience", "scaleout", "sender_memory", "metrics")
+SEPARATE_STEPS = ("c_sink", "projection", "audience", "scaleout", "sender_memory", "metrics",
+                  "tracker", "engagement")
+# The tracker step (issue 16): seconds per run, and the paced run's rate (the issue's target).
+TRACKER_STEP_SECONDS = 10.0
+SMALL_TRACKER_STEP_SECONDS = 3.0
+TRACKER_RATE = 2_000.0
+# The engagement lag step: seconds of hits and their rate. 500/s, not more: at 1,000/s the
+# 2-core machine runs out of CPU (the tracker alone tops out near 1,600/s) and the lag
+# measured is the machine's queue, not the projector's.
+ENGAGEMENT_STEP_SECONDS = 10.0
+SMALL_ENGAGEMENT_STEP_SECONDS = 5.0
+ENGAGEMENT_RATE = 500.0
+SMALL_ENGAGEMENT_RATE = 300.0
 
 
 def skipped_steps(env: dict[str, str]) -> tuple[str, ...]:
@@ -362,6 +387,37 @@ def main() -> int:
         console.print(f"[bold red]metrics step failed:[/] {exc}")
         metrics_failures = [f"metrics step failed: {exc}"]
 
+    small = os.environ.get("BENCH_SCALE", "").lower() == "small"
+    # A separate step (issue 16): the tracker against a bare endpoint of its web stack.
+    tracker_figures: dict[str, Any] = {}
+    tracker_failures: list[str] = []
+    try:
+        if "tracker" not in skip:
+            console.print("tracker: hits/s and latency against a bare endpoint …")
+            tracker_figures = tracker_bench.measure(
+                settings, SMALL_TRACKER_STEP_SECONDS if small else TRACKER_STEP_SECONDS,
+                TRACKER_RATE)
+            if tracker_figures["tracker_errors"]:
+                tracker_failures = [f"tracker step: {tracker_figures['tracker_errors']}"
+                                    " requests not answered 302"]
+    except (RuntimeError, OSError, KafkaException, subprocess.SubprocessError) as exc:
+        console.print(f"[bold red]tracker step failed:[/] {exc}")
+        tracker_failures = [f"tracker step failed: {exc}"]
+
+    # A separate step (issue 16): hits through the tracker into the engagement projection.
+    engagement_figures: dict[str, Any] = {}
+    engagement_failures: list[str] = []
+    try:
+        if "engagement" not in skip:
+            console.print("engagement: projection lag of hits through the tracker …")
+            engagement_figures = engagement_lag.measure(
+                settings, SMALL_ENGAGEMENT_STEP_SECONDS if small else ENGAGEMENT_STEP_SECONDS,
+                SMALL_ENGAGEMENT_RATE if small else ENGAGEMENT_RATE)
+    except (RuntimeError, OSError, KafkaException, psycopg.Error,
+            subprocess.SubprocessError) as exc:
+        console.print(f"[bold red]engagement step failed:[/] {exc}")
+        engagement_failures = [f"engagement step failed: {exc}"]
+
     send_rate = rate(count, run.e2e_seconds)
     completed_at = run.final.completed_at
     results: dict[str, Any] = {
@@ -401,6 +457,8 @@ def main() -> int:
         **memory_figures,
         **metrics_figures,
         **c_sink_figures,
+        **tracker_figures,
+        **engagement_figures,
         "skipped_steps": list(skip),
         "audience": audience_figures,
         "raw_smtp_seconds": round(raw.seconds, 3),
@@ -425,7 +483,8 @@ def main() -> int:
         "machine": machine_info(started),
     }
     failures = (_failures(results, count) + projection_failures + audience_failures
-                + scaleout_failures + memory_failures + metrics_failures + c_sink_failures)
+                + scaleout_failures + memory_failures + metrics_failures + c_sink_failures
+                + tracker_failures + engagement_failures)
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))

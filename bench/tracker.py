@@ -39,7 +39,7 @@ from bench.proc_cpu import cpu_seconds
 from bench.scaleout import free_port
 from bench.stats import percentile
 from services.common.settings import Settings, load
-from services.common.topics import ENGAGEMENT, ensure_topics, topic_name
+from services.common.topics import ENGAGEMENT, TopicSpec, ensure_topics, topic_name
 from services.engagement.tokens import TrackingKeys
 
 # Requests in flight at full speed: more only measures the client's own overhead (at 64 the
@@ -74,33 +74,23 @@ def measure(settings: Settings, seconds: float, rate: float,
     isolated = settings.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
     ensure_topics(isolated, specs=(ENGAGEMENT,))
     tracker_port, bare_port, metrics_port = free_port(), free_port(), free_port()
-    keys = TrackingKeys.parse(KEY)
-    sent_at = int(time.time()) - 3600
     with tempfile.TemporaryDirectory() as folder:
-        tokens = Path(folder) / "tokens"
-        tokens.write_text("\n".join(
-            keys.sign_click("bench", "cmp-bench", f"c{i}", sent_at=sent_at, link_index=0,
-                            links_in_mail=1, url=f"https://shop.example/p/{i}")
-            for i in range(TOKENS)))
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": isolated.kafka_bootstrap_servers,
-               "TOPIC_PREFIX": isolated.topic_prefix, "TRACKER_KEYS": KEY,
-               "TRACKER_PORT": str(tracker_port), "METRICS_PORT": str(metrics_port)}
-        tracker = subprocess.Popen([sys.executable, "-m", "services.tracker"], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tokens = write_tokens(Path(folder) / "tokens", "bench", "cmp-bench")
+        tracker = start_tracker(isolated, tracker_port, metrics_port)
         bare = subprocess.Popen([sys.executable, "-m", "bench.tracker", "bare", str(bare_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             tracker_url, bare_url = f"http://127.0.0.1:{tracker_port}", f"http://127.0.0.1:{bare_port}"
-            _wait_serving(tracker_port)
-            _wait_serving(bare_port)
+            wait_serving(tracker_port)
+            wait_serving(bare_port)
             # Alternating rounds, each mode's best: interference on a shared machine only
             # ever slows a run down, and a drift weighs on both modes alike.
             fulls, bares, paced_runs, bare_paced = [], [], [], []
             for _ in range(ROUNDS):
-                fulls.append(_load(tracker_url, tokens, "closed", concurrency, seconds, tracker.pid))
-                bares.append(_load(bare_url, tokens, "closed", concurrency, seconds, bare.pid))
-                paced_runs.append(_load(tracker_url, tokens, "open", rate, seconds))
-                bare_paced.append(_load(bare_url, tokens, "open", rate, seconds))
+                fulls.append(load_step(tracker_url, tokens, "closed", concurrency, seconds, tracker.pid))
+                bares.append(load_step(bare_url, tokens, "closed", concurrency, seconds, bare.pid))
+                paced_runs.append(load_step(tracker_url, tokens, "open", rate, seconds))
+                bare_paced.append(load_step(bare_url, tokens, "open", rate, seconds))
             full = max(fulls, key=lambda run: run["rate"])
             bare_full = max(bares, key=lambda run: run["rate"])
             paced = min(paced_runs, key=lambda run: run["p99_ms"])
@@ -110,8 +100,8 @@ def measure(settings: Settings, seconds: float, rate: float,
             for process in (tracker, bare):
                 process.terminate()
                 process.wait(15)
-    on_topic = _records(isolated)
-    _delete_topics(isolated)
+    on_topic = records_on_topic(isolated)
+    delete_topics(isolated)
     return {
         "tracker_hits_per_s": round(full["rate"], 1),
         "bare_hits_per_s": round(bare_full["rate"], 1),
@@ -136,7 +126,29 @@ def measure(settings: Settings, seconds: float, rate: float,
     }
 
 
-def _load(base: str, tokens: Path, mode: str, param: float, seconds: float,
+def write_tokens(path: Path, tenant: str, campaign: str) -> Path:
+    """TOKENS click tokens of `campaign`, one a line, signed with KEY for mail sent an hour
+    ago (no hit is "right after delivery"), each recipient's mail with one link."""
+    keys = TrackingKeys.parse(KEY)
+    sent_at = int(time.time()) - 3600
+    path.write_text("\n".join(
+        keys.sign_click(tenant, campaign, f"c{i}", sent_at=sent_at, link_index=0,
+                        links_in_mail=1, url=f"https://shop.example/p/{i}")
+        for i in range(TOKENS)))
+    return path
+
+
+def start_tracker(settings: Settings, port: int, metrics_port: int) -> subprocess.Popen[bytes]:
+    """The real tracker as its own process on `settings`' broker and topic prefix, verifying
+    KEY; answering once `wait_serving(port)` returns."""
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+           "TOPIC_PREFIX": settings.topic_prefix, "TRACKER_KEYS": KEY,
+           "TRACKER_PORT": str(port), "METRICS_PORT": str(metrics_port)}
+    return subprocess.Popen([sys.executable, "-m", "services.tracker"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def load_step(base: str, tokens: Path, mode: str, param: float, seconds: float,
           server: int | None = None) -> dict[str, Any]:
     """One step of the load client, in a process of its own; with the `server`'s pid, the
     CPU it spent per request (warm-up included): a figure other processes hardly disturb."""
@@ -223,7 +235,7 @@ def serve_bare(port: int) -> int:
     return 0
 
 
-def _wait_serving(port: int) -> None:
+def wait_serving(port: int) -> None:
     """Until a server answers on `port` (any status: redirects are not followed)."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while True:
@@ -251,7 +263,7 @@ def _counters(url: str) -> dict[str, float]:
             "lost": total("campaign_tracker_hits_lost_total")}
 
 
-def _records(settings: Settings) -> int:
+def records_on_topic(settings: Settings) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -265,11 +277,11 @@ def _records(settings: Settings) -> int:
         consumer.close()
 
 
-def _delete_topics(settings: Settings) -> None:
+def delete_topics(settings: Settings, specs: tuple[TopicSpec, ...] = (ENGAGEMENT,)) -> None:
     from services.common.kafka import make_admin
 
     admin = make_admin(settings.kafka_bootstrap_servers)
-    for future in admin.delete_topics([topic_name(ENGAGEMENT, settings)],
+    for future in admin.delete_topics([topic_name(spec, settings) for spec in specs],
                                       operation_timeout=30).values():
         future.result()
 

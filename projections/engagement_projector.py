@@ -1,5 +1,6 @@
-"""The engagement projector: campaign.engagement (opens, clicks) and the bounces and
-complaints on campaign.deliveries, into engagement_events (migration 0009).
+"""The engagement projector: campaign.engagement (opens, clicks), the bounces and complaints
+on campaign.deliveries and the unsubscribes from a campaign's mail on contacts.events, into
+engagement_events (migrations 0009, 0011).
 
 Its own Kafka consumer group and its own stored positions (projector_positions under
 `ENGAGEMENT_POSITIONS_NAME`), with the main projector's exactly-once scheme and helpers:
@@ -8,8 +9,11 @@ its position moves commit in one transaction (compare-and-set: an instance that 
 partition to a rebalance has its whole batch rolled back by PositionConflict, then reloads the
 positions and seeks there). A crash, a restart or a rebalance therefore never counts a record
 twice; on top of that every row is keyed by its event (projections.engagement_sql), so even a
-replay of the same hit under another offset adds nothing. The main projector ignores these
-event types; EmailSent and the other deliveries records are read here and skipped.
+replay of the same hit under another offset adds nothing. In the same transaction the
+clicks of a recipient who followed every link of a mail at once are marked machine
+(projections.engagement_sql.mark_click_bursts). The main projector ignores these
+event types; EmailSent, the other deliveries records and every other contact event are read
+here and skipped.
 
 A PostgreSQL outage is waited out: the batch in flight is dropped (nothing was committed),
 the connection is re-opened with a back-off, and reading resumes from the stored positions.
@@ -24,16 +28,17 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import make_conninfo
 
 from projections.consumed import OwnedPartitions, collect
-from projections.engagement_sql import engagement_rows, insert_rows
+from projections.engagement_sql import engagement_rows, insert_rows, mark_click_bursts
 from projections.positions import PositionConflict, advance_positions, load_positions
 from projections.record_feed import RecordFeed
 from services.common.kafka import PartitionKey
 from services.common.settings import Settings
-from services.common.topics import DELIVERIES, ENGAGEMENT, TopicSpec, topic_name
+from services.common.topics import CONTACTS, DELIVERIES, ENGAGEMENT, TopicSpec, topic_name
 
-ENGAGEMENT_TOPICS: tuple[TopicSpec, ...] = (ENGAGEMENT, DELIVERIES)
+ENGAGEMENT_TOPICS: tuple[TopicSpec, ...] = (ENGAGEMENT, DELIVERIES, CONTACTS)
 # The Kafka consumer group and the name positions are stored under (under the topic prefix).
 ENGAGEMENT_GROUP = "projector-engagement"
 ENGAGEMENT_POSITIONS_NAME = "engagement"
@@ -93,6 +98,11 @@ class EngagementProjector:
 
     # --- the loop -------------------------------------------------------------------------------
 
+    @property
+    def owned_partitions(self) -> int:
+        """How many partitions this instance is assigned now (0 until the group assigns)."""
+        return len(self._owned.stored)
+
     def start(self) -> None:
         self._started = True
         self.feed.subscribe(self._on_assign, self._on_revoke)
@@ -115,6 +125,7 @@ class EngagementProjector:
             with conn.transaction():
                 advance_positions(conn, self.positions_group, batch.moves)
                 self.rows_written += insert_rows(conn, rows)
+                mark_click_bursts(conn, rows)
         except PositionConflict as exc:
             self._log.info("positions moved elsewhere, reloading", partitions=exc.partitions)
             self._reload()
@@ -164,8 +175,9 @@ class EngagementProjector:
         raise TimeoutError(f"engagement projector not caught up within {timeout}s")
 
     def run(self, stop_event: threading.Event) -> None:
-        """Project until `stop_event` is set, then leave the group."""
-        self.start()
+        """Project until `stop_event` is set, then leave the group (started unless it was)."""
+        if not self._started:
+            self.start()
         try:
             while not stop_event.is_set():
                 self.looped_at = time.monotonic()
@@ -178,11 +190,17 @@ class EngagementProjector:
         self._drop_connection()
 
 
-def engagement_projector_for(settings: Settings, *, logger: Any = None,
-                             **options: Any) -> EngagementProjector:
-    """The engagement projector with its feed built from `settings`."""
+def engagement_projector_for(settings: Settings, *, group: str | None = None,
+                             positions_group: str | None = None, schema: str | None = None,
+                             logger: Any = None, **options: Any) -> EngagementProjector:
+    """The engagement projector with its feed built from `settings`: the live one, or with
+    another Kafka `group`, `positions_group` and `schema` (its search_path), the one
+    `projections.rebuild` replays into a fresh schema."""
     log = logger or structlog.get_logger().bind(component="engagement-projector")
-    feed = RecordFeed(settings.kafka_bootstrap_servers, settings.group(ENGAGEMENT_GROUP),
+    feed = RecordFeed(settings.kafka_bootstrap_servers, group or settings.group(ENGAGEMENT_GROUP),
                       [topic_name(t, settings) for t in ENGAGEMENT_TOPICS], logger=log)
-    return EngagementProjector(feed, settings.database_url,
-                               settings.group(ENGAGEMENT_POSITIONS_NAME), logger=log, **options)
+    conninfo = settings.database_url if schema is None else make_conninfo(
+        settings.database_url, options=f"-c search_path={schema}")
+    return EngagementProjector(
+        feed, conninfo, positions_group or settings.group(ENGAGEMENT_POSITIONS_NAME),
+        logger=log, **options)

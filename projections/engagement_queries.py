@@ -1,4 +1,5 @@
-"""Tenant-scoped reads of the engagement read model (migration 0009's analyst_* views).
+"""Tenant-scoped reads of the engagement read model (the analyst_* views of migrations 0009
+and 0011).
 
 Every function takes the tenant and filters by it, also where row-level security would
 (defence in depth, as projections/queries.py). Rates are of `sent` (campaigns.sent: what the
@@ -18,7 +19,7 @@ SOFT_BOUNCE_STREAK_LIMIT = 3
 COUNT_COLUMNS = (
     "opens_unique_human", "opens_unique_machine", "opens_total_human", "opens_total_machine",
     "clicks_unique_human", "clicks_unique_machine", "clicks_total_human",
-    "clicks_total_machine", "bounces_hard", "bounces_soft", "complaints",
+    "clicks_total_machine", "bounces_hard", "bounces_soft", "complaints", "unsubscribes",
 )
 
 
@@ -68,7 +69,7 @@ def link_clicks(conn: psycopg.Connection[Any], tenant: str,
 def engagement_minutes(conn: psycopg.Connection[Any], tenant: str,
                        campaign_id: str) -> list[dict[str, Any]]:
     keys = ("minute", "opens_human", "opens_machine", "clicks_human", "clicks_machine",
-            "bounces_hard", "bounces_soft", "complaints")
+            "bounces_hard", "bounces_soft", "complaints", "unsubscribes")
     rows = conn.execute(
         f"SELECT {', '.join(keys)} FROM analyst_campaign_engagement_minutes"
         " WHERE tenant_id = %s AND campaign_id = %s ORDER BY minute",
@@ -78,7 +79,8 @@ def engagement_minutes(conn: psycopg.Connection[Any], tenant: str,
 
 def recipient_history(conn: psycopg.Connection[Any], tenant: str, campaign_id: str,
                       contact_id: str) -> list[dict[str, Any]]:
-    keys = ("kind", "occurred_at", "machine", "agent", "link_index", "url", "detail")
+    keys = ("kind", "occurred_at", "machine", "machine_reason", "agent", "link_index", "url",
+            "detail")
     rows = conn.execute(
         f"SELECT {', '.join(keys)} FROM analyst_recipient_engagement"
         " WHERE tenant_id = %s AND campaign_id = %s AND contact_id = %s"

@@ -1,10 +1,15 @@
-"""Engagement events as rows of engagement_events (migration 0009), and their insert.
+"""Engagement events as rows of engagement_events (migrations 0009, 0011), and their insert.
 
 Guarantee: one row per distinct event: a hit is keyed by its request id (the tracker answers
 each request once; a replay carries the same id), a bounce or complaint by its envelope id
-(derived from the report's dedup key, schemas.bounces.bounce_event_id). `insert_rows` writes
-with ON CONFLICT DO NOTHING, so a redelivered record, or one a restart reads again, adds
-nothing. Pure mapping apart from `insert_rows`, which runs in the caller's transaction.
+(derived from the report's dedup key, schemas.bounces.bounce_event_id), an unsubscribe from a
+campaign's mail by its envelope id (a one-click unsubscribe's is derived from its token).
+`insert_rows` writes with ON CONFLICT DO NOTHING, so a redelivered record, or one a restart
+reads again, adds nothing. `mark_click_bursts` then marks machine (reason BURST_REASON) every click inside a
+burst over all of a recipient's clicks on one mail (services.engagement.machine.burst_clicks):
+a burst found in some of the clicks is still one when more arrive, and marks are never lifted,
+so the result depends only on the set of clicks, not on batches or their order (a rebuild
+marks the same rows). Pure mapping apart from `insert_rows`, which runs in the caller's transaction.
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ import psycopg
 from projections.facts import RecipientFact
 from schemas.base import Record
 from schemas.bounces import EmailBounced, EmailComplained
+from schemas.contacts import ContactUnsubscribed
 from schemas.engagement import EmailOpened, LinkClicked
 from schemas.envelope import Message
+from services.engagement.machine import burst_clicks
+
+# The machine reason of clicks marked by the burst rule (no single hit shows it).
+BURST_REASON = "all_links_at_once"
 
 
 class EngagementRow(NamedTuple):
@@ -34,6 +44,8 @@ class EngagementRow(NamedTuple):
     link_index: int | None
     url: str | None
     detail: str | None
+    machine_reason: str | None = None
+    links_in_mail: int | None = None
 
 
 def _text(value: str) -> str:
@@ -42,22 +54,30 @@ def _text(value: str) -> str:
 
 
 def engagement_row(item: Message[Record] | RecipientFact) -> EngagementRow | None:
-    """The row an engagement, bounce or complaint event gives; None for any other record."""
+    """The row an engagement, bounce, complaint or campaign unsubscribe event gives; None for
+    any other record."""
     if isinstance(item, RecipientFact):
         return None
     env, payload = item.envelope, item.payload
     if isinstance(payload, LinkClicked):
         return EngagementRow(env.tenant_id, str(payload.request_id), payload.campaign_id,
                              payload.contact_id, "click", env.occurred_at, payload.machine,
-                             payload.agent.value, payload.link_index, _text(payload.url), None)
+                             payload.agent.value, payload.link_index, _text(payload.url), None,
+                             payload.machine_reason, payload.links_in_mail)
     if isinstance(payload, EmailOpened):
         return EngagementRow(env.tenant_id, str(payload.request_id), payload.campaign_id,
                              payload.contact_id, "open", env.occurred_at, payload.machine,
-                             payload.agent.value, None, None, None)
+                             payload.agent.value, None, None, None, payload.machine_reason)
     if isinstance(payload, EmailBounced):
         return EngagementRow(env.tenant_id, str(env.id), payload.campaign_id,
                              payload.contact_id, f"{payload.kind}_bounce", env.occurred_at,
                              False, None, None, None, payload.status or None)
+    if isinstance(payload, ContactUnsubscribed):
+        if payload.campaign_id is None:
+            return None  # not from a campaign's mail: no campaign's engagement
+        return EngagementRow(env.tenant_id, str(env.id), payload.campaign_id,
+                             payload.contact_id, "unsubscribe", env.occurred_at, False, None,
+                             None, None, payload.list_id)
     if isinstance(payload, EmailComplained):
         return EngagementRow(env.tenant_id, str(env.id), payload.campaign_id,
                              payload.contact_id, "complaint", env.occurred_at, False, None,
@@ -71,10 +91,11 @@ def engagement_rows(items: Iterable[Message[Record] | RecipientFact]) -> list[En
 
 _INSERT = """
 INSERT INTO engagement_events (tenant_id, event_id, campaign_id, contact_id, kind, occurred_at,
-                               machine, agent, link_index, url, detail)
+                               machine, agent, link_index, url, detail, machine_reason,
+                               links_in_mail)
 SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                      %s::timestamptz[], %s::bool[], %s::text[], %s::int[], %s::text[],
-                     %s::text[])
+                     %s::text[], %s::text[], %s::int[])
 ON CONFLICT (tenant_id, event_id) DO NOTHING
 """
 
@@ -85,3 +106,38 @@ def insert_rows(conn: psycopg.Connection[Any], rows: Sequence[EngagementRow]) ->
         return 0
     columns = [list(column) for column in zip(*rows, strict=True)]
     return conn.execute(_INSERT, columns).rowcount
+
+
+_RECIPIENT_CLICKS = """
+SELECT tenant_id, campaign_id, contact_id, event_id, extract(epoch FROM occurred_at)::float8,
+       link_index, links_in_mail
+FROM engagement_events
+WHERE kind = 'click' AND (tenant_id, campaign_id, contact_id) IN (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))
+"""
+_MARK_BURST = """
+UPDATE engagement_events SET machine = true, machine_reason = %s
+WHERE tenant_id = %s AND event_id = ANY(%s::text[]) AND NOT machine
+"""
+
+
+def mark_click_bursts(conn: psycopg.Connection[Any], rows: Sequence[EngagementRow]) -> int:
+    """In the caller's transaction, after `insert_rows(rows)`: mark machine every click of the
+    recipients clicking in `rows` that is part of a burst; returns how many it marked."""
+    touched = sorted({(r.tenant_id, r.campaign_id, r.contact_id) for r in rows
+                      if r.kind == "click"})
+    if not touched:
+        return 0
+    clicks: dict[tuple[str, str, str], list[tuple[str, float, int, int]]] = {}
+    found = conn.execute(_RECIPIENT_CLICKS, [list(c) for c in zip(*touched, strict=True)])
+    for tenant, campaign, contact, event_id, at, link_index, links_in_mail in found:
+        clicks.setdefault((tenant, campaign, contact), []).append(
+            (event_id, at, link_index or 0, links_in_mail or 0))
+    marked = 0
+    for (tenant, _, _), mine in clicks.items():
+        positions = burst_clicks([(at, link) for _, at, link, _ in mine],
+                                 max(links for *_, links in mine))
+        if positions:
+            marked += conn.execute(_MARK_BURST, (BURST_REASON, tenant,
+                                                 [mine[i][0] for i in positions])).rowcount
+    return marked

@@ -7,9 +7,11 @@ forces the swap). Readers see the old models or the new ones, never a mix. A liv
 running meanwhile keeps its exactly-once guarantee: the swap replaces its stored positions, so
 its next batch fails the compare-and-set, reloads them and goes on from there. The live
 projector's lanes (projections.lanes.LANES) all store their positions under
-`POSITIONS_NAME`, so "the live positions" are every lane's, compared and swapped together; the
-rebuild itself replays every topic through one `Projector` (the read models do not depend on
-the order the topics are read in).
+`POSITIONS_NAME`; its engagement lane (projections.engagement_projector: engagement_events)
+under `ENGAGEMENT_POSITIONS_NAME`. "The live positions" are both groups', compared and swapped
+together with every table. The rebuild replays every topic through one `Projector` and the
+engagement topics through one `EngagementProjector` (the read models do not depend on the
+order the topics are read in).
 
 How: a fresh schema `rebuild_<tag>` gets an empty twin of every read-model table (`LIKE ...
 INCLUDING ALL`: columns, defaults, checks, keys, indexes) and of projector_positions; a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,11 @@ import psycopg
 from confluent_kafka import KafkaException
 from psycopg import sql
 
+from projections.engagement_projector import (
+    ENGAGEMENT_POSITIONS_NAME,
+    EngagementProjector,
+    engagement_projector_for,
+)
 from projections.lanes import POSITIONS_NAME
 from projections.projector import projector_for
 from services.common.kafka import make_admin
@@ -41,7 +49,7 @@ from services.common.settings import Settings
 READ_MODEL_TABLES = (
     "campaigns", "campaign_recipients", "command_rejections", "recipient_attempts",
     "tenant_daily_sends", "campaign_throughput", "contacts", "contact_list_members",
-    "command_outcomes", "segments", "contact_profiles",
+    "command_outcomes", "segments", "contact_profiles", "engagement_events",
 )
 # Columns stamped with the projector's wall clock: they differ between any two projections of
 # the same events, so the comparison leaves them out.
@@ -64,6 +72,7 @@ class RebuildRefused(RuntimeError):
 class RebuildReport:
     schema: str
     group: str
+    engagement_group: str = ""
     records: int = 0
     # table -> rows present on one side only (live EXCEPT ALL rebuilt, and the reverse).
     differences: dict[str, int] = field(default_factory=dict)
@@ -123,9 +132,9 @@ def _positions(conn: psycopg.Connection[Any], table: sql.Composable,
     return {(t, p): o for t, p, o in rows}
 
 
-def _swap(conn: psycopg.Connection[Any], schema: str, live_group: str, rebuild_group: str) -> None:
+def _swap(conn: psycopg.Connection[Any], schema: str, groups: dict[str, str]) -> None:
     """Inside the caller's transaction: rebuilt rows replace the live ones, and the rebuild's
-    positions become the live group's."""
+    positions become the live groups' (`groups`: live group -> the rebuild's)."""
     for table in READ_MODEL_TABLES:
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in _columns(conn, table))
         # DELETE, not TRUNCATE: TRUNCATE is not MVCC-safe, and a reader whose snapshot is
@@ -133,14 +142,15 @@ def _swap(conn: psycopg.Connection[Any], schema: str, live_group: str, rebuild_g
         conn.execute(sql.SQL("DELETE FROM public.{}").format(sql.Identifier(table)))
         conn.execute(sql.SQL("INSERT INTO public.{t} ({c}) SELECT {c} FROM {s}.{t}").format(
             t=sql.Identifier(table), c=cols, s=sql.Identifier(schema)))
-    conn.execute("DELETE FROM public.projector_positions WHERE consumer_group = %s",
-                 (live_group,))
-    conn.execute(
-        sql.SQL("INSERT INTO public.projector_positions (consumer_group, topic, partition,"
-                " next_offset) SELECT %s, topic, partition, next_offset FROM {}.{}"
-                " WHERE consumer_group = %s").format(
-            sql.Identifier(schema), sql.Identifier(POSITIONS_TABLE)),
-        (live_group, rebuild_group))
+    for live_group, rebuild_group in groups.items():
+        conn.execute("DELETE FROM public.projector_positions WHERE consumer_group = %s",
+                     (live_group,))
+        conn.execute(
+            sql.SQL("INSERT INTO public.projector_positions (consumer_group, topic, partition,"
+                    " next_offset) SELECT %s, topic, partition, next_offset FROM {}.{}"
+                    " WHERE consumer_group = %s").format(
+                sql.Identifier(schema), sql.Identifier(POSITIONS_TABLE)),
+            (live_group, rebuild_group))
 
 
 def rebuild(
@@ -159,26 +169,33 @@ def rebuild(
     """
     tag = uuid.uuid4().hex[:10]
     report = RebuildReport(schema=f"rebuild_{tag}",
-                           group=settings.group(f"projector-rebuild-{tag}"))
-    live_group = settings.group(POSITIONS_NAME)
+                           group=settings.group(f"projector-rebuild-{tag}"),
+                           engagement_group=settings.group(f"projector-rebuild-{tag}-engagement"))
+    # Live group -> the rebuild's, for the main lanes and the engagement lane.
+    groups = {settings.group(POSITIONS_NAME): report.group,
+              settings.group(ENGAGEMENT_POSITIONS_NAME): report.engagement_group}
     rebuilt_positions = sql.SQL("{}.{}").format(
         sql.Identifier(report.schema), sql.Identifier(POSITIONS_TABLE))
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         create_schema(conn, report.schema)
         try:
+            engagement = engagement_projector_for(
+                settings, group=report.engagement_group, positions_group=report.engagement_group,
+                schema=report.schema, logger=logger)
             with projector_for(settings, group=report.group, schema=report.schema,
-                               logger=logger) as projector:
+                               logger=logger) as projector, _closing(engagement):
                 for _ in range(SWAP_ATTEMPTS):
                     report.records += projector.drain(timeout=drain_timeout)
+                    report.records += engagement.drain(timeout=drain_timeout)
                     with conn.transaction():
                         # Freeze the live models: the live projector's next batch waits here.
                         conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
                             sql.SQL(", ").join(sql.Identifier("public", t) for t in
                                                (*READ_MODEL_TABLES, POSITIONS_TABLE))))
-                        live = _positions(conn, sql.Identifier("public", POSITIONS_TABLE),
-                                          live_group)
-                        ours = _positions(conn, rebuilt_positions, report.group)
-                        report.positions_match = live == ours
+                        report.positions_match = all(
+                            _positions(conn, sql.Identifier("public", POSITIONS_TABLE), live)
+                            == _positions(conn, rebuilt_positions, ours)
+                            for live, ours in groups.items())
                         if report.positions_match or force:
                             report.differences = compare(conn, report.schema)
                             if not report.equal and not force:
@@ -186,7 +203,7 @@ def rebuild(
                                     "rebuilt read models differ from the live ones: "
                                     + ", ".join(f"{t} {n} rows" for t, n in
                                                 report.differences.items() if n))
-                            _swap(conn, report.schema, live_group, report.group)
+                            _swap(conn, report.schema, groups)
                             report.swapped = True
                             return report
                     # The live projector is elsewhere: let it move, catch up, look again.
@@ -198,6 +215,15 @@ def rebuild(
             if not keep_schema:
                 drop_schema(conn, report.schema)
             _delete_group(settings, report.group)
+            _delete_group(settings, report.engagement_group)
+
+
+@contextlib.contextmanager
+def _closing(engagement: EngagementProjector) -> Iterator[EngagementProjector]:
+    try:
+        yield engagement
+    finally:
+        engagement.close()
 
 
 def _delete_group(settings: Settings, group: str) -> None:

@@ -17,15 +17,16 @@ contacts that only differed in case (see `services.cli.identity_merge`).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
 from schemas.base import Email, EntityId, Record, email_identity
-from schemas.registry import message
+from schemas.registry import message, upcaster
 
 # Namespace for contact ids derived from tenant + e-mail identity.
 _CONTACT_NAMESPACE = uuid.UUID("6f1f5d4e-8a43-4c1e-9a37-2b8f3c0d5e21")
@@ -82,13 +83,29 @@ class ContactListMembershipRemoved(Record):
     list_id: EntityId
 
 
-@message("ContactUnsubscribed", 1)
+@message("ContactUnsubscribed", 2)
 class ContactUnsubscribed(Record):
-    """The contact asked not to be mailed: from one list, or from everything (list_id None)."""
+    """The contact asked not to be mailed: from one list, or from everything (list_id None).
+    `campaign_id`: the campaign whose mail it unsubscribed from (a one-click unsubscribe from
+    its List-Unsubscribe), counted in that campaign's engagement; None when not from a mail."""
 
     contact_id: EntityId
     list_id: EntityId | None = None
     reason: str = Field(default="", max_length=1000)
+    campaign_id: EntityId | None = None
+
+
+# What a v1 one-click unsubscribe (services.api.unsubscribe) said in its reason.
+_V1_ONE_CLICK_REASON = re.compile(
+    r"one-click unsubscribe from campaign ([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})")
+
+
+@upcaster("ContactUnsubscribed", 1)
+def upcast_contact_unsubscribed_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 named the campaign of a one-click unsubscribe only in its reason: taken from there;
+    any other v1 unsubscribe was from no campaign's mail."""
+    found = _V1_ONE_CLICK_REASON.fullmatch(str(payload.get("reason", "")))
+    return {**payload, "campaign_id": found.group(1) if found else None}
 
 
 SuppressionReason = Literal["hard_bounce", "complaint", "manual_blocklist"]

@@ -1,5 +1,5 @@
-"""The engagement reads: a campaign's opens, clicks, bounces and complaints (counts and rates
-of sent), per link, per minute of event time, and one recipient's history.
+"""The engagement reads: a campaign's opens, clicks, bounces, complaints and unsubscribes
+(counts and rates of sent), per link, per minute of event time, and one recipient's history.
 
 Guarantee: every read is scoped to the caller's tenant (projections/engagement_queries.py
 filters by it, row-level security too): another tenant's campaign is a 404, like a missing
@@ -35,6 +35,7 @@ class EngagementCounts(BaseModel):
     bounces_hard: int
     bounces_soft: int
     complaints: int
+    unsubscribes: int
 
 
 class EngagementRates(BaseModel):
@@ -51,6 +52,7 @@ class EngagementRates(BaseModel):
     bounces_hard: float | None
     bounces_soft: float | None
     complaints: float | None
+    unsubscribes: float | None
 
 
 class CampaignEngagementOut(BaseModel):
@@ -83,6 +85,7 @@ class EngagementMinute(BaseModel):
     bounces_hard: int
     bounces_soft: int
     complaints: int
+    unsubscribes: int
 
 
 class EngagementTimeline(BaseModel):
@@ -94,6 +97,7 @@ class RecipientEvent(BaseModel):
     kind: str
     occurred_at: datetime
     machine: bool
+    machine_reason: str | None
     agent: str | None
     link_index: int | None
     url: str | None

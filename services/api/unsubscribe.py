@@ -1,10 +1,11 @@
 """One-click unsubscribe (RFC 8058): `/unsubscribe?token=...` from a mail's List-Unsubscribe.
 
 Guarantee: a POST with a genuine token (services.common.unsubscribe_tokens) stores exactly one
-ContactUnsubscribed (global: every list) for that tenant's contact in the outbox, published to
-contacts.events keyed by tenant + contact; the same token again stores nothing new (the event
-id is derived from the token). A bad token is a 400 and stores nothing. GET only shows a
-confirmation form: mail scanners fetch links, and a fetch must not unsubscribe anyone.
+ContactUnsubscribed (global: every list, naming the campaign whose mail it came from) for that
+tenant's contact in the outbox, published to contacts.events keyed by tenant + contact; the
+same token again stores nothing new (the event id is derived from the token). A bad token is
+a 400 and stores nothing. GET only shows a confirmation form: mail scanners fetch links, and a
+fetch must not unsubscribe anyone.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _claim(request: Request, token: str) -> UnsubscribeClaim:
 
 def _event(claim: UnsubscribeClaim, token: str) -> Envelope:
     payload = ContactUnsubscribed(
-        contact_id=claim.contact_id, list_id=None,
+        contact_id=claim.contact_id, list_id=None, campaign_id=claim.campaign_id,
         reason=f"one-click unsubscribe from campaign {claim.campaign_id}")
     return wrap(payload, tenant_id=claim.tenant_id, aggregate_id=claim.contact_id,
                 message_id=uuid.uuid5(_EVENT_NAMESPACE, token))

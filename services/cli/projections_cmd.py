@@ -1,5 +1,7 @@
 """`campaignctl projections rebuild`: replay every projected topic from offset zero into a fresh
 schema, check it against the live read models, and swap it in atomically (projections.rebuild).
+The engagement lane's engagement_events and its positions ('engagement') are rebuilt, compared
+and swapped with the rest.
 
 Exit codes: 0 rebuilt and swapped (equal, or forced); 1 refused (the rebuilt models differ, or
 the live projector's positions were never matched) or PostgreSQL / Kafka failed; the live read
@@ -39,7 +41,7 @@ def projections_rebuild(
     settings = Settings()
     try:
         apply_migrations(settings.database_url)
-        out.print("replaying every projected topic from offset zero …")
+        out.print("replaying every projected topic (engagement included) from offset zero …")
         report = rebuild(settings, force=force, keep_schema=keep_schema, drain_timeout=timeout)
     except RebuildRefused as exc:
         err.print(f"[red]refused: {escape(str(exc))}[/red] (live read models untouched)",

@@ -10,10 +10,12 @@ missing; under CI (env CI set) it runs and fails if they are.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -105,3 +107,53 @@ def test_dashboard_follows_a_campaign_to_completion(platform_settings, browser, 
     assert held_status == "paused"
     assert "1 skipped" in held_text and "2 retrying" in held_text and "50.0%" in held_text
     assert "key=" not in url, "the page must drop the key from the address bar"
+
+
+def test_dashboard_shows_engagement_live(platform_settings, browser):
+    world = World(platform_settings.database_url)
+    campaign_id = world.campaign(world.a, name="Tracked", status="completed", total=10, sent=10,
+                                 started_at=datetime.now(UTC) - timedelta(minutes=5),
+                                 completed_at=datetime.now(UTC) - timedelta(minutes=4))
+
+    def event(contact: str, kind: str, machine: bool = False) -> None:
+        world.sql("INSERT INTO engagement_events (tenant_id, event_id, campaign_id, contact_id,"
+                  " kind, occurred_at, machine) VALUES (%s, %s, %s, %s, %s, now(), %s)",
+                  (world.a, uuid.uuid4().hex, campaign_id, contact, kind, machine))
+
+    for contact, kind, machine in (("a", "open", False), ("a", "open", False), ("b", "open", False),
+                                   ("c", "open", True), ("a", "click", False), ("c", "click", True),
+                                   ("d", "hard_bounce", False), ("e", "soft_bounce", False),
+                                   ("f", "complaint", False), ("g", "unsubscribe", False)):
+        event(contact, kind, machine)
+    card = f"[data-campaign-id='{campaign_id}']"
+
+    def shown() -> dict:
+        raw = browser.execute_script(
+            "const c = document.querySelector(arguments[0]); return c ? c.dataset.engagement : null;",
+            card)
+        return json.loads(raw) if raw else {}
+
+    def wait_for(opens: int) -> dict:
+        deadline = time.monotonic() + 30
+        while (counts := shown()).get("opens_unique_human") != opens:
+            assert time.monotonic() < deadline, f"dashboard shows {counts}"
+            time.sleep(0.2)
+        return counts
+
+    with serving(create_app(platform_settings, world.keys)) as base:
+        browser.get(f"{base}/dashboard#key={world.key_a}")
+        first = wait_for(2)
+        text = browser.find_element("css selector", f"{card} .engagement").text
+        event("h", "open")  # a later open shows up without a reload
+        wait_for(3)
+        later = browser.find_element("css selector", f"{card} .engagement").text
+
+    assert {k: first[k] for k in ("opens_unique_machine", "clicks_unique_human",
+                                  "clicks_unique_machine", "bounces_hard", "bounces_soft",
+                                  "complaints", "unsubscribes")} == {
+        "opens_unique_machine": 1, "clicks_unique_human": 1, "clicks_unique_machine": 1,
+        "bounces_hard": 1, "bounces_soft": 1, "complaints": 1, "unsubscribes": 1}
+    assert "opened 2 (20.0%) +1 machine" in text and "clicked 1 (10.0%) +1 machine" in text
+    assert "bounced 1 hard · 1 soft" in text and "1 complaints" in text
+    assert "1 unsubscribed" in text
+    assert "opened 3 (30.0%)" in later

@@ -24,12 +24,13 @@ from projections.engagement_projector import (
 from projections.engagement_queries import campaign_engagement, soft_bounce_streak
 from projections.tenancy import create_analyst_login, drop_analyst_login, tenant_transaction
 from schemas.bounces import EmailBounced, EmailComplained, bounce_event_id
+from schemas.contacts import ContactUnsubscribed
 from schemas.engagement import AgentClass, EmailOpened, LinkClicked
 from schemas.envelope import encode, wrap
 from services.api.app import create_app
 from services.api.auth import ApiKeys
 from services.common.settings import Settings
-from services.common.topics import DELIVERIES, ENGAGEMENT, TopicSpec
+from services.common.topics import CONTACTS, DELIVERIES, ENGAGEMENT, TopicSpec
 from tests.integration.test_projector import T0, Campaign, drain, produce
 
 pytestmark = pytest.mark.integration
@@ -77,6 +78,16 @@ def complaint(c: Campaign, contact: str, dedup: str, minute: int) -> Record3:
     return DELIVERIES, c.id, value
 
 
+def unsubscribe(c: Campaign, contact: str, minute: int, *, from_mail: bool = True,
+                event_id: uuid.UUID | None = None) -> Record3:
+    """A one-click unsubscribe from the campaign's mail, or (from_mail False) one by hand."""
+    payload = ContactUnsubscribed(contact_id=contact, campaign_id=c.id if from_mail else None,
+                                  reason="one-click" if from_mail else "asked by phone")
+    value = encode(wrap(payload, tenant_id=c.tenant, aggregate_id=contact,
+                        occurred_at=T0 + timedelta(minutes=minute), message_id=event_id))
+    return CONTACTS, f"{c.tenant}:{contact}", value
+
+
 def delivered_campaign(settings: Settings, contacts: int) -> Campaign:
     """A campaign whose `contacts` deliveries the main projector has projected."""
     c = Campaign()
@@ -99,6 +110,8 @@ def engagement_stream(c: Campaign) -> list[Record3]:
         bounce(c, "c3", "soft", "dsn-2", 5), bounce(c, "c3", "soft", "dsn-3", 6),
         bounce(c, "c3", "soft", "dsn-4", 7),
         complaint(c, "c4", "arf-1", 8), complaint(c, "c4", "arf-1", 8),
+        unsubscribe(c, "c1", 9, event_id=r[7]), unsubscribe(c, "c1", 9, event_id=r[7]),  # twice
+        unsubscribe(c, "c4", 9), unsubscribe(c, "c3", 9, from_mail=False),  # c3: no campaign's
     ]
 
 
@@ -106,7 +119,7 @@ EXPECTED = {
     "opens_unique_human": 2, "opens_unique_machine": 1, "opens_total_human": 2,
     "opens_total_machine": 1, "clicks_unique_human": 1, "clicks_unique_machine": 1,
     "clicks_total_human": 3, "clicks_total_machine": 1, "bounces_hard": 1, "bounces_soft": 1,
-    "complaints": 1,
+    "complaints": 1, "unsubscribes": 2,
 }
 
 
@@ -134,14 +147,14 @@ def test_counts_are_exact_across_a_restart_and_a_rerun(settings: Settings, db) -
         if moved >= 3:
             break
     first.close()
-    assert 0 < moved < 17 + 5  # mid-stream: some, not all, of engagement + deliveries
+    assert 0 < moved < 21 + 5  # mid-stream: some, not all, of the stream + deliveries
     second = engagement_projector_for(settings)
     second.drain(DRAIN_TIMEOUT_SECONDS)
     second.close()
     assert counts(db, c) == EXPECTED
     assert soft_bounce_streak(db, c.tenant, "c3") == 3
     live = rows(db, c)
-    assert len(live) == 2 + 1 + 3 + 1 + 1 + 3 + 1  # opens, clicks, bounces, complaint
+    assert len(live) == 2 + 1 + 3 + 1 + 1 + 3 + 1 + 2  # opens, clicks, bounces, complaint, unsub
 
     # Re-run over the same offsets (positions forgotten): nothing is counted twice.
     db.execute("DELETE FROM projector_positions WHERE consumer_group = %s",
@@ -189,6 +202,7 @@ def test_api_reads_are_exact_and_tenant_scoped(settings: Settings, db) -> None:
         assert by_minute["09:04"]["clicks_human"] == 1
         assert by_minute["09:05"]["bounces_hard"] == 1 and by_minute["09:05"]["bounces_soft"] == 1
         assert by_minute["09:08"]["complaints"] == 1
+        assert by_minute["09:09"]["unsubscribes"] == 2
 
         history = api.get(f"/campaigns/{c.id}/recipients/c3/engagement", headers=auth).json()
         assert [e["kind"] for e in history["events"]] == ["soft_bounce"] * 3

@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from typer.testing import CliRunner
 
+from projections.engagement_projector import ENGAGEMENT_POSITIONS_NAME, engagement_projector_for
 from projections.lanes import run_lanes
 from projections.migrate import apply_migrations
 from projections.projector import lane_projectors, projector_for
@@ -27,6 +28,11 @@ from projections.rebuild import READ_MODEL_TABLES, RebuildRefused, rebuild
 from schemas.events import CampaignPaused
 from services.cli.main import app as cli
 from services.common.settings import Settings
+from tests.integration.test_engagement_projection import (
+    delivered_campaign,
+    engagement_stream,
+    hit,
+)
 from tests.integration.test_projector import (
     DRAIN_TIMEOUT_SECONDS,
     T0,
@@ -65,8 +71,14 @@ def snapshot(url: str) -> dict[str, list[tuple]]:
 
 
 def live_projection(settings: Settings) -> None:
+    """What the projector service does: its lanes and its engagement lane, caught up."""
     with projector_for(settings) as projector:
         projector.drain(timeout=DRAIN_TIMEOUT_SECONDS)
+    engagement = engagement_projector_for(settings)
+    try:
+        engagement.drain(DRAIN_TIMEOUT_SECONDS)
+    finally:
+        engagement.close()
 
 
 def two_campaigns(settings: Settings) -> None:
@@ -151,7 +163,7 @@ def test_a_rebuild_while_the_live_projector_runs_keeps_exactly_once(own_db: Sett
     first, rest, sent, failed, _ = full_scenario(a, 40)
     produce(own_db, first)
     # The live projector as the service runs it: one Projector per lane.
-    live = lane_projectors(own_db)
+    live = [*lane_projectors(own_db), engagement_projector_for(own_db)]
     stop = threading.Event()
     runner = threading.Thread(target=run_lanes, args=(live, stop), daemon=True)
     runner.start()
@@ -173,11 +185,44 @@ def test_a_rebuild_while_the_live_projector_runs_keeps_exactly_once(own_db: Sett
     # "completed" is the delivery lane's doing: the main lane may have stopped with records of
     # its topics still unapplied. Resume both lanes from their stored positions, as a
     # restarted service would, and let them catch up.
-    for lane in lane_projectors(own_db):
-        with lane:
-            lane.drain(DRAIN_TIMEOUT_SECONDS)
+    live_projection(own_db)
     # And what they left equals a replay from scratch: nothing lost, nothing applied twice.
     assert rebuild(own_db).equal
+
+
+def test_engagement_events_rebuilt_equal_the_live_ones(own_db: Settings) -> None:
+    c = delivered_campaign(own_db, 5)
+    stream = engagement_stream(c)
+    r = [uuid.uuid4() for _ in range(2)]
+    # A scanner following both links at once: marked machine by the projector, not the hit.
+    burst = [hit(c, "c1", r[0], 9, link=0), hit(c, "c1", r[1], 9, link=1)]
+    produce(own_db, stream[:6])
+    live_projection(own_db)  # the live engagement lane sees the topics in two steps
+    produce(own_db, [*stream[6:], *burst])
+    live_projection(own_db)
+    before = snapshot(own_db.database_url)
+    marked = [row for row in before["engagement_events"] if "all_links_at_once" in row]
+    assert len(marked) == 2
+
+    report = rebuild(own_db)
+
+    assert report.equal and report.swapped and report.differences["engagement_events"] == 0
+    assert snapshot(own_db.database_url) == before
+    with psycopg.connect(own_db.database_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM projector_positions WHERE consumer_group = %s",
+                              (own_db.group(ENGAGEMENT_POSITIONS_NAME),)).fetchone()
+    assert stored is not None and stored[0] > 0
+    # The live engagement lane resumes at the swapped positions: nothing counted twice.
+    live_projection(own_db)
+    assert snapshot(own_db.database_url) == before
+
+    # A live row lost by hand is caught, and only a forced rebuild replaces the table.
+    with psycopg.connect(own_db.database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM engagement_events WHERE kind = 'complaint'")
+    with pytest.raises(RebuildRefused, match="engagement_events 1 rows"):
+        rebuild(own_db)
+    assert rebuild(own_db, force=True).swapped
+    assert snapshot(own_db.database_url) == before
 
 
 def campaign_progress_row(settings: Settings, campaign_id: str) -> tuple | None:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from schemas import registry
 from schemas.commands import CreateCampaign
-from schemas.contacts import contact_key
+from schemas.contacts import ContactUnsubscribed, contact_key
 from schemas.engagement import AgentClass, EmailOpened, LinkClicked
 from schemas.envelope import decode, encode, wrap
 from schemas.events import CampaignCreated
@@ -66,3 +66,15 @@ def test_hit_event_builds_the_record_the_tracker_produces() -> None:
         campaign_id="camp-1", contact_id="p-9", request_id=request_id, agent=AgentClass.BROWSER,
         machine=True, machine_reason="head_request", link_index=1, links_in_mail=2,
         url="https://x.example/a")
+
+
+def test_contact_unsubscribed_v1_gets_its_campaign_from_a_one_click_reason() -> None:
+    one_click = registry.load("ContactUnsubscribed", 1, {
+        "contact_id": "c1", "reason": "one-click unsubscribe from campaign cmp-42"})
+    assert isinstance(one_click, ContactUnsubscribed) and one_click.campaign_id == "cmp-42"
+    for reason in ("", "too many", "one-click unsubscribe from campaign", "asked by phone: "
+                   "one-click unsubscribe from campaign cmp-42"):
+        other = registry.load("ContactUnsubscribed", 1, {"contact_id": "c1", "reason": reason})
+        assert isinstance(other, ContactUnsubscribed) and other.campaign_id is None, reason
+    current = ContactUnsubscribed(contact_id="c1", campaign_id="cmp-7")
+    assert decode(encode(wrap(current, tenant_id="acme", aggregate_id="c1"))).payload == current
