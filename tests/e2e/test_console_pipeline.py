@@ -68,7 +68,7 @@ def console_on_pipeline(settings, slow_list: bool = False) -> Iterator[Console]:
     with SmtpSink(SinkConfig(port=0)) as sink:
         run = settings.replace(smtp_port=sink.port)
         env = {"SENDER_TENANT_RATE": SLOW_RATE} if slow_list else {}
-        procs = [ServiceProcess(name, run, **env).start() for name in SERVICES]
+        procs = [ServiceProcess(name, run, None, **env).start() for name in SERVICES]
         try:
             with serving(create_app(run, ApiKeys([(tenant, key)]))) as base:
                 yield Console(base, tenant, key, list_id, sink, procs)
