@@ -335,7 +335,9 @@ async def _command(request: Request, tenant: str, kind: str, aggregate_id: str,
     return command_id
 
 
-def _campaign(pool: Pool, tenant: str, campaign_id: str) -> dict[str, Any] | None:
+def _campaign(pool: Pool, tenant: str, campaign_id: str, details: bool = False) -> dict[str, Any] | None:
+    """A campaign's progress, counts, failures and rejections; with `details`, also its
+    engagement and throughput chart (the full page only, not every 2 s poll)."""
     with queries.tenant_snapshot(pool, tenant) as conn:
         view = queries.tenant_campaign(conn, tenant, campaign_id)
         if view is None:
@@ -346,8 +348,8 @@ def _campaign(pool: Pool, tenant: str, campaign_id: str) -> dict[str, Any] | Non
         failures, _ = queries.recipients_page(conn, tenant, campaign_id, status="failed", after=None,
                                               limit=RECIPIENTS_PAGE)
         rejections = queries.rejections(conn, tenant, campaign_id)
-        engagement = engagement_queries.campaign_engagement(conn, tenant, campaign_id)
-        chart = throughput_svg(throughput_series(conn, tenant, campaign_id))
+        engagement = engagement_queries.campaign_engagement(conn, tenant, campaign_id) if details else None
+        chart = throughput_svg(throughput_series(conn, tenant, campaign_id)) if details else ""
     return {"view": view, "counts": counts, "failures": failures, "rejections": rejections,
             "engagement": engagement, "chart": chart}
 
@@ -364,7 +366,7 @@ def campaign(request: Request, campaign_id: str, status: str | None = None,
              after: str | None = None, msg: str | None = None) -> Response:
     tenant = _require(request)
     pool = pool_of(request)
-    found = _campaign(pool, tenant, _checked_id(campaign_id))
+    found = _campaign(pool, tenant, _checked_id(campaign_id), details=True)
     if found is None:
         return page(request, "message.html", status_code=404, title="Not found",
                     message="No such campaign.")

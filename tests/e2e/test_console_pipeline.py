@@ -120,6 +120,7 @@ def test_a_campaign_created_and_sent_from_the_console_reaches_the_sink(settings)
     assert {m["subject"] for m in mails} == {f"Hi R{i}" for i in range(RECIPIENTS)}
 
 
+SIDEWAYS_JS = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
 # Controls without an accessible name: no <label for>, no wrapping <label>, no aria-label(ledby),
 # and (buttons) no text.
 UNLABELLED_JS = """
@@ -212,13 +213,19 @@ def test_a_browser_picks_an_audience_sends_then_pauses_and_resumes_another(setti
         browser.refresh()  # the chart is drawn when the page is rendered
         svg = browser.find_element("css selector", "svg#throughput")
         chart = svg.get_attribute("data-total")
-        svg.screenshot(str(tmp_path / "chart-1280.png"))
+        browser.execute_script("arguments[0].scrollIntoView()", svg)
+        chart_height = browser.execute_script("return arguments[0].getBoundingClientRect().height", svg)
+        browser.save_screenshot(str(tmp_path / "chart-1280.png"))
         browser.save_screenshot(str(tmp_path / "console-1280.png"))
         browser.set_window_size(390, 844)
         browser.save_screenshot(str(tmp_path / "console-390.png"))
-        overflow = browser.execute_script(
-            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
         percent = attribute("progress", "data-percent")
+        overflow = {"campaign": browser.execute_script(SIDEWAYS_JS)}
+        for name, path in (("new", "/console/campaigns/new?list_ids=vip"), ("lists", "/console/lists"),
+                           ("list", f"/console/lists/{SLOW_LIST}")):
+            browser.get(f"{console.base}{path}")
+            overflow[name] = browser.execute_script(SIDEWAYS_JS)
+        browser.save_screenshot(str(tmp_path / "list-390.png"))
         browser.set_window_size(1280, 900)
 
         # The second campaign, rate-limited: paused while sending, resumed, finished.
@@ -238,7 +245,8 @@ def test_a_browser_picks_an_audience_sends_then_pauses_and_resumes_another(setti
 
     assert preview == "Hi Ada"
     assert percent == "100.0" and len(mails) == RECIPIENTS and chart == str(RECIPIENTS)
-    assert overflow <= 0, f"the page scrolls sideways at 390 px by {overflow} px"
+    assert chart_height > 100, f"the chart is drawn {chart_height} px high"
+    assert all(px <= 0 for px in overflow.values()), f"pages scroll sideways at 390 px: {overflow}"
     assert sent_when_paused < SLOW_RECIPIENTS, "the second campaign finished before it was paused"
     assert sent_later - sent_when_paused <= 8, "sending went on while paused"  # in flight at most
     assert rejections == "None."
