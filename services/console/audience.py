@@ -131,17 +131,16 @@ SELECT x.contact_id,
 FROM (SELECT c.contact_id, c.deleted, c.suppressed_reason, c.globally_unsubscribed,
              {reach} AS reach,
              -- reached through some chosen lists and unsubscribed from every one of them
-             (EXISTS (SELECT 1 FROM contact_list_members m WHERE m.tenant_id = c.tenant_id
-                      AND m.contact_id = c.contact_id AND m.list_id = ANY({lists}))
-              AND NOT EXISTS (SELECT 1 FROM contact_list_members m WHERE m.tenant_id = c.tenant_id
-                      AND m.contact_id = c.contact_id AND m.list_id = ANY({lists})
-                      AND NOT m.list_id = ANY(c.unsubscribed_lists))) AS left_every_list,
-             EXISTS (SELECT 1 FROM contact_list_members m WHERE m.tenant_id = c.tenant_id
-                     AND m.contact_id = c.contact_id AND m.list_id = ANY({excluded_lists}))
-               AS in_excluded_list,
+             (ml.lists && {lists} AND NOT EXISTS (SELECT 1 FROM unnest(ml.lists) l
+                 WHERE l = ANY({lists}) AND NOT l = ANY(c.unsubscribed_lists))) AS left_every_list,
+             ml.lists && {excluded_lists} AS in_excluded_list,
              {excluded} AS in_excluded_segment
       FROM contacts c
       LEFT JOIN contact_profiles p ON p.tenant_id = c.tenant_id AND p.contact_id = c.contact_id
+      -- the contact's lists read once, not once per test below
+      CROSS JOIN LATERAL (SELECT COALESCE(array_agg(m.list_id), '{{}}') AS lists
+                          FROM contact_list_members m
+                          WHERE m.tenant_id = c.tenant_id AND m.contact_id = c.contact_id) ml
       WHERE c.tenant_id = {tenant} AND {reach} IS NOT FALSE
       OFFSET 0) x
 """
@@ -179,8 +178,7 @@ def estimate(conn: psycopg.Connection[Any], tenant_id: str, choice: AudienceChoi
     lists = _text_array(choice.list_ids)
     reach = _any_of([
         sql.SQL("c.contact_id = ANY({})").format(_text_array(choice.contact_ids)),
-        sql.SQL("EXISTS (SELECT 1 FROM contact_list_members m WHERE m.tenant_id = c.tenant_id"
-                " AND m.contact_id = c.contact_id AND m.list_id = ANY({}))").format(lists),
+        sql.SQL("ml.lists && {}").format(lists),
         *(compile_criteria(s.criteria, now) for s in segments),
     ])
     excluded = _any_of([compile_criteria(s.criteria, now) for s in excluded_segments])
