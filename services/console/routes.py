@@ -6,10 +6,11 @@ Guarantees:
   another tenant's campaign or contact answers 404 exactly like an unknown one.
 - Every POST is refused (403, with the reason) unless its form carries this browser's CSRF
   token.
-- Reads use the API's own queries (services/api/queries.py, projections/contact_queries.py);
-  every change is a command handed to the command gateway's own handler (`post_command`), so
-  it is validated, stored in the outbox and published exactly like a POST /commands. The
-  console never writes a read model.
+- Reads use the API's own queries (services/api/queries.py, projections/contact_queries.py,
+  projections/engagement_queries.py) and the console's read-only audience.py and
+  throughput_chart.py; every change is a command handed to the command gateway's own
+  handler (`post_command`), so it is validated, stored in the outbox and published exactly
+  like a POST /commands. The console never writes a read model.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import TypeAdapter, ValidationError
 
+from projections import engagement_queries
 from projections.contact_queries import contacts_by_email, contacts_by_id
+from projections.segment_counts import CountsUnavailable, segment_definitions
 from schemas.base import EntityId, normalise_email
 from services.api import gateway, queries
 from services.api.auth import ApiKeys
 from services.api.commands import CommandRequest
 from services.api.deps import Pool, pool_of
+from services.console import audience
+from services.console.audience import AudienceChoice
 from services.console.session import CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL_S, Signer
+from services.console.throughput_chart import throughput_series, throughput_svg
 from services.sender.render import render_text
 
 HERE = Path(__file__).parent
@@ -44,6 +50,7 @@ HERE = Path(__file__).parent
 # campaign anyway: the handler answers in well under a second when the pipeline is up.
 CREATE_WAIT_S = 10.0
 RECIPIENTS_PAGE = 50
+LIST_MEMBERS_PAGE = 50
 _ENTITY_ID: TypeAdapter[str] = TypeAdapter(EntityId)
 
 _templates = Environment(loader=FileSystemLoader(HERE / "templates"),
@@ -94,10 +101,22 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
     return response
 
 
-async def form(request: Request) -> dict[str, str]:
+class Form(dict[str, str]):
+    """A POSTed form: each field's first value, and `all(name)` for repeated fields
+    (the audience picker's check boxes)."""
+
+    def __init__(self, values: dict[str, list[str]]) -> None:
+        super().__init__({k: v[0] for k, v in values.items()})
+        self._values = values
+
+    def all(self, name: str) -> list[str]:
+        return self._values.get(name, [])
+
+
+async def form(request: Request) -> Form:
     """The POSTed form (urlencoded), once its CSRF token checked; 403 with the reason if not."""
     raw = (await request.body()).decode("utf-8", errors="replace")
-    fields = {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+    fields = Form(parse_qs(raw, keep_blank_values=True))
     fault = _signer(request).csrf_fault(request.cookies.get(CSRF_COOKIE), fields.get("csrf"))
     if fault is not None:
         raise HTTPException(403, fault)
@@ -109,7 +128,11 @@ def _see_other(url: str) -> RedirectResponse:
 
 
 def _id_list(text: str) -> list[str]:
-    return [part for part in text.replace(",", " ").split() if part]
+    return audience.split_ids([text])
+
+
+def _query_choice(request: Request) -> AudienceChoice:
+    return AudienceChoice.from_values(request.query_params.getlist)
 
 
 @console_router.get("/static/{name}")
@@ -175,13 +198,49 @@ def campaign_rows(request: Request) -> Response:
     return page(request, "_campaign_rows.html", campaigns=_campaign_views(pool_of(request), tenant))
 
 
+# -- the audience picker -------------------------------------------------------------------
+
+def _estimate(pool: Pool, tenant: str, choice: AudienceChoice) -> dict[str, Any]:
+    """The picker's live figures: the estimate, or the reason there is none."""
+    if choice.faults:
+        return {"estimate": None, "problem": "; ".join(choice.faults)}
+    with queries.tenant_snapshot(pool, tenant) as conn:
+        try:
+            found = audience.estimate(conn, tenant, choice, queries.snapshot_time(conn))
+        except CountsUnavailable as exc:
+            return {"estimate": None, "problem": str(exc)}
+    return {"estimate": found, "problem": None}
+
+
+def _picker(pool: Pool, tenant: str, choice: AudienceChoice) -> dict[str, Any]:
+    """What the picker offers (the tenant's lists with counts, its segments), the choice and
+    its estimate."""
+    with queries.tenant_snapshot(pool, tenant) as conn:
+        lists = queries.list_counts(conn, tenant)
+        try:
+            segments = segment_definitions(conn, tenant)
+        except CountsUnavailable:  # unreadable criteria: offer none rather than fail the page
+            segments = []
+    return {"lists": lists, "segments": segments, "choice": choice,
+            **_estimate(pool, tenant, choice)}
+
+
+@console_router.get("/audience/estimate", response_class=HTMLResponse)
+def audience_estimate(request: Request) -> Response:
+    """The picker's recipient count alone: what the picker fetches as its choice changes."""
+    tenant = _require(request)
+    return page(request, "_estimate.html", **_estimate(pool_of(request), tenant, _query_choice(request)))
+
+
 @console_router.get("/campaigns/new", response_class=HTMLResponse)
 def new_campaign(request: Request) -> Response:
-    _require(request)
-    return page(request, "new.html", values={}, errors=[], preview=None)
+    tenant = _require(request)
+    picker = _picker(pool_of(request), tenant, _query_choice(request))
+    return page(request, "new.html", values={}, errors=[], preview=None, picker=picker)
 
 
 SAMPLE = {"first_name": "Ada", "last_name": "Lovelace", "email": "ada@example.com"}
+TRACKING = ("track_opens", "track_clicks")
 
 
 def _sample_fields(pool: Pool, tenant: str, contact_ids: list[str]) -> dict[str, str]:
@@ -197,34 +256,48 @@ def _sample_fields(pool: Pool, tenant: str, contact_ids: list[str]) -> dict[str,
     return dict(SAMPLE)
 
 
+async def _preview(pool: Pool, tenant: str, choice: AudienceChoice,
+                   content: dict[str, Any]) -> dict[str, Any]:
+    """The content rendered with the sender's renderer for a sample contact."""
+    sample = await run_in_threadpool(_sample_fields, pool, tenant, list(choice.contact_ids))
+    return {
+        "sample": sample,
+        "subject": render_text(content.get("subject") or "", sample),
+        "text": render_text(content.get("body_text") or "", sample),
+        "html": render_text(content.get("body_html") or "", sample,
+                            lambda v: html.escape(v, quote=True)),
+    }
+
+
 @console_router.post("/campaigns/new", response_class=HTMLResponse)
 async def create_campaign(request: Request) -> Response:
     tenant = _require(request)
     fields = await form(request)
     pool = pool_of(request)
-    payload = {"name": fields.get("name", ""), "subject": fields.get("subject", ""),
-               "from_address": fields.get("from_address", ""),
-               "body_text": fields.get("body_text") or None, "body_html": fields.get("body_html") or None}
-    contact_ids = _id_list(fields.get("contact_ids", ""))
+    payload: dict[str, Any] = {
+        "name": fields.get("name", ""), "subject": fields.get("subject", ""),
+        "from_address": fields.get("from_address", ""),
+        "body_text": fields.get("body_text") or None, "body_html": fields.get("body_html") or None,
+        **{flag: fields.get(flag) == "on" for flag in TRACKING}}
+    choice = AudienceChoice.from_values(fields.all)
+    picker = await run_in_threadpool(_picker, pool, tenant, choice)
+
+    def again(status_code: int, errors: list[str], preview: dict[str, Any] | None = None) -> Response:
+        return page(request, "new.html", status_code=status_code, values=fields, errors=errors,
+                    preview=preview, picker=picker)
+
     if fields.get("action") == "preview":
-        sample = await run_in_threadpool(_sample_fields, pool, tenant, contact_ids)
-        preview = {
-            "sample": sample,
-            "subject": render_text(payload["subject"] or "", sample),
-            "text": render_text(payload["body_text"] or "", sample),
-            "html": render_text(payload["body_html"] or "", sample,
-                                lambda v: html.escape(v, quote=True)),
-        }
-        return page(request, "new.html", values=fields, errors=[], preview=preview)
+        return again(200, [], await _preview(pool, tenant, choice, payload))
+    if choice.faults:
+        return again(422, list(choice.faults))
     campaign_id = f"cmp-{uuid.uuid4().hex[:16]}"
     outcome = await _command(request, tenant, "CreateCampaign", campaign_id, payload)
     if isinstance(outcome, list):
-        return page(request, "new.html", status_code=422, values=fields, errors=outcome, preview=None)
+        return again(422, outcome)
     verdict = await run_in_threadpool(_verdict, pool, tenant, outcome)
     if verdict is not None:
-        return page(request, "new.html", status_code=422, values=fields, errors=[verdict], preview=None)
-    audience = urlencode({"lists": fields.get("list_ids", ""), "contacts": fields.get("contact_ids", "")})
-    return _see_other(f"/console/campaigns/{campaign_id}?{audience}")
+        return again(422, [verdict])
+    return _see_other(f"/console/campaigns/{campaign_id}?{choice.query()}")
 
 
 def _verdict(pool: Pool, tenant: str, command_id: uuid.UUID) -> str | None:
@@ -262,7 +335,9 @@ async def _command(request: Request, tenant: str, kind: str, aggregate_id: str,
     return command_id
 
 
-def _campaign(pool: Pool, tenant: str, campaign_id: str) -> dict[str, Any] | None:
+def _campaign(pool: Pool, tenant: str, campaign_id: str, details: bool = False) -> dict[str, Any] | None:
+    """A campaign's progress, counts, failures and rejections; with `details`, also its
+    engagement and throughput chart (the full page only, not every 2 s poll)."""
     with queries.tenant_snapshot(pool, tenant) as conn:
         view = queries.tenant_campaign(conn, tenant, campaign_id)
         if view is None:
@@ -273,31 +348,94 @@ def _campaign(pool: Pool, tenant: str, campaign_id: str) -> dict[str, Any] | Non
         failures, _ = queries.recipients_page(conn, tenant, campaign_id, status="failed", after=None,
                                               limit=RECIPIENTS_PAGE)
         rejections = queries.rejections(conn, tenant, campaign_id)
-    return {"view": view, "counts": counts, "failures": failures, "rejections": rejections}
+        engagement = engagement_queries.campaign_engagement(conn, tenant, campaign_id) if details else None
+        chart = throughput_svg(throughput_series(conn, tenant, campaign_id)) if details else ""
+    return {"view": view, "counts": counts, "failures": failures, "rejections": rejections,
+            "engagement": engagement, "chart": chart}
 
 
 def _checked_id(value: str) -> str:
     try:
         return _ENTITY_ID.validate_python(value)
     except ValidationError:
-        raise HTTPException(404, "campaign not found") from None
+        raise HTTPException(404, "not found") from None
 
 
 @console_router.get("/campaigns/{campaign_id}", response_class=HTMLResponse)
-def campaign(request: Request, campaign_id: str, lists: str = "", contacts: str = "",
-             status: str | None = None, after: str | None = None, msg: str | None = None) -> Response:
+def campaign(request: Request, campaign_id: str, status: str | None = None,
+             after: str | None = None, msg: str | None = None) -> Response:
     tenant = _require(request)
     pool = pool_of(request)
-    found = _campaign(pool, tenant, _checked_id(campaign_id))
+    found = _campaign(pool, tenant, _checked_id(campaign_id), details=True)
     if found is None:
         return page(request, "message.html", status_code=404, title="Not found",
                     message="No such campaign.")
     with queries.tenant_snapshot(pool, tenant) as conn:
         recipients, more = queries.recipients_page(
             conn, tenant, campaign_id, status=status or None, after=after or None, limit=RECIPIENTS_PAGE)
-    return page(request, "campaign.html", c=found, lists=lists, contacts=contacts,
+    choice = _query_choice(request)
+    return page(request, "campaign.html", c=found, picker=_picker(pool, tenant, choice),
                 recipients=recipients, next_after=recipients[-1].contact_id if more else None,
                 status_filter=status or "", msg=msg)
+
+
+# Statuses in which UpdateCampaign is accepted (the content is fixed once sending starts).
+EDITABLE = ("draft", "scheduled")
+
+
+@console_router.get("/campaigns/{campaign_id}/edit", response_class=HTMLResponse)
+def edit_campaign(request: Request, campaign_id: str) -> Response:
+    tenant = _require(request)
+    found = _campaign(pool_of(request), tenant, _checked_id(campaign_id))
+    if found is None:
+        return page(request, "message.html", status_code=404, title="Not found", message="No such campaign.")
+    p = found["view"].progress
+    return page(request, "edit.html", c=found, editable=p.status in EDITABLE, errors=[], preview=None,
+                values={"name": p.name or "", "subject": _subject(pool_of(request), tenant, campaign_id)})
+
+
+def _subject(pool: Pool, tenant: str, campaign_id: str) -> str:
+    with queries.tenant_snapshot(pool, tenant) as conn:
+        row = conn.execute("SELECT subject FROM campaigns WHERE tenant_id = %s AND campaign_id = %s",
+                           (tenant, campaign_id)).fetchone()
+    return str(row[0]) if row and row[0] else ""
+
+
+def _update_payload(fields: Form) -> dict[str, Any]:
+    """UpdateCampaign's payload: only what the person filled in or ticked changes."""
+    payload: dict[str, Any] = {k: fields[k] for k in ("name", "subject", "from_address",
+                                                       "body_text", "body_html") if fields.get(k)}
+    for body in ("body_text", "body_html"):
+        if fields.get(f"remove_{body}") == "on":
+            payload[body] = ""  # UpdateCampaign: an empty body removes it
+    for flag in TRACKING:
+        if fields.get(flag) in ("on", "off"):
+            payload[flag] = fields[flag] == "on"
+    return payload
+
+
+@console_router.post("/campaigns/{campaign_id}/edit", response_class=HTMLResponse)
+async def update_campaign(request: Request, campaign_id: str) -> Response:
+    tenant = _require(request)
+    fields = await form(request)
+    pool = pool_of(request)
+    found = await run_in_threadpool(_campaign, pool, tenant, _checked_id(campaign_id))
+    if found is None:  # another tenant's campaign: refused before any command is stored
+        raise HTTPException(404, "campaign not found")
+    payload = _update_payload(fields)
+
+    def again(status_code: int, errors: list[str], preview: dict[str, Any] | None = None) -> Response:
+        editable = found["view"].progress.status in EDITABLE
+        return page(request, "edit.html", status_code=status_code, c=found, editable=editable,
+                    values=fields, errors=errors, preview=preview)
+
+    if fields.get("action") == "preview":
+        return again(200, [], await _preview(pool, tenant, AudienceChoice(), payload))
+    outcome = await _command(request, tenant, "UpdateCampaign", campaign_id, payload)
+    if isinstance(outcome, list):
+        return again(422, outcome)
+    query = urlencode({"msg": f"UpdateCampaign accepted (command {outcome})"})
+    return _see_other(f"/console/campaigns/{campaign_id}?{query}")
 
 
 @console_router.get("/campaigns/{campaign_id}/progress", response_class=HTMLResponse)
@@ -314,9 +452,8 @@ ACTIONS = {"send": "SendCampaign", "schedule": "ScheduleCampaign", "pause": "Pau
            "resume": "ResumeCampaign", "cancel": "CancelCampaign", "test": "SendTestEmail"}
 
 
-def _payload(action: str, fields: dict[str, str]) -> dict[str, Any]:
-    audience = {"list_ids": _id_list(fields.get("list_ids", "")),
-                "contact_ids": _id_list(fields.get("contact_ids", ""))}
+def _payload(action: str, fields: Form) -> dict[str, Any]:
+    audience = AudienceChoice.from_values(fields.all).send_payload()
     if action == "send":
         return audience
     if action == "schedule":
@@ -346,15 +483,16 @@ async def campaign_action(request: Request, campaign_id: str, action: str) -> Re
     # Another tenant's campaign is refused here, before any command is stored.
     if await run_in_threadpool(_campaign, pool, tenant, campaign_id) is None:
         raise HTTPException(404, "campaign not found")
-    outcome = await _command(request, tenant, ACTIONS[action], campaign_id, _payload(action, fields))
+    choice = AudienceChoice.from_values(fields.all)
+    outcome = (list(choice.faults) if choice.faults and action in ("send", "schedule") else
+               await _command(request, tenant, ACTIONS[action], campaign_id, _payload(action, fields)))
     if isinstance(outcome, list):
         message = f"{action} refused: " + "; ".join(outcome)
         return page(request, "message.html", status_code=422, title="Refused", message=message,
                     back=f"/console/campaigns/{campaign_id}")
     # The handler may still reject it; the campaign page lists rejections with their reasons.
-    query = urlencode({"msg": f"{ACTIONS[action]} accepted (command {outcome})",
-                       "lists": fields.get("list_ids", ""), "contacts": fields.get("contact_ids", "")})
-    return _see_other(f"/console/campaigns/{campaign_id}?{query}")
+    query = urlencode({"msg": f"{ACTIONS[action]} accepted (command {outcome})"})
+    return _see_other(f"/console/campaigns/{campaign_id}?{query}&{choice.query()}")
 
 
 @console_router.get("/campaigns/{campaign_id}/recipients/{contact_id}", response_class=HTMLResponse)
@@ -390,3 +528,28 @@ def contact(request: Request, contact_id: str) -> Response:
     if not found:
         return page(request, "message.html", status_code=404, title="Not found", message="No such contact.")
     return page(request, "contact.html", c=found[0])
+
+
+# -- lists ---------------------------------------------------------------------------------
+
+@console_router.get("/lists", response_class=HTMLResponse)
+def lists(request: Request) -> Response:
+    tenant = _require(request)
+    with queries.tenant_snapshot(pool_of(request), tenant) as conn:
+        found = queries.list_counts(conn, tenant)
+    return page(request, "lists.html", lists=found)
+
+
+@console_router.get("/lists/{list_id}", response_class=HTMLResponse)
+def list_page(request: Request, list_id: str, after: str | None = None) -> Response:
+    """A list's members, paged by contact id; an unknown list (or another tenant's) is 404."""
+    tenant = _require(request)
+    list_id = _checked_id(list_id)
+    with queries.tenant_snapshot(pool_of(request), tenant) as conn:
+        counts = next((r for r in queries.list_counts(conn, tenant) if r.list_id == list_id), None)
+        members, more = audience.list_members(conn, tenant, list_id, after=after or None,
+                                              limit=LIST_MEMBERS_PAGE)
+    if counts is None:
+        return page(request, "message.html", status_code=404, title="Not found", message="No such list.")
+    return page(request, "list.html", counts=counts, members=members, after=after,
+                next_after=members[-1].contact_id if more else None)
