@@ -76,3 +76,7 @@ GRANT SELECT ON import_jobs, import_job_progress TO campaign_analyst;
 -- The erase (projections/erase.py) asks, for every recipient row it writes, whether its
 -- contact is deleted: a small partial index answers that without touching live contacts.
 CREATE INDEX contacts_deleted ON contacts (tenant_id, contact_id) WHERE deleted;
+-- The erase deletes a contact's published events from the command outbox (their envelopes
+-- hold its address); this finds them without reading the whole outbox.
+CREATE INDEX command_outbox_by_aggregate ON command_outbox (tenant_id, aggregate_id)
+    WHERE published_at IS NOT NULL;
