@@ -390,3 +390,8 @@ def contact(request: Request, contact_id: str) -> Response:
     if not found:
         return page(request, "message.html", status_code=404, title="Not found", message="No such contact.")
     return page(request, "contact.html", c=found[0])
+
+
+from services.console.imports import import_pages  # noqa: E402 - it uses the helpers above
+
+console_router.include_router(import_pages)  # CSV uploads: services/console/imports.py
