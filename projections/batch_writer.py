@@ -26,9 +26,9 @@ from typing import Any
 
 import psycopg
 
-from projections import segment_projection
+from projections import erase, segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
-from schemas.contacts import ContactState, fold_contact
+from schemas.contacts import ContactDeleted, ContactState, fold_contact
 
 # Ensure a row per campaign of the batch (an insert racing ours waits for it, then does
 # nothing).
@@ -355,8 +355,7 @@ class BatchWriter:
             # Contacts and segments first, before any campaign row is locked: no campaign
             # work depends on them, and the delivery lane (which never touches them) waits
             # for every campaign lock this transaction takes.
-            if changes.contacts:
-                _write_contacts(cur, changes)  # and the contacts' profiles
+            erased = _write_contacts(cur, changes) if changes.contacts else []
             if changes.segments:
                 segment_projection.write_segments(cur, changes.segments)
             ids = changes.campaign_ids()
@@ -391,6 +390,7 @@ class BatchWriter:
                     "event_id", "tenant_id", "campaign_id", "contact_id", "attempt",
                     "smtp_code", "detail", "retry_at", "occurred_at",
                 ))
+                erase.forget_attempts(cur, list(changes.attempts))
             if changes.recipients:
                 self._write_recipients(cur, changes.prepared or _sorted_rows(changes.recipients))
             completed: list[tuple[str, str]] = []
@@ -399,6 +399,7 @@ class BatchWriter:
                 cur.execute(_STATUS, (ids,))
                 completed = [(tenant, campaign) for tenant, campaign, old, new in cur.fetchall()
                              if new == "completed" and old != "completed"]
+            erase.erase_contacts(cur, erased)  # last: see projections/erase.py on locks
             return completed
 
     def _write_recipients(self, cur: psycopg.Cursor[Any], rows: list[RecipientRow]) -> None:
@@ -412,6 +413,7 @@ class BatchWriter:
             for row in rows:
                 write(row)  # RecipientRow's fields are _COPY_STAGE's columns, in order
         cur.execute(_RECIPIENTS)
+        erase.forget_staged(cur)
 
 
 def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[str, str]]:
@@ -419,9 +421,10 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
     return BatchWriter(conn).apply(changes)
 
 
-def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
+def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> list[ContactKey]:
     """Fold each touched contact's events over its stored state, then store the result: the
-    contacts row with its memberships, and its profile (segment_projection).
+    contacts row with its memberships, and its profile (segment_projection). Returns the
+    contacts the batch deleted (and left deleted), for the erase (projections/erase.py).
 
     One fold serves both tables where their stored rows agree (both there with the same
     deleted flag, or neither): apply_contact_event moves each field by the event and that
@@ -468,3 +471,5 @@ def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> None:
             cur.execute(_ADD_MEMBERSHIPS, ([m[0] for m in members], [m[1] for m in members],
                                            [m[2] for m in members]))
     segment_projection.store_profiles(cur, profiles)
+    return [key for key, s in kept if s.deleted
+            and any(isinstance(e, ContactDeleted) for e in changes.contacts[key])]

@@ -43,6 +43,7 @@ from services.api.deps import (
 )
 from services.api.engagement import engagement_router
 from services.api.gateway import Schedule, gateway_router, schedule_out
+from services.api.imports import imports_router
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
@@ -322,6 +323,7 @@ def create_app(
     app.include_router(unsubscribe_router)
     app.include_router(contacts_router, responses=TENANT_ERRORS)
     app.include_router(engagement_router, responses=TENANT_ERRORS)
+    app.include_router(imports_router, responses=TENANT_ERRORS)  # CSV upload jobs and their runner
     app.include_router(console_router)  # the console for people: services/console
 
     @app.exception_handler(psycopg.OperationalError)

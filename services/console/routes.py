@@ -553,3 +553,8 @@ def list_page(request: Request, list_id: str, after: str | None = None) -> Respo
         return page(request, "message.html", status_code=404, title="Not found", message="No such list.")
     return page(request, "list.html", counts=counts, members=members, after=after,
                 next_after=members[-1].contact_id if more else None)
+
+
+from services.console.imports import import_pages  # noqa: E402 - it uses the helpers above
+
+console_router.include_router(import_pages)  # CSV uploads: services/console/imports.py

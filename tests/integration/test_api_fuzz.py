@@ -157,6 +157,10 @@ def live(platform_settings: Settings) -> Iterator[Seeded]:
                                         "payload": {}}, timeout=30)
             assert accepted.status_code == 202, accepted.text
             ids["command_id"] = [accepted.json()["command_id"]]
+            upload = httpx.post(f"{base}/imports", content=b"email\nfz@example.org\n", timeout=30,
+                                headers={"Authorization": f"Bearer {key}", "Content-Type": "text/csv"})
+            assert upload.status_code == 202, upload.text
+            ids["job_id"] = [upload.json()["job_id"]]  # an import job, read by GET /imports/{id}
             token = sign(UNSUBSCRIBE_SECRET, tenant, ids["contact_id"][2], ids["campaign_id"][0])
             yield Seeded(base, key, tenant, ids, token)
     finally:
