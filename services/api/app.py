@@ -31,6 +31,7 @@ from projections.segment_counts import CountsUnavailable, count_segment, segment
 from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
+from services.api.campaign_copies import copies_router
 from services.api.contacts import contacts_router
 from services.api.deps import (
     TENANT_ERRORS,
@@ -43,6 +44,7 @@ from services.api.deps import (
 )
 from services.api.engagement import engagement_router
 from services.api.gateway import Schedule, gateway_router, schedule_out
+from services.api.lists import lists_router
 from services.api.outbox import OutboxRelay
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
@@ -148,20 +150,6 @@ class DailySends(BaseModel):
 
 class DailySendsList(BaseModel):
     days: list[DailySends]
-
-
-class ListCounts(BaseModel):
-    """Members of a contact list; `mailable` are neither unsubscribed, suppressed nor deleted."""
-
-    list_id: str
-    members: int
-    mailable: int
-    unsubscribed: int
-    suppressed: int
-
-
-class ListCountsList(BaseModel):
-    lists: list[ListCounts]
 
 
 class SegmentCounts(BaseModel):
@@ -321,6 +309,8 @@ def create_app(
     app.include_router(gateway_router)
     app.include_router(unsubscribe_router)
     app.include_router(contacts_router, responses=TENANT_ERRORS)
+    app.include_router(lists_router, responses=TENANT_ERRORS)
+    app.include_router(copies_router, responses=TENANT_ERRORS)
     app.include_router(engagement_router, responses=TENANT_ERRORS)
     app.include_router(console_router)  # the console for people: services/console
 
@@ -399,13 +389,6 @@ def create_app(
         with queries.tenant_snapshot(pool, tenant) as conn:
             rows = queries.daily_sends(conn, tenant, since, until)
         return DailySendsList(days=[DailySends(**_fields(r)) for r in rows])
-
-    @reads.get("/lists", response_model=ListCountsList)
-    def get_lists(tenant: Tenant, pool: DbPool) -> ListCountsList:
-        """Per contact list of the tenant: members, mailable, unsubscribed, suppressed."""
-        with queries.tenant_snapshot(pool, tenant) as conn:
-            rows = queries.list_counts(conn, tenant)
-        return ListCountsList(lists=[ListCounts(**_fields(r)) for r in rows])
 
     segment_errors: dict[int | str, dict[str, Any]] = {
         503: {"model": ErrorDetail,

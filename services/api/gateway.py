@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules, command_outcome
+from schemas.envelope import Envelope
 from services.api import outbox, queries
 from services.api.commands import CommandInvalid, CommandRequest, build_envelope
 from services.api.deps import DB_RETRY_AFTER_S, TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
@@ -187,6 +188,13 @@ async def post_command(body: CommandRequest, request: Request, tenant: Tenant,
         envelope = build_envelope(body, tenant)
     except CommandInvalid as exc:
         return JSONResponse({"detail": exc.errors}, status_code=422)
+    return await submit_command(envelope, request, tenant, pool)
+
+
+async def submit_command(envelope: Envelope, request: Request, tenant: str,
+                         pool: Pool) -> CommandAccepted | JSONResponse:
+    """Store a built command envelope in the outbox and wait (briefly) for its publication:
+    the one way a route sends a command (POST /commands and the convenience routes)."""
     settings: Settings = request.app.state.settings
     try:
         await run_in_threadpool(_accept, pool, settings, envelope)

@@ -278,3 +278,29 @@ def list_counts(conn: psycopg.Connection[Any], tenant_id: str) -> list[ListCount
         (tenant_id,),
     ).fetchall()
     return [ListCountsRow(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ListRow:
+    """A list that is not deleted: created (with its name) or implicit (named by memberships
+    only: `name` and `created_at` None), with its member counts."""
+
+    list_id: str
+    name: str | None
+    created_at: datetime | None
+    members: int
+    mailable: int
+    unsubscribed: int
+    suppressed: int
+
+
+def tenant_lists(conn: psycopg.Connection[Any], tenant_id: str,
+                 list_id: str | None = None) -> list[ListRow]:
+    """The tenant's lists (deleted ones left out), by list id; one when `list_id` is given."""
+    rows = conn.execute(
+        "SELECT list_id, name, created_at, members, mailable, unsubscribed, suppressed"
+        " FROM analyst_lists WHERE tenant_id = %s AND (%s::text IS NULL OR list_id = %s)"
+        " ORDER BY list_id",
+        (tenant_id, list_id, list_id),
+    ).fetchall()
+    return [ListRow(*row) for row in rows]
