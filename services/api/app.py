@@ -32,6 +32,7 @@ from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
 from services.api.campaign_copies import copies_router
+from services.api.campaign_cursor import MAX_CURSOR_LENGTH, CursorInvalid, decode_cursor, encode_cursor
 from services.api.contacts import contacts_router
 from services.api.deps import (
     TENANT_ERRORS,
@@ -58,6 +59,10 @@ POOL_MAX_SIZE = 10
 # How long a request waits for a free connection before failing (guards a stuck database).
 POOL_TIMEOUT_S = 3.0
 MAX_PAGE = 1000
+# GET /campaigns: a page's default size, and its hard maximum (each campaign costs its rate
+# and schedule look-ups).
+DEFAULT_CAMPAIGN_PAGE = 100
+MAX_CAMPAIGN_PAGE = 500
 
 
 CampaignStatus = Literal["draft", "scheduled", "sending", "paused", "completed", "cancelled"]
@@ -107,7 +112,11 @@ class Campaign(BaseModel):
 
 
 class CampaignList(BaseModel):
+    """A page of campaigns; `next_cursor`: pass it as `cursor` (with the same filters) for
+    the next page; None on the last page."""
+
     campaigns: list[Campaign]
+    next_cursor: str | None = None
 
 
 class Recipient(BaseModel):
@@ -324,12 +333,36 @@ def create_app(
     # The tenant's reads: each needs the key and the database.
     reads = APIRouter(responses=TENANT_ERRORS)
 
-    @reads.get("/campaigns", response_model=CampaignList)
-    def get_campaigns(tenant: Tenant, pool: DbPool) -> CampaignList:
-        """The tenant's campaigns, newest first, with progress, rates and ETA."""
+    @reads.get("/campaigns", response_model=CampaignList, responses={
+        422: {"description": "A bad filter, limit or cursor; `detail` says which and why"}})
+    def get_campaigns(
+        tenant: Tenant,
+        pool: DbPool,
+        status: Annotated[CampaignStatus | None, Query(description="Only this status")] = None,
+        name: Annotated[str | None, Query(
+            min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+            description="Only names containing this (case-insensitive)",
+            openapi_examples={"spring": {"value": "spring"}})] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_CAMPAIGN_PAGE,
+                                    description=f"At most this many (1-{MAX_CAMPAIGN_PAGE})")
+                         ] = DEFAULT_CAMPAIGN_PAGE,
+        cursor: Annotated[str | None, Query(
+            max_length=MAX_CURSOR_LENGTH,
+            description="`next_cursor` of the previous page (same filters)")] = None,
+    ) -> CampaignList:
+        """The tenant's campaigns, newest first, with progress, rates and ETA; filtered by
+        status and name, in pages (keyset: campaigns created meanwhile do not shift pages)."""
+        filters: list[str | None] = [status, name]
+        try:
+            after = decode_cursor(cursor, filters) if cursor is not None else None
+        except CursorInvalid as exc:
+            raise HTTPException(422, [{"loc": ["query", "cursor"], "msg": str(exc),
+                                       "type": "value_error"}]) from None
         with queries.tenant_snapshot(pool, tenant) as conn:
-            views = queries.tenant_campaigns(conn, tenant)
-        return CampaignList(campaigns=[campaign_out(v) for v in views])
+            views, position = queries.campaign_page(conn, tenant, status=status,
+                                                    name_contains=name, after=after, limit=limit)
+        return CampaignList(campaigns=[campaign_out(v) for v in views],
+                            next_cursor=encode_cursor(position, filters) if position else None)
 
     @reads.get("/campaigns/{campaign_id}", response_model=Campaign, responses=NOT_FOUND)
     def get_campaign(campaign_id: PathId, tenant: Tenant, pool: DbPool) -> Campaign:

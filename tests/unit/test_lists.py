@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TypedDict
 
 import pytest
 
@@ -24,7 +25,13 @@ from schemas.lists import (
 from schemas.segments import parse_criteria
 from services.command_handler.campaign import Campaign, Rejected, ScheduleDue, decide, evolve
 
-IDS = {"campaign_id": "c1", "tenant_id": "acme"}
+
+class Ids(TypedDict):
+    campaign_id: str
+    tenant_id: str
+
+
+IDS: Ids = {"campaign_id": "c1", "tenant_id": "acme"}
 
 
 def fold_list(*commands) -> ContactList | None:
@@ -102,9 +109,8 @@ def test_a_send_naming_a_deleted_list_is_rejected(send):
 def test_a_schedule_whose_list_was_deleted_is_missed_with_the_reason():
     at = datetime(2030, 1, 1, tzinfo=UTC)
     send = SendCampaign(list_ids=["news"])
-    state = draft()
-    [scheduled] = decide(state, ScheduleCampaign(send_at=at, send=send), **IDS)
-    state = evolve(state, scheduled, **IDS)
+    [scheduled] = decide(draft(), ScheduleCampaign(send_at=at, send=send), **IDS)
+    state = evolve(draft(), scheduled, **IDS)
     [missed] = decide(state, ScheduleDue(at + timedelta(seconds=1)), deleted_lists={"news"},
                       **IDS)
     assert isinstance(missed, CampaignScheduleMissed)
