@@ -47,6 +47,7 @@ from services.api.engagement import engagement_router
 from services.api.gateway import Schedule, gateway_router, schedule_out
 from services.api.lists import lists_router
 from services.api.outbox import OutboxRelay
+from services.api.segment_preview import preview_router
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
 from services.common.heartbeat import BEAT_INTERVAL_SECONDS, Heartbeat
@@ -320,6 +321,7 @@ def create_app(
     app.include_router(contacts_router, responses=TENANT_ERRORS)
     app.include_router(lists_router, responses=TENANT_ERRORS)
     app.include_router(copies_router, responses=TENANT_ERRORS)
+    app.include_router(preview_router, responses=TENANT_ERRORS)
     app.include_router(engagement_router, responses=TENANT_ERRORS)
     app.include_router(console_router)  # the console for people: services/console
 
