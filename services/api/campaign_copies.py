@@ -42,6 +42,7 @@ class DuplicateAccepted(CommandAccepted):
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "The body is not JSON"},
     409: {"model": ErrorDetail, "description": "The command id was already used for another command"},
     422: {"description": "Invalid input; `detail` lists each fault with its path"},
 }

@@ -37,6 +37,7 @@ lists_router = APIRouter(tags=["lists"])
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorDetail, "description": "No such list for this tenant (or deleted)"}}
 _COMMAND: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "The body is not JSON"},
     409: {"model": ErrorDetail, "description": "The command id was already used for another command"},
     422: {"description": "Invalid input; `detail` lists each fault with its path"},
     503: {"model": ErrorDetail, "description": "The outbox (PostgreSQL) is unavailable; nothing"

@@ -91,6 +91,7 @@ def _count(pool: Pool, tenant: str, criteria: Criteria) -> SegmentPreview:
 
 
 @preview_router.post("/segments/preview", response_model=SegmentPreview, responses={
+    400: {"model": ErrorDetail, "description": "The body is not JSON"},
     422: {"description": "Invalid criteria; `detail` lists each fault with its path"},
     503: {"model": ErrorDetail, "description": "Database unreachable, the count exceeded its "
                                                "time bound, or profiles are missing"}})
