@@ -116,6 +116,9 @@ class CampaignList(BaseModel):
     """A page of campaigns; `next_cursor`: pass it as `cursor` (with the same filters) for
     the next page; None on the last page."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "campaigns": [], "next_cursor": "eyJhdCI6bnVsbCwiaWQiOiJjbXAtMSIsImYiOltudWxsLG51bGxdfQ"}]})
+
     campaigns: list[Campaign]
     next_cursor: str | None = None
 

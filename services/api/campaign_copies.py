@@ -38,6 +38,13 @@ class DuplicateRequest(BaseModel):
 
 
 class DuplicateAccepted(CommandAccepted):
+    """The command's acceptance and the id the copy will have."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "command_id": "7d3c7c2e-5f7e-4a53-9a1e-3f2b8d1c0a11", "status": "published",
+        "status_url": "/commands/7d3c7c2e-5f7e-4a53-9a1e-3f2b8d1c0a11",
+        "campaign_id": "cmp-autumn"}]})
+
     campaign_id: str
 
 

@@ -30,7 +30,7 @@ import psycopg
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules, command_outcome
 from schemas.envelope import Envelope
@@ -56,6 +56,10 @@ gateway_router = APIRouter(tags=["commands"], responses=TENANT_ERRORS)
 
 class CommandAccepted(BaseModel):
     """`pending`: stored, not yet on Kafka (it is unreachable); `published`: on the topic."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "command_id": "7d3c7c2e-5f7e-4a53-9a1e-3f2b8d1c0a11", "status": "published",
+        "status_url": "/commands/7d3c7c2e-5f7e-4a53-9a1e-3f2b8d1c0a11"}]})
 
     command_id: uuid.UUID
     status: Literal["pending", "published"]

@@ -21,7 +21,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,10 +29,12 @@ from schemas.base import EntityId, Record
 from schemas.envelope import wrap
 from schemas.lists import CreateList, DeleteList, ListName, RenameList
 from services.api import queries
-from services.api.deps import DbPool, ErrorDetail, PathId, Tenant
+from services.api.deps import DbPool, ErrorDetail, Tenant
 from services.api.gateway import CommandAccepted, submit_command
 
 lists_router = APIRouter(tags=["lists"])
+ListPath = Annotated[EntityId, Path(description="A list id (the rule of every id: PathId)",
+                                    openapi_examples={"newsletter": {"value": "newsletter"}})]
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorDetail, "description": "No such list for this tenant (or deleted)"}}
@@ -82,6 +84,13 @@ class ListView(BaseModel):
 
 
 class ListViews(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"lists": [
+        {"list_id": "newsletter", "name": "Monthly newsletter",
+         "created_at": "2030-03-01T09:00:00Z", "members": 1200, "mailable": 1150,
+         "unsubscribed": 40, "suppressed": 10},
+        {"list_id": "vip", "name": None, "created_at": None, "members": 12, "mailable": 12,
+         "unsubscribed": 0, "suppressed": 0}]}]})
+
     lists: list[ListView]
 
 
@@ -106,7 +115,7 @@ def get_lists(tenant: Tenant, pool: DbPool) -> ListViews:
 
 
 @lists_router.get("/lists/{list_id}", response_model=ListView, responses=_NOT_FOUND)
-def get_list(list_id: PathId, tenant: Tenant, pool: DbPool) -> ListView:
+def get_list(list_id: ListPath, tenant: Tenant, pool: DbPool) -> ListView:
     """One list with its counts."""
     with queries.tenant_snapshot(pool, tenant) as conn:
         rows = queries.tenant_lists(conn, tenant, list_id)
@@ -126,7 +135,7 @@ async def create_list(body: NewList, request: Request, tenant: Tenant,
 
 @lists_router.patch("/lists/{list_id}", status_code=202, response_model=CommandAccepted,
                     responses=_COMMAND)
-async def rename_list(list_id: PathId, body: ListRename, request: Request, tenant: Tenant,
+async def rename_list(list_id: ListPath, body: ListRename, request: Request, tenant: Tenant,
                       pool: DbPool) -> CommandAccepted | JSONResponse:
     """RenameList; rejected when the list is unknown (never created, deleted, another
     tenant's)."""
@@ -137,7 +146,7 @@ async def rename_list(list_id: PathId, body: ListRename, request: Request, tenan
 @lists_router.delete("/lists/{list_id}", status_code=202, response_model=CommandAccepted,
                      responses=_COMMAND)
 async def delete_list(
-    list_id: PathId, request: Request, tenant: Tenant, pool: DbPool,
+    list_id: ListPath, request: Request, tenant: Tenant, pool: DbPool,
     command_id: Annotated[uuid.UUID | None, Query(description="Makes a retry idempotent")] = None,
 ) -> CommandAccepted | JSONResponse:
     """DeleteList, for good: later sends naming the list are rejected; campaigns already

@@ -210,3 +210,33 @@ def test_a_campaign_is_duplicated_into_a_new_draft(api, tenants):
                     headers=a).status_code == 422
     assert api.post(f"/campaigns/{source}/duplicate", json={"new_campaign_id": "a b"},
                     headers=a).status_code == 422
+
+
+NEW_OPERATIONS = [("post", "/lists"), ("get", "/lists"), ("get", "/lists/{list_id}"),
+                  ("patch", "/lists/{list_id}"), ("delete", "/lists/{list_id}"),
+                  ("post", "/campaigns/{campaign_id}/duplicate"), ("get", "/campaigns"),
+                  ("post", "/segments/preview")]
+
+
+@pytest.mark.parametrize(("method", "path"), NEW_OPERATIONS)
+def test_every_new_operation_carries_examples(settings, method, path):
+    document = create_app(settings, ApiKeys([])).openapi()
+
+    def resolved(node, depth=0):
+        """The node with its $refs replaced by what they name (a few levels deep)."""
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref and depth < 4:
+                return resolved(document["components"]["schemas"][ref.rsplit("/", 1)[1]],
+                                depth + 1)
+            return {k: resolved(v, depth) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolved(v, depth) for v in node]
+        return node
+
+    operation = document["paths"][path][method]
+    success = next(v for k, v in operation["responses"].items() if k.startswith("2"))
+    assert "example" in str(resolved(success)), f"{method} {path}: no response example"
+    inputs = [operation.get("requestBody"), *operation.get("parameters", [])]
+    if any(inputs):
+        assert "example" in str(resolved(inputs)), f"{method} {path}: no input example"
