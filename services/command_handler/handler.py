@@ -36,7 +36,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -331,33 +331,28 @@ class CommandHandler:
     def _handle_segment(self, env: Envelope, command: SegmentCommand) -> None:
         """Segment commands: events onto segments.events (keyed by segment id), or a rejection
         onto campaign.events, in the open transaction."""
-        def decide_and_record() -> list[Record]:
-            events = self.segments.decide(env.tenant_id, command)
-            for event in events:
-                self.segments.apply(env.tenant_id, event)
-            return list(events)
-
-        self._handle_definition(env, command.segment_id, decide_and_record, {"segment": command.segment_id})
+        self._handle_definition(
+            env, command.segment_id, lambda: self.segments.decide(env.tenant_id, command),
+            lambda event: self.segments.apply(env.tenant_id, event),  # type: ignore[arg-type]
+            {"segment": command.segment_id})
 
     def _handle_list(self, env: Envelope, command: ListCommand) -> None:
         """List commands: events onto segments.events (keyed by list id), or a rejection onto
         campaign.events, in the open transaction."""
-        def decide_and_record() -> list[Record]:
-            events = self.segments.decide_list(env.tenant_id, command)
-            for event in events:
-                self.segments.apply_list(env.tenant_id, event)
-            return list(events)
-
-        self._handle_definition(env, command.list_id, decide_and_record, {"list": command.list_id})
+        self._handle_definition(
+            env, command.list_id, lambda: self.segments.decide_list(env.tenant_id, command),
+            lambda event: self.segments.apply_list(env.tenant_id, event),  # type: ignore[arg-type]
+            {"list": command.list_id})
 
     def _handle_definition(self, env: Envelope, subject_id: str,
-                           decide_and_record: Callable[[], list[Record]],
-                           fields: dict[str, str]) -> None:
-        """Produce what a segment or list command decides onto segments.events, or its
-        CommandRejected onto campaign.events."""
+                           decide: Callable[[], Sequence[Record]],
+                           record: Callable[[Record], None], fields: dict[str, str]) -> None:
+        """Produce what a segment or list command decides onto segments.events (each event
+        `record`ed for the transaction's later decisions), or its CommandRejected onto
+        campaign.events."""
         bound = log.bind(tenant=env.tenant_id, correlation_id=str(env.correlation_id), **fields)
         try:
-            events = decide_and_record()
+            events = decide()
         except (SegmentRejected, ListRejected) as exc:
             reason = str(exc)
             self._decided.append(lambda: bound.info("command rejected", command=env.type,
@@ -368,6 +363,7 @@ class CommandHandler:
             out = wrap_caused_by(event, env, aggregate_id=subject_id)
             self.producer.produce(self.segments_topic, key=subject_id.encode(), value=encode(out))
             metrics.count_produced(self.segments_topic)
+            record(event)
         names = [type(e).__name__ for e in events]
         self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
 

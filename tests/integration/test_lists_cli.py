@@ -68,15 +68,16 @@ def test_a_campaign_is_duplicated_from_the_cli(settings, pipeline) -> None:
     while source not in run(settings, "campaign", "list", "--tenant", tenant).stdout:
         assert time.monotonic() < deadline
         time.sleep(0.3)
+    copy_id = f"copy-{uuid.uuid4().hex[:8]}"  # campaign ids are global in the read models
     copy = run(settings, "campaign", "duplicate", source, "--tenant", tenant,
-               "--new-id", "copy-1", "--name", "Autumn")
+               "--new-id", copy_id, "--name", "Autumn")
     assert copy.exit_code == 0, copy.output
-    assert "created copy-1" in copy.stdout
+    assert f"created {copy_id}" in copy.stdout
     listed = run(settings, "campaign", "list", "--tenant", tenant, "--json")
     names = {json.loads(line)["campaign_id"]: json.loads(line)["name"]
              for line in listed.stdout.splitlines()}
-    assert names["copy-1"] == "Autumn"
-    taken = run(settings, "campaign", "duplicate", source, "--tenant", tenant, "--new-id", "copy-1")
+    assert names[copy_id] == "Autumn"
+    taken = run(settings, "campaign", "duplicate", source, "--tenant", tenant, "--new-id", copy_id)
     assert taken.exit_code == 1 and "already exists" in taken.stderr
     unknown = run(settings, "campaign", "duplicate", "nope", "--tenant", tenant)
     assert unknown.exit_code == 1 and "unknown campaign" in unknown.stderr
