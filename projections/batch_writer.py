@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from projections import erase, segment_projection
+from projections import erase, lists_projection, segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
 from schemas.contacts import ContactDeleted, ContactState, fold_contact
 
@@ -358,6 +358,8 @@ class BatchWriter:
             erased = _write_contacts(cur, changes) if changes.contacts else []
             if changes.segments:
                 segment_projection.write_segments(cur, changes.segments)
+            if changes.lists:
+                lists_projection.write_lists(cur, changes.lists)
             ids = changes.campaign_ids()
             if ids:
                 # One round trip for both (they still run one after the other, each with its

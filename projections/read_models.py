@@ -40,6 +40,7 @@ from schemas.events import (
     CommandRejected,
     TestEmailRequested,
 )
+from schemas.lists import ListCreated, ListDeleted, ListEvent, ListRenamed
 from schemas.segments import SegmentChanged, SegmentDefined, SegmentDeleted, SegmentEvent
 
 # Column limits: an absurd value must be stored clamped, not fail the batch, because a batch
@@ -54,6 +55,7 @@ _CAMPAIGN_OUTCOMES = (
     CampaignCreated, CampaignUpdated, CampaignSendRequested, CampaignHydrated, CampaignCancelled,
     CampaignPaused, CampaignResumed, CampaignScheduled, CampaignScheduleMissed, CommandRejected,
     SegmentDefined, SegmentChanged, SegmentDeleted, TestEmailRequested,
+    ListCreated, ListRenamed, ListDeleted,
 )
 
 
@@ -188,6 +190,8 @@ class BatchChanges:
     contacts: dict[ContactKey, list[ContactEvent]] = field(default_factory=dict)
     # Segment events (tenant, event, occurred at), in consumption order (segments.events).
     segments: list[tuple[str, SegmentEvent, datetime]] = field(default_factory=list)
+    # List events (tenant, event, occurred at), in consumption order (segments.events).
+    lists: list[tuple[str, ListEvent, datetime]] = field(default_factory=list)
     dropped: list[DroppedFact] = field(default_factory=list)
     ignored: int = 0
     # campaign id -> tenant that named it first in this batch.
@@ -202,7 +206,7 @@ class BatchChanges:
 
     def is_empty(self) -> bool:
         return not (self.campaigns or self.rejections or self.recipients or self.attempts
-                    or self.contacts or self.outcomes or self.segments)
+                    or self.contacts or self.outcomes or self.segments or self.lists)
 
     def drop_campaigns(self, foreign: Iterable[str]) -> None:
         """Forget every change to campaigns that another tenant owned before this batch."""
@@ -321,6 +325,9 @@ def _plan_message(changes: BatchChanges, message: Message[Record]) -> None:
         return
     if isinstance(payload, SegmentDefined | SegmentChanged | SegmentDeleted):
         changes.segments.append((tenant, payload, env.occurred_at))
+        return
+    if isinstance(payload, ListCreated | ListRenamed | ListDeleted):
+        changes.lists.append((tenant, payload, env.occurred_at))
         return
     fact = recipient_fact(message)
     if fact is not None:

@@ -49,7 +49,7 @@ from services.common.settings import Settings
 READ_MODEL_TABLES = (
     "campaigns", "campaign_recipients", "command_rejections", "recipient_attempts",
     "tenant_daily_sends", "campaign_throughput", "contacts", "contact_list_members",
-    "command_outcomes", "segments", "contact_profiles", "engagement_events",
+    "command_outcomes", "segments", "contact_profiles", "engagement_events", "lists",
 )
 # Columns stamped with the projector's wall clock: they differ between any two projections of
 # the same events, so the comparison leaves them out.

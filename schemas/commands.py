@@ -157,3 +157,13 @@ class SendTestEmail(Record):
     @classmethod
     def _once_each(cls, addresses: list[str]) -> list[str]:
         return list(dict.fromkeys(addresses))
+
+
+@message("DuplicateCampaign", 1)
+class DuplicateCampaign(Record):
+    """Create a new draft (the envelope's aggregate id) with the content and tracking flags
+    of `source_campaign_id`, whatever the source's status; `name` defaults to the source's
+    name with " (copy)". The audience is not copied: a draft has none until it is sent."""
+
+    source_campaign_id: EntityId
+    name: str | None = Field(default=None, min_length=1, max_length=200)

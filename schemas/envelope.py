@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
 from pydantic_core import from_json
 
-from schemas import bounces, commands, contacts, engagement, events, segments  # noqa: F401  (registers every wire type)
+from schemas import bounces, commands, contacts, engagement, events, lists, segments  # noqa: F401  (registers every wire type)
 from schemas.base import EntityId, Record, TenantId
 from schemas.registry import UnknownMessageType, load, wire_name
 

@@ -31,6 +31,8 @@ from projections.segment_counts import CountsUnavailable, count_segment, segment
 from schemas.base import EntityId
 from services.api import queries
 from services.api.auth import ApiKeys
+from services.api.campaign_copies import copies_router
+from services.api.campaign_cursor import MAX_CURSOR_LENGTH, CursorInvalid, decode_cursor, encode_cursor
 from services.api.contacts import contacts_router
 from services.api.deps import (
     TENANT_ERRORS,
@@ -44,7 +46,9 @@ from services.api.deps import (
 from services.api.engagement import engagement_router
 from services.api.gateway import Schedule, gateway_router, schedule_out
 from services.api.imports import imports_router
+from services.api.lists import lists_router
 from services.api.outbox import OutboxRelay
+from services.api.segment_preview import preview_router
 from services.api.sse import progress_events
 from services.api.unsubscribe import unsubscribe_router
 from services.common.heartbeat import BEAT_INTERVAL_SECONDS, Heartbeat
@@ -57,6 +61,10 @@ POOL_MAX_SIZE = 10
 # How long a request waits for a free connection before failing (guards a stuck database).
 POOL_TIMEOUT_S = 3.0
 MAX_PAGE = 1000
+# GET /campaigns: a page's default size, and its hard maximum (each campaign costs its rate
+# and schedule look-ups).
+DEFAULT_CAMPAIGN_PAGE = 100
+MAX_CAMPAIGN_PAGE = 500
 
 
 CampaignStatus = Literal["draft", "scheduled", "sending", "paused", "completed", "cancelled"]
@@ -106,7 +114,14 @@ class Campaign(BaseModel):
 
 
 class CampaignList(BaseModel):
+    """A page of campaigns; `next_cursor`: pass it as `cursor` (with the same filters) for
+    the next page; None on the last page."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "campaigns": [], "next_cursor": "eyJhdCI6bnVsbCwiaWQiOiJjbXAtMSIsImYiOltudWxsLG51bGxdfQ"}]})
+
     campaigns: list[Campaign]
+    next_cursor: str | None = None
 
 
 class Recipient(BaseModel):
@@ -149,20 +164,6 @@ class DailySends(BaseModel):
 
 class DailySendsList(BaseModel):
     days: list[DailySends]
-
-
-class ListCounts(BaseModel):
-    """Members of a contact list; `mailable` are neither unsubscribed, suppressed nor deleted."""
-
-    list_id: str
-    members: int
-    mailable: int
-    unsubscribed: int
-    suppressed: int
-
-
-class ListCountsList(BaseModel):
-    lists: list[ListCounts]
 
 
 class SegmentCounts(BaseModel):
@@ -322,6 +323,9 @@ def create_app(
     app.include_router(gateway_router)
     app.include_router(unsubscribe_router)
     app.include_router(contacts_router, responses=TENANT_ERRORS)
+    app.include_router(lists_router, responses=TENANT_ERRORS)
+    app.include_router(copies_router, responses=TENANT_ERRORS)
+    app.include_router(preview_router, responses=TENANT_ERRORS)
     app.include_router(engagement_router, responses=TENANT_ERRORS)
     app.include_router(imports_router, responses=TENANT_ERRORS)  # CSV upload jobs and their runner
     app.include_router(console_router)  # the console for people: services/console
@@ -336,12 +340,36 @@ def create_app(
     # The tenant's reads: each needs the key and the database.
     reads = APIRouter(responses=TENANT_ERRORS)
 
-    @reads.get("/campaigns", response_model=CampaignList)
-    def get_campaigns(tenant: Tenant, pool: DbPool) -> CampaignList:
-        """The tenant's campaigns, newest first, with progress, rates and ETA."""
+    @reads.get("/campaigns", response_model=CampaignList, responses={
+        422: {"description": "A bad filter, limit or cursor; `detail` says which and why"}})
+    def get_campaigns(
+        tenant: Tenant,
+        pool: DbPool,
+        status: Annotated[CampaignStatus | None, Query(description="Only this status")] = None,
+        name: Annotated[str | None, Query(
+            min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+            description="Only names containing this (case-insensitive)",
+            openapi_examples={"spring": {"value": "spring"}})] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_CAMPAIGN_PAGE,
+                                    description=f"At most this many (1-{MAX_CAMPAIGN_PAGE})")
+                         ] = DEFAULT_CAMPAIGN_PAGE,
+        cursor: Annotated[str | None, Query(
+            max_length=MAX_CURSOR_LENGTH,
+            description="`next_cursor` of the previous page (same filters)")] = None,
+    ) -> CampaignList:
+        """The tenant's campaigns, newest first, with progress, rates and ETA; filtered by
+        status and name, in pages (keyset: campaigns created meanwhile do not shift pages)."""
+        filters: list[str | None] = [status, name]
+        try:
+            after = decode_cursor(cursor, filters) if cursor is not None else None
+        except CursorInvalid as exc:
+            raise HTTPException(422, [{"loc": ["query", "cursor"], "msg": str(exc),
+                                       "type": "value_error"}]) from None
         with queries.tenant_snapshot(pool, tenant) as conn:
-            views = queries.tenant_campaigns(conn, tenant)
-        return CampaignList(campaigns=[campaign_out(v) for v in views])
+            views, position = queries.campaign_page(conn, tenant, status=status,
+                                                    name_contains=name, after=after, limit=limit)
+        return CampaignList(campaigns=[campaign_out(v) for v in views],
+                            next_cursor=encode_cursor(position, filters) if position else None)
 
     @reads.get("/campaigns/{campaign_id}", response_model=Campaign, responses=NOT_FOUND)
     def get_campaign(campaign_id: PathId, tenant: Tenant, pool: DbPool) -> Campaign:
@@ -401,13 +429,6 @@ def create_app(
         with queries.tenant_snapshot(pool, tenant) as conn:
             rows = queries.daily_sends(conn, tenant, since, until)
         return DailySendsList(days=[DailySends(**_fields(r)) for r in rows])
-
-    @reads.get("/lists", response_model=ListCountsList)
-    def get_lists(tenant: Tenant, pool: DbPool) -> ListCountsList:
-        """Per contact list of the tenant: members, mailable, unsubscribed, suppressed."""
-        with queries.tenant_snapshot(pool, tenant) as conn:
-            rows = queries.list_counts(conn, tenant)
-        return ListCountsList(lists=[ListCounts(**_fields(r)) for r in rows])
 
     segment_errors: dict[int | str, dict[str, Any]] = {
         503: {"model": ErrorDetail,

@@ -24,6 +24,7 @@ _PUBLIC_COMMANDS = (
     "CreateCampaign", "UpdateCampaign", "SendCampaign", "ScheduleCampaign", "ForceScheduledSend",
     "CancelCampaign", "PauseCampaign", "ResumeCampaign",
     "DefineSegment", "ChangeSegment", "DeleteSegment", "SendTestEmail",
+    "CreateList", "RenameList", "DeleteList", "DuplicateCampaign",
 )
 COMMAND_TYPES: dict[str, type[Record]] = {
     name: registered()[name][1] for name in _PUBLIC_COMMANDS if name in registered()
@@ -32,7 +33,8 @@ CommandType = Literal[tuple(COMMAND_TYPES)]  # type: ignore[valid-type]
 
 
 class CommandRequest(BaseModel):
-    """A command for the gateway. `aggregate_id` is the campaign (or segment) it addresses;
+    """A command for the gateway. `aggregate_id` is the campaign (or segment, or list) it
+    addresses (for DuplicateCampaign: the new campaign);
     `command_id` makes a retried request idempotent (a new one is drawn when absent)."""
 
     model_config = ConfigDict(extra="forbid")

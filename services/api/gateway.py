@@ -30,9 +30,10 @@ import psycopg
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from projections.schedules import CampaignSchedule, ScheduleState, campaign_schedules, command_outcome
+from schemas.envelope import Envelope
 from services.api import outbox, queries
 from services.api.commands import CommandInvalid, CommandRequest, build_envelope
 from services.api.deps import DB_RETRY_AFTER_S, TENANT_ERRORS, DbPool, ErrorDetail, Pool, Tenant
@@ -55,6 +56,10 @@ gateway_router = APIRouter(tags=["commands"], responses=TENANT_ERRORS)
 
 class CommandAccepted(BaseModel):
     """`pending`: stored, not yet on Kafka (it is unreachable); `published`: on the topic."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "command_id": "7d3c7c2e-5f7e-4a53-9a1e-3f2b8d1c0a11", "status": "published",
+        "status_url": "/commands/7d3c7c2e-5f7e-4a53-9a1e-3f2b8d1c0a11"}]})
 
     command_id: uuid.UUID
     status: Literal["pending", "published"]
@@ -187,6 +192,13 @@ async def post_command(body: CommandRequest, request: Request, tenant: Tenant,
         envelope = build_envelope(body, tenant)
     except CommandInvalid as exc:
         return JSONResponse({"detail": exc.errors}, status_code=422)
+    return await submit_command(envelope, request, tenant, pool)
+
+
+async def submit_command(envelope: Envelope, request: Request, tenant: str,
+                         pool: Pool) -> CommandAccepted | JSONResponse:
+    """Store a built command envelope in the outbox and wait (briefly) for its publication:
+    the one way a route sends a command (POST /commands and the convenience routes)."""
     settings: Settings = request.app.state.settings
     try:
         await run_in_threadpool(_accept, pool, settings, envelope)

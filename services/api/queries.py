@@ -16,7 +16,12 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from projections.queries import CampaignProgress, campaign_progress, list_campaigns
+from projections.queries import (
+    _PROGRESS_COLUMNS,
+    CampaignProgress,
+    campaign_progress,
+    list_campaigns,
+)
 from projections.schedules import CampaignSchedule, campaign_schedules
 
 # Rate "over the last minute": recipients that reached a terminal status (sent, failed,
@@ -126,8 +131,12 @@ def _recently_active(progress: CampaignProgress, as_of: datetime) -> bool:
 
 def tenant_campaigns(conn: psycopg.Connection[Any], tenant_id: str) -> list[CampaignView]:
     """Every campaign of the tenant, newest first, with rates and ETA."""
+    return _views(conn, tenant_id, list_campaigns(conn, tenant_id))
+
+
+def _views(conn: psycopg.Connection[Any], tenant_id: str,
+           campaigns: list[CampaignProgress]) -> list[CampaignView]:
     as_of = _now(conn)
-    campaigns = list_campaigns(conn, tenant_id)
     active = [p.campaign_id for p in campaigns if _recently_active(p, as_of)]
     recent = _settled_since(conn, tenant_id, active)
     schedules = campaign_schedules(conn, tenant_id, [p.campaign_id for p in campaigns])
@@ -278,3 +287,63 @@ def list_counts(conn: psycopg.Connection[Any], tenant_id: str) -> list[ListCount
         (tenant_id,),
     ).fetchall()
     return [ListCountsRow(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ListRow:
+    """A list that is not deleted: created (with its name) or implicit (named by memberships
+    only: `name` and `created_at` None), with its member counts."""
+
+    list_id: str
+    name: str | None
+    created_at: datetime | None
+    members: int
+    mailable: int
+    unsubscribed: int
+    suppressed: int
+
+
+def tenant_lists(conn: psycopg.Connection[Any], tenant_id: str,
+                 list_id: str | None = None) -> list[ListRow]:
+    """The tenant's lists (deleted ones left out), by list id; one when `list_id` is given."""
+    rows = conn.execute(
+        "SELECT list_id, name, created_at, members, mailable, unsubscribed, suppressed"
+        " FROM analyst_lists WHERE tenant_id = %s AND (%s::text IS NULL OR list_id = %s)"
+        " ORDER BY list_id",
+        (tenant_id, list_id, list_id),
+    ).fetchall()
+    return [ListRow(*row) for row in rows]
+
+
+# Where a page of campaigns continues: after this (created_at, campaign_id) in the order
+# newest first (created_at NULLS LAST), then campaign id.
+PagePosition = tuple[datetime | None, str]
+
+
+def campaign_page(
+    conn: psycopg.Connection[Any], tenant_id: str, *, status: str | None,
+    name_contains: str | None, after: PagePosition | None, limit: int,
+) -> tuple[list[CampaignView], PagePosition | None]:
+    """Up to `limit` of the tenant's campaigns, newest first, of `status` and with a name
+    containing `name_contains` (case-insensitive), after `after`; and the position to
+    continue from (None on the last page). Keyset paging: a campaign created meanwhile does
+    not shift later pages."""
+    after_at, after_id = after if after is not None else (None, None)
+    rows = conn.execute(
+        f"SELECT {_PROGRESS_COLUMNS}, created_at FROM campaign_progress"  # noqa: S608
+        " WHERE tenant_id = %(tenant)s AND (%(status)s::text IS NULL OR status = %(status)s)"
+        " AND (%(name)s::text IS NULL OR strpos(lower(name), lower(%(name)s)) > 0)"
+        " AND (%(after_id)s::text IS NULL"
+        "      OR (%(after_at)s::timestamptz IS NULL AND created_at IS NULL"
+        "          AND campaign_id > %(after_id)s)"
+        "      OR (%(after_at)s::timestamptz IS NOT NULL AND (created_at < %(after_at)s"
+        "          OR created_at IS NULL"
+        "          OR (created_at = %(after_at)s AND campaign_id > %(after_id)s))))"
+        " ORDER BY created_at DESC NULLS LAST, campaign_id LIMIT %(limit)s",
+        {"tenant": tenant_id, "status": status, "name": name_contains, "after_at": after_at,
+         "after_id": after_id, "limit": limit + 1},
+    ).fetchall()
+    page = rows[:limit]
+    views = _views(conn, tenant_id, [CampaignProgress(*row[:-1]) for row in page])
+    more = len(rows) > limit
+    return views, ((page[-1][-1], page[-1][1]) if more and page else None)

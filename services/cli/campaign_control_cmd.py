@@ -1,15 +1,18 @@
-"""`campaignctl campaign list|update|pause|resume`.
+"""`campaignctl campaign list|update|pause|resume|duplicate`.
 
 `list` reads the campaigns read model (newest first; filter by status, bounded by --limit);
 `pause` and `resume` publish PauseCampaign / ResumeCampaign onto campaign.commands and return
 once the broker acknowledged them: the command handler answers with CampaignPaused /
 CampaignResumed or a CommandRejected (`campaign show` tells which). `update` publishes
-UpdateCampaign and, unless --no-wait, waits for its CampaignUpdated or its rejection (exit 1).
+UpdateCampaign and, unless --no-wait, waits for its CampaignUpdated or its rejection (exit 1);
+`duplicate` publishes DuplicateCampaign (keyed by the copy's id) and waits the same way for
+the copy's CampaignCreated.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +23,7 @@ from rich.table import Table
 
 from projections.queries import CampaignProgress, list_campaigns
 from schemas.base import Record
-from schemas.commands import PauseCampaign, ResumeCampaign, UpdateCampaign
+from schemas.commands import DuplicateCampaign, PauseCampaign, ResumeCampaign, UpdateCampaign
 from services.cli.failures import EXIT_INVALID, cli_settings, err, fail, fatal_errors, out
 from services.cli.progress import await_outcome
 from services.cli.publishing import publish_command
@@ -126,3 +129,27 @@ def update(
             await_outcome(cli_settings(), campaign_id, tenant, command_id=command_id,
                           event_type="CampaignUpdated", timeout=timeout, console=err)
             out.print(f"updated {campaign_id}", highlight=False)
+
+
+def duplicate(
+    campaign_id: CampaignId, tenant: Tenant,
+    new_id: Annotated[str | None, typer.Option("--new-id", help="Id of the copy (default: drawn).")
+                      ] = None,
+    name: Annotated[str | None, typer.Option("--name", help='Name of the copy (default: the'
+                                                           ' source\'s + " (copy)").')] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the outcome.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up waiting after S seconds.")
+                       ] = 30.0,
+) -> None:
+    """Copy a campaign's content and tracking into a new draft; prints the new id. Exits 1
+    when it is rejected (unknown source, the new id taken)."""
+    copy_id = new_id or f"cmp-{uuid.uuid4().hex[:12]}"
+    with fatal_errors():
+        command = DuplicateCampaign(source_campaign_id=campaign_id, name=name)
+        command_id = publish_command(cli_settings(), command, tenant_id=tenant, campaign_id=copy_id)
+        out.print(f"duplicate of {campaign_id} requested as {copy_id} (command {command_id})",
+                  highlight=False)
+        if wait:
+            await_outcome(cli_settings(), copy_id, tenant, command_id=command_id,
+                          event_type="CampaignCreated", timeout=timeout, console=err)
+            out.print(f"created {copy_id}", highlight=False)

@@ -40,6 +40,7 @@ from services.cli.contact_flags import lift_flag
 from services.cli.contact_merge import merge_case_twins
 from services.cli.contacts_import import ImportReport, import_contacts
 from services.cli.failures import EXIT_FATAL, EXIT_INVALID, cli_settings, err, fail, fatal_errors, out
+from services.cli.lists_cmd import lists_app
 from services.cli.ops_cmd import ops_app
 from services.cli.progress import (
     await_schedule,
@@ -76,8 +77,10 @@ campaign_app.command("list")(campaign_control_cmd.list_command)
 campaign_app.command("update")(campaign_control_cmd.update)
 campaign_app.command("pause")(campaign_control_cmd.pause)
 campaign_app.command("resume")(campaign_control_cmd.resume)
+campaign_app.command("duplicate")(campaign_control_cmd.duplicate)
 app.add_typer(segment_app, name="segment")
 segment_app.command("counts")(segment_counts_command)
+app.add_typer(lists_app, name="lists")
 app.add_typer(projections_app, name="projections")
 app.add_typer(ops_app, name="ops")
 

@@ -10,14 +10,18 @@ A pause is refused unless the campaign is sending, a resume unless it is paused;
 pause (the failure-rate guard) is refused the same way, so it never overrides a person's.
 A schedule fires on the first `ScheduleDue` tick at or after its time, within its grace;
 found later, it is reported missed (never fired silently late) and waits for
-ForceScheduledSend. A test send (SendTestEmail) is accepted in every status, a cancelled
-campaign's included (there is no deletion; reviewing a stopped campaign's content is
-legitimate): it carries the current content to the given addresses and changes no state.
+ForceScheduledSend. A send, a schedule (when made and when it fires) or an exclusion naming a
+deleted list, or a segment testing membership of one, is refused: a deleted list sends to
+nobody (schemas/lists.py). DuplicateCampaign creates a draft from any existing campaign of
+the tenant (the caller passes its state as `source`). A test send (SendTestEmail) is
+accepted in every status, a cancelled campaign's included (there is no deletion; reviewing
+a stopped campaign's content is legitimate): it carries the current content to the given
+addresses and changes no state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -27,6 +31,7 @@ from schemas.commands import (
     AutoPauseCampaign,
     CancelCampaign,
     CreateCampaign,
+    DuplicateCampaign,
     ForceScheduledSend,
     PauseCampaign,
     ResumeCampaign,
@@ -49,6 +54,10 @@ from schemas.events import (
     MessageTemplate,
     TestEmailRequested,
 )
+from schemas.lists import lists_in
+
+# What a duplicate is called when the command gives no name.
+COPY_SUFFIX = " (copy)"
 
 
 class Status(StrEnum):
@@ -113,6 +122,8 @@ def decide(
     tenant_id: str,
     contacts_snapshot: dict[int, int] | None = None,
     segments: Mapping[str, AudienceSegment] | None = None,
+    deleted_lists: Collection[str] = (),
+    source: Campaign | None = None,
 ) -> list[Record]:
     """The events `command` causes on `state`; raises Rejected when it must not happen.
 
@@ -120,6 +131,8 @@ def decide(
     starts: it fixes the audience to the contacts known at that moment. `segments` holds the
     current criteria of the segments a send names (the caller looks them up): they are
     snapshotted into the audience, so later changes of a segment do not change this send.
+    `deleted_lists`: those of the lists the send names (directly or in its segments) that
+    were deleted. `source`: for DuplicateCampaign, the campaign it copies (None: unknown).
     """
     if state is not None and state.tenant_id != tenant_id:
         # Same answer as for a missing campaign: a tenant must not learn another's ids.
@@ -139,6 +152,17 @@ def decide(
             return [CampaignCreated(name=command.name, template=template,
                                     track_opens=command.track_opens,
                                     track_clicks=command.track_clicks)]
+        case DuplicateCampaign():
+            if state is not None:
+                raise Rejected(f"campaign {campaign_id!r} already exists")
+            original = _existing(source, command.source_campaign_id, tenant_id)
+            if original.tenant_id != tenant_id:
+                raise Rejected(f"unknown campaign {command.source_campaign_id!r} for tenant "
+                               f"{tenant_id!r}")
+            name = command.name or (original.name[:200 - len(COPY_SUFFIX)] + COPY_SUFFIX)
+            return [CampaignCreated(name=name, template=original.template,
+                                    track_opens=original.track_opens,
+                                    track_clicks=original.track_clicks)]
         case UpdateCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status not in (Status.DRAFT, Status.SCHEDULED):
@@ -149,21 +173,22 @@ def decide(
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
                 raise Rejected(_not_draft(current))
-            return [_send_requested(current, command, contacts_snapshot, segments)]
+            return [_send_requested(current, command, contacts_snapshot, segments, deleted_lists)]
         case ScheduleCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.DRAFT:
                 raise Rejected(_not_draft(current))
-            _send_requested(current, command.send, contacts_snapshot, segments)  # valid now?
+            _send_requested(current, command.send, contacts_snapshot, segments, deleted_lists)  # valid now?
             return [CampaignScheduled(send_at=command.send_at, grace_seconds=command.grace_seconds,
                                       send=command.send)]
         case ForceScheduledSend():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is not Status.SCHEDULED or current.schedule is None:
                 raise Rejected(f"campaign {campaign_id!r} is {current.status}, not scheduled")
-            return [_send_requested(current, current.schedule.send, contacts_snapshot, segments)]
+            return [_send_requested(current, current.schedule.send, contacts_snapshot, segments,
+                                   deleted_lists)]
         case ScheduleDue():
-            return _due(state, command.now, contacts_snapshot, segments)
+            return _due(state, command.now, contacts_snapshot, segments, deleted_lists)
         case CancelCampaign():
             current = _existing(state, campaign_id, tenant_id)
             if current.status is Status.CANCELLED:
@@ -266,6 +291,7 @@ def _send_requested(
     command: SendCampaign,
     contacts_snapshot: dict[int, int] | None,
     segments: Mapping[str, AudienceSegment] | None,
+    deleted_lists: Collection[str] = (),
 ) -> CampaignSendRequested:
     """The send `command` asks for, with its audience fixed now; Rejected when invalid."""
     if not (command.contact_ids or command.list_ids or command.segment_ids):
@@ -274,6 +300,9 @@ def _send_requested(
     missing = sorted({*command.segment_ids, *command.exclude_segment_ids} - set(known))
     if missing:
         raise Rejected(f"unknown segment(s): {', '.join(missing)}")
+    gone = sorted(set(deleted_lists) & named_lists(command, known))
+    if gone:
+        raise Rejected(f"deleted list(s): {', '.join(gone)}; a deleted list sends to nobody")
     audience = Audience(
         contact_ids=sorted(set(command.contact_ids)),
         list_ids=sorted(set(command.list_ids)),
@@ -293,6 +322,7 @@ def _due(
     now: datetime,
     contacts_snapshot: dict[int, int] | None,
     segments: Mapping[str, AudienceSegment] | None,
+    deleted_lists: Collection[str] = (),
 ) -> list[Record]:
     """A clock tick: fire a due schedule within its grace, report it missed beyond."""
     if state is None or state.status is not Status.SCHEDULED or state.schedule is None:
@@ -305,6 +335,15 @@ def _due(
         reason = f"found {late:.0f} s late, grace {schedule.grace_seconds} s"
         return [CampaignScheduleMissed(send_at=schedule.send_at, noticed_at=now, reason=reason)]
     try:
-        return [_send_requested(state, schedule.send, contacts_snapshot, segments)]
+        return [_send_requested(state, schedule.send, contacts_snapshot, segments, deleted_lists)]
     except Rejected as exc:
         return [CampaignScheduleMissed(send_at=schedule.send_at, noticed_at=now, reason=str(exc))]
+
+
+def named_lists(command: SendCampaign, segments: Mapping[str, AudienceSegment]) -> set[str]:
+    """Every list a send depends on: included, excluded, or tested by its segments' criteria."""
+    named = {*command.list_ids, *command.exclude_list_ids}
+    for segment_id in {*command.segment_ids, *command.exclude_segment_ids}:
+        if segment_id in segments:
+            named.update(lists_in(segments[segment_id].criteria))
+    return named

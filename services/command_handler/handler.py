@@ -36,7 +36,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -54,9 +54,10 @@ from confluent_kafka import (
 from confluent_kafka.admin import OffsetSpec
 
 from schemas.base import Record
-from schemas.commands import ForceScheduledSend, SendCampaign
+from schemas.commands import DuplicateCampaign, ForceScheduledSend, SendCampaign
 from schemas.envelope import Envelope, SchemaViolation, decode, encode, wrap, wrap_caused_by
 from schemas.events import AudienceSegment, CampaignScheduled, CommandRejected
+from schemas.lists import CreateList, DeleteList, ListCommand, ListRejected, RenameList
 from schemas.segments import (
     ChangeSegment,
     DefineSegment,
@@ -101,7 +102,10 @@ from services.common.topics import COMMANDS, COMMANDS_DLQ, CONTACTS, EVENTS, SEG
 log = configure_logging("command-handler")
 
 SEGMENT_COMMANDS = (DefineSegment, ChangeSegment, DeleteSegment)
-SEGMENT_COMMAND_TYPE = re.compile(rb'"type"\s*:\s*"(?:Define|Change|Delete)Segment"')
+LIST_COMMANDS = (CreateList, RenameList, DeleteList)
+# Segment and list commands (both decided against segments.events) go first in a batch.
+SEGMENT_COMMAND_TYPE = re.compile(
+    rb'"type"\s*:\s*"(?:(?:Define|Change|Delete)Segment|(?:Create|Rename|Delete)List)"')
 
 # Commands per transaction: larger batches amortise the commit round trip.
 BATCH_SIZE = 500
@@ -266,6 +270,9 @@ class CommandHandler:
         if isinstance(command.payload, SEGMENT_COMMANDS):
             self._handle_segment(env, command.payload)
             return
+        if isinstance(command.payload, LIST_COMMANDS):
+            self._handle_list(env, command.payload)
+            return
         sends_now = isinstance(command.payload, SendCampaign | ForceScheduledSend)
         snapshot = self._contacts_snapshot() if sends_now else None
         current = state.campaigns.get(env.aggregate_id)
@@ -279,6 +286,8 @@ class CommandHandler:
                 tenant_id=env.tenant_id,
                 contacts_snapshot=snapshot,
                 segments=segments,
+                deleted_lists=self.segments.deleted_lists(env.tenant_id) if send else (),
+                source=self._source_of(command.payload),
             )
         except Rejected as exc:
             reason = str(exc)
@@ -296,6 +305,17 @@ class CommandHandler:
         names = [type(e).__name__ for e in events]
         self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
 
+    def _source_of(self, command: Record) -> Campaign | None:
+        """The campaign a DuplicateCampaign copies, from any assigned partition (every one
+        while a single instance runs, as deployed; one this instance does not hold reads as
+        unknown, and the command is rejected rather than guessed)."""
+        if not isinstance(command, DuplicateCampaign):
+            return None
+        for state in self.partitions.values():
+            if (found := state.campaigns.get(command.source_campaign_id)) is not None:
+                return found
+        return None
+
     def _named_segments(self, tenant_id: str, command: Record) -> dict[str, AudienceSegment]:
         """The criteria of the segments a send names, as defined now; Rejected if unknown."""
         if not isinstance(command, SendCampaign):
@@ -311,22 +331,39 @@ class CommandHandler:
     def _handle_segment(self, env: Envelope, command: SegmentCommand) -> None:
         """Segment commands: events onto segments.events (keyed by segment id), or a rejection
         onto campaign.events, in the open transaction."""
-        bound = log.bind(
-            tenant=env.tenant_id, segment=command.segment_id, correlation_id=str(env.correlation_id)
-        )
+        self._handle_definition(
+            env, command.segment_id, lambda: self.segments.decide(env.tenant_id, command),
+            lambda event: self.segments.apply(env.tenant_id, event),  # type: ignore[arg-type]
+            {"segment": command.segment_id})
+
+    def _handle_list(self, env: Envelope, command: ListCommand) -> None:
+        """List commands: events onto segments.events (keyed by list id), or a rejection onto
+        campaign.events, in the open transaction."""
+        self._handle_definition(
+            env, command.list_id, lambda: self.segments.decide_list(env.tenant_id, command),
+            lambda event: self.segments.apply_list(env.tenant_id, event),  # type: ignore[arg-type]
+            {"list": command.list_id})
+
+    def _handle_definition(self, env: Envelope, subject_id: str,
+                           decide: Callable[[], Sequence[Record]],
+                           record: Callable[[Record], None], fields: dict[str, str]) -> None:
+        """Produce what a segment or list command decides onto segments.events (each event
+        `record`ed for the transaction's later decisions), or its CommandRejected onto
+        campaign.events."""
+        bound = log.bind(tenant=env.tenant_id, correlation_id=str(env.correlation_id), **fields)
         try:
-            events = self.segments.decide(env.tenant_id, command)
-        except SegmentRejected as exc:
+            events = decide()
+        except (SegmentRejected, ListRejected) as exc:
             reason = str(exc)
             self._decided.append(lambda: bound.info("command rejected", command=env.type,
                                                     reason=reason))
             self._reject(env, reason)
             return
         for event in events:
-            out = wrap_caused_by(event, env, aggregate_id=command.segment_id)
-            self.producer.produce(self.segments_topic, key=command.segment_id.encode(), value=encode(out))
+            out = wrap_caused_by(event, env, aggregate_id=subject_id)
+            self.producer.produce(self.segments_topic, key=subject_id.encode(), value=encode(out))
             metrics.count_produced(self.segments_topic)
-            self.segments.apply(env.tenant_id, event)
+            record(event)
         names = [type(e).__name__ for e in events]
         self._decided.append(lambda: bound.info("command accepted", command=env.type, events=names))
 
@@ -458,7 +495,8 @@ class CommandHandler:
         except Rejected:
             segments = {}  # a segment is gone: decide reports the schedule missed, and why
         events = decide(current, tick, campaign_id=campaign_id, tenant_id=current.tenant_id,
-                        contacts_snapshot=snapshot, segments=segments)
+                        contacts_snapshot=snapshot, segments=segments,
+                        deleted_lists=self.segments.deleted_lists(current.tenant_id))
         for event in events:
             self._emit(cause, event)
             after = evolve(current, event, campaign_id=campaign_id, tenant_id=current.tenant_id)

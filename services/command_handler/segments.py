@@ -1,4 +1,5 @@
-"""Segment definitions as the command handler sees them: every tenant's, from segments.events.
+"""Segment definitions and contact lists as the command handler sees them: every tenant's,
+from segments.events (which carries both: schemas/lists.py).
 
 Guarantee: within a handler transaction, the first decision that needs segments reads
 segments.events (read_committed) up to its last stable offset, so it sees every segment
@@ -17,6 +18,7 @@ from confluent_kafka import Consumer
 
 from schemas.envelope import SchemaViolation, decode
 from schemas.events import AudienceSegment
+from schemas.lists import ContactList, ListCommand, ListEvent, decide_list, evolve_list
 from schemas.segments import Segment, SegmentCommand, SegmentEvent, decide_segment, evolve_segment
 from services.common.kafka import partition_reader, read_to_end
 from services.common.settings import Settings
@@ -31,7 +33,7 @@ class UnknownSegments(LookupError):
 
 
 class SegmentDirectory:
-    """Every tenant's segments, folded from segments.events."""
+    """Every tenant's segments and lists, folded from segments.events."""
 
     def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
         self.settings = settings
@@ -40,6 +42,8 @@ class SegmentDirectory:
         self.topic = topic_name(SEGMENTS, settings)
         self.segments: dict[tuple[str, str], Segment] = {}
         self.pending: dict[tuple[str, str], Segment] = {}
+        self.lists: dict[tuple[str, str], ContactList] = {}
+        self.pending_lists: dict[tuple[str, str], ContactList] = {}
         self.position = 0
         self._fresh = False
         self._reader: Consumer | None = None
@@ -58,6 +62,11 @@ class SegmentDirectory:
             return
         event = message.payload
         key = (message.envelope.tenant_id, message.envelope.aggregate_id)
+        if isinstance(event, ListEvent):
+            listed = evolve_list(self.lists.get(key), event)
+            if listed is not None:
+                self.lists[key] = listed
+            return
         state = evolve_segment(self.segments.get(key), event)  # type: ignore[arg-type]
         if state is not None:
             self.segments[key] = state
@@ -72,6 +81,7 @@ class SegmentDirectory:
         """The open transaction committed or aborted: its events are read back from the log
         (when committed) at the next refresh."""
         self.pending.clear()
+        self.pending_lists.clear()
         self._fresh = False
 
     def apply(self, tenant_id: str, event: SegmentEvent) -> None:
@@ -80,6 +90,28 @@ class SegmentDirectory:
         state = evolve_segment(self._current(key), event)
         if state is not None:
             self.pending[key] = state
+
+    def _current_list(self, key: tuple[str, str]) -> ContactList | None:
+        self._current(key)  # refreshes once per transaction
+        return self.pending_lists.get(key) or self.lists.get(key)
+
+    def apply_list(self, tenant_id: str, event: ListEvent) -> None:
+        """Record a list event written in the open transaction, for its later decisions."""
+        key = (tenant_id, event.list_id)
+        state = evolve_list(self._current_list(key), event)
+        if state is not None:
+            self.pending_lists[key] = state
+
+    def decide_list(self, tenant_id: str, command: ListCommand) -> list[ListEvent]:
+        """decide_list on the list as it stands; raises ListRejected."""
+        return decide_list(self._current_list((tenant_id, command.list_id)), command)
+
+    def deleted_lists(self, tenant_id: str) -> frozenset[str]:
+        """The tenant's deleted lists, this transaction's deletions included."""
+        self._current((tenant_id, ""))
+        known = {**self.lists, **self.pending_lists}
+        return frozenset(list_id for (tenant, list_id), state in known.items()
+                         if tenant == tenant_id and state.deleted)
 
     def decide(self, tenant_id: str, command: SegmentCommand) -> list[SegmentEvent]:
         """decide_segment on the current definition; raises SegmentRejected."""

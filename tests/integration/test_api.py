@@ -351,8 +351,8 @@ def test_daily_sends_and_list_counts_per_tenant(client, world):
                        headers=auth(world.key_a)).json()["days"]
     assert [d["day"] for d in since] == ["2030-01-02"]
     lists = client.get("/lists", headers=auth(world.key_a)).json()["lists"]
-    assert lists == [{"list_id": "news", "members": 2, "mailable": 1, "unsubscribed": 1,
-                      "suppressed": 0}]
+    assert lists == [{"list_id": "news", "name": None, "created_at": None, "members": 2,
+                      "mailable": 1, "unsubscribed": 1, "suppressed": 0}]
 
 
 # --- server-sent events -----------------------------------------------------------------------

@@ -140,7 +140,9 @@ def _seed(settings: Settings, tenant: str) -> dict[str, list[str]]:
     produce(settings, records)
     with projector_for(settings) as projector:
         projector.drain(timeout=60)
-    return {"campaign_id": [sending, missed], "contact_id": contacts, "segment_id": ["pro"]}
+    # "all": the contacts' (implicit) list.
+    return {"campaign_id": [sending, missed], "contact_id": contacts, "segment_id": ["pro"],
+            "list_id": ["all"]}
 
 
 @pytest.fixture(scope="module")

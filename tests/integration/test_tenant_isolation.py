@@ -38,12 +38,12 @@ pytestmark = pytest.mark.integration
 
 VIEWS = ("analyst_campaign_progress", "analyst_recipients", "analyst_rejections",
          "analyst_daily_sends", "analyst_recipient_attempts", "analyst_campaign_throughput",
-         "analyst_list_counts", "analyst_command_outcomes", "analyst_segments")
+         "analyst_list_counts", "analyst_command_outcomes", "analyst_segments", "analyst_lists")
 # Every read-model table that carries a tenant (all must have forced row-level security).
 TENANT_TABLES = ("campaigns", "campaign_recipients", "command_rejections", "send_ledger",
                  "recipient_attempts", "tenant_daily_sends", "campaign_throughput", "contacts",
                  "contact_list_members", "command_outcomes", "command_outbox", "segments",
-                 "contact_profiles")
+                 "contact_profiles", "lists")
 DAY1 = datetime(2030, 5, 1, 10, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
 
