@@ -139,9 +139,13 @@ def _remember_date(day: bytes) -> bool:
 def _normalised_upsert(body: Upsert) -> bool:
     """The payload rules beyond the contact id: the stored e-mail shape (exactly the addresses
     `Email` reads back unchanged), name lengths, list ids."""
-    return (len(body.email) <= MAX_EMAIL_OCTETS and NORMALISED_EMAIL_RE.fullmatch(body.email) is not None
-            and len(body.first_name) <= MAX_NAME_CHARS and len(body.last_name) <= MAX_NAME_CHARS
-            and all([list_id in _valid_list_ids or _remember_list_id(list_id) for list_id in body.lists]))
+    if not (len(body.email) <= MAX_EMAIL_OCTETS and NORMALISED_EMAIL_RE.fullmatch(body.email)
+            and len(body.first_name) <= MAX_NAME_CHARS and len(body.last_name) <= MAX_NAME_CHARS):
+        return False
+    for list_id in body.lists:  # a plain loop: a comprehension is a function call per record
+        if list_id not in _valid_list_ids and not _remember_list_id(list_id):
+            return False
+    return True
 
 
 def _remember_list_id(list_id: str) -> bool:
