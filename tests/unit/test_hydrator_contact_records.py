@@ -219,6 +219,8 @@ def test_a_new_contacts_stored_bytes_are_those_of_the_general_fold(changes):
     event = contact_event(raw)
     assert isinstance(event, Upsert)
     stored = new_contact(event, offset=9, partition=4)
-    assert stored == encode_stored(apply_record(None, event, offset=9, partition=4))
+    folded = apply_record(None, event, offset=9, partition=4)
+    assert folded is not None and stored == encode_stored(folded)
     pydantic_event = decode(raw).payload
+    assert isinstance(pydantic_event, ContactUpserted)
     assert orjson.loads(stored) == apply_to_stored(None, pydantic_event, offset=9, partition=4)
