@@ -101,6 +101,24 @@ def test_later_batches_fold_onto_stored_contacts_and_repeated_keys_fold_in_order
     assert held[contact_key(TENANT, "c-30")]["deleted"] is True
 
 
+def test_a_batch_of_distinct_keys_folds_every_kind_of_event(replica):
+    first = [_record(i, _upsert(i, ["l-1"], attributes={"city": "Oslo"})) for i in range(5)]
+    second = [  # each key once: the batch's single-pass fold
+        _record(5, _upsert(0, ["l-2"], attributes={"plan": "pro"})),
+        _record(6, ContactUnsubscribed(contact_id="c-1")),
+        _record(7, ContactDeleted(contact_id="c-2")),
+        _record(8, ContactSuppressed(contact_id="c-40", reason="complaint")),
+        _record(9, ContactDeleted(contact_id="c-41")),  # never upserted: nothing stored
+        _record(10, _upsert(42, ["l-3"])),
+    ]
+    replica._apply(first, next_offset=5)
+    replica._apply(second, next_offset=11)
+    held = _held(replica)
+    assert held == _expected([first, second])
+    assert held[contact_key(TENANT, "c-1")]["globally_unsubscribed"] is True
+    assert contact_key(TENANT, "c-41") not in held
+
+
 def test_bad_records_other_types_and_keyless_records_are_skipped(replica):
     batch = [
         _record(0, _upsert(0, ["l-1"])),
