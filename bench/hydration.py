@@ -7,7 +7,12 @@ On fresh topics (own prefix, deleted afterwards), with its own hydrator process:
 2. the hydrator folds contacts.events into its local RocksDB replicas: hydrator_ingest_rate
    is contact records / seconds from the hydrator's start until its replicas' progress
    (the `hydrator-replicas` group's committed offsets) reaches the end offsets, polled
-   every 0.5 s;
+   every 0.5 s; hydrator_ingest_cpu_us_per_record is the hydrator process's CPU seconds
+   (all its threads, /proc, start-up included) over that time per record, the figure to
+   compare on a shared machine (the wall rate moves with other people's load);
+   hydrator_ingest_startup_s is how long until the first replica progress showed (interpreter
+   and faust start, group join) and hydrator_ingest_broker_cpu_s the local broker's CPU
+   over the ingest;
 3. a CampaignSendRequested naming the 10 lists and the segment `plan = team` (which names no
    one new: every contact is in a list, so the dedup is exercised across 11 sources) is
    published to campaign.events; hydration_rate is recipients / seconds from just before that
@@ -41,7 +46,14 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from bench.campaign import template
-from bench.contacts_import_bench import delete_prefixed_topics, measure_csv_import, measure_raw_produce
+from bench.contacts_import_bench import (
+    broker_pid,
+    delete_prefixed_topics,
+    measure_csv_import,
+    measure_raw_produce,
+    process_cpu_seconds,
+)
+from bench.proc_cpu import cpu_seconds
 from bench.process_memory import peak_rss_mb, reset_peak_rss
 from schemas.envelope import decode, encode, wrap
 from schemas.events import Audience, AudienceSegment, CampaignHydrated, CampaignSendRequested
@@ -131,21 +143,36 @@ def measure_hydration(
         ends = _end_offsets(admin, contacts_topic, CONTACTS.partitions)
 
         say("hydration: hydrator ingesting contacts.events")
+        broker = broker_pid(settings.kafka_bootstrap_servers)
+        broker_before = process_cpu_seconds(broker)
         started = time.monotonic()
         log_path = settings.state_dir / "bench-logs" / f"{settings.topic_prefix}hydrator.log"
         proc = _start_hydrator(settings, log_path)
+        first_progress: float | None = None
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the hydrator exited with {proc.returncode}")
             consumed = _consumed(settings, contacts_topic, CONTACTS.partitions)
+            if first_progress is None and any(offset > 0 for offset in consumed.values()):
+                first_progress = time.monotonic() - started
             if all(consumed.get(p, -1) >= end for p, end in ends.items()):
                 break
             if time.monotonic() - started > WAIT_SECONDS:
                 raise TimeoutError("the hydrator never caught up with contacts.events")
             time.sleep(0.5)
         ingest_seconds = time.monotonic() - started
+        records = sum(ends.values())
+        ingest_cpu = cpu_seconds(proc.pid)
+        broker_after = process_cpu_seconds(broker)
         figures["hydrator_ingest_seconds"] = round(ingest_seconds, 2)
-        figures["hydrator_ingest_rate"] = round(sum(ends.values()) / ingest_seconds, 1)
+        figures["hydrator_ingest_rate"] = round(records / ingest_seconds, 1)
+        figures["hydrator_ingest_startup_s"] = round(first_progress or ingest_seconds, 2)
+        figures["hydrator_ingest_cpu_s"] = None if ingest_cpu is None else round(ingest_cpu, 2)
+        figures["hydrator_ingest_cpu_us_per_record"] = (
+            round(ingest_cpu / records * 1e6, 2) if ingest_cpu is not None and records else None)
+        figures["hydrator_ingest_broker_cpu_s"] = (
+            round(broker_after - broker_before, 2)
+            if broker_before is not None and broker_after is not None else None)
         figures["hydrator_ingest_peak_rss_mb"] = peak_rss_mb(proc.pid)
         reset_peak_rss({"hydrator": proc.pid})
 
@@ -198,7 +225,7 @@ def contacts_wanted(env: dict[str, str]) -> int:
 
 HEADLINE = ("csv_import_rows_per_s", "csv_import_rows", "hydration_rate", "hydration_contacts",
             "raw_produce_rate", "hydration_to_raw_produce_ratio", "hydrator_peak_rss_mb",
-            "hydrator_ingest_rate", "hydrator_ingest_peak_rss_mb")
+            "hydrator_ingest_rate", "hydrator_ingest_peak_rss_mb", "hydrator_ingest_cpu_us_per_record")
 
 
 def headline(figures: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,10 @@ apply. Contact events and that offset are written in one atomic write batch, so 
 always the fold of a prefix of its partition: after a crash or a restart it resumes where it
 stopped, and a partition that moves to another instance is caught up there from that
 instance's own replica (or from offset 0) by reading contacts.events, which keeps every event
-forever. contacts.events is the changelog: nothing else is written to Kafka.
+forever. contacts.events is the changelog: nothing else is written to Kafka. For that reason
+the databases keep no write-ahead log: RocksDB flushes its memtables in write order, so
+after a crash a replica holds what its last flush held, still whole batches with their
+offset (a prefix), and re-reads the rest; a clean close flushes everything.
 
 Progress shows as the consumer group `<prefix>hydrator-replicas` (committed offsets, for lag
 tools), though a replica resumes from its own stored offset.
@@ -28,22 +31,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
 import orjson
 import structlog
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
-from schemas.contacts import CONTACT_EVENT_TYPES
+from schemas.contacts import CONTACT_EVENT_TYPES, ContactEvent
 from schemas.envelope import SchemaViolation
 from services.common.kafka import CLIENT_LOG, partition_reader
 from services.common.settings import Settings
 from services.hydrator.audience import StoredContact
-from services.hydrator.contact_records import apply_record, contact_event
+from services.hydrator.contact_records import Upsert, apply_record, contact_event, encode_stored, new_contact
 
 log = structlog.get_logger("hydrator.replica")
 
@@ -65,6 +68,8 @@ SHARED_BLOCK_CACHE_BYTES = 32 * 2**20
 # Bloom filter bits per key: an import's upserts are mostly new contacts, whose look-up the
 # filter answers without reading a data block.
 BLOOM_BITS_PER_KEY = 10
+# Share of each memtable's memory given to its bloom filter (~50 bits per key at our sizes).
+MEMTABLE_BLOOM_RATIO = 0.02
 # Kafka prefetch per reader while it catches up (its queue is empty otherwise). 2 MiB
 # fetches with a short backoff keep up with decoding; bigger only grows the process.
 FETCH_BYTES = 2 * 2**20
@@ -109,6 +114,10 @@ def _options(cache: Cache) -> Options:
     options.set_max_open_files(256)
     options.set_write_buffer_size(WRITE_BUFFER_BYTES)
     options.set_max_write_buffer_number(2)
+    # A bloom filter over each memtable's keys: the multi-get of an import's new contacts
+    # otherwise searches the memtables' skip lists for keys that are not there.
+    options.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO)
+    options.set_memtable_whole_key_filtering(True)
     table = BlockBasedOptions()
     table.set_block_cache(cache)
     table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
@@ -179,6 +188,11 @@ class ContactReplica:
         self.partition = partition
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = Rdict(str(path), options=_options(cache or Cache(SHARED_BLOCK_CACHE_BYTES)))
+        # No write-ahead log: see the module docstring (a crash loses only a suffix).
+        unlogged = WriteOptions()
+        # rocksdict's stubs declare a method; the binding has a property.
+        unlogged.disable_wal = True  # type: ignore[method-assign,assignment]
+        self.db.set_write_options(unlogged)
         self.lock = threading.Lock()
         self._own_readers = readers is None
         self._readers = readers or ReaderPool(settings, size=1)
@@ -219,17 +233,19 @@ class ContactReplica:
             moved_at = time.monotonic()
             while until is None or position < until:
                 batch = consumer.consume(BATCH_SIZE, POLL_SECONDS)
-                records = []
+                records: list[Message] = []
                 end: int | None = None
                 for msg in batch:
                     error = msg.error()
                     if error is None:
-                        records.append((msg.offset() or 0, msg.key(), msg.value()))
+                        records.append(msg)
                     elif error.code() == KafkaError._PARTITION_EOF:
                         end = msg.offset()
                     else:
                         raise KafkaException(error)
-                after = next_position(position, [offset for offset, _, _ in records], end)
+                # One partition's records come in offset order: the last one is the furthest.
+                last = [records[-1].offset() or 0] if records else []
+                after = next_position(position, last, end)
                 if after > position:
                     moved_at = time.monotonic()
                     # The fold and the offset it reaches in one write, records or none.
@@ -246,35 +262,52 @@ class ContactReplica:
             consumer.unassign()
         return position
 
-    def _apply(self, records: Iterable[tuple[int, bytes | None, bytes | None]], next_offset: int) -> int:
+    def _apply(self, records: Sequence[Message], next_offset: int) -> int:
         """Fold a batch into the database atomically with `next_offset`, where the partition
         is read up to (past the batch's records, and any transaction markers after them)."""
-        events = []
-        for offset, key, value in records:
+        offsets: list[int] = []
+        keys: list[bytes] = []
+        events: list[ContactEvent | Upsert] = []
+        for msg in records:
+            key = msg.key()
             if key is None:
                 continue
             try:
-                event = contact_event(value)
+                event = contact_event(msg.value())
             except SchemaViolation as exc:
-                log.warning("contact record skipped", partition=self.partition, offset=offset,
+                log.warning("contact record skipped", partition=self.partition, offset=msg.offset(),
                             reason=str(exc))
                 continue
             if event is not None:
-                events.append((offset, key, event))
+                offsets.append(msg.offset() or 0)
+                keys.append(key)
+                events.append(event)
         # The batch's stored contacts in ONE multi-get, not a look-up per record.
-        keys: list[str | int | float | bytes | bool] = list(dict.fromkeys(key for _, key, _ in events))
-        found = cast(list[bytes | None], self.db.get(keys)) if keys else []
-        touched: dict[bytes, StoredContact | None] = {
-            cast(bytes, key): orjson.loads(raw) if raw is not None else None
-            for key, raw in zip(keys, found, strict=True)}
-        for offset, key, event in events:
-            stored = apply_record(touched[key], event, offset=offset, partition=self.partition)
-            if stored is not None:
-                touched[key] = stored
+        unique = list(dict.fromkeys(keys))
+        found = cast(list[bytes | None], self.db.get(cast(list[str | int | float | bytes | bool], unique))
+                     ) if unique else []
         batch = WriteBatch(raw_mode=True)
-        for key, stored in touched.items():
-            if stored is not None:
-                batch.put(key, orjson.dumps(stored))
+        if len(unique) == len(keys):
+            # Each key once (an import): a new contact's upsert is encoded straight to bytes.
+            for key, raw, offset, event in zip(keys, found, offsets, events, strict=True):
+                if raw is None and isinstance(event, Upsert):
+                    batch.put(key, new_contact(event, offset=offset, partition=self.partition))
+                    continue
+                stored = apply_record(orjson.loads(raw) if raw is not None else None, event,
+                                      offset=offset, partition=self.partition)
+                if stored is not None:
+                    batch.put(key, encode_stored(stored))
+        else:
+            touched: dict[bytes, StoredContact | None] = {
+                key: orjson.loads(raw) if raw is not None else None
+                for key, raw in zip(unique, found, strict=True)}
+            for key, offset, event in zip(keys, offsets, events, strict=True):
+                stored = apply_record(touched[key], event, offset=offset, partition=self.partition)
+                if stored is not None:
+                    touched[key] = stored
+            for key, folded in touched.items():
+                if folded is not None:
+                    batch.put(key, encode_stored(folded))
         batch.put(NEXT_OFFSET_KEY, str(next_offset).encode())
         self.db.write(batch)
         return next_offset
