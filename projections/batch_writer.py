@@ -28,7 +28,7 @@ import psycopg
 
 from projections import erase, lists_projection, segment_projection
 from projections.read_models import BatchChanges, ContactKey, RecipientRow
-from schemas.contacts import ContactDeleted, ContactState, fold_contact
+from schemas.contacts import ContactState, fold_contact
 
 # Ensure a row per campaign of the batch (an insert racing ours waits for it, then does
 # nothing).
@@ -426,7 +426,7 @@ def apply(conn: psycopg.Connection[Any], changes: BatchChanges) -> list[tuple[st
 def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> list[ContactKey]:
     """Fold each touched contact's events over its stored state, then store the result: the
     contacts row with its memberships, and its profile (segment_projection). Returns the
-    contacts the batch deleted (and left deleted), for the erase (projections/erase.py).
+    contacts the batch touched that are deleted now, for the erase (projections/erase.py).
 
     One fold serves both tables where their stored rows agree (both there with the same
     deleted flag, or neither): apply_contact_event moves each field by the event and that
@@ -473,5 +473,7 @@ def _write_contacts(cur: psycopg.Cursor[Any], changes: BatchChanges) -> list[Con
             cur.execute(_ADD_MEMBERSHIPS, ([m[0] for m in members], [m[1] for m in members],
                                            [m[2] for m in members]))
     segment_projection.store_profiles(cur, profiles)
-    return [key for key, s in kept if s.deleted
-            and any(isinstance(e, ContactDeleted) for e in changes.contacts[key])]
+    # Every touched contact left deleted, also one a flag made without an upsert (stored
+    # address-less as deleted): the erase of staged rows (erase.forget_staged) treats such a
+    # contact as erased too, so live and rebuilt read models agree whatever the topics' order.
+    return [key for key, s in kept if s.deleted]

@@ -120,8 +120,16 @@ def erase_contacts(cur: psycopg.Cursor[Any], keys: Sequence[ContactKey]) -> None
         return
     ordered = sorted(keys)
     columns = ([t for t, _ in ordered], [c for _, c in ordered])
-    for statement in (_RECIPIENTS, _ATTEMPTS, _LEDGER, _ENGAGEMENT, _OUTBOX):
+    for statement in (_RECIPIENTS, _ATTEMPTS, _ENGAGEMENT):
         cur.execute(statement, columns)
+    # The sender's ledger and the API's outbox are not read models: a rebuild's schema has
+    # neither (its search_path finds none), and the live projector erases them already.
+    row = cur.execute("SELECT to_regclass('send_ledger'), to_regclass('command_outbox')").fetchone()
+    ledger, outbox = row if row else (None, None)
+    if ledger is not None:
+        cur.execute(_LEDGER, columns)
+    if outbox is not None:
+        cur.execute(_OUTBOX, columns)
 
 
 def forget_staged(cur: psycopg.Cursor[Any]) -> None:

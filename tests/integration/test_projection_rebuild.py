@@ -25,9 +25,12 @@ from projections.lanes import run_lanes
 from projections.migrate import apply_migrations
 from projections.projector import lane_projectors, projector_for
 from projections.rebuild import READ_MODEL_TABLES, RebuildRefused, rebuild
+from schemas.contacts import ContactDeleted, ContactUpserted
+from schemas.envelope import encode, wrap
 from schemas.events import CampaignPaused
 from services.cli.main import app as cli
 from services.common.settings import Settings
+from services.common.topics import CONTACTS
 from tests.integration.test_engagement_projection import (
     delivered_campaign,
     engagement_stream,
@@ -222,6 +225,28 @@ def test_engagement_events_rebuilt_equal_the_live_ones(own_db: Settings) -> None
     with pytest.raises(RebuildRefused, match="engagement_events 1 rows"):
         rebuild(own_db)
     assert rebuild(own_db, force=True).swapped
+    assert snapshot(own_db.database_url) == before
+
+
+def test_a_deletion_is_rebuilt_erased_as_it_was_live(own_db: Settings) -> None:
+    c = delivered_campaign(own_db, 3)
+
+    def contact_event(payload: ContactUpserted | ContactDeleted, minute: int):
+        value = encode(wrap(payload, tenant_id=c.tenant, aggregate_id=payload.contact_id,
+                            occurred_at=T0 + timedelta(minutes=minute)))
+        return CONTACTS, f"{c.tenant}:{payload.contact_id}", value
+
+    produce(own_db, [contact_event(ContactUpserted(contact_id="c0", email="c0@example.com",
+                                                   first_name="Zoe"), 1),
+                     contact_event(ContactDeleted(contact_id="c0"), 2)])
+    live_projection(own_db)
+    before = snapshot(own_db.database_url)
+    emails = {row[2]: row[3] for row in before["campaign_recipients"]}
+    assert emails == {"c0": "", "c1": "c1@example.com", "c2": "c2@example.com"}
+
+    report = rebuild(own_db)  # the erase runs in the rebuild's schema too
+
+    assert report.equal and report.swapped
     assert snapshot(own_db.database_url) == before
 
 
