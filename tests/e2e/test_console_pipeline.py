@@ -2,8 +2,9 @@
 the gateway and the real pipeline (command handler, hydrator, sender, projector, completion as
 processes) to the SMTP sink, and the campaign page then shows 100 % and completed. Once over
 HTTP, once in headless Chromium (Debian's chromium + chromedriver, installed by .ci/run): a
-person picks the audience with the picker from the keyboard (its live estimate updates),
-previews, sends and watches it finish, then pauses and resumes a second, rate-limited
+person imports the readers from a CSV on the import page (one bad row reported), picks the
+audience with the picker from the keyboard (its live estimate updates),
+previews, test-sends, sends and watches it finish, then pauses and resumes a second, rate-limited
 campaign and sees it finish too; every control on the pages has a label; screenshots at 1280
 and 390 px stay under the test's tmp dir."""
 
@@ -52,9 +53,10 @@ class Console:
 
 
 @contextmanager
-def console_on_pipeline(settings, slow_list: bool = False) -> Iterator[Console]:
+def console_on_pipeline(settings, slow_list: bool = False, import_readers: bool = False) -> Iterator[Console]:
+    """`import_readers`: the readers are left for the test to import through the console."""
     tenant, key, list_id = f"t-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, "vip"
-    members = [(f"reader{i}@example.org", list_id) for i in range(RECIPIENTS)]
+    members = [] if import_readers else [(f"reader{i}@example.org", list_id) for i in range(RECIPIENTS)]
     if slow_list:
         members += [(f"slow{i}@example.org", SLOW_LIST) for i in range(SLOW_RECIPIENTS)]
     records = []
@@ -149,7 +151,8 @@ def test_a_browser_picks_an_audience_sends_then_pauses_and_resumes_another(setti
     def wait_for(element_id: str, name: str, wanted: str, timeout: float = DONE_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while attribute(element_id, name) != wanted:
-            assert time.monotonic() < deadline, f"#{element_id} {name} never became {wanted!r}"
+            assert time.monotonic() < deadline, (
+                f"#{element_id} {name} never became {wanted!r}:\n{browser.find_element('tag name', 'main').text}")
             for p in console.procs:
                 assert p.running(), f"{p.service} died:\n{p.log_tail()}"
             time.sleep(0.3)
@@ -175,11 +178,25 @@ def test_a_browser_picks_an_audience_sends_then_pauses_and_resumes_another(setti
         return browser.current_url.split("/console/campaigns/")[1].split("?")[0]
 
     unlabelled: list[str] = []
-    with console_on_pipeline(settings, slow_list=True) as console:
+    readers = tmp_path / "readers.csv"
+    readers.write_text("email,first_name\n" + "".join(f"reader{i}@example.org,R{i}\n" for i in range(RECIPIENTS))
+                       + "not an address,Nobody\n", encoding="utf-8")
+    with console_on_pipeline(settings, slow_list=True, import_readers=True) as console:
         browser.set_window_size(1280, 900)
         browser.get(f"{console.base}/console/signin")
         fill("api_key", console.key)
         browser.find_element("css selector", "form[action='/console/signin'] button").click()
+        # The readers come in as a person imports them: a CSV uploaded on the import page.
+        browser.find_element("link text", "Import CSV").click()
+        browser.find_element("id", "file").send_keys(str(readers))
+        fill("list_id", console.list_id)
+        unlabelled.extend(browser.execute_script(UNLABELLED_JS))
+        browser.find_element("css selector", "form[action='/console/imports'] button").click()
+        wait_for("import-progress", "data-state", "done", timeout=60)
+        imported = browser.find_element("css selector", "#import-progress .imported").text
+        rejected = browser.find_element("css selector", "#import-progress .rejected").text
+        rejected_lines = browser.find_element("css selector", "table.rejected-rows td").text
+        browser.save_screenshot(str(tmp_path / "import-1280.png"))
         browser.find_element("link text", "Lists").click()
         # The contacts were just published: reload until the projector has them all.
         deadline = time.monotonic() + 60
@@ -208,6 +225,15 @@ def test_a_browser_picks_an_audience_sends_then_pauses_and_resumes_another(setti
         first = browser.current_url.split("/console/campaigns/")[1].split("?")[0]
         assert attribute("estimate", "data-mailable") == str(RECIPIENTS), "audience not carried"
         unlabelled.extend(browser.execute_script(UNLABELLED_JS))
+        fill("test-addresses", "proof@example.org")
+        browser.find_element("css selector", f"form[action$='/{first}/test'] button").click()
+        deadline = time.monotonic() + 60
+        while not (proofs := [m for m in console.sink.messages if m["rcpt_tos"] == ["proof@example.org"]]):
+            assert time.monotonic() < deadline, "the test send never reached the sink"
+            time.sleep(0.3)
+        # The test send's answer is the campaign page afresh: the audience is picked again.
+        pick_list(console.list_id)
+        wait_for("estimate", "data-mailable", str(RECIPIENTS), timeout=15)
         browser.find_element("id", "send-now").click()
         wait_for("progress", "data-status", "completed")
         browser.refresh()  # the chart is drawn when the page is rendered
@@ -240,9 +266,12 @@ def test_a_browser_picks_an_audience_sends_then_pauses_and_resumes_another(setti
         browser.find_element("css selector", f"form[action$='/{second}/resume'] button").click()
         wait_for("progress", "data-status", "completed")
         rejections = browser.find_element("css selector", "ul.rejections").text
-        mails = [m for m in console.sink.messages if header(m, "X-Campaign-ID") == first]
+        mails = [m for m in console.sink.messages
+                 if header(m, "X-Campaign-ID") == first and m["rcpt_tos"] != ["proof@example.org"]]
         slow_mails = {m["rcpt_tos"][0] for m in console.sink.messages if header(m, "X-Campaign-ID") == second}
 
+    assert (imported, rejected, rejected_lines) == (str(RECIPIENTS), "1", str(RECIPIENTS + 2))
+    assert len(proofs) == 1
     assert preview == "Hi Ada"
     assert percent == "100.0" and len(mails) == RECIPIENTS and chart == str(RECIPIENTS)
     assert chart_height > 100, f"the chart is drawn {chart_height} px high"
