@@ -114,7 +114,8 @@ WHERE c.tenant_id = %s AND ({predicate}) IS NULL
 """)
 
 
-def _state(row: tuple[Any, ...]) -> ContactState:
+def contact_state_of(row: tuple[Any, ...]) -> ContactState:
+    """The contact of one row of the undecided-contacts query (contacts joined with profiles)."""
     contact_id, email, first, last, attributes, lists, deleted, unsub, suppressed, unsub_lists = row
     return ContactState(
         contact_id, email, first, last, attributes=dict(attributes), lists=frozenset(lists),
@@ -156,7 +157,7 @@ def count_segment(
         with conn.cursor(name=f"undecided_{segment.segment_id[:40]}") as cur:
             cur.itersize = FALLBACK_FETCH_ROWS
             cur.execute(_UNDECIDED.format(predicate=predicate), (tenant_id,))
-            extra = _python_tally((_state(r) for r in cur), segment.criteria, now)
+            extra = _python_tally((contact_state_of(r) for r in cur), segment.criteria, now)
         matching, deleted, suppressed, unsubscribed = (
             a + b for a, b in zip((matching, deleted, suppressed, unsubscribed), extra, strict=True))
     return SegmentCounts(

@@ -271,25 +271,6 @@ def daily_sends(
 
 
 @dataclass(frozen=True, slots=True)
-class ListCountsRow:
-    list_id: str
-    members: int
-    mailable: int
-    unsubscribed: int
-    suppressed: int
-
-
-def list_counts(conn: psycopg.Connection[Any], tenant_id: str) -> list[ListCountsRow]:
-    """Members per list of the tenant (from contacts.events), by list id."""
-    rows = conn.execute(
-        "SELECT list_id, members, mailable, unsubscribed, suppressed FROM analyst_list_counts"
-        " WHERE tenant_id = %s ORDER BY list_id",
-        (tenant_id,),
-    ).fetchall()
-    return [ListCountsRow(*row) for row in rows]
-
-
-@dataclass(frozen=True, slots=True)
 class ListRow:
     """A list that is not deleted: created (with its name) or implicit (named by memberships
     only: `name` and `created_at` None), with its member counts."""

@@ -30,7 +30,7 @@ from projections.segment_counts import (
     FALLBACK_FETCH_ROWS,
     CountsUnavailable,
     SegmentDefinition,
-    _state,  # noqa: PLC2701 - the segment counts' own row-to-state fold, shared on purpose
+    contact_state_of,
     segment_definitions,
 )
 from projections.segment_sql import compile_criteria
@@ -217,7 +217,7 @@ def _resolve_undecided(conn: psycopg.Connection[Any], tenant_id: str, choice: Au
         cur.itersize = FALLBACK_FETCH_ROWS
         cur.execute(_UNDECIDED_ROWS.format(**parts))
         # One partition, every contact known before the snapshot: the whole tenant at once.
-        stored = ((f"{tenant_id}:{row[0]}", to_stored(_state(row), partition=0, first_offset=0))
+        stored = ((f"{tenant_id}:{row[0]}", to_stored(contact_state_of(row), partition=0, first_offset=0))
                   for row in cur)
         for _, _, reason in resolve_audience(stored, tenant_id=tenant_id, partition=0,
                                              audience=audience, snapshot_offset=1, now=now):

@@ -216,7 +216,7 @@ def _picker(pool: Pool, tenant: str, choice: AudienceChoice) -> dict[str, Any]:
     """What the picker offers (the tenant's lists with counts, its segments), the choice and
     its estimate."""
     with queries.tenant_snapshot(pool, tenant) as conn:
-        lists = queries.list_counts(conn, tenant)
+        lists = queries.tenant_lists(conn, tenant)
         try:
             segments = segment_definitions(conn, tenant)
         except CountsUnavailable:  # unreadable criteria: offer none rather than fail the page
@@ -536,7 +536,7 @@ def contact(request: Request, contact_id: str) -> Response:
 def lists(request: Request) -> Response:
     tenant = _require(request)
     with queries.tenant_snapshot(pool_of(request), tenant) as conn:
-        found = queries.list_counts(conn, tenant)
+        found = queries.tenant_lists(conn, tenant)
     return page(request, "lists.html", lists=found)
 
 
@@ -546,7 +546,7 @@ def list_page(request: Request, list_id: str, after: str | None = None) -> Respo
     tenant = _require(request)
     list_id = _checked_id(list_id)
     with queries.tenant_snapshot(pool_of(request), tenant) as conn:
-        counts = next((r for r in queries.list_counts(conn, tenant) if r.list_id == list_id), None)
+        counts = next(iter(queries.tenant_lists(conn, tenant, list_id)), None)
         members, more = audience.list_members(conn, tenant, list_id, after=after or None,
                                               limit=LIST_MEMBERS_PAGE)
     if counts is None:
