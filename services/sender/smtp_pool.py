@@ -66,12 +66,19 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt, Stage, Verdict, classify_failure, classify_reply
-from services.sender.smtp_commands import CRLF, CommandChannel, InvalidPath, mailbox_path
+from services.sender.smtp_commands import (
+    CRLF,
+    CommandChannel,
+    InvalidPath,
+    WriteFailed,
+    mailbox_path,
+)
 
 # Every socket operation (connect, each command, each reply) gives up after this long: it
 # guards against a relay that accepts the connection and then hangs, which would otherwise
@@ -88,6 +95,10 @@ NOOP_AFTER_IDLE_SECONDS = 15.0
 MAX_IDLE_SECONDS = 120.0
 _END_OF_DATA = b".\r\n"
 _DATA_COMMAND = b"DATA\r\n"
+_RSET_COMMAND = b"RSET\r\n"
+# One write carries the transactions of several mails up to this many content bytes (at
+# least one mail): bounds the mails one lost connection leaves ambiguous, and the buffer.
+GROUP_WRITE_BYTES = 256 * 1024
 # The outcome of a mail whose envelope needs SMTPUTF8 (RFC 6531: an internationalised local
 # part) on a relay that does not offer it. Domains never need it: they go out in IDNA form.
 SMTPUTF8_REFUSAL = "smtputf8 not offered by relay: the address has a non-ASCII local part"
@@ -227,16 +238,52 @@ class SmtpConnection:
             result = self._send_once(mail)
         return result
 
+    def send_many(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
+        """`send` of each mail, in order; on a session that chunks, several transactions per
+        write (see the module docstring: what a loss in the middle means for each mail)."""
+        results: list[RelayResult] = []
+        start = 0
+        while start < len(mails):
+            end, size = start + 1, len(mails[start].content)
+            while end < len(mails) and size + len(mails[end].content) <= GROUP_WRITE_BYTES:
+                size += len(mails[end].content)
+                end += 1
+            results += self._send_group(mails[start:end])
+            start = end
+        return results
+
+    def _send_group(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
+        if len(mails) == 1:
+            return [self.send(mails[0])]
+        reused = self._smtp is not None and self._check_out()
+        try:
+            smtp = self._session()
+        except _SetupFailed as failed:
+            # Nothing was written: every mail of the group may go to another relay.
+            self.close()
+            return [_setup_result(failed)] * len(mails)
+        if not self._chunking:
+            return [self.send(mail) for mail in mails]
+        try:
+            attempts, unwritten = self._chunked_group(smtp, mails)
+        finally:
+            self._last_used = time.monotonic()
+        results = [RelayResult(attempt) for attempt in attempts]
+        if reused and unwritten:
+            # The pooled session died before these mails went out: a fresh session, once.
+            self.replaced += 1
+            for index, result in zip(unwritten, self._send_group([mails[i] for i in unwritten]),
+                                     strict=True):
+                results[index] = result
+        return results
+
     def _send_once(self, mail: OutgoingMail) -> RelayResult:
         self._lost_unaccepted = False
         try:
             smtp = self._session()
         except _SetupFailed as failed:
             self.close()
-            attempt = classify_failure(Stage.CONNECT, failed.error)
-            if failed.phase is not SetupPhase.CONNECT:
-                attempt = replace(attempt, text=str(failed))
-            return RelayResult(attempt, failed.phase)
+            return _setup_result(failed)
         try:
             return RelayResult(self._transaction(smtp, mail))
         finally:
@@ -268,26 +315,17 @@ class SmtpConnection:
         return False
 
     def _transaction(self, smtp: smtplib.SMTP, mail: OutgoingMail) -> Attempt:
-        encoding = "ascii"
-        options = ""
-        if mail.needs_smtputf8:
-            if not smtp.has_extn("smtputf8"):
-                # Permanent for this relay, not a retry: asking again gets the same EHLO.
-                return Attempt(Verdict.PERMANENT, None, SMTPUTF8_REFUSAL)
-            encoding, options = "utf-8", " SMTPUTF8"
-        try:
-            sender, recipient = mailbox_path(mail.sender), mailbox_path(mail.recipient)
-        except InvalidPath as exc:
-            return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
+        lines = _envelope_lines(smtp, mail)
+        if isinstance(lines, Attempt):
+            return lines
+        mail_from, rcpt_to, encoding = lines
         channel = self._channel
         assert channel is not None  # set together with the session
         if self._chunking:
-            return self._chunked(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
-                                 encoding, mail.content)
+            return self._chunked(channel, mail_from, rcpt_to, encoding, mail.content)
         envelope = self._pipelined_envelope if self._pipelining else self._envelope
         try:
-            refusal = envelope(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
-                               encoding)
+            refusal = envelope(channel, mail_from, rcpt_to, encoding)
         except UnicodeError as exc:
             self.close()
             return classify_failure(Stage.ENVELOPE, exc)
@@ -380,35 +418,86 @@ class SmtpConnection:
             self._lost_unaccepted = _connection_lost(exc)
             self._abandon()
             return classify_failure(Stage.CONTENT, exc)
-        refused: tuple[int, bytes] | None = None
-        code, text = -1, b""
-        for accepted in ((250,), (250, 251), None):
-            try:
-                code, text = channel.reply()
-            except (smtplib.SMTPException, OSError) as exc:
-                if refused is not None:
-                    # The refusal already came (e.g. 421, then the relay hung up): it is the
-                    # outcome, as in `_pipelined_envelope`.
-                    self._abandon()
-                    return _refusal(*refused)
-                # Everything was written and no refusal came: a relay may hold its MAIL and
-                # RCPT replies until the chunk's (RFC 2920), so it may have taken the message.
-                self._abandon()
-                return classify_failure(Stage.FINAL_REPLY, exc)
-            if refused is None and accepted is not None and code not in accepted:
-                refused = (code, text)
-        if refused is None:
-            outcome = classify_reply(code, text)
-            if outcome.verdict is not Verdict.SENT:
-                self._reset(channel)  # the message was refused: start the next one clean
-            return outcome
-        if 200 <= code < 300:
-            # The chunk was accepted although MAIL or RCPT was refused: a confused relay,
-            # not trusted with another transaction on this session.
+        try:
+            outcome, after = _chunk_replies(channel)
+        except _LostAfterRefusal as lost:
             self._abandon()
-        else:
-            self._reset(channel)  # MAIL may still be open (RCPT refused)
-        return _refusal(*refused)
+            return lost.refusal
+        except (smtplib.SMTPException, OSError) as exc:
+            self._abandon()
+            return classify_failure(Stage.FINAL_REPLY, exc)
+        if after is _After.ABANDON:
+            self._abandon()
+        elif after is _After.RESET:
+            self._reset(channel)
+        return outcome
+
+    def _chunked_group(self, smtp: smtplib.SMTP, mails: Sequence[OutgoingMail],
+                       ) -> tuple[list[Attempt], list[int]]:
+        """Several `_chunked` transactions in one write (RFC 2920 allows pipelining across
+        transactions), each after the first preceded by RSET, so a refused one can never
+        leave its MAIL open for the next; then every reply in order. Returns each mail's
+        attempt and the positions of the mails lost before any of their bytes reached the
+        kernel (the relay cannot have taken them)."""
+        channel = self._channel
+        assert channel is not None  # set together with the session
+        attempts: list[Attempt | None] = [None] * len(mails)
+        parts: list[bytes] = []
+        ends: list[tuple[int, int]] = []  # (position of a written mail, its last byte + 1)
+        size = 0
+        for index, mail in enumerate(mails):
+            lines = _envelope_lines(smtp, mail)
+            if isinstance(lines, Attempt):
+                attempts[index] = lines
+                continue
+            mail_from, rcpt_to, encoding = lines
+            try:
+                head = (mail_from.encode(encoding) + CRLF + rcpt_to.encode(encoding) + CRLF
+                        + b"BDAT %d LAST\r\n" % len(mail.content))
+            except UnicodeError as exc:
+                attempts[index] = classify_failure(Stage.ENVELOPE, exc)
+                continue
+            if ends:
+                head = _RSET_COMMAND + head
+            parts += (head, mail.content)
+            size += len(head) + len(mail.content)
+            ends.append((index, size))
+        unwritten: list[int] = []
+        try:
+            channel.write(b"".join(parts))
+        except WriteFailed as exc:
+            self._abandon()
+            for index, end in ends:
+                if end <= exc.written:  # handed over whole: the relay may have taken it
+                    attempts[index] = classify_failure(Stage.FINAL_REPLY, exc)
+                else:
+                    attempts[index] = classify_failure(Stage.CONTENT, exc)
+                    unwritten.append(index)
+            return _decided(attempts), unwritten
+        trusted, after = True, _After.CLEAN
+        for position, (index, _) in enumerate(ends):
+            try:
+                if position and channel.reply()[0] != 250:
+                    # The previous transaction may still be open: a refusal now could be
+                    # its doing, not this mail's; and the session is not used again.
+                    trusted = False
+                outcome, after = _chunk_replies(channel)
+            except (_LostAfterRefusal, smtplib.SMTPException, OSError) as exc:
+                self._abandon()
+                attempts[index] = (exc.refusal if isinstance(exc, _LostAfterRefusal)
+                                   else classify_failure(Stage.FINAL_REPLY, exc))
+                for later, _ in ends[position + 1:]:  # written, never answered
+                    attempts[later] = classify_failure(Stage.FINAL_REPLY, exc)
+                return _decided(attempts), unwritten
+            if not trusted and outcome.verdict is Verdict.PERMANENT:
+                outcome = replace(outcome, verdict=Verdict.TRANSIENT)
+            trusted = trusted and after is not _After.ABANDON
+            attempts[index] = outcome
+        if not trusted:
+            self._abandon()
+        elif after is _After.RESET:
+            self._reset(channel)  # the last transaction: no RSET went out behind it
+        return _decided(attempts), unwritten
 
     def _refused(self, channel: CommandChannel, code: int, text: bytes) -> Attempt:
         self._reset(channel)
@@ -506,6 +595,79 @@ class SmtpConnection:
             smtp.close()
 
 
+class _After(enum.Enum):
+    """What a session needs after a chunked transaction's replies."""
+
+    CLEAN = "clean"  # nothing: the next transaction may follow
+    RESET = "reset"  # RSET first: refused, MAIL may still be open
+    ABANDON = "abandon"  # close it: a confused relay (a chunk taken after a refusal)
+
+
+class _LostAfterRefusal(Exception):
+    """The connection was lost after the transaction's refusal came: the refusal stands."""
+
+    def __init__(self, refusal: Attempt) -> None:
+        super().__init__(refusal.reply)
+        self.refusal = refusal
+
+
+def _chunk_replies(channel: CommandChannel) -> tuple[Attempt, _After]:
+    """The outcome of MAIL, RCPT and BDAT LAST from their three replies, and what the session
+    needs next. Raises the channel's errors when the connection is lost before a refusal came
+    (the relay may have taken the message: RFC 2920 lets it hold the MAIL and RCPT replies
+    until the chunk's), `_LostAfterRefusal` when it is lost after one (e.g. 421 and hang up)."""
+    refused: tuple[int, bytes] | None = None
+    code, text = -1, b""
+    for accepted in ((250,), (250, 251), None):
+        try:
+            code, text = channel.reply()
+        except (smtplib.SMTPException, OSError):
+            if refused is not None:
+                raise _LostAfterRefusal(_refusal(*refused)) from None
+            raise
+        if refused is None and accepted is not None and code not in accepted:
+            refused = (code, text)
+    if refused is None:
+        outcome = classify_reply(code, text)
+        # A refused message: the next one starts clean.
+        return outcome, _After.CLEAN if outcome.verdict is Verdict.SENT else _After.RESET
+    if 200 <= code < 300:
+        # The chunk was accepted although MAIL or RCPT was refused: a confused relay, not
+        # trusted with another transaction on this session.
+        return _refusal(*refused), _After.ABANDON
+    return _refusal(*refused), _After.RESET  # MAIL may still be open (RCPT refused)
+
+
+def _envelope_lines(smtp: smtplib.SMTP, mail: OutgoingMail) -> tuple[str, str, str] | Attempt:
+    """MAIL FROM and RCPT TO of `mail` and their encoding, or the permanent failure that
+    keeps it off this relay (SMTPUTF8 needed and not offered, an unusable address)."""
+    encoding = "ascii"
+    options = ""
+    if mail.needs_smtputf8:
+        if not smtp.has_extn("smtputf8"):
+            # Permanent for this relay, not a retry: asking again gets the same EHLO.
+            return Attempt(Verdict.PERMANENT, None, SMTPUTF8_REFUSAL)
+        encoding, options = "utf-8", " SMTPUTF8"
+    try:
+        sender, recipient = mailbox_path(mail.sender), mailbox_path(mail.recipient)
+    except InvalidPath as exc:
+        return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
+    return f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}", encoding
+
+
+def _decided(attempts: list[Attempt | None]) -> list[Attempt]:
+    assert all(attempt is not None for attempt in attempts)  # every position was decided
+    return attempts  # type: ignore[return-value]
+
+
+def _setup_result(failed: _SetupFailed) -> RelayResult:
+    """The result of a mail whose session could not be set up: nothing was sent."""
+    attempt = classify_failure(Stage.CONNECT, failed.error)
+    if failed.phase is not SetupPhase.CONNECT:
+        attempt = replace(attempt, text=str(failed))
+    return RelayResult(attempt, failed.phase)
+
+
 def _readable(sock: socket.socket) -> bool:
     """The relay said something (or closed) while nobody asked: the socket is readable, or a
     TLS record is waiting decrypted. Never blocks."""
@@ -592,6 +754,24 @@ class SmtpPool:
             with available:
                 self._idle.append(connection)
                 available.notify()
+
+    def send_many(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
+        """`send` of each mail, in order, over one free connection (several transactions per
+        write when the relay chunks: `SmtpConnection.send_many`)."""
+        available = self._available
+        with available:
+            while not self._idle:
+                available.wait()
+            connection = self._idle.pop()
+        try:
+            return connection.send_many(mails)
+        finally:
+            with available:
+                self._idle.append(connection)
+                available.notify()
+
+    def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
+        return [result.attempt for result in self.send_many(mails)]
 
     def close(self) -> None:
         """QUIT every idle connection (call when no thread is transmitting)."""

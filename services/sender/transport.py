@@ -6,11 +6,16 @@ to close. `SmtpPool` (one relay, services/sender/smtp_pool.py) satisfies it, and
 `RelayRouter` (several relays routed by From domain, with failover; services/sender/relays.py).
 `relays.transport_factory` picks one of them from the environment at start-up, wrapped in
 `TimedTransport`, which records each transaction's duration per routed relay.
+
+Several mails may go in one call (`transmit_all`): a transport that has `transmit_many` (both
+of the above) carries them over one session, several transactions per write when the relay
+chunks; any other is called once per mail. Either way each mail gets its own attempt, in order.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from services.common.metrics import SMTP_TRANSACTION_SECONDS
@@ -58,5 +63,30 @@ class TimedTransport:
                 histogram = self._histograms[relay] = SMTP_TRANSACTION_SECONDS.labels(relay=relay)
             histogram.observe(time.perf_counter() - started)
 
+    def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
+        """`transmit_all` on the inner transport; each mail observes an equal share of the
+        call's duration (its transactions were written and answered together)."""
+        started = time.perf_counter()
+        try:
+            return transmit_all(self.inner, mails)
+        finally:
+            share = (time.perf_counter() - started) / max(1, len(mails))
+            for mail in mails:
+                relay = self.inner.server_for(mail.sender)
+                histogram = self._histograms.get(relay)
+                if histogram is None:
+                    histogram = self._histograms[relay] = SMTP_TRANSACTION_SECONDS.labels(
+                        relay=relay)
+                histogram.observe(share)
+
     def close(self) -> None:
         self.inner.close()
+
+
+def transmit_all(transport: MailTransport, mails: Sequence[OutgoingMail]) -> list[Attempt]:
+    """One attempt per mail, in order: by `transmit_many` when the transport has it."""
+    many = getattr(transport, "transmit_many", None)
+    if many is not None and len(mails) > 1:
+        attempts: list[Attempt] = many(mails)
+        return attempts
+    return [transport.transmit(mail) for mail in mails]
