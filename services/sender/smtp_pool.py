@@ -43,6 +43,18 @@ Guarantees:
   RCPT replies for the chunk's), where with DATA a loss before the 354 is a plain transient
   failure. A refusal of MAIL or RCPT is the outcome as before (the relay drops the chunk);
   after any refusal the session is reset (RSET) before the next mail.
+- `send_many` (a send thread's group of mails, one session) on such a session writes several
+  transactions at once (RFC 2920 allows pipelining across transactions), up to
+  GROUP_WRITE_BYTES of content per write, each transaction after the first preceded by RSET
+  (so a refused one never leaves its MAIL open for the next; the RSET replies are read and a
+  refused RSET makes the next mail's refusal transient and closes the session), then reads
+  every reply in order. Each mail's outcome is what `send` would give it, and a loss in the
+  middle means, per mail: its final reply was read: decided; its bytes were all handed to the
+  kernel and no final reply came: ambiguous, as for a single mail; not all of its bytes were
+  handed over: the relay cannot have taken it, so on a reused session it goes out once more
+  on a fresh one, as a single mail would (otherwise a transient failure). A session that
+  cannot be set up fails every mail of the group with `setup` (nothing was written). On a
+  session without CHUNKING the group is one `send` after the other.
 - `send` says in addition whether the relay itself could not be used (`RelayResult.setup`):
   the failure happened while setting up the session (TCP connect, greeting, EHLO, TLS, AUTH),
   before MAIL FROM, so the relay cannot have taken the message and another relay may be
@@ -520,6 +532,7 @@ class SmtpConnection:
             self._pipelining = smtp.has_extn("pipelining")
             self._chunking = self._pipelining and smtp.has_extn("chunking")
             self._smtp = smtp
+            self._last_used = time.monotonic()  # it just spoke: not idle at the next check
         return self._smtp
 
     def _connect(self) -> smtplib.SMTP:
