@@ -232,7 +232,7 @@ class RelayRouter:
                     tried[index].append(result.attempt)
                     reasons[index].append(f"{name}: {result.attempt.text}")
                 if failed:
-                    self.stats.add(name, setup_failures=len(failed),
+                    self.stats.add(name, setup_failures=1,  # one session, for the group
                                    failovers=int(has_next) * len(failed))
                     self._mark_down(name, results[pending.index(failed[0])])
                 pending = failed

@@ -16,13 +16,13 @@ from services.sender.mime import OutgoingMail
 from services.sender.replies import Verdict
 from services.sender.smtp_pool import RelayResult, SmtpPool
 from services.smtp_sink import SinkConfig, SmtpSink
+from tests.chaos.fault_kit import free_port
 from tests.integration.test_smtp_pipelining import (
     ScriptedRelay,
     _mixed_mails,
     connection,
     mail,
 )
-from tests.chaos.fault_kit import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -90,3 +90,55 @@ def test_a_slot_too_far_off_goes_to_a_delay_topic_untried() -> None:
     assert first.status is Status.SENT
     assert second.status is Status.THROTTLED and second.retry_at is not None
     assert len(transport.mails) == 1
+
+
+class GroupTransport(FakeTransport):
+    """Records each call's mails (`transmit_many`, as SmtpPool and RelayRouter have it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def transmit(self, mail: OutgoingMail) -> Attempt:
+        self.calls.append([mail.recipient])
+        return super().transmit(mail)
+
+    def transmit_many(self, mails: list[OutgoingMail]) -> list[Attempt]:
+        self.calls.append([mail.recipient for mail in mails])
+        return [super(GroupTransport, self).transmit(mail) for mail in mails]
+
+
+def work_for(campaign: str, contact: str) -> Work:
+    recipient = RECIPIENT.model_copy(update={"campaign_id": campaign, "contact_id": contact,
+                                             "email": f"{contact}@example.com"})
+    envelope = wrap(recipient, tenant_id="acme", aggregate_id=campaign)
+    return Work(cast(Message, None), envelope, recipient, recipient, 1, datetime.now(UTC), None)
+
+
+def test_a_group_goes_to_the_transport_together_without_the_recipients_stopped_by_the_check(
+) -> None:
+    board = ControlBoard()
+    board.apply("paused", CampaignPaused(reason="x"))
+    transport = GroupTransport()
+    group = [work_for("c1", "a"), work_for("paused", "b"), work_for("c1", "c")]
+    outcomes = mailer(board, transport).mail_many(group, time.monotonic())
+    assert [o.status for o in outcomes] == [Status.SENT, Status.HELD, Status.SENT]
+    assert transport.calls == [["a@example.com", "c@example.com"]]
+
+
+def test_a_recipient_waiting_for_its_slot_sends_the_ones_before_it_first() -> None:
+    transport = GroupTransport()
+    limiter = RateLimiter(tenant_limits=(1.5,))  # the second booking waits about 0.3 s
+    group = [work_for("c1", "a"), work_for("c1", "b")]
+    outcomes = mailer(ControlBoard(), transport, limiter).mail_many(group, time.monotonic())
+    assert [o.status for o in outcomes] == [Status.SENT, Status.SENT]
+    # The first went out alone, before the wait: never held back, the second never early.
+    assert transport.calls == [["a@example.com"], ["b@example.com"]]
+
+
+def test_a_transport_without_groups_is_called_once_per_mail() -> None:
+    transport = FakeTransport()
+    group = [work_for("c1", "a"), work_for("c1", "b")]
+    outcomes = mailer(ControlBoard(), transport).mail_many(group, time.monotonic())
+    assert [o.status for o in outcomes] == [Status.SENT, Status.SENT]
+    assert [m.recipient for m in transport.mails] == ["a@example.com", "b@example.com"]
