@@ -9,8 +9,8 @@ good without stopping the batch; `mail` and `mail_many` never raise for SMTP or 
 trouble.
 
 `mail_many` checks and builds its recipients one after the other and hands the mails that
-passed to the transport together (one session; several transactions per write when the relay
-chunks, services/sender/smtp_pool.py). So a recipient's check comes before the messages of the
+passed to the transport together (one session, one transaction after the other,
+services/sender/smtp_pool.py). So a recipient's check comes before the messages of the
 others of its group are built: milliseconds before its transaction instead of microseconds,
 which no guarantee above depends on (the deadline bounds when an attempt starts, by at most a
 group's build time more). A recipient that must wait for its slot sends the ones before it
@@ -83,9 +83,8 @@ class Mailer:
 
     def mail_many(self, items: Sequence[Work], started: float) -> list[Outcome]:
         """One attempt for each of `items`, in order, `mail` for each: the mails that pass
-        their check go to the transport together (one session, several transactions per
-        write when the relay chunks), except that a mail that has to wait for its rate-limit
-        slot sends those before it first, then waits."""
+        their check go to the transport together (one session), except that a mail that has
+        to wait for its rate-limit slot sends those before it first, then waits."""
         outcomes: list[Outcome | None] = [None] * len(items)
         ready: list[tuple[int, OutgoingMail]] = []
         for index, item in enumerate(items):

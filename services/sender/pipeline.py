@@ -4,7 +4,7 @@ database, the broker or the consumer.
 
 A batch of recipients is cut into chunks. A chunk is claimed in the send ledger, then its
 recipients that must be mailed go to the SMTP threads as jobs of up to `group` recipients each
-(`SendSteps.mail_many`: one session, several transactions per write when the relay chunks),
+(`SendSteps.mail_many`: one thread wake-up and one pooled session per group),
 the chunk's mails spread evenly over `spread` jobs at least, so every thread has work (no
 barrier per chunk: a thread that finishes one job takes the next, whichever chunk it belongs
 to; with `group` 1, each recipient is its own job, `SendSteps.mail`); the

@@ -17,9 +17,7 @@ Guarantees:
 - No command ever carries CR or LF from an address: `mailbox_path` refuses them (an address
   can never inject a command).
 - `send` writes its bytes whole or raises; several commands may go in one `send` (PIPELINING,
-  RFC 2920) and their replies are then read by as many `reply` calls, in order. `write` does
-  the same and, when it fails, says how many bytes the kernel had taken (`WriteFailed`): the
-  bytes after those can never have reached the server.
+  RFC 2920) and their replies are then read by as many `reply` calls, in order.
 - Given a `timeout`, every send and receive still gives up after it (a timeout reads as
   smtplib's "timed out" disconnect), but the kernel keeps the bound (SO_RCVTIMEO /
   SO_SNDTIMEO on a blocking socket) instead of Python, which polls the socket before each
@@ -46,15 +44,6 @@ _PLAIN_ADDRESS = re.compile(r'[^\s<>()"\\\[\]:;,@]+@[^\s<>()"\\\[\]:;,@]+')
 _RECV_BYTES = 4096
 # What a send or receive raises once a kernel timeout (SO_SNDTIMEO / SO_RCVTIMEO) ran out.
 _TIMED_OUT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
-
-class WriteFailed(smtplib.SMTPServerDisconnected):
-    """The connection broke during `CommandChannel.write`; `written` bytes had been handed to
-    the kernel (and may have reached the server), none after them."""
-
-    def __init__(self, written: int) -> None:
-        super().__init__("Server not connected")
-        self.written = written
 
 
 class InvalidPath(ValueError):
@@ -93,17 +82,6 @@ class CommandChannel:
             self._sock.sendall(data)
         except OSError as exc:
             raise smtplib.SMTPServerDisconnected("Server not connected") from exc
-
-    def write(self, data: bytes) -> None:
-        """Write `data` whole; raises `WriteFailed` (how far it got) when the connection breaks
-        or the kernel timeout runs out."""
-        view = memoryview(data)
-        written = 0
-        try:
-            while written < len(view):
-                written += self._sock.send(view[written:])
-        except OSError as exc:
-            raise WriteFailed(written) from exc
 
     def reply(self) -> tuple[int, bytes]:
         """The next reply: (code, text lines joined by newlines), like smtplib.getreply."""

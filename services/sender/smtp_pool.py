@@ -43,18 +43,10 @@ Guarantees:
   RCPT replies for the chunk's), where with DATA a loss before the 354 is a plain transient
   failure. A refusal of MAIL or RCPT is the outcome as before (the relay drops the chunk);
   after any refusal the session is reset (RSET) before the next mail.
-- `send_many` (a send thread's group of mails, one session) on such a session writes several
-  transactions at once (RFC 2920 allows pipelining across transactions), up to
-  GROUP_WRITE_BYTES of content per write, each transaction after the first preceded by RSET
-  (so a refused one never leaves its MAIL open for the next; the RSET replies are read and a
-  refused RSET makes the next mail's refusal transient and closes the session), then reads
-  every reply in order. Each mail's outcome is what `send` would give it, and a loss in the
-  middle means, per mail: its final reply was read: decided; its bytes were all handed to the
-  kernel and no final reply came: ambiguous, as for a single mail; not all of its bytes were
-  handed over: the relay cannot have taken it, so on a reused session it goes out once more
-  on a fresh one, as a single mail would (otherwise a transient failure). A session that
-  cannot be set up fails every mail of the group with `setup` (nothing was written). On a
-  session without CHUNKING the group is one `send` after the other.
+- `send_many` (a send thread's group of mails) is `send` of each on one session, one
+  transaction per write as above: each mail's outcome, and what a loss means for it, is
+  exactly `send`'s. Once a session cannot be set up, the group's remaining mails get the same
+  set-up failure without another try (nothing was written for them).
 - `send` says in addition whether the relay itself could not be used (`RelayResult.setup`):
   the failure happened while setting up the session (TCP connect, greeting, EHLO, TLS, AUTH),
   before MAIL FROM, so the relay cannot have taken the message and another relay may be
@@ -84,13 +76,7 @@ from pathlib import Path
 
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt, Stage, Verdict, classify_failure, classify_reply
-from services.sender.smtp_commands import (
-    CRLF,
-    CommandChannel,
-    InvalidPath,
-    WriteFailed,
-    mailbox_path,
-)
+from services.sender.smtp_commands import CRLF, CommandChannel, InvalidPath, mailbox_path
 
 # Every socket operation (connect, each command, each reply) gives up after this long: it
 # guards against a relay that accepts the connection and then hangs, which would otherwise
@@ -107,10 +93,6 @@ NOOP_AFTER_IDLE_SECONDS = 15.0
 MAX_IDLE_SECONDS = 120.0
 _END_OF_DATA = b".\r\n"
 _DATA_COMMAND = b"DATA\r\n"
-_RSET_COMMAND = b"RSET\r\n"
-# One write carries the transactions of several mails up to this many content bytes (at
-# least one mail): bounds the mails one lost connection leaves ambiguous, and the buffer.
-GROUP_WRITE_BYTES = 256 * 1024
 # The outcome of a mail whose envelope needs SMTPUTF8 (RFC 6531: an internationalised local
 # part) on a relay that does not offer it. Domains never need it: they go out in IDNA form.
 SMTPUTF8_REFUSAL = "smtputf8 not offered by relay: the address has a non-ASCII local part"
@@ -251,42 +233,16 @@ class SmtpConnection:
         return result
 
     def send_many(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
-        """`send` of each mail, in order; on a session that chunks, several transactions per
-        write (see the module docstring: what a loss in the middle means for each mail)."""
+        """`send` of each mail, in order, on this one session; once a session cannot be set
+        up, the mails after it fail the same way without trying (nothing was written for them:
+        another relay may take them), so a dead relay costs one connect timeout per group."""
         results: list[RelayResult] = []
-        start = 0
-        while start < len(mails):
-            end, size = start + 1, len(mails[start].content)
-            while end < len(mails) and size + len(mails[end].content) <= GROUP_WRITE_BYTES:
-                size += len(mails[end].content)
-                end += 1
-            results += self._send_group(mails[start:end])
-            start = end
-        return results
-
-    def _send_group(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
-        if len(mails) == 1:
-            return [self.send(mails[0])]
-        reused = self._smtp is not None and self._check_out()
-        try:
-            smtp = self._session()
-        except _SetupFailed as failed:
-            # Nothing was written: every mail of the group may go to another relay.
-            self.close()
-            return [_setup_result(failed)] * len(mails)
-        if not self._chunking:
-            return [self.send(mail) for mail in mails]
-        try:
-            attempts, unwritten = self._chunked_group(smtp, mails)
-        finally:
-            self._last_used = time.monotonic()
-        results = [RelayResult(attempt) for attempt in attempts]
-        if reused and unwritten:
-            # The pooled session died before these mails went out: a fresh session, once.
-            self.replaced += 1
-            for index, result in zip(unwritten, self._send_group([mails[i] for i in unwritten]),
-                                     strict=True):
-                results[index] = result
+        for mail in mails:
+            result = self.send(mail)
+            results.append(result)
+            if result.setup is not None:
+                results += [result] * (len(mails) - len(results))
+                break
         return results
 
     def _send_once(self, mail: OutgoingMail) -> RelayResult:
@@ -295,7 +251,10 @@ class SmtpConnection:
             smtp = self._session()
         except _SetupFailed as failed:
             self.close()
-            return _setup_result(failed)
+            attempt = classify_failure(Stage.CONNECT, failed.error)
+            if failed.phase is not SetupPhase.CONNECT:
+                attempt = replace(attempt, text=str(failed))
+            return RelayResult(attempt, failed.phase)
         try:
             return RelayResult(self._transaction(smtp, mail))
         finally:
@@ -327,17 +286,26 @@ class SmtpConnection:
         return False
 
     def _transaction(self, smtp: smtplib.SMTP, mail: OutgoingMail) -> Attempt:
-        lines = _envelope_lines(smtp, mail)
-        if isinstance(lines, Attempt):
-            return lines
-        mail_from, rcpt_to, encoding = lines
+        encoding = "ascii"
+        options = ""
+        if mail.needs_smtputf8:
+            if not smtp.has_extn("smtputf8"):
+                # Permanent for this relay, not a retry: asking again gets the same EHLO.
+                return Attempt(Verdict.PERMANENT, None, SMTPUTF8_REFUSAL)
+            encoding, options = "utf-8", " SMTPUTF8"
+        try:
+            sender, recipient = mailbox_path(mail.sender), mailbox_path(mail.recipient)
+        except InvalidPath as exc:
+            return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
         channel = self._channel
         assert channel is not None  # set together with the session
         if self._chunking:
-            return self._chunked(channel, mail_from, rcpt_to, encoding, mail.content)
+            return self._chunked(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
+                                 encoding, mail.content)
         envelope = self._pipelined_envelope if self._pipelining else self._envelope
         try:
-            refusal = envelope(channel, mail_from, rcpt_to, encoding)
+            refusal = envelope(channel, f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}",
+                               encoding)
         except UnicodeError as exc:
             self.close()
             return classify_failure(Stage.ENVELOPE, exc)
@@ -430,86 +398,35 @@ class SmtpConnection:
             self._lost_unaccepted = _connection_lost(exc)
             self._abandon()
             return classify_failure(Stage.CONTENT, exc)
-        try:
-            outcome, after = _chunk_replies(channel)
-        except _LostAfterRefusal as lost:
-            self._abandon()
-            return lost.refusal
-        except (smtplib.SMTPException, OSError) as exc:
-            self._abandon()
-            return classify_failure(Stage.FINAL_REPLY, exc)
-        if after is _After.ABANDON:
-            self._abandon()
-        elif after is _After.RESET:
-            self._reset(channel)
-        return outcome
-
-    def _chunked_group(self, smtp: smtplib.SMTP, mails: Sequence[OutgoingMail],
-                       ) -> tuple[list[Attempt], list[int]]:
-        """Several `_chunked` transactions in one write (RFC 2920 allows pipelining across
-        transactions), each after the first preceded by RSET, so a refused one can never
-        leave its MAIL open for the next; then every reply in order. Returns each mail's
-        attempt and the positions of the mails lost before any of their bytes reached the
-        kernel (the relay cannot have taken them)."""
-        channel = self._channel
-        assert channel is not None  # set together with the session
-        attempts: list[Attempt | None] = [None] * len(mails)
-        parts: list[bytes] = []
-        ends: list[tuple[int, int]] = []  # (position of a written mail, its last byte + 1)
-        size = 0
-        for index, mail in enumerate(mails):
-            lines = _envelope_lines(smtp, mail)
-            if isinstance(lines, Attempt):
-                attempts[index] = lines
-                continue
-            mail_from, rcpt_to, encoding = lines
+        refused: tuple[int, bytes] | None = None
+        code, text = -1, b""
+        for accepted in ((250,), (250, 251), None):
             try:
-                head = (mail_from.encode(encoding) + CRLF + rcpt_to.encode(encoding) + CRLF
-                        + b"BDAT %d LAST\r\n" % len(mail.content))
-            except UnicodeError as exc:
-                attempts[index] = classify_failure(Stage.ENVELOPE, exc)
-                continue
-            if ends:
-                head = _RSET_COMMAND + head
-            parts += (head, mail.content)
-            size += len(head) + len(mail.content)
-            ends.append((index, size))
-        unwritten: list[int] = []
-        try:
-            channel.write(b"".join(parts))
-        except WriteFailed as exc:
-            self._abandon()
-            for index, end in ends:
-                if end <= exc.written:  # handed over whole: the relay may have taken it
-                    attempts[index] = classify_failure(Stage.FINAL_REPLY, exc)
-                else:
-                    attempts[index] = classify_failure(Stage.CONTENT, exc)
-                    unwritten.append(index)
-            return _decided(attempts), unwritten
-        trusted, after = True, _After.CLEAN
-        for position, (index, _) in enumerate(ends):
-            try:
-                if position and channel.reply()[0] != 250:
-                    # The previous transaction may still be open: a refusal now could be
-                    # its doing, not this mail's; and the session is not used again.
-                    trusted = False
-                outcome, after = _chunk_replies(channel)
-            except (_LostAfterRefusal, smtplib.SMTPException, OSError) as exc:
+                code, text = channel.reply()
+            except (smtplib.SMTPException, OSError) as exc:
+                if refused is not None:
+                    # The refusal already came (e.g. 421, then the relay hung up): it is the
+                    # outcome, as in `_pipelined_envelope`.
+                    self._abandon()
+                    return _refusal(*refused)
+                # Everything was written and no refusal came: a relay may hold its MAIL and
+                # RCPT replies until the chunk's (RFC 2920), so it may have taken the message.
                 self._abandon()
-                attempts[index] = (exc.refusal if isinstance(exc, _LostAfterRefusal)
-                                   else classify_failure(Stage.FINAL_REPLY, exc))
-                for later, _ in ends[position + 1:]:  # written, never answered
-                    attempts[later] = classify_failure(Stage.FINAL_REPLY, exc)
-                return _decided(attempts), unwritten
-            if not trusted and outcome.verdict is Verdict.PERMANENT:
-                outcome = replace(outcome, verdict=Verdict.TRANSIENT)
-            trusted = trusted and after is not _After.ABANDON
-            attempts[index] = outcome
-        if not trusted:
+                return classify_failure(Stage.FINAL_REPLY, exc)
+            if refused is None and accepted is not None and code not in accepted:
+                refused = (code, text)
+        if refused is None:
+            outcome = classify_reply(code, text)
+            if outcome.verdict is not Verdict.SENT:
+                self._reset(channel)  # the message was refused: start the next one clean
+            return outcome
+        if 200 <= code < 300:
+            # The chunk was accepted although MAIL or RCPT was refused: a confused relay,
+            # not trusted with another transaction on this session.
             self._abandon()
-        elif after is _After.RESET:
-            self._reset(channel)  # the last transaction: no RSET went out behind it
-        return _decided(attempts), unwritten
+        else:
+            self._reset(channel)  # MAIL may still be open (RCPT refused)
+        return _refusal(*refused)
 
     def _refused(self, channel: CommandChannel, code: int, text: bytes) -> Attempt:
         self._reset(channel)
@@ -532,7 +449,6 @@ class SmtpConnection:
             self._pipelining = smtp.has_extn("pipelining")
             self._chunking = self._pipelining and smtp.has_extn("chunking")
             self._smtp = smtp
-            self._last_used = time.monotonic()  # it just spoke: not idle at the next check
         return self._smtp
 
     def _connect(self) -> smtplib.SMTP:
@@ -606,79 +522,6 @@ class SmtpConnection:
             smtp.quit()
         except (smtplib.SMTPException, OSError):
             smtp.close()
-
-
-class _After(enum.Enum):
-    """What a session needs after a chunked transaction's replies."""
-
-    CLEAN = "clean"  # nothing: the next transaction may follow
-    RESET = "reset"  # RSET first: refused, MAIL may still be open
-    ABANDON = "abandon"  # close it: a confused relay (a chunk taken after a refusal)
-
-
-class _LostAfterRefusal(Exception):
-    """The connection was lost after the transaction's refusal came: the refusal stands."""
-
-    def __init__(self, refusal: Attempt) -> None:
-        super().__init__(refusal.reply)
-        self.refusal = refusal
-
-
-def _chunk_replies(channel: CommandChannel) -> tuple[Attempt, _After]:
-    """The outcome of MAIL, RCPT and BDAT LAST from their three replies, and what the session
-    needs next. Raises the channel's errors when the connection is lost before a refusal came
-    (the relay may have taken the message: RFC 2920 lets it hold the MAIL and RCPT replies
-    until the chunk's), `_LostAfterRefusal` when it is lost after one (e.g. 421 and hang up)."""
-    refused: tuple[int, bytes] | None = None
-    code, text = -1, b""
-    for accepted in ((250,), (250, 251), None):
-        try:
-            code, text = channel.reply()
-        except (smtplib.SMTPException, OSError):
-            if refused is not None:
-                raise _LostAfterRefusal(_refusal(*refused)) from None
-            raise
-        if refused is None and accepted is not None and code not in accepted:
-            refused = (code, text)
-    if refused is None:
-        outcome = classify_reply(code, text)
-        # A refused message: the next one starts clean.
-        return outcome, _After.CLEAN if outcome.verdict is Verdict.SENT else _After.RESET
-    if 200 <= code < 300:
-        # The chunk was accepted although MAIL or RCPT was refused: a confused relay, not
-        # trusted with another transaction on this session.
-        return _refusal(*refused), _After.ABANDON
-    return _refusal(*refused), _After.RESET  # MAIL may still be open (RCPT refused)
-
-
-def _envelope_lines(smtp: smtplib.SMTP, mail: OutgoingMail) -> tuple[str, str, str] | Attempt:
-    """MAIL FROM and RCPT TO of `mail` and their encoding, or the permanent failure that
-    keeps it off this relay (SMTPUTF8 needed and not offered, an unusable address)."""
-    encoding = "ascii"
-    options = ""
-    if mail.needs_smtputf8:
-        if not smtp.has_extn("smtputf8"):
-            # Permanent for this relay, not a retry: asking again gets the same EHLO.
-            return Attempt(Verdict.PERMANENT, None, SMTPUTF8_REFUSAL)
-        encoding, options = "utf-8", " SMTPUTF8"
-    try:
-        sender, recipient = mailbox_path(mail.sender), mailbox_path(mail.recipient)
-    except InvalidPath as exc:
-        return Attempt(Verdict.PERMANENT, None, f"invalid envelope address: {exc}")
-    return f"MAIL FROM:{sender}{options}", f"RCPT TO:{recipient}", encoding
-
-
-def _decided(attempts: list[Attempt | None]) -> list[Attempt]:
-    assert all(attempt is not None for attempt in attempts)  # every position was decided
-    return attempts  # type: ignore[return-value]
-
-
-def _setup_result(failed: _SetupFailed) -> RelayResult:
-    """The result of a mail whose session could not be set up: nothing was sent."""
-    attempt = classify_failure(Stage.CONNECT, failed.error)
-    if failed.phase is not SetupPhase.CONNECT:
-        attempt = replace(attempt, text=str(failed))
-    return RelayResult(attempt, failed.phase)
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -769,8 +612,8 @@ class SmtpPool:
                 available.notify()
 
     def send_many(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
-        """`send` of each mail, in order, over one free connection (several transactions per
-        write when the relay chunks: `SmtpConnection.send_many`)."""
+        """`send` of each mail, in order, over one free connection (`SmtpConnection.send_many`):
+        one check-out per group instead of one per mail."""
         available = self._available
         with available:
             while not self._idle:
@@ -784,6 +627,7 @@ class SmtpPool:
                 available.notify()
 
     def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
+        """`transmit` of each mail, in order, over one free connection."""
         return [result.attempt for result in self.send_many(mails)]
 
     def close(self) -> None:

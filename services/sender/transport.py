@@ -8,8 +8,8 @@ to close. `SmtpPool` (one relay, services/sender/smtp_pool.py) satisfies it, and
 `TimedTransport`, which records each transaction's duration per routed relay.
 
 Several mails may go in one call (`transmit_all`): a transport that has `transmit_many` (both
-of the above) carries them over one session, several transactions per write when the relay
-chunks; any other is called once per mail. Either way each mail gets its own attempt, in order.
+of the above) carries them over one session, one transaction after the other; any other is
+called once per mail. Either way each mail gets its own attempt, in order.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class TimedTransport:
 
     def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
         """`transmit_all` on the inner transport; each mail observes an equal share of the
-        call's duration (its transactions were written and answered together)."""
+        call's duration (its transactions ran one after the other on one session: their mean,
+        and the histogram's sum stays the time spent)."""
         started = time.perf_counter()
         try:
             return transmit_all(self.inner, mails)

@@ -104,9 +104,11 @@ LEDGER_CHUNK = 100
 # Chunks claimed ahead: the one being mailed and the next one queued behind it, so the SMTP
 # threads never wait for a ledger round trip, a settlement or a flush.
 LOOKAHEAD_CHUNKS = 2
-# Recipients one SMTP thread mails together (one session; several transactions per write when
-# the relay chunks): fewer writes, reads and thread switches per mail. A chunk is spread over
-# the threads first, so smaller groups when there are few mails.
+# Recipients one SMTP thread mails together (one job, one pooled session, one transaction
+# after the other): fewer thread wake-ups, GIL hand-offs and pool check-outs per mail. A chunk is spread over
+# the threads first, so smaller groups when there are few mails. Not under a rate limit: there
+# mails wait for their slots, and one in a group would wait behind the others' (a throttled
+# recipient back for its booked slot would miss it and book again).
 MAIL_GROUP = 16
 # How long a fetch waits while mail is in flight: short, so finished chunks are reaped (and
 # the next one claimed) promptly when no new records arrive.
@@ -200,7 +202,8 @@ class SenderWorker:
         steps = SenderSteps(self._ledger, self._mailer, publisher, consumer, stats=self.stats,
                             policy=self._policy)
         pipeline = SendPipeline(steps, lanes, chunk_size=LEDGER_CHUNK, lookahead=LOOKAHEAD_CHUNKS,
-                                group=MAIL_GROUP, spread=self.concurrency)
+                                group=1 if self.limiter.active else MAIL_GROUP,
+                                spread=self.concurrency)
         metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_SECONDS).topics
         self._partitions_total = sum(len(metadata[t].partitions)
                                      for t in self._topics if t in metadata)
