@@ -10,18 +10,18 @@ trouble.
 
 `mail_many` checks and builds its recipients one after the other and hands the mails that
 passed to the transport together (one session, one transaction after the other,
-services/sender/smtp_pool.py). So a recipient's check comes before the messages of the
-others of its group are built: milliseconds before its transaction instead of microseconds,
-which no guarantee above depends on (the deadline bounds when an attempt starts, by at most a
-group's build time more). A recipient that must wait for its slot sends the ones before it
-first.
+services/sender/smtp_pool.py); right before each transaction, the transport asks
+the check again (`go`), so a recipient is mailed only if its campaign is still sending and the
+batch deadline has not passed at its own turn, not only when its group was built: a pause or
+the deadline holds back the rest of a group (their outcomes are the check's). A recipient that
+must wait for its slot sends the ones before it first (groups are not used under a rate limit).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -36,6 +36,7 @@ from services.sender.marks import MailMarks
 from services.sender.mime import OutgoingMail, build_mail
 from services.sender.render import render
 from services.sender.retries import RetryPolicy
+from services.sender.smtp_pool import NOT_TRIED
 from services.sender.throttle import RateLimiter
 from services.sender.transport import MailTransport, transmit_all
 from services.sender.work import Work
@@ -93,7 +94,7 @@ class Mailer:
                 outcomes[index] = check
                 continue
             if check.wait > 0:
-                self._transmit(items, ready, outcomes)
+                self._transmit(items, ready, outcomes, started)
                 ready = []
                 time.sleep(check.wait)  # a send thread pacing itself; the consumer loop is free
             built = self._build(item)
@@ -101,7 +102,7 @@ class Mailer:
                 outcomes[index] = built
             else:
                 ready.append((index, built))
-        self._transmit(items, ready, outcomes)
+        self._transmit(items, ready, outcomes, started)
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
 
@@ -146,14 +147,33 @@ class Mailer:
                           contact_id=recipient.contact_id)
             return Outcome.unbuildable(item.attempt, exc)
 
+    def _still_go(self, items: Sequence[Work], ready: list[tuple[int, OutgoingMail]],
+                  outcomes: list[Outcome | None], started: float) -> Callable[[int], bool]:
+        """The check again, right before ready mail j's transaction: a mail of a group is
+        mailed only if its campaign is still sending and the batch deadline has not passed
+        then, not only when its group was built. Not under a rate limit (the check would book
+        another slot): groups are not used there."""
+        def go(j: int) -> bool:
+            index = ready[j][0]
+            check = self._check(items[index], started)
+            if isinstance(check, Send):
+                return True
+            outcomes[index] = check
+            return False
+        return go
+
     def _transmit(self, items: Sequence[Work], ready: list[tuple[int, OutgoingMail]],
-                  outcomes: list[Outcome | None]) -> None:
+                  outcomes: list[Outcome | None], started: float) -> None:
         """Send the `ready` mails (at most one SMTP transaction each) and judge each attempt."""
         if not ready:
             return
-        attempts = transmit_all(self._transport, [mail for _, mail in ready])
+        go = None if len(ready) == 1 or self._limiter.active else self._still_go(
+            items, ready, outcomes, started)
+        attempts = transmit_all(self._transport, [mail for _, mail in ready], go)
         now = datetime.now(UTC)
         for (index, _), result in zip(ready, attempts, strict=True):
+            if result is NOT_TRIED.attempt:
+                continue  # held back by its check: the outcome is the check's
             item = items[index]
             outcome = judge_attempt(result, item.attempt, first_attempt_at=item.first_attempt_at,
                                     now=now, policy=self._policy, draw=self._rng.random())

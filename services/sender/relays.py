@@ -44,7 +44,14 @@ from services.sender import relay_config
 from services.sender.mime import OutgoingMail
 from services.sender.relay_config import RelaysConfig, RelaySettings, normalise_domain
 from services.sender.replies import Attempt, Verdict
-from services.sender.smtp_pool import RelayResult, Security, SetupPhase, SmtpPool, tls_context
+from services.sender.smtp_pool import (
+    NOT_TRIED,
+    RelayResult,
+    Security,
+    SetupPhase,
+    SmtpPool,
+    tls_context,
+)
 from services.sender.transport import MailTransport, TimedTransport
 
 log = structlog.get_logger("sender.relays")
@@ -58,13 +65,16 @@ class RelayPool(Protocol):
     def close(self) -> None: ...
 
 
-def send_all(pool: RelayPool, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
-    """`send` of each mail in order: by the pool's `send_many` when it has one."""
+def send_all(pool: RelayPool, mails: Sequence[OutgoingMail],
+             go: Callable[[int], bool] | None = None) -> list[RelayResult]:
+    """`send` of each mail in order: by the pool's `send_many` when it has one. `go(i)`,
+    asked right before mail i goes: False holds it back (NOT_TRIED)."""
     many = getattr(pool, "send_many", None)
     if many is not None and len(mails) > 1:
-        results: list[RelayResult] = many(mails)
+        results: list[RelayResult] = many(mails, go)
         return results
-    return [pool.send(mail) for mail in mails]
+    return [NOT_TRIED if go is not None and not go(i) else pool.send(mail)
+            for i, mail in enumerate(mails)]
 
 
 class RoutingTable:
@@ -197,10 +207,12 @@ class RelayRouter:
             self._mark_down(name, result)
         return _not_carried(reasons, tried)
 
-    def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
+    def transmit_many(self, mails: Sequence[OutgoingMail],
+                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
         """`transmit` of each mail, in order; the mails routed to one relay go over one of its
         sessions together, and those whose session could not be set up fail over together,
-        relay by relay, exactly as one mail would."""
+        relay by relay, exactly as one mail would. `go(i)` is asked right before mail i's
+        transaction on each relay tried: False holds it back (NOT_TRIED's attempt)."""
         attempts: list[Attempt | None] = [None] * len(mails)
         routed_to: dict[str, list[int]] = {}
         for index, mail in enumerate(mails):
@@ -221,9 +233,13 @@ class RelayRouter:
                                               f" failure ({down.reason})")
                     self.stats.add(name, failovers=int(has_next) * len(pending))
                     continue
-                results = send_all(self._pools[name], [mails[i] for i in pending])
+                results = send_all(self._pools[name], [mails[i] for i in pending],
+                                   None if go is None else _renumbered(go, pending))
                 failed: list[int] = []
                 for index, result in zip(pending, results, strict=True):
+                    if result is NOT_TRIED:
+                        attempts[index] = result.attempt
+                        continue
                     if result.setup is None:
                         attempts[index] = self._carried(name, routed, mails[index],
                                                         result.attempt)
@@ -265,6 +281,11 @@ class RelayRouter:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
+
+
+def _renumbered(go: Callable[[int], bool], positions: list[int]) -> Callable[[int], bool]:
+    """`go` asked of a subset's i-th mail: the group's positions[i]."""
+    return lambda i: go(positions[i])
 
 
 def _not_carried(reasons: list[str], tried: list[Attempt]) -> Attempt:

@@ -70,7 +70,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -150,6 +150,11 @@ class RelayResult:
     # Set when session set-up failed (before MAIL FROM): nothing was sent, another relay may
     # take the message. None for every outcome of a transaction that started.
     setup: SetupPhase | None = None
+
+
+# What `send_many` gives a mail its `go` held back (asked right before the mail's
+# transaction): nothing was said for it. Told apart by identity.
+NOT_TRIED = RelayResult(Attempt(Verdict.TRANSIENT, None, "not tried: held back before its turn"))
 
 
 class _SetupFailed(Exception):
@@ -232,12 +237,18 @@ class SmtpConnection:
             result = self._send_once(mail)
         return result
 
-    def send_many(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
+    def send_many(self, mails: Sequence[OutgoingMail],
+                  go: Callable[[int], bool] | None = None) -> list[RelayResult]:
         """`send` of each mail, in order, on this one session; once a session cannot be set
         up, the mails after it fail the same way without trying (nothing was written for them:
-        another relay may take them), so a dead relay costs one connect timeout per group."""
+        another relay may take them), so a dead relay costs one connect timeout per group.
+        `go(i)`, asked right before mail i's transaction (the sender's pause and deadline
+        check), holds it back when False: NOT_TRIED, nothing said for it."""
         results: list[RelayResult] = []
-        for mail in mails:
+        for index, mail in enumerate(mails):
+            if go is not None and not go(index):
+                results.append(NOT_TRIED)
+                continue
             result = self.send(mail)
             results.append(result)
             if result.setup is not None:
@@ -611,7 +622,8 @@ class SmtpPool:
                 self._idle.append(connection)
                 available.notify()
 
-    def send_many(self, mails: Sequence[OutgoingMail]) -> list[RelayResult]:
+    def send_many(self, mails: Sequence[OutgoingMail],
+                  go: Callable[[int], bool] | None = None) -> list[RelayResult]:
         """`send` of each mail, in order, over one free connection (`SmtpConnection.send_many`):
         one check-out per group instead of one per mail."""
         available = self._available
@@ -620,15 +632,16 @@ class SmtpPool:
                 available.wait()
             connection = self._idle.pop()
         try:
-            return connection.send_many(mails)
+            return connection.send_many(mails, go)
         finally:
             with available:
                 self._idle.append(connection)
                 available.notify()
 
-    def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
+    def transmit_many(self, mails: Sequence[OutgoingMail],
+                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
         """`transmit` of each mail, in order, over one free connection."""
-        return [result.attempt for result in self.send_many(mails)]
+        return [result.attempt for result in self.send_many(mails, go)]
 
     def close(self) -> None:
         """QUIT every idle connection (call when no thread is transmitting)."""

@@ -15,12 +15,13 @@ called once per mail. Either way each mail gets its own attempt, in order.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from services.common.metrics import SMTP_TRANSACTION_SECONDS
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Attempt
+from services.sender.smtp_pool import NOT_TRIED
 
 
 class MailTransport(Protocol):
@@ -63,16 +64,21 @@ class TimedTransport:
                 histogram = self._histograms[relay] = SMTP_TRANSACTION_SECONDS.labels(relay=relay)
             histogram.observe(time.perf_counter() - started)
 
-    def transmit_many(self, mails: Sequence[OutgoingMail]) -> list[Attempt]:
-        """`transmit_all` on the inner transport; each mail observes an equal share of the
-        call's duration (its transactions ran one after the other on one session: their mean,
-        and the histogram's sum stays the time spent)."""
+    def transmit_many(self, mails: Sequence[OutgoingMail],
+                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
+        """`transmit_all` on the inner transport; each mail tried observes an equal share of
+        the call's duration (its transactions ran one after the other on one session: their
+        mean, and the histogram's sum stays the time spent)."""
         started = time.perf_counter()
+        attempts: list[Attempt] = []
         try:
-            return transmit_all(self.inner, mails)
+            attempts = transmit_all(self.inner, mails, go)
+            return attempts
         finally:
-            share = (time.perf_counter() - started) / max(1, len(mails))
-            for mail in mails:
+            tried = [mail for mail, attempt in zip(mails, attempts, strict=False)
+                     if attempt is not NOT_TRIED.attempt] or list(mails)
+            share = (time.perf_counter() - started) / len(tried)
+            for mail in tried:
                 relay = self.inner.server_for(mail.sender)
                 histogram = self._histograms.get(relay)
                 if histogram is None:
@@ -84,10 +90,14 @@ class TimedTransport:
         self.inner.close()
 
 
-def transmit_all(transport: MailTransport, mails: Sequence[OutgoingMail]) -> list[Attempt]:
-    """One attempt per mail, in order: by `transmit_many` when the transport has it."""
+def transmit_all(transport: MailTransport, mails: Sequence[OutgoingMail],
+                 go: Callable[[int], bool] | None = None) -> list[Attempt]:
+    """One attempt per mail, in order: by `transmit_many` when the transport has it. `go(i)`,
+    asked right before mail i's transaction: False holds it back, its attempt is then
+    `NOT_TRIED.attempt` (nothing was said for it)."""
     many = getattr(transport, "transmit_many", None)
     if many is not None and len(mails) > 1:
-        attempts: list[Attempt] = many(mails)
+        attempts: list[Attempt] = many(mails, go)
         return attempts
-    return [transport.transmit(mail) for mail in mails]
+    return [NOT_TRIED.attempt if go is not None and not go(i) else transport.transmit(mail)
+            for i, mail in enumerate(mails)]

@@ -11,7 +11,7 @@ import pytest
 
 from services.sender.mime import OutgoingMail
 from services.sender.replies import Verdict
-from services.sender.smtp_pool import RelayResult, SetupPhase, SmtpPool
+from services.sender.smtp_pool import NOT_TRIED, RelayResult, SetupPhase, SmtpPool
 from services.smtp_sink import SinkConfig, SmtpSink
 from tests.chaos.fault_kit import free_port
 from tests.integration.test_smtp_pipelining import _mixed_mails, connection, mail
@@ -92,3 +92,23 @@ def test_a_relay_that_cannot_be_reached_costs_the_group_one_attempt() -> None:
     assert [r.setup for r in results] == [SetupPhase.CONNECT] * 5
     assert {(r.attempt.verdict, r.attempt.ambiguous) for r in results} == {(Verdict.TRANSIENT, False)}
     assert len({id(r) for r in results}) == 1  # one connect attempt, its result for all
+
+
+def test_a_mail_its_check_holds_back_is_never_said_to_the_relay() -> None:
+    asked: list[int] = []
+
+    def go(index: int) -> bool:
+        asked.append(index)
+        return index != 1
+
+    with SmtpSink(SinkConfig(port=0)) as sink:
+        smtp = connection(sink.port)
+        try:
+            results = smtp.send_many([mail(n) for n in range(3)], go)
+        finally:
+            smtp.close()
+        recorded = [r["message_id"] for r in sink.messages]
+    assert asked == [0, 1, 2]  # asked right before each mail's turn
+    assert results[1] is NOT_TRIED
+    assert [r.attempt.verdict for r in (results[0], results[2])] == [Verdict.SENT] * 2
+    assert recorded == [mail(0).message_id, mail(2).message_id]

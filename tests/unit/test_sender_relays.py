@@ -307,7 +307,7 @@ class GroupPool(FakePool):
         super().__init__(*results)
         self.groups: list[list[str]] = []
 
-    def send_many(self, mails):
+    def send_many(self, mails, go=None):
         self.groups.append([m.message_id for m in mails])
         return [self.send(m) for m in mails]
 
