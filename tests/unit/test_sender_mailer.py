@@ -159,38 +159,34 @@ def test_a_pause_during_a_group_holds_back_its_mails_not_yet_sent() -> None:
 
 
 def test_a_group_past_the_batch_deadline_sends_nothing_more() -> None:
-    transport = GroupTransport()
+    transport = SlowTransport(0.06)
     # The batch started just under the deadline ago: the first check passes, and by the time
     # the later mails' turns come the deadline has passed.
     started = time.monotonic() - SEND_BOUNDS.batch_deadline + 0.05
-    slow = SlowTransport(transport, 0.06)
     group = [work_for("c1", "a"), work_for("c1", "b"), work_for("c1", "c")]
-    outcomes = mailer(ControlBoard(), slow).mail_many(group, started)
+    outcomes = mailer(ControlBoard(), transport).mail_many(group, started)
     assert outcomes[0].status is Status.SENT
     assert [o.status for o in outcomes[1:]] != [Status.SENT, Status.SENT]
     assert [m.recipient for m in transport.mails] == ["a@example.com"]
 
 
-class SlowTransport:
+class SlowTransport(GroupTransport):
     """A group transport whose every transaction takes `seconds`."""
 
-    def __init__(self, inner: GroupTransport, seconds: float) -> None:
-        self.inner, self.seconds = inner, seconds
-
-    def server_for(self, sender: str) -> str:
-        return self.inner.server_for(sender)
-
-    def transmit(self, mail: OutgoingMail) -> Attempt:
-        time.sleep(self.seconds)
-        return self.inner.transmit(mail)
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
 
     def transmit_many(self, mails: list[OutgoingMail],
                       go: Callable[[int], bool] | None = None) -> list[Attempt]:
-        return [NOT_TRIED.attempt if go is not None and not go(i) else self.transmit(mail)
-                for i, mail in enumerate(mails)]
-
-    def close(self) -> None:
-        self.inner.close()
+        attempts = []
+        for i, mail in enumerate(mails):
+            if go is not None and not go(i):
+                attempts.append(NOT_TRIED.attempt)
+                continue
+            time.sleep(self.seconds)
+            attempts.append(FakeTransport.transmit(self, mail))
+        return attempts
 
 
 def test_a_recipient_waiting_for_its_slot_sends_the_ones_before_it_first() -> None:
