@@ -120,3 +120,20 @@ def test_new_request_ids_are_version_4_uuids() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_hands_out_ids_of_its_own() -> None:
+    import os
+
+    new_request_id()  # the parent has ids read ahead
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(writer, new_request_id().encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    child_id = os.read(reader, 64).decode()
+    os.close(reader)
+    assert uuid.UUID(child_id).version == 4
+    assert child_id != new_request_id()
