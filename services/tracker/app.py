@@ -58,8 +58,13 @@ NO_CACHE = {
 }
 # The token must not travel on to the linked site in a Referer header.
 REDIRECT_HEADERS = {**NO_CACHE, "Referrer-Policy": "no-referrer"}
-# How often the producer's delivery reports are served; also the heartbeat's pace.
+# The heartbeat's pace, and how long delivery reports may wait for the producer's thread
+# when the event loop has not served them (no hit in flight, or the loop held up).
 POLL_SECONDS = 0.05
+# While hits are in flight the event loop serves their delivery reports this often: on the
+# loop thread they settle the waiting requests directly, with no other thread taking the
+# GIL for each report and no wake-up of the loop.
+LOOP_POLL_SECONDS = 0.001
 # Bounds the flush of hits still in flight at shutdown (a broker away would hold it forever).
 CLOSE_FLUSH_SECONDS = 2.0
 # A hit leaves at once: the person waits for its acknowledgement.
@@ -76,11 +81,12 @@ _LABELS = {Kind.OPEN: "open", Kind.CLICK: "click"}
 
 
 class HitPublisher:
-    """Produces hits to campaign.engagement and tells each waiting request its fate. The
-    producer's delivery reports are served on a thread of its own, which also beats the
-    heartbeat: a tracker whose producer loop stopped is not alive. The fates one poll
-    served reach the event loop in one wake-up, and one timer at a time (not one per
-    request) ends the waits that reach the bound."""
+    """Produces hits to campaign.engagement and tells each waiting request its fate. While
+    hits are in flight the event loop serves the producer's delivery reports every
+    LOOP_POLL_SECONDS (poll(0): never blocks); a thread of its own serves them whenever the
+    loop has not for POLL_SECONDS, handing the fates to the loop in one wake-up, and beats
+    the heartbeat: a tracker whose producer thread stopped is not alive. One timer at a
+    time (not one per request) ends the waits that reach the bound."""
 
     def __init__(self, settings: TrackerSettings, heartbeat: Heartbeat | None = None,
                  factory: Callable[..., Producer] = make_producer) -> None:
@@ -99,9 +105,12 @@ class HitPublisher:
         self._loss_logged_at = float("-inf")
         self._acked = {(kind, machine): metrics.TRACKER_HITS.labels(
             kind=_LABELS[kind], machine=str(machine).lower()) for kind in Kind for machine in (False, True)}
-        # Filled by delivery reports on the producer's thread, handed to the loop after a poll.
-        self._settled: list[tuple[asyncio.Future[bool], bool]] = []
+        # Filled by delivery reports (on whichever thread polled), emptied after each poll;
+        # a deque: its append and popleft are atomic, so no fate is lost between threads.
+        self._settled: deque[tuple[asyncio.Future[bool], bool]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_poll_at: asyncio.TimerHandle | None = None
+        self._loop_polled_at = float("-inf")
         # (deadline, future) in the order the hits were produced: one bound for all, so the
         # deadlines are in order too.
         self._waiting: deque[tuple[float, asyncio.Future[bool]]] = deque()
@@ -126,20 +135,31 @@ class HitPublisher:
             log.warning("hits unacknowledged at shutdown", hits=left)
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            self.producer.poll(POLL_SECONDS)
-            self._hand_over()
+        while not self._stop.wait(POLL_SECONDS):
+            if time.monotonic() - self._loop_polled_at >= POLL_SECONDS:
+                self.producer.poll(0)
+                self._hand_over()
             self.heartbeat.beat()
 
     def _hand_over(self) -> None:
-        """On the producer's thread: the fates the last poll served, to the loop at once."""
-        if not self._settled or self._loop is None:
+        """On the producer's thread: the fates its poll served, to the loop at once."""
+        batch = _drain(self._settled)
+        if not batch or self._loop is None:
             return
-        batch, self._settled = self._settled, []
         try:
             self._loop.call_soon_threadsafe(_settle_all, batch)
         except RuntimeError:
             pass  # the loop is gone (shutdown): nobody waits any more
+
+    def _loop_poll(self) -> None:
+        """On the loop: serve the delivery reports due, settle their requests, and come back
+        while any hit is still in flight."""
+        self._loop_poll_at = None
+        self._loop_polled_at = time.monotonic()
+        self.producer.poll(0)
+        _settle_all(_drain(self._settled))
+        if len(self.producer) and self._loop is not None:
+            self._loop_poll_at = self._loop.call_later(LOOP_POLL_SECONDS, self._loop_poll)
 
     async def publish(self, kind: Kind, machine: bool, key: bytes, value: bytes) -> bool:
         """Produce one hit and wait for its acknowledgement, at most `wait_seconds`; True
@@ -154,13 +174,15 @@ class HitPublisher:
                 acked_total.inc()
             else:
                 self._lost(_LABELS[kind], str(error))
-            self._settled.append((acked, error is None))  # the list _hand_over takes next
+            self._settled.append((acked, error is None))
 
         try:
             self.producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
         except (BufferError, KafkaException) as exc:
             self._lost(_LABELS[kind], str(exc))
             return False
+        if self._loop_poll_at is None:
+            self._loop_poll_at = loop.call_later(LOOP_POLL_SECONDS, self._loop_poll)
         self._waiting.append((loop.time() + self.wait_seconds, acked))
         if self._sweep_at is None:
             self._sweep_at = loop.call_at(self._waiting[0][0] - SWEEP_SECONDS, self._sweep)
@@ -194,6 +216,15 @@ def _settle_all(batch: list[tuple[asyncio.Future[bool], bool]]) -> None:
     for future, ok in batch:
         if not future.done():
             future.set_result(ok)
+
+
+def _drain(settled: deque[tuple[asyncio.Future[bool], bool]]) -> list[tuple[asyncio.Future[bool], bool]]:
+    batch = []
+    try:
+        while True:  # another thread may drain it too: popleft, not a test of its length
+            batch.append(settled.popleft())
+    except IndexError:
+        return batch
 
 
 def hit_event(claim: TrackingClaim, request_id: uuid.UUID | str, hit: Hit,
