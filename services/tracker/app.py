@@ -169,7 +169,7 @@ class HitPublisher:
         acked_total = self._acked[kind, machine]
 
         def delivered(error: KafkaError | None, _msg: Message) -> None:
-            # On the producer's thread, inside poll(): every hit's fate is known here, once.
+            # Inside a poll (the loop's or the producer thread's): each hit's fate, once.
             if error is None:
                 acked_total.inc()
             else:
