@@ -10,12 +10,15 @@ answers is produced once to campaign.engagement (EmailOpened / LinkClicked, keye
 contact, envelope id = the hit's request id) by an idempotent producer, and the answer waits
 for Kafka's acknowledgement, at most `tracker_hit_wait_ms`: with Kafka up, a hit is on the
 topic before the person gets their answer; with Kafka down or slow the answer goes out at
-the bound all the same (pixel served, person redirected, never an error page) and the hit,
+the bound all the same (up to SWEEP_SECONDS before it, never after; pixel served, person
+redirected, never an error page) and the hit,
 which the producer gives up at that same bound, is counted in
 campaign_tracker_hits_lost_total instead of campaign_tracker_hits_total (one that was in
 flight when given up may still have reached the broker: lost counts are an upper bound).
 At most once per request: a client that asks twice makes two hits, each with its own id
-(read models count unique per contact).
+(read models count unique per contact). The record's bytes are those of the schema path
+(services/tracker/record.py writes them directly; anything it cannot write plainly goes
+through the pydantic models).
 """
 
 from __future__ import annotations
