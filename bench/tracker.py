@@ -5,7 +5,8 @@ bare endpoint of the same web stack in the same run.
 16 requests in flight) against the Kafka of KAFKA_BOOTSTRAP_SERVERS, on a fresh topic prefix
 (deleted afterwards). It starts, each as its own process: the real tracker
 (`python -m services.tracker`, one uvicorn worker), a bare FastAPI app on uvicorn answering
-the same 302 without token, classification or Kafka, and the load client (aiohttp,
+the same 302 without token, classification or Kafka (a plain Starlette route of the app,
+like the tracker's hit routes), and the load client (aiohttp,
 keep-alive connections, no redirect followed).
 
 Steps, in ROUNDS alternating rounds (each figure the best of its runs, every run listed):
@@ -221,16 +222,17 @@ async def load_run(base: str, tokens_file: Path, mode: str, param: float,
 
 
 def serve_bare(port: int) -> int:
-    """The same web stack with nothing behind it: a fixed 302."""
+    """The same web stack with nothing behind it: a fixed 302 from a plain Starlette route
+    of a FastAPI app, as the tracker's hit routes are, on uvicorn with the same options."""
     import uvicorn
-    from fastapi import FastAPI, Response
+    from fastapi import FastAPI, Request, Response
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.api_route("/c/{token}", methods=["GET", "HEAD"])
-    async def click(token: str) -> Response:
+    async def click(request: Request) -> Response:
         return Response(status_code=302, headers={"Location": "https://shop.example/"})
 
+    app.add_route("/c/{token}", click, methods=["GET", "HEAD"], include_in_schema=False)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     return 0
 

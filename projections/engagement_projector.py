@@ -11,7 +11,8 @@ positions and seeks there). A crash, a restart or a rebalance therefore never co
 twice; on top of that every row is keyed by its event (projections.engagement_sql), so even a
 replay of the same hit under another offset adds nothing. In the same transaction the
 clicks of a recipient who followed every link of a mail at once are marked machine
-(projections.engagement_sql.mark_click_bursts). The main projector ignores these
+(projections.engagement_sql.mark_click_bursts), and the personal data of contacts deleted
+meanwhile is erased from its rows (projections.erase). The main projector ignores these
 event types; EmailSent, the other deliveries records and every other contact event are read
 here and skipped.
 
@@ -31,7 +32,13 @@ import structlog
 from psycopg.conninfo import make_conninfo
 
 from projections.consumed import OwnedPartitions, collect
-from projections.engagement_sql import engagement_rows, insert_rows, mark_click_bursts
+from projections.engagement_sql import (
+    deleted_contacts,
+    engagement_rows,
+    insert_rows,
+    mark_click_bursts,
+)
+from projections.erase import erase_engagement, forget_engagement
 from projections.positions import PositionConflict, advance_positions, load_positions
 from projections.record_feed import RecordFeed
 from services.common.kafka import PartitionKey
@@ -109,7 +116,7 @@ class EngagementProjector:
 
     def step(self, timeout: float = POLL_TIMEOUT_SECONDS) -> int:
         """Consume and apply one batch; returns the records its positions moved past."""
-        records = self.feed.consume(self.batch_size, timeout)
+        records = self._consume(timeout)
         if not records:
             return 0
         batch = collect(records, self._owned)
@@ -126,6 +133,9 @@ class EngagementProjector:
                 advance_positions(conn, self.positions_group, batch.moves)
                 self.rows_written += insert_rows(conn, rows)
                 mark_click_bursts(conn, rows)
+                with conn.cursor() as cur:
+                    erase_engagement(cur, deleted_contacts(batch.messages))
+                    forget_engagement(cur, [(row.tenant_id, row.event_id) for row in rows])
         except PositionConflict as exc:
             self._log.info("positions moved elsewhere, reloading", partitions=exc.partitions)
             self._reload()
@@ -140,6 +150,18 @@ class EngagementProjector:
         self._owned.committed(batch.moves)
         self.feed.commit_lag_gauge({key: move.next_offset for key, move in batch.moves.items()})
         return batch.covered
+
+    def _consume(self, timeout: float) -> list[Any]:
+        # What is fetched at once, else the first record and what came with it: a batch
+        # never waits for more records than are there (consume(n, t) would wait the whole
+        # `t` for n of them, a floor under every hit's lag on a quiet topic).
+        records = self.feed.fetched(self.batch_size)
+        if records:
+            return records
+        first = self.feed.first_record(timeout, None)
+        if first is None:
+            return []
+        return [first, *self.feed.fetched(self.batch_size - 1)]
 
     def _reload(self) -> None:
         try:

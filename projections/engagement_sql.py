@@ -23,7 +23,7 @@ import psycopg
 from projections.facts import RecipientFact
 from schemas.base import Record
 from schemas.bounces import EmailBounced, EmailComplained
-from schemas.contacts import ContactUnsubscribed
+from schemas.contacts import ContactDeleted, ContactUnsubscribed, ContactUpserted
 from schemas.engagement import EmailOpened, LinkClicked
 from schemas.envelope import Message
 from services.engagement.machine import burst_clicks
@@ -83,6 +83,20 @@ def engagement_row(item: Message[Record] | RecipientFact) -> EngagementRow | Non
                              payload.contact_id, "complaint", env.occurred_at, False, None,
                              None, None, _text(payload.feedback_type))
     return None
+
+
+def deleted_contacts(items: Iterable[Message[Record] | RecipientFact]) -> list[tuple[str, str]]:
+    """The (tenant, contact) keys these records leave deleted: a ContactDeleted not followed by
+    a ContactUpserted of the same contact (which makes it a live contact again). Pure."""
+    deleted: dict[tuple[str, str], bool] = {}
+    for item in items:
+        if isinstance(item, RecipientFact):
+            continue
+        payload = item.payload
+        if isinstance(payload, ContactDeleted | ContactUpserted):
+            deleted[(item.envelope.tenant_id, payload.contact_id)] = isinstance(
+                payload, ContactDeleted)
+    return sorted(key for key, gone in deleted.items() if gone)
 
 
 def engagement_rows(items: Iterable[Message[Record] | RecipientFact]) -> list[EngagementRow]:

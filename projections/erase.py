@@ -14,6 +14,13 @@ Guarantees (inside the projector's batch transaction, so exactly once with its p
   a rebuild's interleaving, a late SMTP reply) is emptied the same way, so the order the
   topics are replayed in does not bring an address back. A contact upserted again after its
   deletion is a live contact again: its new rows keep their address.
+- The engagement lane (its own consumer and transactions) does the same for its rows:
+  `erase_engagement` for the contacts a batch of its own deleted (it reads contacts.events
+  too), after the batch's rows are in; `forget_engagement` for the rows it just inserted whose
+  contact is deleted now. With the main projector's erase, every order of the two lanes ends
+  with the rows scrubbed, save one: the engagement batch checks while the main projector's
+  batch that deletes the contact is still open and commits after that batch's erase ran (two
+  transactions of milliseconds overlapping); the next deletion or a rebuild scrubs it.
 
 Locks: the erase runs last in its batch and updates recipient rows of campaigns it has not
 locked first (batch_writer's lock order); a deadlock with the delivery lane is possible in
@@ -113,6 +120,13 @@ WHERE a.event_id = ANY(%b::uuid[]) AND c.tenant_id = a.tenant_id
   AND c.contact_id = a.contact_id AND c.deleted AND {_erased('a.detail')}
 """
 
+_STAGED_ENGAGEMENT = f"""
+UPDATE engagement_events e SET url = {_scrub('e.url')}, detail = {_scrub('e.detail')}
+FROM unnest(%b::text[], %b::text[]) AS k(tenant_id, event_id), contacts c
+WHERE e.tenant_id = k.tenant_id AND e.event_id = k.event_id AND c.tenant_id = e.tenant_id
+  AND c.contact_id = e.contact_id AND c.deleted AND ({_erased('e.url')} OR {_erased('e.detail')})
+"""
+
 
 def erase_contacts(cur: psycopg.Cursor[Any], keys: Sequence[ContactKey]) -> None:
     """Erase the personal data of these (deleted) contacts from every read model."""
@@ -135,6 +149,20 @@ def erase_contacts(cur: psycopg.Cursor[Any], keys: Sequence[ContactKey]) -> None
 def forget_staged(cur: psycopg.Cursor[Any]) -> None:
     """Empty the personal fields of the recipient rows just staged whose contact is deleted."""
     cur.execute(_STAGED)
+
+
+def erase_engagement(cur: psycopg.Cursor[Any], keys: Sequence[ContactKey]) -> None:
+    """Erase the personal data of these (deleted) contacts from engagement_events."""
+    if keys:
+        ordered = sorted(keys)
+        cur.execute(_ENGAGEMENT, ([t for t, _ in ordered], [c for _, c in ordered]))
+
+
+def forget_engagement(cur: psycopg.Cursor[Any], rows: Sequence[tuple[str, str]]) -> None:
+    """Scrub the engagement rows just stored (these tenant and event ids) of contacts that are
+    deleted now."""
+    if rows:
+        cur.execute(_STAGED_ENGAGEMENT, ([t for t, _ in rows], [e for _, e in rows]))
 
 
 def forget_attempts(cur: psycopg.Cursor[Any], event_ids: Sequence[Any]) -> None:

@@ -9,13 +9,15 @@ arrives). `burst_clicks(...)` applies the one rule a single hit cannot show: eve
 one mail clicked within a second is a scanner, whoever it claims to be; a reader of a
 recipient's clicks (the engagement projection) applies it.
 
-Guarantee: the same hit always gets the same verdict (no clock, no state); a machine verdict
+Guarantee: the same hit always gets the same verdict (no clock, no state but a bounded memo
+of what each user agent alone tells, which changes no verdict); a machine verdict
 always names its reason, from a small fixed vocabulary (`scanner_agent:<name>` names one of
 SCANNER_AGENTS), so it can be counted by reason.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,27 +103,36 @@ def agent_class(user_agent: str) -> AgentClass:
 def classify(hit: Hit, *, scanner_window_seconds: float) -> Verdict:
     """The verdict on one hit (see the module docstring for the order of the rules)."""
     agent = hit.user_agent[:MAX_AGENT_LENGTH].strip()
-    lowered = agent.lower()
-    kind = agent_class(agent)
+    kind, proxy_reason, scanner_marker = _agent_facts(agent)
     if hit.method.upper() == "HEAD":
         return Verdict(kind, True, "head_request")
     if not agent:
         return Verdict(kind, True, "no_user_agent")
-    for marker, reason in PROXY_AGENTS:
-        if marker in lowered:
-            return Verdict(AgentClass.IMAGE_PROXY, True, reason)
+    if proxy_reason is not None:
+        return Verdict(AgentClass.IMAGE_PROXY, True, proxy_reason)
     if hit.kind is Kind.OPEN:
         network = _network_of(hit.address)
         if agent == APPLE_PROXY_AGENT or network == "apple":
             return Verdict(AgentClass.IMAGE_PROXY, True, "apple_mpp")
         if network == "google":
             return Verdict(AgentClass.IMAGE_PROXY, True, "google_image_proxy")
-    for marker in SCANNER_AGENTS:
-        if marker in lowered:
-            return Verdict(AgentClass.SCANNER, True, f"scanner_agent:{marker}")
+    if scanner_marker is not None:
+        return Verdict(AgentClass.SCANNER, True, f"scanner_agent:{scanner_marker}")
     if hit.kind is Kind.CLICK and hit.at - hit.sent_at < scanner_window_seconds:
         return Verdict(kind, True, "click_soon_after_delivery")
     return Verdict(kind, False)
+
+
+# What the agent alone tells, remembered per agent: a tracker sees the same few agents over
+# and over. Bounded (agents are cut at MAX_AGENT_LENGTH): at most about 2 MB.
+@functools.lru_cache(maxsize=4096)
+def _agent_facts(agent: str) -> tuple[AgentClass, str | None, str | None]:
+    """The agent's class, the reason of the first image proxy it names, and the first
+    scanner marker it holds (None when it names none)."""
+    lowered = agent.lower()
+    proxy = next((reason for marker, reason in PROXY_AGENTS if marker in lowered), None)
+    scanner = next((marker for marker in SCANNER_AGENTS if marker in lowered), None)
+    return agent_class(agent), proxy, scanner
 
 
 def _network_of(address: str | None) -> str | None:

@@ -14,7 +14,7 @@ import faust
 from services.common.logs import configure_logging, json_log_handler
 from services.common.observability import standard_checks, start_observability
 from services.common.settings import HydratorSettings, load_or_exit
-from services.hydrator.app import APP_NAME, create_app
+from services.hydrator.app import APP_NAME, build
 from services.hydrator.gather import start_gather
 
 
@@ -72,7 +72,8 @@ def tune_garbage_collector() -> None:
 def main() -> None:
     cap_malloc_arenas()  # first, before threads start allocating
     settings = load_or_exit(HydratorSettings, configure_logging("hydrator"))
-    app = create_app(settings)
+    hydrator = build(settings)
+    app = hydrator.app
     tune_garbage_collector()
     heartbeat = settings.heartbeat()
 
@@ -84,6 +85,7 @@ def main() -> None:
     start_observability(settings, "hydrator", standard_checks(settings, database=False))
     gather, _ = start_gather(settings, settings.group(APP_NAME), settings.hydrator_instance)
     worker = HydratorWorker(app, loglevel=settings.hydrator_loglevel, quiet=True)
+    hydrator.start_head_start()  # the replicas' catch-up while faust starts and joins
     try:
         worker.execute_from_commandline()
     finally:

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
@@ -60,9 +63,31 @@ FANOUT_CONCURRENCY = 2
 FANOUT_RETRY_SECONDS = 1.0
 
 
+@dataclass(frozen=True)
+class Hydrator:
+    """The faust app and `start_head_start`, which starts the replicas' head start (see
+    `build`) in a thread and returns it."""
+
+    app: faust.App
+    start_head_start: Callable[[], threading.Thread]
+
+
 def create_app(settings: HydratorSettings) -> faust.App:
+    """The faust app of `build` (no head start)."""
+    return build(settings).app
+
+
+def build(settings: HydratorSettings) -> Hydrator:
     """The faust app; settings.hydrator_instance names this hydrator among those of its group
-    (its replicas' folder and its gather producer's transactional id)."""
+    (its replicas' folder and its gather producer's transactional id).
+
+    Head start: faust's first assignment comes seconds after start (interpreter, app start,
+    group join), and the background refresh follows that assignment. Until it comes, the
+    head start catches up every partition's replica (what a lone instance will hold); once
+    faust assigned, it starts no replica outside the assignment (one already being read
+    finishes: a catch-up is bounded by where its partition ended), and none once the
+    interpreter is shutting down. A replica is only a local fold of contacts.events: one
+    caught up in vain costs disk and CPU, never correctness."""
     datadir = (settings.state_dir / "hydrator" / (settings.topic_prefix or "default")
                / settings.hydrator_instance)
     datadir.mkdir(parents=True, exist_ok=True)
@@ -97,11 +122,35 @@ def create_app(settings: HydratorSettings) -> faust.App:
     # /readyz: faust's own consumer (the agents') counts as joined once its group answered.
     agents = register(f"{settings.group(APP_NAME)} agents")
 
+    # The requests partitions faust assigned last (None before its first assignment), as
+    # the head start sees them: app.consumer is faust's, not to be touched from a thread.
+    assigned: list[set[int] | None] = [None]
+
     def on_assigned(_sender: Any, *args: Any, signal: Any, **_: Any) -> None:
         agents.assigned(args[0])  # the whole new assignment (a set of TPs)
+        name = requests_topic.get_topic_name()
+        assigned[0] = {tp.partition for tp in args[0] if tp.topic == name}
 
     def on_revoked(_sender: Any, *_args: Any, signal: Any, **_: Any) -> None:
         agents.revoked()
+        assigned[0] = set()
+
+    def head_start_wanted(partition: int) -> bool:
+        held_now = assigned[0]
+        return threading.main_thread().is_alive() and (held_now is None or partition in held_now)
+
+    def head_start() -> None:
+        try:
+            replicas.catch_up_all(set(range(CONTACTS.partitions)), wanted=head_start_wanted)
+        except (CatchUpStalled, KafkaException) as exc:
+            # Only a head start: the background refresh catches up the held ones anyway.
+            log.warning("replica head start failed", reason=str(exc))
+
+    def start_head_start() -> threading.Thread:
+        # Not a daemon: the interpreter joins it before the atexit close of the replicas.
+        thread = threading.Thread(target=head_start, name="replica-head-start")
+        thread.start()
+        return thread
 
     # mode's handler type is narrower than the keyword-tolerant functions above.
     app.on_partitions_assigned.connect(cast(Any, on_assigned))
@@ -194,4 +243,4 @@ def create_app(settings: HydratorSettings) -> faust.App:
                     return  # its new owner redoes it (faust did not commit the request)
                 await asyncio.sleep(FANOUT_RETRY_SECONDS)
 
-    return app
+    return Hydrator(app, start_head_start)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -357,19 +357,23 @@ class Replicas:
                 self._open[partition] = replica
             return replica
 
-    def catch_up_all(self, partitions: set[int]) -> dict[int, int]:
+    def catch_up_all(self, partitions: set[int],
+                     wanted: Callable[[int], bool] | None = None) -> dict[int, int]:
         """The background refresh: every replica of `partitions` caught up to where its
         partition ends now; returns the next offset of each. Where they end comes from ONE
         offsets request for all of them, and only replicas behind are read: a request per
         partition every half second (the refresh's period) kept the broker at ~16% of a core
-        while the platform was idle."""
+        while the platform was idle. `wanted(partition)`, asked as each replica's turn comes,
+        skips the ones no longer wanted (they keep their position)."""
         ordered = sorted(partitions)
         ends = self._end_offsets(ordered)
         positions = {p: self.get(p).next_offset() for p in ordered}
         behind = [p for p in ordered if positions[p] < ends[p]]
         if behind:
             with ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="replica-refresh") as pool:
-                caught_up = pool.map(lambda p: self.get(p).catch_up(), behind)
+                caught_up = pool.map(
+                    lambda p: self.get(p).catch_up() if wanted is None or wanted(p) else positions[p],
+                    behind)
                 positions.update(zip(behind, caught_up, strict=True))
         return positions
 

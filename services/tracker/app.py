@@ -10,12 +10,15 @@ answers is produced once to campaign.engagement (EmailOpened / LinkClicked, keye
 contact, envelope id = the hit's request id) by an idempotent producer, and the answer waits
 for Kafka's acknowledgement, at most `tracker_hit_wait_ms`: with Kafka up, a hit is on the
 topic before the person gets their answer; with Kafka down or slow the answer goes out at
-the bound all the same (pixel served, person redirected, never an error page) and the hit,
+the bound all the same (up to SWEEP_SECONDS before it, never after; pixel served, person
+redirected, never an error page) and the hit,
 which the producer gives up at that same bound, is counted in
 campaign_tracker_hits_lost_total instead of campaign_tracker_hits_total (one that was in
 flight when given up may still have reached the broker: lost counts are an upper bound).
 At most once per request: a client that asks twice makes two hits, each with its own id
-(read models count unique per contact).
+(read models count unique per contact). The record's bytes are those of the schema path
+(services/tracker/record.py writes them directly; anything it cannot write plainly goes
+through the pydantic models).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -41,8 +45,9 @@ from services.common.heartbeat import Heartbeat
 from services.common.kafka import make_producer
 from services.common.settings import TrackerSettings
 from services.common.topics import ENGAGEMENT, topic_name
-from services.engagement.machine import Hit, classify
+from services.engagement.machine import Hit, Verdict, classify
 from services.engagement.tokens import InvalidTrackingToken, Kind, TrackingClaim, TrackingKeys
+from services.tracker.record import hit_record, new_request_id
 
 log = structlog.get_logger("tracker")
 
@@ -56,8 +61,13 @@ NO_CACHE = {
 }
 # The token must not travel on to the linked site in a Referer header.
 REDIRECT_HEADERS = {**NO_CACHE, "Referrer-Policy": "no-referrer"}
-# How often the producer's delivery reports are served; also the heartbeat's pace.
+# The heartbeat's pace, and how long delivery reports may wait for the producer's thread
+# when the event loop has not served them (no hit in flight, or the loop held up).
 POLL_SECONDS = 0.05
+# While hits are in flight the event loop serves their delivery reports this often: on the
+# loop thread they settle the waiting requests directly, with no other thread taking the
+# GIL for each report and no wake-up of the loop.
+LOOP_POLL_SECONDS = 0.001
 # Bounds the flush of hits still in flight at shutdown (a broker away would hold it forever).
 CLOSE_FLUSH_SECONDS = 2.0
 # A hit leaves at once: the person waits for its acknowledgement.
@@ -67,12 +77,19 @@ LINGER_MS = 1
 START_METADATA_SECONDS = 3.0
 # During an outage every hit is lost: one log line per this many seconds says how many.
 LOSS_LOG_SECONDS = 5.0
+# A wait is ended by the sweep up to this much before its bound, never after it: one timer
+# serves every wait due within this span.
+SWEEP_SECONDS = 0.005
+_LABELS = {Kind.OPEN: "open", Kind.CLICK: "click"}
 
 
 class HitPublisher:
-    """Produces hits to campaign.engagement and tells each waiting request its fate. The
-    producer's delivery reports are served on a thread of its own, which also beats the
-    heartbeat: a tracker whose producer loop stopped is not alive."""
+    """Produces hits to campaign.engagement and tells each waiting request its fate. While
+    hits are in flight the event loop serves the producer's delivery reports every
+    LOOP_POLL_SECONDS (poll(0): never blocks); a thread of its own serves them whenever the
+    loop has not for POLL_SECONDS, handing the fates to the loop in one wake-up, and beats
+    the heartbeat: a tracker whose producer thread stopped is not alive. One timer at a
+    time (not one per request) ends the waits that reach the bound."""
 
     def __init__(self, settings: TrackerSettings, heartbeat: Heartbeat | None = None,
                  factory: Callable[..., Producer] = make_producer) -> None:
@@ -89,6 +106,18 @@ class HitPublisher:
         self._thread = threading.Thread(target=self._serve, name="tracker-producer", daemon=True)
         self._lost_unlogged = 0
         self._loss_logged_at = float("-inf")
+        self._acked = {(kind, machine): metrics.TRACKER_HITS.labels(
+            kind=_LABELS[kind], machine=str(machine).lower()) for kind in Kind for machine in (False, True)}
+        # Filled by delivery reports (on whichever thread polled), emptied after each poll;
+        # a deque: its append and popleft are atomic, so no fate is lost between threads.
+        self._settled: deque[tuple[asyncio.Future[bool], bool]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_poll_at: asyncio.TimerHandle | None = None
+        self._loop_polled_at = float("-inf")
+        # (deadline, future) in the order the hits were produced: one bound for all, so the
+        # deadlines are in order too.
+        self._waiting: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self._sweep_at: asyncio.TimerHandle | None = None
 
     def start(self) -> HitPublisher:
         self._thread.start()
@@ -109,39 +138,68 @@ class HitPublisher:
             log.warning("hits unacknowledged at shutdown", hits=left)
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            self.producer.poll(POLL_SECONDS)
+        while not self._stop.wait(POLL_SECONDS):
+            if time.monotonic() - self._loop_polled_at >= POLL_SECONDS:
+                self.producer.poll(0)
+                self._hand_over()
             self.heartbeat.beat()
+
+    def _hand_over(self) -> None:
+        """On the producer's thread: the fates its poll served, to the loop at once."""
+        batch = _drain(self._settled)
+        if not batch or self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_settle_all, batch)
+        except RuntimeError:
+            pass  # the loop is gone (shutdown): nobody waits any more
+
+    def _loop_poll(self) -> None:
+        """On the loop: serve the delivery reports due, settle their requests, and come back
+        while any hit is still in flight."""
+        self._loop_poll_at = None
+        self._loop_polled_at = time.monotonic()
+        self.producer.poll(0)
+        _settle_all(_drain(self._settled))
+        if len(self.producer) and self._loop is not None:
+            self._loop_poll_at = self._loop.call_later(LOOP_POLL_SECONDS, self._loop_poll)
 
     async def publish(self, kind: Kind, machine: bool, key: bytes, value: bytes) -> bool:
         """Produce one hit and wait for its acknowledgement, at most `wait_seconds`; True
         when Kafka acknowledged it in time. Never raises for a Kafka failure."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         acked: asyncio.Future[bool] = loop.create_future()
-        label = "open" if kind is Kind.OPEN else "click"
+        acked_total = self._acked[kind, machine]
 
         def delivered(error: KafkaError | None, _msg: Message) -> None:
-            # On the producer's thread: every hit's fate is known here, once.
+            # Inside a poll (the loop's or the producer thread's): each hit's fate, once.
             if error is None:
-                metrics.TRACKER_HITS.labels(kind=label, machine=str(machine).lower()).inc()
+                acked_total.inc()
             else:
-                self._lost(label, str(error))
-            try:
-                loop.call_soon_threadsafe(_settle, acked, error is None)
-            except RuntimeError:
-                pass  # the loop is gone (shutdown): nobody waits any more
+                self._lost(_LABELS[kind], str(error))
+            self._settled.append((acked, error is None))
 
         try:
             self.producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
         except (BufferError, KafkaException) as exc:
-            self._lost(label, str(exc))
+            self._lost(_LABELS[kind], str(exc))
             return False
-        timer = loop.call_later(self.wait_seconds, _settle, acked, False)
-        try:
-            return await acked  # False at the bound: its delivery report will count it
-        finally:
-            timer.cancel()
+        if self._loop_poll_at is None:
+            self._loop_poll_at = loop.call_later(LOOP_POLL_SECONDS, self._loop_poll)
+        self._waiting.append((loop.time() + self.wait_seconds, acked))
+        if self._sweep_at is None:
+            self._sweep_at = loop.call_at(self._waiting[0][0] - SWEEP_SECONDS, self._sweep)
+        return await acked  # False at the bound: its delivery report will count it
 
+    def _sweep(self) -> None:
+        """On the loop: end the waits due within SWEEP_SECONDS (so none ends late), drop
+        the answered ones ahead of them, and come back for the next wait still open."""
+        waiting, now = self._waiting, self._loop.time() if self._loop else 0.0
+        while waiting and (waiting[0][1].done() or waiting[0][0] - SWEEP_SECONDS <= now):
+            _settle(waiting.popleft()[1], False)
+        self._sweep_at = None
+        if waiting and self._loop is not None:
+            self._sweep_at = self._loop.call_at(waiting[0][0] - SWEEP_SECONDS, self._sweep)
 
     def _lost(self, kind: str, error: str) -> None:
         metrics.TRACKER_HITS_LOST.labels(kind=kind).inc()
@@ -157,10 +215,36 @@ def _settle(future: asyncio.Future[bool], ok: bool) -> None:
         future.set_result(ok)
 
 
-def hit_event(claim: TrackingClaim, request_id: uuid.UUID, hit: Hit,
+def _settle_all(batch: list[tuple[asyncio.Future[bool], bool]]) -> None:
+    for future, ok in batch:
+        if not future.done():
+            future.set_result(ok)
+
+
+def _drain(settled: deque[tuple[asyncio.Future[bool], bool]]) -> list[tuple[asyncio.Future[bool], bool]]:
+    batch = []
+    try:
+        while True:  # another thread may drain it too: popleft, not a test of its length
+            batch.append(settled.popleft())
+    except IndexError:
+        return batch
+
+
+def hit_event(claim: TrackingClaim, request_id: uuid.UUID | str, hit: Hit,
               scanner_window_seconds: float) -> tuple[bytes, bytes, bool]:
-    """The record of one hit (key, value) and whether it is machine traffic. Pure."""
+    """The record of one hit (key, value) and whether it is machine traffic. Pure. Written
+    by `hit_record` when it can, else through the schema (the same bytes: unit-tested)."""
     verdict = classify(hit, scanner_window_seconds=scanner_window_seconds)
+    key = contact_key(claim.tenant_id, claim.contact_id)
+    value = hit_record(claim, str(request_id), verdict, hit.at)
+    if value is None:
+        value = schema_hit_value(claim, uuid.UUID(str(request_id)), verdict, hit.at)
+    return key, value, verdict.machine
+
+
+def schema_hit_value(claim: TrackingClaim, request_id: uuid.UUID, verdict: Verdict,
+                     at: float) -> bytes:
+    """The encoded envelope of one hit built through the pydantic models (validated)."""
     common: dict[str, Any] = {
         "campaign_id": claim.campaign_id, "contact_id": claim.contact_id,
         "request_id": request_id, "agent": verdict.agent, "machine": verdict.machine,
@@ -173,14 +257,15 @@ def hit_event(claim: TrackingClaim, request_id: uuid.UUID, hit: Hit,
         payload = LinkClicked(**common, link_index=claim.link_index,
                               links_in_mail=claim.links_in_mail, url=claim.url)
     envelope = wrap(payload, tenant_id=claim.tenant_id, aggregate_id=claim.campaign_id,
-                    message_id=request_id, occurred_at=datetime.fromtimestamp(hit.at, UTC))
-    return contact_key(claim.tenant_id, claim.contact_id), encode(envelope), verdict.machine
+                    message_id=request_id, occurred_at=datetime.fromtimestamp(at, UTC))
+    return encode(envelope)
 
 
 def create_app(settings: TrackerSettings, keys: TrackingKeys,
                publisher: HitPublisher | None = None) -> FastAPI:
     """The tracker's routes; the publisher (made from the settings unless given) starts and
-    stops with the app."""
+    stops with the app. The two hit routes are plain Starlette routes of the FastAPI app
+    (the request is all they read: no parameter parsing or dependency solving)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -196,9 +281,9 @@ def create_app(settings: TrackerSettings, keys: TrackingKeys,
                   openapi_url=None)
     window = settings.tracker_scanner_window_seconds
 
-    async def track(request: Request, token: str, kind: Kind) -> TrackingClaim | Response:
+    async def track(request: Request, kind: Kind) -> TrackingClaim | Response:
         try:
-            claim = keys.verify(token)
+            claim = keys.verify(request.path_params["token"])
         except InvalidTrackingToken as refused:
             metrics.TRACKER_REFUSED.labels(reason=refused.reason.value).inc()
             if refused.malformed:
@@ -207,26 +292,35 @@ def create_app(settings: TrackerSettings, keys: TrackingKeys,
         if claim.kind is not kind:
             metrics.TRACKER_REFUSED.labels(reason="wrong kind").inc()
             return Response("unknown tracking link\n", 404, media_type="text/plain")
-        hit = Hit(kind, request.method, request.headers.get("user-agent", ""),
-                  request.client.host if request.client else None, time.time(), claim.sent_at)
-        key, value, machine = hit_event(claim, uuid.uuid4(), hit, window)
+        client = request.scope.get("client")
+        hit = Hit(kind, request.method, _user_agent(request.scope),
+                  client[0] if client else None, time.time(), claim.sent_at)
+        key, value, machine = hit_event(claim, new_request_id(), hit, window)
         hits: HitPublisher = request.app.state.publisher
         await hits.publish(kind, machine, key, value)
         return claim
 
-    @app.api_route("/o/{token}.gif", methods=["GET", "HEAD"], include_in_schema=False)
-    async def pixel(request: Request, token: str) -> Response:
-        answer = await track(request, token, Kind.OPEN)
+    async def pixel(request: Request) -> Response:
+        answer = await track(request, Kind.OPEN)
         if isinstance(answer, Response):
             return answer
         return Response(PIXEL, 200, media_type="image/gif", headers=NO_CACHE)
 
-    @app.api_route("/c/{token}", methods=["GET", "HEAD"], include_in_schema=False)
-    async def click(request: Request, token: str) -> Response:
-        answer = await track(request, token, Kind.CLICK)
+    async def click(request: Request) -> Response:
+        answer = await track(request, Kind.CLICK)
         if isinstance(answer, Response):
             return answer
         assert answer.url is not None  # a click claim always carries its link
         return Response(status_code=302, headers={**REDIRECT_HEADERS, "Location": answer.url})
 
+    app.add_route("/o/{token}.gif", pixel, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_route("/c/{token}", click, methods=["GET", "HEAD"], include_in_schema=False)
     return app
+
+
+def _user_agent(scope: Any) -> str:
+    """The request's User-Agent header (the first), decoded as Starlette decodes headers."""
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return str(value.decode("latin-1"))
+    return ""

@@ -22,9 +22,11 @@ from projections.engagement_projector import (
     engagement_projector_for,
 )
 from projections.engagement_queries import campaign_engagement, soft_bounce_streak
+from projections.erase import ERASED
 from projections.tenancy import create_analyst_login, drop_analyst_login, tenant_transaction
+from schemas.base import Record
 from schemas.bounces import EmailBounced, EmailComplained, bounce_event_id
-from schemas.contacts import ContactUnsubscribed
+from schemas.contacts import ContactDeleted, ContactUnsubscribed, ContactUpserted, contact_key
 from schemas.engagement import AgentClass, EmailOpened, LinkClicked
 from schemas.envelope import encode, wrap
 from services.api.app import create_app
@@ -247,3 +249,52 @@ def test_analyst_views_show_only_the_granted_tenant(settings: Settings, db) -> N
                     assert analyst.execute(f"SELECT count(*) FROM {view}").fetchone() == (0,)
     finally:
         drop_analyst_login(db, name)
+
+
+def contact_event(c: Campaign, payload: Record) -> Record3:
+    cid = payload.contact_id  # type: ignore[attr-defined]
+    value = encode(wrap(payload, tenant_id=c.tenant, aggregate_id=cid, occurred_at=T0))
+    return CONTACTS, contact_key(c.tenant, cid).decode(), value
+
+
+def addressed_click(c: Campaign, contact: str) -> Record3:
+    """A click on a link that carries the contact's address (a personalised link)."""
+    payload = LinkClicked(campaign_id=c.id, contact_id=contact, request_id=uuid.uuid4(),
+                          agent=AgentClass.BROWSER, machine=False, link_index=0,
+                          links_in_mail=1, url=f"https://shop.example/?who={contact}@example.com")
+    value = encode(wrap(payload, tenant_id=c.tenant, aggregate_id=c.id,
+                        occurred_at=T0 + timedelta(minutes=1)))
+    return ENGAGEMENT, f"{c.tenant}:{contact}", value
+
+
+def test_engagement_rows_of_a_deleted_contact_keep_no_address_in_any_order(
+        settings: Settings, db) -> None:
+    c = delivered_campaign(settings, 4)
+    upserts = [contact_event(c, ContactUpserted(contact_id=f"c{i}", email=f"c{i}@example.com"))
+               for i in range(4)]
+    # c0: deleted and projected by the main projector before its click reaches this lane.
+    produce(settings, [*upserts, contact_event(c, ContactDeleted(contact_id="c0"))])
+    drain(settings)
+    # c1: clicks, then is deleted, the main projector never reading it (this lane sees both).
+    # c2: deleted, then upserted again: a live contact, its click keeps its address. c3: kept.
+    produce(settings, [
+        addressed_click(c, "c0"), addressed_click(c, "c1"),
+        contact_event(c, ContactDeleted(contact_id="c1")),
+        contact_event(c, ContactDeleted(contact_id="c2")),
+        contact_event(c, ContactUpserted(contact_id="c2", email="c2@example.com")),
+        addressed_click(c, "c2"), addressed_click(c, "c3"),
+    ])
+    lane = engagement_projector_for(settings)
+    lane.drain(DRAIN_TIMEOUT_SECONDS)
+    lane.close()
+    urls = dict(db.execute("SELECT contact_id, url FROM engagement_events"
+                           " WHERE tenant_id = %s AND kind = 'click'", (c.tenant,)).fetchall())
+    assert urls == {
+        "c0": f"https://shop.example/?who={ERASED}",
+        "c1": f"https://shop.example/?who={ERASED}",
+        "c2": "https://shop.example/?who=c2@example.com",
+        "c3": "https://shop.example/?who=c3@example.com",
+    }
+    # The clicks still count: an erase changes personal fields, never a count.
+    found = campaign_engagement(db, c.tenant, c.id)
+    assert found is not None and found.counts["clicks_total_human"] == 4

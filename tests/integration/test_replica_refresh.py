@@ -1,6 +1,6 @@
 """The hydrator's contacts replicas against a real broker: the background refresh
 (Replicas.catch_up_all) sends one offsets request for all partitions and reads only replicas
-behind; a catch-up to a send's snapshot ends at the partition's end as the broker reports it,
+behind (and still wanted as their turn comes); a catch-up to a send's snapshot ends at the partition's end as the broker reports it,
 past transaction markers and aborted records (never delivered), and waits for a transaction
 still open at the snapshot."""
 
@@ -53,6 +53,31 @@ def test_refresh_reaches_every_partitions_end_and_then_reads_nothing(settings, t
         assert replicas.catch_up_all(partitions) == later
         held = sum(len(list(replicas.get(p).tenant_contacts(tenant))) for p in partitions)
         assert held == 230
+    finally:
+        replicas.close()
+
+
+def test_refresh_skips_the_partitions_no_longer_wanted(settings, tmp_path):
+    # The hydrator's head start: partitions asked for as their turn comes, not all at once.
+    tenant = "acme"
+    publish(settings, CONTACTS, _contacts(tenant, 200))
+    ends = snapshot(settings)
+    skipped = {p for p, end in ends.items() if end > 0 and p % 2}
+    assert skipped
+    replicas = Replicas(settings, topic_name(CONTACTS, settings), tmp_path)
+    try:
+        asked: list[int] = []
+
+        def wanted(partition: int) -> bool:
+            asked.append(partition)
+            return partition not in skipped
+
+        positions = replicas.catch_up_all(set(range(CONTACTS.partitions)), wanted=wanted)
+        assert sorted(asked) == sorted(p for p, end in ends.items() if end > 0)
+        assert positions == {p: 0 if p in skipped else end for p, end in ends.items()}
+        assert all(replicas.get(p).next_offset() == 0 for p in skipped)
+        # Wanted again later: caught up from where they stood.
+        assert replicas.catch_up_all(set(range(CONTACTS.partitions))) == ends
     finally:
         replicas.close()
 
