@@ -4,14 +4,24 @@ slot, the message, one SMTP transaction and what it comes to.
 Guarantees (decisions.pre_send, booked and untried decide; this carries them out): a
 recipient is mailed only while its campaign is sending and it is not skipped, never once the
 batch deadline has passed, and under a rate limit never before the slot it booked; at most one
-SMTP transaction per call; a recipient whose message cannot be built fails for good without
-stopping the batch; `mail` never raises for SMTP or network trouble.
+SMTP transaction per recipient and call; a recipient whose message cannot be built fails for
+good without stopping the batch; `mail` and `mail_many` never raise for SMTP or network
+trouble.
+
+`mail_many` checks and builds its recipients one after the other and hands the mails that
+passed to the transport together (one session, one transaction after the other,
+services/sender/smtp_pool.py); right before each transaction, the transport asks
+the check again (`go`), so a recipient is mailed only if its campaign is still sending and the
+batch deadline has not passed at its own turn, not only when its group was built: a pause or
+the deadline holds back the rest of a group (their outcomes are the check's). A recipient that
+must wait for its slot sends the ones before it first (groups are not used under a rate limit).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -23,11 +33,12 @@ from services.sender.delivery import Outcome, judge_attempt
 from services.sender.do_not_mail import DoNotMailList
 from services.sender.list_unsubscribe import ListUnsubscribe
 from services.sender.marks import MailMarks
-from services.sender.mime import build_mail
+from services.sender.mime import OutgoingMail, build_mail
 from services.sender.render import render
 from services.sender.retries import RetryPolicy
+from services.sender.smtp_pool import NOT_TRIED
 from services.sender.throttle import RateLimiter
-from services.sender.transport import MailTransport
+from services.sender.transport import MailTransport, transmit_all
 from services.sender.work import Work
 
 log = structlog.get_logger("sender")
@@ -69,6 +80,34 @@ class Mailer:
 
     def mail(self, item: Work, started: float) -> Outcome:
         """One attempt for `item` (`started`: monotonic time its batch started)."""
+        return self.mail_many([item], started)[0]
+
+    def mail_many(self, items: Sequence[Work], started: float) -> list[Outcome]:
+        """One attempt for each of `items`, in order, `mail` for each: the mails that pass
+        their check go to the transport together (one session), except that a mail that has
+        to wait for its rate-limit slot sends those before it first, then waits."""
+        outcomes: list[Outcome | None] = [None] * len(items)
+        ready: list[tuple[int, OutgoingMail]] = []
+        for index, item in enumerate(items):
+            check = self._check(item, started)
+            if not isinstance(check, Send):
+                outcomes[index] = check
+                continue
+            if check.wait > 0:
+                self._transmit(items, ready, outcomes, started)
+                ready = []
+                time.sleep(check.wait)  # a send thread pacing itself; the consumer loop is free
+            built = self._build(item)
+            if isinstance(built, Outcome):
+                outcomes[index] = built
+            else:
+                ready.append((index, built))
+        self._transmit(items, ready, outcomes, started)
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _check(self, item: Work, started: float) -> Send | Outcome:
+        """The check right before the attempt: Send, or what the untried attempt comes to."""
         recipient = item.recipient
         tenant = item.envelope.tenant_id
         control = self._board.state(recipient.campaign_id)
@@ -81,12 +120,16 @@ class Mailer:
             server = self._transport.server_for(recipient.template.from_address)
             wait = self._limiter.book(tenant, server, clock)
             check = booked(wait, clock=clock, started=started, now=now, bounds=self._bounds)
-        if not isinstance(check, Send):
-            return untried(check, item.attempt, first_attempt_at=item.first_attempt_at, now=now,
-                           policy=self._policy, draw=self._rng.random())
-        if check.wait > 0:
-            time.sleep(check.wait)  # a send thread pacing itself; the consumer loop is free
-            now = datetime.now(UTC)
+        if isinstance(check, Send):
+            return check
+        return untried(check, item.attempt, first_attempt_at=item.first_attempt_at, now=now,
+                       policy=self._policy, draw=self._rng.random())
+
+    def _build(self, item: Work) -> OutgoingMail | Outcome:
+        """The message of `item`, or its permanent failure when it cannot be built."""
+        recipient = item.recipient
+        tenant = item.envelope.tenant_id
+        now = datetime.now(UTC)
         try:
             extra = (self._list_unsubscribe.headers(tenant, recipient.contact_id,
                                                     recipient.campaign_id)
@@ -94,23 +137,48 @@ class Mailer:
             content = render(recipient)
             marks = self._marks
             if marks is None:
-                mail = build_mail(recipient, content, now, extra)
-            else:
-                mail = build_mail(recipient, marks.content(tenant, recipient, content, now),
-                                  now, extra)
-                sender = marks.envelope_sender(tenant, recipient)
-                if sender is not None:
-                    mail = replace(mail, sender=sender)
+                return build_mail(recipient, content, now, extra)
+            mail = build_mail(recipient, marks.content(tenant, recipient, content, now), now,
+                              extra)
+            sender = marks.envelope_sender(tenant, recipient)
+            return mail if sender is None else replace(mail, sender=sender)
         except Exception as exc:  # a recipient that cannot be built must not stop the batch
             log.exception("message not built", campaign_id=recipient.campaign_id,
                           contact_id=recipient.contact_id)
             return Outcome.unbuildable(item.attempt, exc)
-        result = self._transport.transmit(mail)
-        outcome = judge_attempt(result, item.attempt, first_attempt_at=item.first_attempt_at,
-                                now=datetime.now(UTC), policy=self._policy,
-                                draw=self._rng.random())
-        if outcome.ambiguous:
-            log.warning("possible duplicate: connection lost after DATA",
-                        campaign_id=recipient.campaign_id, contact_id=recipient.contact_id,
-                        attempt=item.attempt)
-        return outcome
+
+    def _still_go(self, items: Sequence[Work], ready: list[tuple[int, OutgoingMail]],
+                  outcomes: list[Outcome | None], started: float) -> Callable[[int], bool]:
+        """The check again, right before ready mail j's transaction: a mail of a group is
+        mailed only if its campaign is still sending and the batch deadline has not passed
+        then, not only when its group was built. Not under a rate limit (the check would book
+        another slot): groups are not used there."""
+        def go(j: int) -> bool:
+            index = ready[j][0]
+            check = self._check(items[index], started)
+            if isinstance(check, Send):
+                return True
+            outcomes[index] = check
+            return False
+        return go
+
+    def _transmit(self, items: Sequence[Work], ready: list[tuple[int, OutgoingMail]],
+                  outcomes: list[Outcome | None], started: float) -> None:
+        """Send the `ready` mails (at most one SMTP transaction each) and judge each attempt."""
+        if not ready:
+            return
+        go = None if len(ready) == 1 or self._limiter.active else self._still_go(
+            items, ready, outcomes, started)
+        attempts = transmit_all(self._transport, [mail for _, mail in ready], go)
+        now = datetime.now(UTC)
+        for (index, _), result in zip(ready, attempts, strict=True):
+            if result is NOT_TRIED.attempt:
+                continue  # held back by its check: the outcome is the check's
+            item = items[index]
+            outcome = judge_attempt(result, item.attempt, first_attempt_at=item.first_attempt_at,
+                                    now=now, policy=self._policy, draw=self._rng.random())
+            if outcome.ambiguous:
+                log.warning("possible duplicate: connection lost after DATA",
+                            campaign_id=item.recipient.campaign_id,
+                            contact_id=item.recipient.contact_id, attempt=item.attempt)
+            outcomes[index] = outcome

@@ -2,9 +2,12 @@
 offset commits of consecutive batches, overlapped so the SMTP connections never wait for the
 database, the broker or the consumer.
 
-A batch of recipients is cut into chunks. A chunk is claimed in the send ledger, then each of
-its recipients that must be mailed goes to the SMTP threads as its own job (no barrier per
-chunk: a thread that finishes one mail takes the next, whichever chunk it belongs to); the
+A batch of recipients is cut into chunks. A chunk is claimed in the send ledger, then its
+recipients that must be mailed go to the SMTP threads as jobs of up to `group` recipients each
+(`SendSteps.mail_many`: one thread wake-up and one pooled session per group),
+the chunk's mails spread evenly over `spread` jobs at least, so every thread has work (no
+barrier per chunk: a thread that finishes one job takes the next, whichever chunk it belongs
+to; with `group` 1, each recipient is its own job, `SendSteps.mail`); the
 chunk counts its mails still out, and the driving thread is woken when its oldest chunk's
 count reaches zero (no Future per mail). While
 one chunk is mailed the next one is claimed and queued behind it, so the threads always have
@@ -61,6 +64,8 @@ class SendSteps(Protocol[ItemIn]):
     def claim(self, items: Sequence[ItemIn]) -> Mapping[LedgerKey, Claim]: ...
 
     def mail(self, item: ItemIn, started: float) -> Outcome: ...
+
+    def mail_many(self, items: Sequence[ItemIn], started: float) -> list[Outcome]: ...
 
     def settle(self, outcomes: Mapping[LedgerKey, Outcome]) -> None: ...
 
@@ -163,10 +168,12 @@ class SendPipeline(Generic[Item]):
     docstring. Not thread-safe: one thread calls `add`, `step` and `drain`."""
 
     def __init__(self, steps: SendSteps[Item], threads: MailThreads, *,
-                 chunk_size: int, lookahead: int,
+                 chunk_size: int, lookahead: int, group: int = 1, spread: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if chunk_size < 1 or lookahead < 1:
-            raise ValueError("chunk_size and lookahead must be at least 1")
+        if chunk_size < 1 or lookahead < 1 or group < 1 or spread < 1:
+            raise ValueError("chunk_size, lookahead, group and spread must be at least 1")
+        self._group = group
+        self._spread = spread
         self._steps = steps
         self._threads = threads
         # Guards every chunk's `out` count; notified when a chunk's last mail returns.
@@ -246,8 +253,13 @@ class SendPipeline(Generic[Item]):
                 self._flying[item.key] = self._flying.get(item.key, 0) + 1
             batch.open_chunks += 1
             self._in_flight.append(flight)
-            for item in mails:
-                self._threads.submit(self._mail, flight, item)
+            if self._group == 1:
+                for item in mails:
+                    self._threads.submit(self._mail, flight, item)
+                continue
+            size = max(1, min(self._group, -(-len(mails) // self._spread)))
+            for first in range(0, len(mails), size):
+                self._threads.submit(self._mail_many, flight, mails[first:first + size])
 
     def _mail(self, chunk: _Chunk[Item], item: Item) -> None:
         """Runs on an SMTP thread: one mail, its outcome (or what it raised) kept for the
@@ -259,6 +271,20 @@ class SendPipeline(Generic[Item]):
         finally:
             with self._returned:
                 chunk.out -= 1
+                if chunk.out == 0:
+                    self._returned.notify_all()
+
+    def _mail_many(self, chunk: _Chunk[Item], items: list[Item]) -> None:
+        """Runs on an SMTP thread: a group of mails, as `_mail` does one."""
+        try:
+            outcomes = self._steps.mail_many(items, chunk.batch.started)
+            for item, outcome in zip(items, outcomes, strict=True):
+                chunk.outcomes[item.key] = outcome
+        except BaseException as exc:  # raised again on the driving thread, in _reap
+            chunk.errors.append(exc)
+        finally:
+            with self._returned:
+                chunk.out -= len(items)
                 if chunk.out == 0:
                     self._returned.notify_all()
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,7 +44,14 @@ from services.sender import relay_config
 from services.sender.mime import OutgoingMail
 from services.sender.relay_config import RelaysConfig, RelaySettings, normalise_domain
 from services.sender.replies import Attempt, Verdict
-from services.sender.smtp_pool import RelayResult, Security, SetupPhase, SmtpPool, tls_context
+from services.sender.smtp_pool import (
+    NOT_TRIED,
+    RelayResult,
+    Security,
+    SetupPhase,
+    SmtpPool,
+    tls_context,
+)
 from services.sender.transport import MailTransport, TimedTransport
 
 log = structlog.get_logger("sender.relays")
@@ -56,6 +63,18 @@ class RelayPool(Protocol):
     def send(self, mail: OutgoingMail) -> RelayResult: ...
 
     def close(self) -> None: ...
+
+
+def send_all(pool: RelayPool, mails: Sequence[OutgoingMail],
+             go: Callable[[int], bool] | None = None) -> list[RelayResult]:
+    """`send` of each mail in order: by the pool's `send_many` when it has one. `go(i)`,
+    asked right before mail i goes: False holds it back (NOT_TRIED)."""
+    many = getattr(pool, "send_many", None)
+    if many is not None and len(mails) > 1:
+        results: list[RelayResult] = many(mails, go)
+        return results
+    return [NOT_TRIED if go is not None and not go(i) else pool.send(mail)
+            for i, mail in enumerate(mails)]
 
 
 class RoutingTable:
@@ -186,9 +205,57 @@ class RelayRouter:
             reasons.append(f"{name}: {result.attempt.text}")
             self.stats.add(name, setup_failures=1, failovers=int(has_next))
             self._mark_down(name, result)
-        if len(reasons) == 1 and tried:
-            return tried[0]  # one relay, failed just now: its own reason, as a lone pool says
-        return Attempt(Verdict.TRANSIENT, None, "no relay could take the mail: " + "; ".join(reasons))
+        return _not_carried(reasons, tried)
+
+    def transmit_many(self, mails: Sequence[OutgoingMail],
+                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
+        """`transmit` of each mail, in order; the mails routed to one relay go over one of its
+        sessions together, and those whose session could not be set up fail over together,
+        relay by relay, exactly as one mail would. `go(i)` is asked right before mail i's
+        transaction on each relay tried: False holds it back (NOT_TRIED's attempt)."""
+        attempts: list[Attempt | None] = [None] * len(mails)
+        routed_to: dict[str, list[int]] = {}
+        for index, mail in enumerate(mails):
+            routed_to.setdefault(self.table.relay_for(mail.sender), []).append(index)
+        for routed, positions in routed_to.items():
+            chain = [routed, *(name for name in self.failover if name != routed)]
+            reasons: dict[int, list[str]] = {index: [] for index in positions}
+            tried: dict[int, list[Attempt]] = {index: [] for index in positions}
+            pending = positions
+            for position, name in enumerate(chain):
+                if not pending:
+                    break
+                has_next = position + 1 < len(chain)
+                down = self.health.cooling(name, self._clock())
+                if down is not None:
+                    for index in pending:
+                        reasons[index].append(f"{name}: passed over after {down.phase.value}"
+                                              f" failure ({down.reason})")
+                    self.stats.add(name, failovers=int(has_next) * len(pending))
+                    continue
+                results = send_all(self._pools[name], [mails[i] for i in pending],
+                                   None if go is None else _renumbered(go, pending))
+                failed: list[int] = []
+                for index, result in zip(pending, results, strict=True):
+                    if result is NOT_TRIED:
+                        attempts[index] = result.attempt
+                        continue
+                    if result.setup is None:
+                        attempts[index] = self._carried(name, routed, mails[index],
+                                                        result.attempt)
+                        continue
+                    failed.append(index)
+                    tried[index].append(result.attempt)
+                    reasons[index].append(f"{name}: {result.attempt.text}")
+                if failed:
+                    self.stats.add(name, setup_failures=1,  # one session, for the group
+                                   failovers=int(has_next) * len(failed))
+                    self._mark_down(name, results[pending.index(failed[0])])
+                pending = failed
+            for index in pending:
+                attempts[index] = _not_carried(reasons[index], tried[index])
+        assert all(attempt is not None for attempt in attempts)
+        return attempts  # type: ignore[return-value]
 
     def _carried(self, name: str, routed: str, mail: OutgoingMail, attempt: Attempt) -> Attempt:
         self.health.mark_up(name)
@@ -214,6 +281,18 @@ class RelayRouter:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
+
+
+def _renumbered(go: Callable[[int], bool], positions: list[int]) -> Callable[[int], bool]:
+    """`go` asked of a subset's i-th mail: the group's positions[i]."""
+    return lambda i: go(positions[i])
+
+
+def _not_carried(reasons: list[str], tried: list[Attempt]) -> Attempt:
+    """The attempt of a mail no relay of its chain could take."""
+    if len(reasons) == 1 and tried:
+        return tried[0]  # one relay, failed just now: its own reason, as a lone pool says
+    return Attempt(Verdict.TRANSIENT, None, "no relay could take the mail: " + "; ".join(reasons))
 
 
 def relay_pool(relay: RelaySettings, size: int) -> SmtpPool:

@@ -43,6 +43,10 @@ Guarantees:
   RCPT replies for the chunk's), where with DATA a loss before the 354 is a plain transient
   failure. A refusal of MAIL or RCPT is the outcome as before (the relay drops the chunk);
   after any refusal the session is reset (RSET) before the next mail.
+- `send_many` (a send thread's group of mails) is `send` of each on one session, one
+  transaction per write as above: each mail's outcome, and what a loss means for it, is
+  exactly `send`'s. Once a session cannot be set up, the group's remaining mails get the same
+  set-up failure without another try (nothing was written for them).
 - `send` says in addition whether the relay itself could not be used (`RelayResult.setup`):
   the failure happened while setting up the session (TCP connect, greeting, EHLO, TLS, AUTH),
   before MAIL FROM, so the relay cannot have taken the message and another relay may be
@@ -66,6 +70,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -147,6 +152,11 @@ class RelayResult:
     setup: SetupPhase | None = None
 
 
+# What `send_many` gives a mail its `go` held back (asked right before the mail's
+# transaction): nothing was said for it. Told apart by identity.
+NOT_TRIED = RelayResult(Attempt(Verdict.TRANSIENT, None, "not tried: held back before its turn"))
+
+
 class _SetupFailed(Exception):
     """Session set-up failed in `phase` (wraps the driver's error)."""
 
@@ -226,6 +236,25 @@ class SmtpConnection:
             self.replaced += 1
             result = self._send_once(mail)
         return result
+
+    def send_many(self, mails: Sequence[OutgoingMail],
+                  go: Callable[[int], bool] | None = None) -> list[RelayResult]:
+        """`send` of each mail, in order, on this one session; once a session cannot be set
+        up, the mails after it fail the same way without trying (nothing was written for them:
+        another relay may take them), so a dead relay costs one connect timeout per group.
+        `go(i)`, asked right before mail i's transaction (the sender's pause and deadline
+        check), holds it back when False: NOT_TRIED, nothing said for it."""
+        results: list[RelayResult] = []
+        for index, mail in enumerate(mails):
+            if go is not None and not go(index):
+                results.append(NOT_TRIED)
+                continue
+            result = self.send(mail)
+            results.append(result)
+            if result.setup is not None:
+                results += [result] * (len(mails) - len(results))
+                break
+        return results
 
     def _send_once(self, mail: OutgoingMail) -> RelayResult:
         self._lost_unaccepted = False
@@ -592,6 +621,27 @@ class SmtpPool:
             with available:
                 self._idle.append(connection)
                 available.notify()
+
+    def send_many(self, mails: Sequence[OutgoingMail],
+                  go: Callable[[int], bool] | None = None) -> list[RelayResult]:
+        """`send` of each mail, in order, over one free connection (`SmtpConnection.send_many`):
+        one check-out per group instead of one per mail."""
+        available = self._available
+        with available:
+            while not self._idle:
+                available.wait()
+            connection = self._idle.pop()
+        try:
+            return connection.send_many(mails, go)
+        finally:
+            with available:
+                self._idle.append(connection)
+                available.notify()
+
+    def transmit_many(self, mails: Sequence[OutgoingMail],
+                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
+        """`transmit` of each mail, in order, over one free connection."""
+        return [result.attempt for result in self.send_many(mails, go)]
 
     def close(self) -> None:
         """QUIT every idle connection (call when no thread is transmitting)."""

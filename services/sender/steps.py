@@ -57,6 +57,9 @@ class SenderSteps:
     def mail(self, item: Work, started: float) -> Outcome:
         return self._mailer.mail(item, started)
 
+    def mail_many(self, items: Sequence[Work], started: float) -> list[Outcome]:
+        return self._mailer.mail_many(items, started)
+
     def settle(self, outcomes: Mapping[LedgerKey, Outcome]) -> None:
         self._ledger.settle(outcomes)
 

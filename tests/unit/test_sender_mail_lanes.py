@@ -116,6 +116,9 @@ class Steps:
         time.sleep(0.001 * (hash(item.contact) % 3))  # finish out of order
         return Outcome(Status.SENT, item.attempt, 250, "ok")
 
+    def mail_many(self, items: Sequence[Item], started: float) -> list[Outcome]:
+        return [self.mail(item, started) for item in items]
+
     def settle(self, outcomes: Mapping[LedgerKey, Outcome]) -> None:
         self.settled.append(list(outcomes))
 

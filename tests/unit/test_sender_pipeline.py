@@ -124,6 +124,10 @@ class FakeSteps:
         self._note("mail", item.key)
         return Outcome(Status.SENT, item.attempt, 250, "ok")
 
+    def mail_many(self, items: Sequence[Item], started: float) -> list[Outcome]:
+        self._note("group", len(items))
+        return [self.mail(item, started) for item in items]
+
     def settle(self, outcomes: Mapping[LedgerKey, Outcome]) -> None:
         for key, outcome in outcomes.items():
             assert ("mail", key) in self.events, "settled before its mail returned"
@@ -150,9 +154,10 @@ def items(start: int, count: int) -> list[Item]:
 
 
 def run(steps: FakeSteps, batches: list[tuple[list[Item], dict[PartitionKey, int]]], *,
-        chunk: int = 3, lookahead: int = 2) -> None:
+        chunk: int = 3, lookahead: int = 2, group: int = 1, spread: int = 1) -> None:
     with ThreadPoolExecutor(4) as executor:
-        pipeline = SendPipeline(steps, executor, chunk_size=chunk, lookahead=lookahead)
+        pipeline = SendPipeline(steps, executor, chunk_size=chunk, lookahead=lookahead,
+                                group=group, spread=spread)
         for work, positions in batches:
             pipeline.add(work, positions, records=len(work))
             pipeline.step(block=False)
@@ -237,6 +242,45 @@ def test_a_failed_step_raises_and_commits_nothing() -> None:
     steps = Broken()
     with pytest.raises(RuntimeError, match="database gone"), ThreadPoolExecutor(2) as executor:
         pipeline = SendPipeline(steps, executor, chunk_size=3, lookahead=2)
+        pipeline.add(items(0, 6), {P0: 6}, records=6)
+        pipeline.drain()
+    assert steps.committed == [] and steps.published == []
+
+
+# --- groups of mails per job ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("chunk", "group", "spread", "sizes"), [
+    (10, 4, 2, [4, 4, 2]),  # capped by the group
+    (10, 16, 4, [3, 3, 3, 1]),  # spread over four jobs at least
+    (3, 16, 8, [1, 1, 1]),  # fewer mails than threads: one each
+])
+def test_a_chunk_goes_out_in_groups_and_every_recipient_once(
+        chunk: int, group: int, spread: int, sizes: list[int]) -> None:
+    steps = FakeSteps()
+    run(steps, [(items(0, chunk), {P0: chunk})], chunk=chunk, group=group, spread=spread)
+    assert sorted(v for e, v in steps.events if e == "group") == sorted(sizes)  # type: ignore[type-var]
+    keys = [("cmp", f"c{i}") for i in range(chunk)]
+    assert sorted(k for e, k in steps.events if e == "mail") == sorted(keys)  # type: ignore[type-var]
+    assert sorted(steps.published) == sorted(keys)
+    assert steps.committed == [{P0: chunk}]
+
+
+def test_without_groups_each_recipient_is_its_own_job() -> None:
+    steps = FakeSteps()
+    run(steps, [(items(0, 6), {P0: 6})], chunk=6)
+    assert [e for e, _ in steps.events if e == "group"] == []
+    assert len([e for e, _ in steps.events if e == "mail"]) == 6
+
+
+def test_a_group_that_raises_fails_the_batch_and_commits_nothing() -> None:
+    class Broken(FakeSteps):
+        def mail_many(self, items: Sequence[Item], started: float) -> list[Outcome]:
+            raise RuntimeError("bug in a group")
+
+    steps = Broken()
+    with pytest.raises(RuntimeError, match="bug in a group"), ThreadPoolExecutor(2) as executor:
+        pipeline = SendPipeline(steps, executor, chunk_size=6, lookahead=2, group=3, spread=2)
         pipeline.add(items(0, 6), {P0: 6}, records=6)
         pipeline.drain()
     assert steps.committed == [] and steps.published == []

@@ -298,3 +298,43 @@ def test_close_closes_every_pool():
     pools = {"a": FakePool(SENT), "c": FakePool(SENT)}
     router(pools).close()
     assert pools["a"].closed and pools["c"].closed
+
+
+class GroupPool(FakePool):
+    """A pool with `send_many`, as SmtpPool has: records each group it was handed."""
+
+    def __init__(self, *results: RelayResult) -> None:
+        super().__init__(*results)
+        self.groups: list[list[str]] = []
+
+    def send_many(self, mails, go=None):
+        self.groups.append([m.message_id for m in mails])
+        return [self.send(m) for m in mails]
+
+
+def test_a_group_goes_to_each_routed_relay_together_and_fails_over_together():
+    clock = Clock()
+    a, b, c = GroupPool(DOWN), GroupPool(SENT), GroupPool(SENT)
+    transport = router({"a": a, "b": b, "c": c}, clock, failover=["c"], cool_off_seconds=30)
+    group = [mail("x@example.com", 1), mail("x@other.org", 2), mail("x@example.com", 3)]
+    attempts = transport.transmit_many(group)
+    assert [a.verdict for a in attempts] == [Verdict.SENT] * 3
+    assert a.groups == [["<m1@example.com>", "<m3@example.com>"]]
+    assert c.groups == [["<m1@example.com>", "<m3@example.com>"]]  # failed over
+    assert b.groups == [] and len(b.mails) == 1  # one mail: `send`
+    stats = transport.stats.snapshot()
+    assert (stats["a"].setup_failures, stats["a"].failovers, stats["c"].failed_over_in) == (1, 2, 2)
+    # Cooling off: the next group passes over relay a without trying it.
+    again = transport.transmit_many([mail("x@example.com", 4), mail("x@example.com", 5)])
+    assert [a.verdict for a in again] == [Verdict.SENT] * 2
+    assert len(a.groups) == 1 and len(c.groups) == 2
+
+
+def test_a_group_no_relay_can_take_gets_the_reasons_a_single_mail_would():
+    pools: dict[str, FakePool] = {"a": GroupPool(DOWN)}
+    transport = router(pools)
+    [alone] = [transport.transmit(mail("x@example.com", 9))]
+    pools = {"a": GroupPool(DOWN)}
+    transport = router(pools)
+    grouped = transport.transmit_many([mail("x@example.com", 1), mail("x@example.com", 2)])
+    assert [(a.verdict, a.text) for a in grouped] == [(alone.verdict, alone.text)] * 2
