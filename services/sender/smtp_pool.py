@@ -608,28 +608,18 @@ class SmtpPool:
 
     def send(self, mail: OutgoingMail) -> RelayResult:
         """Like `transmit`, also telling whether the relay could not be used at all."""
-        # Check-out and return written out, not as a context manager: this runs once per mail.
-        available = self._available
-        with available:
-            while not self._idle:
-                available.wait()
-            # Most recently used first: it is the one most likely still open.
-            connection = self._idle.pop()
-        try:
-            return connection.send(mail)
-        finally:
-            with available:
-                self._idle.append(connection)
-                available.notify()
+        return self.send_many((mail,))[0]
 
     def send_many(self, mails: Sequence[OutgoingMail],
                   go: Callable[[int], bool] | None = None) -> list[RelayResult]:
         """`send` of each mail, in order, over one free connection (`SmtpConnection.send_many`):
         one check-out per group instead of one per mail."""
+        # Check-out and return written out, not as a context manager: this runs once per job.
         available = self._available
         with available:
             while not self._idle:
                 available.wait()
+            # Most recently used first: it is the one most likely still open.
             connection = self._idle.pop()
         try:
             return connection.send_many(mails, go)
