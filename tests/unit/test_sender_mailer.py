@@ -108,8 +108,12 @@ class GroupTransport(FakeTransport):
     def transmit_many(self, mails: list[OutgoingMail],
                       go: Callable[[int], bool] | None = None) -> list[Attempt]:
         self.calls.append([mail.recipient for mail in mails])
-        return [NOT_TRIED.attempt if go is not None and not go(i)
-                else super(GroupTransport, self).transmit(mail) for i, mail in enumerate(mails)]
+        return [NOT_TRIED.attempt if go is not None and not go(i) else self.carry(mail)
+                for i, mail in enumerate(mails)]
+
+    def carry(self, mail: OutgoingMail) -> Attempt:
+        """One mail of a group on the wire."""
+        return FakeTransport.transmit(self, mail)
 
 
 def work_for(campaign: str, contact: str) -> Work:
@@ -138,14 +142,10 @@ class PausingTransport(GroupTransport):
         super().__init__()
         self.board = board
 
-    def transmit_many(self, mails: list[OutgoingMail],
-                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
-        attempts = []
-        for i, mail in enumerate(mails):
-            attempts.append(NOT_TRIED.attempt if go is not None and not go(i)
-                            else FakeTransport.transmit(self, mail))
-            self.board.apply("c1", CampaignPaused(reason="operator"))
-        return attempts
+    def carry(self, mail: OutgoingMail) -> Attempt:
+        attempt = super().carry(mail)
+        self.board.apply("c1", CampaignPaused(reason="operator"))
+        return attempt
 
 
 def test_a_pause_during_a_group_holds_back_its_mails_not_yet_sent() -> None:
@@ -177,16 +177,9 @@ class SlowTransport(GroupTransport):
         super().__init__()
         self.seconds = seconds
 
-    def transmit_many(self, mails: list[OutgoingMail],
-                      go: Callable[[int], bool] | None = None) -> list[Attempt]:
-        attempts = []
-        for i, mail in enumerate(mails):
-            if go is not None and not go(i):
-                attempts.append(NOT_TRIED.attempt)
-                continue
-            time.sleep(self.seconds)
-            attempts.append(FakeTransport.transmit(self, mail))
-        return attempts
+    def carry(self, mail: OutgoingMail) -> Attempt:
+        time.sleep(self.seconds)
+        return super().carry(mail)
 
 
 def test_a_recipient_waiting_for_its_slot_sends_the_ones_before_it_first() -> None:
