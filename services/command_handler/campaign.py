@@ -135,6 +135,10 @@ def decide(
     were deleted. `source`: for DuplicateCampaign, the campaign it copies (None: unknown).
     """
     if state is not None and state.tenant_id != tenant_id:
+        if isinstance(command, CreateCampaign | DuplicateCampaign):
+            # Campaign ids are one namespace for all tenants. The refusal itself tells the id
+            # is taken; it names no owner and nothing else of the campaign.
+            raise Rejected(f"campaign id {campaign_id!r} is not available; choose another id")
         # Same answer as for a missing campaign: a tenant must not learn another's ids.
         raise Rejected(f"unknown campaign {campaign_id!r} for tenant {tenant_id!r}")
     match command:

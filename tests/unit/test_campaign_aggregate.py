@@ -11,6 +11,7 @@ from schemas.commands import (
     AutoPauseCampaign,
     CancelCampaign,
     CreateCampaign,
+    DuplicateCampaign,
     PauseCampaign,
     ResumeCampaign,
     SendCampaign,
@@ -105,6 +106,16 @@ def test_other_tenant_sees_unknown_campaign():
     state = fold(CREATE)
     with pytest.raises(Rejected, match="unknown campaign"):
         decide(state, SendCampaign(list_ids=["l"]), campaign_id="c1", tenant_id="intruder")
+
+
+def test_another_tenants_id_is_refused_for_a_create_without_naming_its_owner():
+    state = fold(CREATE)
+    assert state is not None
+    for create in (CREATE, DuplicateCampaign(source_campaign_id="c0")):
+        with pytest.raises(Rejected, match="campaign id 'c1' is not available") as refused:
+            decide(state, create, campaign_id="c1", tenant_id="intruder",
+                   source=state)
+        assert state.tenant_id not in str(refused.value)
 
 
 def test_cancel_then_cancel_again():
