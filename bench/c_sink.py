@@ -127,6 +127,18 @@ def postfix_sink(host: str, port: int) -> Iterator[PostfixSink]:
         sink.stop()
 
 
+@contextmanager
+def platform_sink_stopped(stack: Stack) -> Iterator[None]:
+    """The platform's Python sink stopped (its port free for another sink) for the block,
+    started again after it, whatever happened."""
+    rpc = stack.supervision().rpc()
+    rpc.supervisor.stopProcess(SINK_PROGRAM, True)
+    try:
+        yield
+    finally:
+        rpc.supervisor.startProcess(SINK_PROGRAM, True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,17 +185,13 @@ def campaign_rate(stack: Stack, settings: Settings, pids: dict[str, int], postma
     imported = campaign.import_people(people, ids, settings)
     if imported.imported != count:
         raise campaign.CampaignFailed(f"import: {imported.imported} of {count} rows")
-    rpc = stack.supervision().rpc()
-    rpc.supervisor.stopProcess(SINK_PROGRAM, True)
-    try:
-        with postfix_sink(settings.smtp_host, settings.smtp_port) as sink:
-            meter = CpuMeter({n: p for n, p in pids.items() if n != SINK_PROGRAM}, postmaster)
-            run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
-                                        console=console)
-            used = meter.used()
-            received = sink.settled(count)
-    finally:
-        rpc.supervisor.startProcess(SINK_PROGRAM, True)
+    with platform_sink_stopped(stack), postfix_sink(settings.smtp_host,
+                                                    settings.smtp_port) as sink:
+        meter = CpuMeter({n: p for n, p in pids.items() if n != SINK_PROGRAM}, postmaster)
+        run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
+                                    console=console)
+        used = meter.used()
+        received = sink.settled(count)
     per_mail, by_process = per_mail_us(used, count)
     return {"send_rate_c": round(rate(count, run.e2e_seconds) or 0.0, 1),
             "e2e_seconds_c": round(run.e2e_seconds, 3),

@@ -91,6 +91,9 @@ def render_table(r: dict[str, Any]) -> Table:
          "the same campaign size into smtp-sink"),
         ("send / raw, C sink", _fmt(r.get("send_to_raw_ratio_c"), "", 3), "target >= 0.33"),
         ("CPU per mail, C sink", _fmt(r.get("cpu_us_per_mail_c"), " us", 0), "target <= 220 us"),
+        ("send rate, sink +20 ms", _fmt(r.get("send_rate_latency_20ms"), " mails/s", 0),
+         f"target >= {_fmt(r.get('send_rate_latency_20ms_target'), '', 0)}"
+         " (0.85 x connections / 20 ms)"),
         ("hydration", _fmt(r["hydration_seconds"], " s", 3),
          "CampaignSendRequested -> CampaignHydrated (event times)"),
         ("last delivery", _fmt(r["e2e_event_seconds"], " s", 2),
@@ -128,6 +131,9 @@ def render_table(r: dict[str, Any]) -> Table:
          "contacts.events -> local RocksDB replicas"),
         ("hydrator peak RSS", _fmt(r.get("hydrator_peak_rss_mb"), " MiB"),
          f"fan-out; ingest {_fmt(r.get('hydrator_ingest_peak_rss_mb'), ' MiB')}"),
+        ("hydrator peak RSS, 5M", _fmt(r.get("hydrator_peak_rss_mb_5m"), " MiB"),
+         f"fan-out; ingest {_fmt(r.get('hydrator_ingest_peak_rss_mb_5m'), ' MiB')};"
+         " target <= 300"),
     ]
     connections = r.get("scaleout_concurrency")
     for n in (1, 2, 4):

@@ -81,7 +81,16 @@ minute. `warmup_seconds` shows the cold cost.
   the real tracker while the engagement projector runs on fresh topics; per hit, the first
   50 ms poll showing its row minus the hit's occurred_at (an upper bound); target p99 < 1 s.
 
-BENCH_SKIP="c_sink,projection,audience,scaleout,sender_memory,metrics,tracker,engagement" (any
+- send_rate_latency_20ms (+ _sink, _target; issue 18): a separate step, see
+  bench/latency_sink.py: a campaign (BENCH_LATENCY_RECIPIENTS, default 8,000; small: 1,000)
+  through the running pipeline into our sink answering each message 20 ms late, over the
+  sender's connections; target >= 0.85 x connections / 20 ms (340/s with 8).
+- hydrator_peak_rss_mb_5m (+ hydrator_ingest_peak_rss_mb_5m, the rest under "audience_5m";
+  issue 18): the audience step again at 5,000,000 contacts (BENCH_AUDIENCE_5M_CONTACTS to
+  change it); left out under BENCH_SCALE=small. Target <= 300 MB.
+
+BENCH_SKIP="c_sink,latency,projection,audience,audience_5m,scaleout,sender_memory,metrics,
+tracker,engagement" (any
 of them) leaves those separate steps out, for a quick loop on the campaign figures; the JSON lists them under
 `skipped_steps` and their figures are absent.
 
@@ -105,7 +114,16 @@ import psycopg
 from confluent_kafka import KafkaException
 from rich.console import Console
 
-from bench import c_sink, campaign, engagement_lag, figures, hydration, projection, raw_smtp
+from bench import (
+    c_sink,
+    campaign,
+    engagement_lag,
+    figures,
+    hydration,
+    latency_sink,
+    projection,
+    raw_smtp,
+)
 from bench import tracker as tracker_bench
 from bench.event_log import read_campaign_messages
 from bench.metrics_cost import measure_metrics_cost
@@ -147,8 +165,10 @@ SMALL_WARMUP_RECIPIENTS = 200
 MEASURED_PROCESSES = ("command_handler", "hydrator", "sender", "projector", "completion", "api",
                       "smtp_sink")
 # The separate steps after the campaign, in the order they run (BENCH_SKIP names them).
-SEPARATE_STEPS = ("c_sink", "projection", "audience", "scaleout", "sender_memory", "metrics",
-                  "tracker", "engagement")
+SEPARATE_STEPS = ("c_sink", "latency", "projection", "audience", "audience_5m", "scaleout",
+                  "sender_memory", "metrics", "tracker", "engagement")
+# The second audience size of issue 18 (peak RSS at 5M contacts).
+AUDIENCE_5M_CONTACTS = 5_000_000
 # The tracker step (issue 16): seconds per run, and the paced run's rate (the issue's target).
 TRACKER_STEP_SECONDS = 10.0
 SMALL_TRACKER_STEP_SECONDS = 3.0
@@ -163,11 +183,14 @@ SMALL_ENGAGEMENT_RATE = 300.0
 
 
 def skipped_steps(env: dict[str, str]) -> tuple[str, ...]:
-    """The separate steps BENCH_SKIP leaves out; an unknown name is an error, not a no-op."""
+    """The separate steps BENCH_SKIP leaves out (and the 5M audience under BENCH_SCALE=small);
+    an unknown name is an error, not a no-op."""
     names = tuple(part.strip() for part in env.get("BENCH_SKIP", "").split(",") if part.strip())
     unknown = [name for name in names if name not in SEPARATE_STEPS]
     if unknown:
         raise ValueError(f"BENCH_SKIP: unknown step(s) {unknown}; known: {list(SEPARATE_STEPS)}")
+    if env.get("BENCH_SCALE", "").lower() == "small" and "audience_5m" not in names:
+        names = (*names, "audience_5m")  # five million contacts is not a quick run
     return names
 
 
@@ -245,6 +268,9 @@ def main() -> int:
     count = recipients_wanted()
     # Knobs are checked before any work: a typo fails now, not after the campaign.
     skip = skipped_steps(dict(os.environ))
+    small = os.environ.get("BENCH_SCALE", "").lower() == "small"
+    latency_count = latency_sink.recipients_wanted(dict(os.environ))
+    audience_5m_count = int(os.environ.get("BENCH_AUDIENCE_5M_CONTACTS", AUDIENCE_5M_CONTACTS))
     memory_sizes = sizes_wanted(dict(os.environ))
     warmup_count = warmup_wanted(dict(os.environ))
     stack = Stack(Settings().state_dir)
@@ -324,6 +350,20 @@ def main() -> int:
         console.print(f"[bold red]C sink step failed:[/] {exc}")
         c_sink_failures = [f"C sink step failed: {exc}"]
 
+    # A separate step (issue 18): the same pipeline into a sink answering 20 ms late.
+    latency_figures: dict[str, Any] = {}
+    latency_failures: list[str] = []
+    try:
+        if "latency" not in skip:
+            console.print(f"latency: {latency_count:,} recipients into a sink answering 20 ms"
+                          " late …")
+            latency_figures, latency_failures = latency_sink.measure(
+                stack, settings, latency_count, connections, console,
+                campaign_timeout(latency_count))
+    except (campaign.CampaignFailed, RuntimeError, OSError) as exc:
+        console.print(f"[bold red]latency step failed:[/] {exc}")
+        latency_failures = [f"latency step failed: {exc}"]
+
     # A separate step (issue 5): the projector alone, on its own backlog and fresh topics.
     projection_count = projection.events_wanted(dict(os.environ))
     projection_failures: list[str] = []
@@ -352,6 +392,21 @@ def main() -> int:
     except (RuntimeError, TimeoutError, KafkaException) as exc:
         console.print(f"[bold red]audience step failed:[/] {exc}")
         audience_failures = [f"audience step failed: {exc}"]
+
+    # The audience step again at 5M contacts (issue 18: the hydrator's RSS bound there too).
+    audience_5m_figures: dict[str, Any] = {}
+    audience_5m_failures: list[str] = []
+    try:
+        if "audience_5m" not in skip:
+            console.print(f"audience at {audience_5m_count:,} contacts …")
+            audience_5m_figures = hydration.measure_hydration(
+                settings.replace(topic_prefix=f"{settings.topic_prefix}a5m{ids.tenant_id[-8:]}."),
+                audience_5m_count, say=console.print)
+            audience_5m_failures = [f"5M {failure}"
+                                    for failure in hydration.failures(audience_5m_figures)]
+    except (RuntimeError, TimeoutError, KafkaException) as exc:
+        console.print(f"[bold red]5M audience step failed:[/] {exc}")
+        audience_5m_failures = [f"5M audience step failed: {exc}"]
 
     # A separate step (issue 4): 1, 2 and 4 sender processes against a sink adding 20 ms.
     scaleout_figures: dict[str, Any] = {}
@@ -387,7 +442,6 @@ def main() -> int:
         console.print(f"[bold red]metrics step failed:[/] {exc}")
         metrics_failures = [f"metrics step failed: {exc}"]
 
-    small = os.environ.get("BENCH_SCALE", "").lower() == "small"
     # A separate step (issue 16): the tracker against a bare endpoint of its web stack.
     tracker_figures: dict[str, Any] = {}
     tracker_failures: list[str] = []
@@ -453,6 +507,10 @@ def main() -> int:
         "campaign_csv_import_rows_per_s": round(imported.rows_per_second, 1),
         "campaign_csv_import_seconds": round(imported.seconds, 3),
         **hydration.headline(audience_figures),
+        "hydrator_peak_rss_mb_5m": audience_5m_figures.get("hydrator_peak_rss_mb"),
+        "hydrator_ingest_peak_rss_mb_5m": audience_5m_figures.get("hydrator_ingest_peak_rss_mb"),
+        "hydrator_ingest_rate_5m": audience_5m_figures.get("hydrator_ingest_rate"),
+        **latency_figures,
         **scaleout_figures,
         **memory_figures,
         **metrics_figures,
@@ -461,6 +519,7 @@ def main() -> int:
         **engagement_figures,
         "skipped_steps": list(skip),
         "audience": audience_figures,
+        "audience_5m": audience_5m_figures,
         "raw_smtp_seconds": round(raw.seconds, 3),
         "smtp_connections": connections,
         "checks": {
@@ -484,7 +543,8 @@ def main() -> int:
     }
     failures = (_failures(results, count) + projection_failures + audience_failures
                 + scaleout_failures + memory_failures + metrics_failures + c_sink_failures
-                + tracker_failures + engagement_failures)
+                + tracker_failures + engagement_failures + latency_failures
+                + audience_5m_failures)
     results["ok"] = not failures
     results["failures"] = failures
     console.print(render_table(results))
