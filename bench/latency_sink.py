@@ -20,7 +20,6 @@ little; BENCH_SCALE=small: 1,000).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +29,7 @@ from rich.console import Console
 
 from bench import campaign, figures
 from bench.c_sink import platform_sink_stopped
-from bench.scaleout import spawn, stop_processes, wait_listening
+from bench.scaleout import process_env, spawn, stop_processes, wait_listening
 from bench.stats import rate
 from services.common.settings import Settings
 from services.platform.stack import Stack
@@ -57,13 +56,6 @@ def target_rate(connections: int, latency_ms: float = LATENCY_MS) -> float:
     return TARGET_SHARE * connections / (latency_ms / 1000)
 
 
-def sink_env(settings: Settings, records: Path, latency_ms: float) -> dict[str, str]:
-    """The slow sink's environment: the platform's SMTP address, its own record file."""
-    return {**os.environ, "SMTP_HOST": settings.smtp_host, "SMTP_PORT": str(settings.smtp_port),
-            "SINK_RECORD_PATH": str(records), "SINK_LATENCY_MS": str(latency_ms),
-            "PYTHONUNBUFFERED": "1"}
-
-
 def measure(stack: Stack, settings: Settings, count: int, connections: int, console: Console,
             timeout: float) -> tuple[dict[str, Any], list[str]]:
     """The step's figures and its failed checks, in words."""
@@ -74,7 +66,8 @@ def measure(stack: Stack, settings: Settings, count: int, connections: int, cons
         raise campaign.CampaignFailed(f"import: {imported.imported} of {count} rows")
     records = Path(tempfile.mkdtemp(prefix="latency-sink-")) / "sink.jsonl"
     with platform_sink_stopped(stack):
-        sink = spawn("services.smtp_sink", sink_env(settings, records, LATENCY_MS))
+        sink = spawn("services.smtp_sink", process_env(settings, records, concurrency=connections,
+                                                       latency_ms=LATENCY_MS))
         try:
             wait_listening(settings.smtp_port)
             run = campaign.run_campaign(ids, settings, recipients=count, timeout=timeout,
